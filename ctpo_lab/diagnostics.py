@@ -1,0 +1,233 @@
+"""The one place where batch diagnostics of an importance-weighted policy loss are computed.
+
+Used by :func:`ctpo_lab.losses.policy_loss`, the trainer, the LLM module and the figures. All functions are
+device-side (no host synchronisation): they return 0-d tensors, and the caller moves them to the host once.
+
+Metric names follow the conventions users compare across tools (ecosystem.md):
+
+=================================  ===================================================================
+``actor/ppo_kl``                   mean over valid tokens of −ℓ_t = log μ_t − log π_t (verl)
+``actor/pg_clipfrac``              fraction of valid tokens where the clipped term is active (pg2 > pg1)
+``actor/pg_clipfrac_lower``        fraction of valid tokens where the dual clip is active (A < 0)
+``clip_ratio/low_mean``            A < 0 and log w_t < lower_t (TRL, advantage-aware)
+``clip_ratio/high_mean``           A > 0 and log w_t > upper_t
+``clip_ratio/region_mean``         either of the two
+``pg_update/clip/{high,low,dual,total}/rate``  CTPO code's advantage-aware clip rates (total = any)
+``pg_update/is_ratio/{mean,min,max,p25,p50,p75,p90,p95,p99}``  the weight e^{X_t} before the clip window
+``pg_update/log_weight/{mean,min,max}``        X_t itself (before the safety cap), never overflowing
+``pg_update/ess/token``            (Σ w)² / (n Σ w²) over valid tokens, computed in log space
+``pg_update/ess/sequence``         the same for the full-sequence weights ρ_{1:T} over rows with a token
+``pg_update/num_tokens``           number of valid tokens
+=================================  ===================================================================
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "RATIO_QUANTILES",
+    "masked_mean",
+    "masked_quantiles",
+    "normalized_ess",
+    "loss_diagnostics",
+    "PositionProfile",
+    "position_profile",
+]
+
+RATIO_QUANTILES: tuple[float, ...] = (0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
+
+
+def masked_mean(values: Tensor, mask: Tensor, count: Tensor | None = None) -> Tensor:
+    """Σ values·mask / max(Σ mask, 1) as a 0-d tensor (0 for an empty mask)."""
+    n = mask.sum() if count is None else count
+    return torch.where(mask, values, 0.0).sum() / n.clamp(min=1)
+
+
+def masked_quantiles(values: Tensor, mask: Tensor, quantiles: tuple[float, ...] = RATIO_QUANTILES) -> Tensor:
+    """Linear-interpolation quantiles (numpy's default) of ``values[mask]`` without a host sync.
+
+    Shapes: values, mask [...] → [len(quantiles)]. Masked-out entries are sorted to the end as +inf and the
+    quantile index is computed from the device-side count. Returns NaN for an empty mask.
+    """
+    flat = torch.where(mask, values, math.inf).flatten()
+    n = mask.sum()
+    if flat.numel() == 0:
+        return torch.full((len(quantiles),), math.nan, dtype=values.dtype, device=values.device)
+    ordered = flat.sort().values
+    q = torch.tensor(quantiles, dtype=values.dtype, device=values.device)
+    pos = q * (n - 1).clamp(min=0).to(values.dtype)
+    lo = pos.floor().long()
+    hi = (lo + 1).clamp(max=(n - 1).clamp(min=0))
+    frac = pos - lo.to(values.dtype)
+    v_lo, v_hi = ordered[lo], ordered[hi]
+    out = v_lo + frac * (v_hi - v_lo)
+    out = torch.where(frac == 0, v_lo, out)  # avoid inf·0 when the upper neighbour is inf
+    return torch.where(n > 0, out, math.nan)
+
+
+def normalized_ess(log_weights: Tensor, mask: Tensor) -> Tensor:
+    """Normalised effective sample size (Σ w)² / (n Σ w²) ∈ (0, 1], computed as exp(2·lse(X) − lse(2X)) / n.
+
+    Shapes: log_weights, mask [...] → 0-d. Never overflows; NaN for an empty mask.
+    """
+    x = torch.where(mask, log_weights, -math.inf)
+    n = mask.sum().to(log_weights.dtype)
+    return (2 * torch.logsumexp(x.flatten(), 0) - torch.logsumexp(2 * x.flatten(), 0)).exp() / n
+
+
+def loss_diagnostics(
+    *,
+    log_ratio: Tensor,
+    log_weight_value: Tensor,
+    mask: Tensor,
+    clipped_high: Tensor,
+    clipped_low: Tensor,
+    clipped_dual: Tensor,
+    clipped_term_active: Tensor,
+    max_log_weight: float | None,
+) -> dict[str, Tensor]:
+    """All scalar diagnostics of one loss evaluation, as 0-d device tensors (see the module table).
+
+    Parameters (all [B, T]; ``mask`` bool)
+    ----------
+    log_ratio : ℓ_t (clamped, 0 on masked-out tokens)
+    log_weight_value : X_t of the ratio family before the safety cap (no gradient needed)
+    clipped_* : masks from :class:`ctpo_lab.clipping.ClipOutput`
+    max_log_weight : the safety cap applied to X_t before exponentiation (None: no cap)
+    """
+    n = mask.sum()
+    lw = log_weight_value.detach()
+    capped = lw if max_log_weight is None else lw.clamp(max=max_log_weight)
+    weight = capped.exp()
+    high = clipped_high & mask
+    low = clipped_low & mask
+    dual = clipped_dual & mask
+    rate_high = masked_mean(high.to(lw.dtype), mask, n)
+    rate_low = masked_mean(low.to(lw.dtype), mask, n)
+    rate_dual = masked_mean(dual.to(lw.dtype), mask, n)
+    rate_total = masked_mean((high | low | dual).to(lw.dtype), mask, n)
+    rate_region = masked_mean((high | low).to(lw.dtype), mask, n)
+    inf = torch.tensor(math.inf, dtype=lw.dtype, device=lw.device)
+    seq_valid = mask.any(dim=-1)
+    out = {
+        "actor/ppo_kl": masked_mean(-log_ratio.detach(), mask, n),
+        "actor/pg_clipfrac": masked_mean(clipped_term_active.to(lw.dtype), mask, n),
+        "actor/pg_clipfrac_lower": rate_dual,
+        "clip_ratio/low_mean": rate_low,
+        "clip_ratio/high_mean": rate_high,
+        "clip_ratio/region_mean": rate_region,
+        "pg_update/clip/high/rate": rate_high,
+        "pg_update/clip/low/rate": rate_low,
+        "pg_update/clip/dual/rate": rate_dual,
+        "pg_update/clip/total/rate": rate_total,
+        "pg_update/is_ratio/mean": masked_mean(weight, mask, n),
+        "pg_update/is_ratio/min": torch.where(mask, weight, inf).amin(),
+        "pg_update/is_ratio/max": torch.where(mask, weight, -inf).amax(),
+        "pg_update/log_weight/mean": masked_mean(lw, mask, n),
+        "pg_update/log_weight/min": torch.where(mask, lw, inf).amin(),
+        "pg_update/log_weight/max": torch.where(mask, lw, -inf).amax(),
+        "pg_update/ess/token": normalized_ess(capped, mask),
+        "pg_update/ess/sequence": normalized_ess(log_ratio.detach().sum(dim=-1), seq_valid),
+        "pg_update/num_tokens": n.to(lw.dtype),
+    }
+    for q, v in zip(RATIO_QUANTILES, masked_quantiles(weight, mask).unbind(0)):
+        out[f"pg_update/is_ratio/p{round(q * 100)}"] = v
+    return out
+
+
+@dataclass(frozen=True)
+class PositionProfile:
+    """Per-position-bin sufficient statistics of L_t (and optional clip masks), summable across batches.
+
+    Bin b covers positions t ∈ [b·w + 1, (b+1)·w] (1-based valid-token positions).  All arrays [num_bins].
+    """
+
+    bin_width: int
+    count: Tensor  #: number of valid tokens in the bin
+    sum: Tensor  #: Σ L_t
+    sum_sq: Tensor  #: Σ L_t²
+    clipped: Tensor | None = None  #: number of clipped tokens (advantage-aware), if masks were given
+
+    @property
+    def bin_start(self) -> Tensor:
+        return torch.arange(self.count.numel(), device=self.count.device) * self.bin_width + 1
+
+    @property
+    def bin_center(self) -> Tensor:
+        return self.bin_start.to(self.sum.dtype) + (self.bin_width - 1) / 2
+
+    @property
+    def mean(self) -> Tensor:
+        return self.sum / self.count.clamp(min=1)
+
+    @property
+    def std(self) -> Tensor:
+        """Population std of L_t in each bin (NaN where the bin is empty)."""
+        c = self.count.to(self.sum.dtype)
+        var = (self.sum_sq / c.clamp(min=1) - self.mean**2).clamp(min=0)
+        return torch.where(c > 0, var.sqrt(), math.nan)
+
+    @property
+    def clip_rate(self) -> Tensor | None:
+        if self.clipped is None:
+            return None
+        c = self.count.to(self.sum.dtype)
+        return torch.where(c > 0, self.clipped.to(c.dtype) / c.clamp(min=1), math.nan)
+
+    def __add__(self, other: PositionProfile) -> PositionProfile:
+        if other.bin_width != self.bin_width:
+            raise ValueError("other: bin widths differ")
+        n = max(self.count.numel(), other.count.numel())
+
+        def pad(x: Tensor | None) -> Tensor | None:
+            return None if x is None else torch.nn.functional.pad(x, (0, n - x.numel()))
+
+        clipped = None
+        if self.clipped is not None and other.clipped is not None:
+            clipped = pad(self.clipped) + pad(other.clipped)
+        return PositionProfile(
+            self.bin_width,
+            pad(self.count) + pad(other.count),
+            pad(self.sum) + pad(other.sum),
+            pad(self.sum_sq) + pad(other.sum_sq),
+            clipped,
+        )
+
+
+def position_profile(
+    cum_log_ratio: Tensor, mask: Tensor, bin_width: int = 50, clipped: Tensor | None = None
+) -> PositionProfile:
+    """Bin valid tokens by position t and accumulate count, Σ L_t, Σ L_t² (and clipped counts).
+
+    Parameters
+    ----------
+    cum_log_ratio : Tensor [B, T]
+        L_t (see :func:`ctpo_lab.ratios.cumulative_log_ratio`).
+    mask : Tensor [B, T]
+        Valid-token mask.
+    bin_width : int
+        Positions per bin (the paper's Figure 1 uses 50).
+    clipped : Tensor [B, T] bool, optional
+        Advantage-aware clip indicator per token (e.g. ``high | low | dual`` of a ClipOutput).
+    """
+    if not isinstance(bin_width, int) or bin_width < 1:
+        raise ValueError(f"bin_width: expected a positive int, got {bin_width!r}")
+    valid = mask.bool()
+    num_bins = max(1, -(-cum_log_ratio.shape[-1] // bin_width))
+    t = valid.to(torch.int64).cumsum(-1)
+    idx = ((t - 1).clamp(min=0) // bin_width).flatten()
+    x = torch.where(valid, cum_log_ratio.detach(), 0.0).flatten()
+    w = valid.to(x.dtype).flatten()
+    zeros = torch.zeros(num_bins, dtype=x.dtype, device=x.device)
+    count = zeros.index_add(0, idx, w)
+    s = zeros.index_add(0, idx, x)
+    s2 = zeros.index_add(0, idx, x * x)
+    clip_counts = None
+    if clipped is not None:
+        clip_counts = zeros.index_add(0, idx, (clipped & valid).to(x.dtype).flatten())
+    return PositionProfile(bin_width, count, s, s2, clip_counts)

@@ -1,0 +1,313 @@
+"""Policy losses = ratio family ∘ clip rule ∘ aggregation, with named presets.
+
+>>> from ctpo_lab.losses import policy_loss, PRESETS
+>>> loss, metrics = policy_loss(log_prob, old_log_prob, advantages, response_mask, preset="ctpo")
+
+Reference semantics (paper.md): verl's ``vanilla`` PPO/GRPO loss, GSPO, and the CTPO authors'
+``cum-token-cumprod-la`` loss.  For token t of row i, with X_t the family's log-weight value
+(:mod:`ctpo_lab.ratios`), s_t = max(t, 1)^p and A the advantage::
+
+    log w_t = min(sg(X_t) + log π_t − sg(log π_t), max_log_weight)
+    loss_t  = max(−A·w_t, −A·clip(w_t))           (clip: PPO ratio window or log window [−ε_low s_t, ε_high s_t])
+    loss_t  = min(−A·d_t, loss_t)   if A < 0       (dual clip; d_t = c or exp(ε_c s_t))
+    loss    = aggregate(loss_t, mask)
+
+Every preset field can be overridden by keyword: ``policy_loss(..., preset="ctpo", clip_exponent=0.0)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ctpo_lab import ratios
+from ctpo_lab.clipping import CLIP_RULES, ClipOutput, clipped_surrogate
+from ctpo_lab.diagnostics import loss_diagnostics
+
+__all__ = [
+    "AGGREGATIONS",
+    "LossConfig",
+    "PRESETS",
+    "PolicyLossOutput",
+    "resolve_config",
+    "aggregate",
+    "compute_policy_loss",
+    "policy_loss",
+]
+
+AGGREGATIONS: tuple[str, ...] = (
+    "token-mean",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-sum-norm",
+)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """A complete policy-loss specification (one preset).
+
+    Attributes
+    ----------
+    name : preset name (informational).
+    ratio : ratio family, one of :data:`ctpo_lab.ratios.RATIO_FAMILIES`.
+    clip : clip rule, one of :data:`ctpo_lab.clipping.CLIP_RULES`.
+    eps_low, eps_high : window half-widths (> 0); ratio space for ``ppo``/``cispo``, log space for
+        ``log_window`` (multiplied by s_t = max(t,1)^clip_exponent).
+    clip_exponent : p of the log window (0.5: CTPO-LA; 0: a fixed log window; −0.5: geometric mean).
+    dual_clip : ``ppo``: ratio-space c > 1; ``log_window``: ε_c > 0 (bound exp(ε_c s_t)); None: off.
+    aggregation : one of :data:`AGGREGATIONS`.
+    norm_horizon : the constant of ``seq-mean-token-sum-norm`` (None: the padded length T of the batch).
+    log_ratio_clamp : per-token clamp of ℓ_t (verl and CTPO use 20).
+    max_log_weight : safety cap on log w_t before exponentiation (CTPO and GSPO code use 10; None: off).
+    truncation : C (token_tis) or c̄ (truncated_cumulative), ratio space.
+    """
+
+    name: str = "custom"
+    ratio: str = "token"
+    clip: str = "ppo"
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    clip_exponent: float = 0.0
+    dual_clip: float | None = 3.0
+    aggregation: str = "token-mean"
+    norm_horizon: int | None = None
+    log_ratio_clamp: float | None = ratios.DEFAULT_LOG_RATIO_CLAMP
+    max_log_weight: float | None = None
+    truncation: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.ratio not in ratios.RATIO_FAMILIES:
+            raise ValueError(f"ratio: unknown ratio family {self.ratio!r}; expected one of {ratios.RATIO_FAMILIES}")
+        if self.clip not in CLIP_RULES:
+            raise ValueError(f"clip: unknown clip rule {self.clip!r}; expected one of {CLIP_RULES}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation: unknown aggregation {self.aggregation!r}; expected one of {AGGREGATIONS}")
+        for field in ("eps_low", "eps_high"):
+            v = getattr(self, field)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{field}: expected a finite number > 0, got {v!r}")
+        if self.clip in ("ppo",) and self.eps_low >= 1:
+            raise ValueError(f"eps_low: the PPO ratio window needs 0 < eps_low < 1, got {self.eps_low!r}")
+        if not math.isfinite(self.clip_exponent):
+            raise ValueError(f"clip_exponent: expected a finite number, got {self.clip_exponent!r}")
+        if self.dual_clip is not None:
+            if self.clip == "ppo" and not self.dual_clip > 1:
+                raise ValueError(f"dual_clip: the PPO dual clip needs c > 1, got {self.dual_clip!r}")
+            if self.clip == "log_window" and not self.dual_clip > 0:
+                raise ValueError(f"dual_clip: the log-window dual clip needs ε_c > 0, got {self.dual_clip!r}")
+        if self.ratio in ("token_tis", "truncated_cumulative") and not (self.truncation or 0) > 0:
+            raise ValueError(f"truncation: ratio {self.ratio!r} needs a truncation cap > 0, got {self.truncation!r}")
+        if self.norm_horizon is not None and not (isinstance(self.norm_horizon, int) and self.norm_horizon > 0):
+            raise ValueError(f"norm_horizon: expected a positive int or None, got {self.norm_horizon!r}")
+
+
+#: Named presets (paper.md "Reference semantics").
+PRESETS: dict[str, LossConfig] = {
+    "grpo": LossConfig(name="grpo", ratio="token", clip="ppo", eps_low=0.2, eps_high=0.2, dual_clip=3.0),
+    "dapo": LossConfig(name="dapo", ratio="token", clip="ppo", eps_low=0.2, eps_high=0.28, dual_clip=3.0),
+    "gspo": LossConfig(
+        name="gspo", ratio="gspo", clip="ppo", eps_low=3e-4, eps_high=4e-4, dual_clip=None,
+        aggregation="seq-mean-token-mean", max_log_weight=10.0,
+    ),
+    "ctpo": LossConfig(
+        name="ctpo", ratio="cumulative", clip="log_window", eps_low=0.025, eps_high=0.05, clip_exponent=0.5,
+        dual_clip=0.05, max_log_weight=10.0,
+    ),
+    "ctpo_fixed": LossConfig(
+        name="ctpo_fixed", ratio="cumulative", clip="log_window", eps_low=0.025, eps_high=0.05,
+        clip_exponent=0.0, dual_clip=0.05, max_log_weight=10.0,
+    ),
+    "ctpo_geomean": LossConfig(
+        name="ctpo_geomean", ratio="cumulative_geomean", clip="log_window", eps_low=0.025, eps_high=0.05,
+        clip_exponent=-0.5, dual_clip=0.05, max_log_weight=10.0,
+    ),
+    "seq_is": LossConfig(
+        name="seq_is", ratio="sequence", clip="ppo", eps_low=0.2, eps_high=0.2, dual_clip=3.0, max_log_weight=10.0
+    ),
+    "cispo": LossConfig(name="cispo", ratio="token", clip="cispo", eps_low=1.0, eps_high=4.0, dual_clip=None),
+}
+
+
+def resolve_config(preset: str | LossConfig = "grpo", **overrides: object) -> LossConfig:
+    """The preset's :class:`LossConfig` with keyword overrides applied (validated)."""
+    if isinstance(preset, LossConfig):
+        base = preset
+    elif isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ValueError(f"preset: unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+        base = PRESETS[preset]
+    else:
+        raise TypeError(f"preset: expected a preset name or a LossConfig, got {type(preset).__name__}")
+    fields = {f.name for f in dataclasses.fields(LossConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"overrides: unknown loss option(s) {unknown}; valid options are {sorted(fields)}")
+    return dataclasses.replace(base, **overrides) if overrides else base
+
+
+def aggregate(per_token_loss: Tensor, mask: Tensor, mode: str, norm_horizon: int | None = None) -> Tensor:
+    """Reduce a [B, T] per-token loss to a scalar (verl's ``agg_loss``).
+
+    token-mean: Σ loss·m / Σ m.  seq-mean-token-mean: mean over rows with ≥ 1 valid token of the row's token
+    mean.  seq-mean-token-sum: mean over those rows of the row's token sum.  seq-mean-token-sum-norm:
+    Σ of row sums / norm_horizon (default T).  An empty mask gives 0 (with a zero gradient).
+    """
+    masked = torch.where(mask, per_token_loss, 0.0)
+    if mode == "token-mean":
+        return masked.sum() / mask.sum().clamp(min=1)
+    row_sum = masked.sum(dim=-1)
+    if mode == "seq-mean-token-sum-norm":
+        return row_sum.sum() / float(norm_horizon or mask.shape[-1])
+    row_count = mask.sum(dim=-1)
+    rows = (row_count > 0).sum().clamp(min=1)
+    if mode == "seq-mean-token-mean":
+        return (row_sum / row_count.clamp(min=1)).sum() / rows
+    if mode == "seq-mean-token-sum":
+        return row_sum.sum() / rows
+    raise ValueError(f"aggregation: unknown aggregation {mode!r}; expected one of {AGGREGATIONS}")
+
+
+class PolicyLossOutput(NamedTuple):
+    """Everything one loss evaluation computes, on the input's device (no host synchronisation)."""
+
+    loss: Tensor  #: scalar
+    log_ratio: Tensor  #: [B, T] ℓ_t (clamped; 0 on masked-out tokens)
+    log_weight_value: Tensor  #: [B, T] X_t, the family's log-weight before the cap and the clip
+    position: Tensor  #: [B, T] int64 t
+    clip: ClipOutput  #: per-token loss, window bounds and clip masks
+    mask: Tensor  #: [B, T] bool
+    metrics: dict[str, Tensor]  #: 0-d tensors (see :mod:`ctpo_lab.diagnostics`)
+    num_nonfinite: Tensor  #: 0-d count of NaN/inf inputs on valid tokens
+    config: LossConfig
+
+
+def _check_inputs(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, response_mask: Tensor) -> None:
+    for name, x in (("log_prob", log_prob), ("old_log_prob", old_log_prob), ("advantages", advantages),
+                    ("response_mask", response_mask)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    for name, x in (("log_prob", log_prob), ("old_log_prob", old_log_prob), ("advantages", advantages)):
+        if not x.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
+    if log_prob.ndim != 2:
+        raise ValueError(f"log_prob: expected shape [B, T], got {tuple(log_prob.shape)}")
+    if old_log_prob.shape != log_prob.shape:
+        raise ValueError(
+            f"old_log_prob: shape {tuple(old_log_prob.shape)} does not match log_prob {tuple(log_prob.shape)}"
+        )
+    if response_mask.shape != log_prob.shape:
+        raise ValueError(
+            f"response_mask: shape {tuple(response_mask.shape)} does not match log_prob {tuple(log_prob.shape)}"
+        )
+    if response_mask.is_complex():
+        raise TypeError(f"response_mask: expected bool or 0/1 integers/floats, got dtype {response_mask.dtype}")
+    if advantages.shape not in (log_prob.shape[:1], log_prob.shape):
+        raise ValueError(
+            f"advantages: expected shape [B] = {tuple(log_prob.shape[:1])} or [B, T] = {tuple(log_prob.shape)}, "
+            f"got {tuple(advantages.shape)}"
+        )
+
+
+def compute_policy_loss(
+    log_prob: Tensor,
+    old_log_prob: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    preset: str | LossConfig = "grpo",
+    **overrides: object,
+) -> PolicyLossOutput:
+    """Device-side policy loss with all intermediate quantities (see :func:`policy_loss` for the arguments).
+
+    Does not check for NaN/inf (that needs a host sync): read ``num_nonfinite`` together with the metrics.
+    """
+    cfg = resolve_config(preset, **overrides)
+    _check_inputs(log_prob, old_log_prob, advantages, response_mask)
+    dtype = ratios.compute_dtype(log_prob.dtype)
+    mask = response_mask.bool()
+    lp = log_prob.to(dtype)
+    old = old_log_prob.to(dtype).detach()
+    adv = advantages.to(dtype).detach()
+    if adv.ndim == 1:
+        adv = adv.unsqueeze(-1).expand_as(lp)
+    num_nonfinite = (~torch.isfinite(torch.stack([lp.detach(), old, adv])) & mask).sum()
+    adv = torch.where(mask, adv, 0.0)
+
+    position = ratios.positions(mask)
+    log_ratio = ratios.token_log_ratio(lp, old, mask, cfg.log_ratio_clamp)
+    x = ratios.family_log_weight(cfg.ratio, log_ratio.detach(), mask, truncation=cfg.truncation, position=position)
+    log_w = ratios.stop_gradient_log_weight(x, lp, mask, cfg.max_log_weight)
+    clip = clipped_surrogate(
+        cfg.clip, log_w, adv, position, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+        exponent=cfg.clip_exponent, dual_clip=cfg.dual_clip,
+    )
+    loss = aggregate(clip.per_token_loss, mask, cfg.aggregation, cfg.norm_horizon)
+    with torch.no_grad():
+        metrics = loss_diagnostics(
+            log_ratio=log_ratio, log_weight_value=x, mask=mask, clipped_high=clip.clipped_high,
+            clipped_low=clip.clipped_low, clipped_dual=clip.clipped_dual,
+            clipped_term_active=clip.clipped_term_active, max_log_weight=cfg.max_log_weight,
+        )
+        metrics["actor/pg_loss"] = loss.detach()
+    return PolicyLossOutput(loss, log_ratio, x, position, clip, mask, metrics, num_nonfinite, cfg)
+
+
+def metrics_to_host(metrics: dict[str, Tensor], num_nonfinite: Tensor | None = None) -> dict[str, float]:
+    """Move a dict of 0-d metric tensors to the host in one transfer; raise if inputs were non-finite."""
+    names = list(metrics)
+    values = torch.stack([metrics[k].to(torch.float64) for k in names]
+                         + ([num_nonfinite.to(torch.float64)] if num_nonfinite is not None else []))
+    host = values.cpu().tolist()
+    if num_nonfinite is not None and host[-1] > 0:
+        raise ValueError(
+            f"log_prob/old_log_prob/advantages: {int(host[-1])} NaN or inf value(s) on valid tokens"
+        )
+    return dict(zip(names, host))
+
+
+def policy_loss(
+    log_prob: Tensor,
+    old_log_prob: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    preset: str | LossConfig = "grpo",
+    **overrides: object,
+) -> tuple[Tensor, dict[str, float]]:
+    """Importance-weighted clipped policy-gradient loss of a named preset.
+
+    Parameters
+    ----------
+    log_prob : Tensor [B, T] float
+        log π_θ(y_t|s_t) of the policy being optimised (may require grad). bf16/fp16 are computed in float32,
+        float64 stays float64.
+    old_log_prob : Tensor [B, T] float
+        log μ(y_t|s_t) of the behaviour policy that sampled the tokens (treated as a constant).
+    advantages : Tensor [B] or [B, T] float
+        Advantage per response (broadcast over tokens) or per token.
+    response_mask : Tensor [B, T] bool or 0/1
+        Valid tokens. Values at masked-out positions are ignored (NaN allowed) and get a zero gradient.
+    preset : str or LossConfig
+        A key of :data:`PRESETS` (``grpo``, ``dapo``, ``gspo``, ``ctpo``, ``ctpo_fixed``, ``ctpo_geomean``,
+        ``seq_is``, ``cispo``) or a :class:`LossConfig`.
+    **overrides
+        Any :class:`LossConfig` field, e.g. ``eps_high=0.28`` or ``aggregation="seq-mean-token-mean"``.
+
+    Returns
+    -------
+    loss : Tensor, scalar
+        0 (with a zero gradient) when no token is valid.
+    metrics : dict[str, float]
+        The diagnostics of :mod:`ctpo_lab.diagnostics` plus ``actor/pg_loss``.
+
+    Raises
+    ------
+    ValueError / TypeError
+        Bad shapes or dtypes, unknown preset/option, invalid clip parameters, NaN/inf on valid tokens.
+    """
+    out = compute_policy_loss(log_prob, old_log_prob, advantages, response_mask, preset, **overrides)
+    return out.loss, metrics_to_host(out.metrics, out.num_nonfinite)

@@ -1,0 +1,56 @@
+"""One colour and one label per estimator / loss preset, shared by every figure."""
+
+from __future__ import annotations
+
+#: Estimator (ratio family) and loss-preset name → matplotlib colour. Presets share their family's colour
+#: where they are the family's canonical loss.
+ESTIMATOR_COLORS: dict[str, str] = {
+    "token": "#1f77b4",
+    "grpo": "#1f77b4",
+    "dapo": "#aec7e8",
+    "sequence": "#7f7f7f",
+    "seq_is": "#7f7f7f",
+    "gspo": "#2ca02c",
+    "cumulative": "#d62728",
+    "ctpo": "#d62728",
+    "ctpo_fixed": "#ff9896",
+    "cumulative_geomean": "#9467bd",
+    "ctpo_geomean": "#9467bd",
+    "truncated_cumulative": "#ff7f0e",
+    "token_tis": "#8c564b",
+    "cispo": "#8c564b",
+    "ppo_clip": "#17becf",
+    "ctpo_la": "#e377c2",
+    "gspo_clip": "#bcbd22",
+    "fixed_window": "#1f77b4",
+    "sqrt_t_window": "#d62728",
+}
+
+_LABELS: dict[str, str] = {
+    "token": "token (PPO/GRPO)",
+    "grpo": "GRPO",
+    "dapo": "DAPO",
+    "sequence": "sequence (full IS)",
+    "seq_is": "sequence IS",
+    "gspo": "GSPO",
+    "cumulative": "cumulative (CTPO)",
+    "ctpo": "CTPO (√t window)",
+    "ctpo_fixed": "CTPO (fixed window)",
+    "cumulative_geomean": "cumulative geo-mean",
+    "ctpo_geomean": "CTPO geo-mean",
+    "truncated_cumulative": "truncated cumulative",
+    "token_tis": "token TIS",
+    "cispo": "CISPO",
+    "fixed_window": "fixed window [0.5, 5]",
+    "sqrt_t_window": "√t window (0.025/0.05)",
+}
+
+
+def estimator_color(name: str) -> str:
+    """Colour of an estimator or preset (a neutral grey-blue for unknown names)."""
+    return ESTIMATOR_COLORS.get(name, "#333333")
+
+
+def estimator_label(name: str) -> str:
+    """Human-readable legend label of an estimator or preset."""
+    return _LABELS.get(name, name)
