@@ -75,9 +75,10 @@ def normalized_ess(log_weights: Tensor, mask: Tensor) -> Tensor:
 
     Shapes: log_weights, mask [...] → 0-d. Never overflows; NaN for an empty mask.
     """
-    x = torch.where(mask, log_weights, -math.inf)
+    x = torch.where(mask, log_weights, -math.inf).flatten()
+    x = x - x.amax().clamp(min=-1e30).detach()  # shift by the max: exact in exact arithmetic, no float32 loss
     n = mask.sum().to(log_weights.dtype)
-    return (2 * torch.logsumexp(x.flatten(), 0) - torch.logsumexp(2 * x.flatten(), 0)).exp() / n
+    return (2 * torch.logsumexp(x, 0) - torch.logsumexp(2 * x, 0)).exp() / n
 
 
 def loss_diagnostics(
