@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -49,15 +50,28 @@ def masked_mean(values: Tensor, mask: Tensor, count: Tensor | None = None) -> Te
 
 
 def masked_quantiles(values: Tensor, mask: Tensor, quantiles: tuple[float, ...] = RATIO_QUANTILES) -> Tensor:
-    """Linear-interpolation quantiles (numpy's default) of ``values[mask]`` without a host sync.
+    """Linear-interpolation quantiles (numpy's default) of ``values[mask]``.
 
-    Shapes: values, mask [...] → [len(quantiles)]. Masked-out entries are sorted to the end as +inf and the
-    quantile index is computed from the device-side count. Returns NaN for an empty mask.
+    Shapes: values, mask [...] → [len(quantiles)]; NaN for an empty mask.  On an accelerator the quantiles
+    are read from a device-side sort (masked-out entries sorted to the end as +inf, the index computed from
+    the device-side count: no host synchronisation).  On the CPU, where there is no device to synchronise
+    with, one multi-selection (``numpy.partition``) replaces the O(n log n) sort.
     """
+    if values.device.type == "cpu":
+        selected = values.detach()[mask].numpy()
+        n = selected.size
+        if n == 0:
+            return torch.full((len(quantiles),), math.nan, dtype=values.dtype)
+        pos = np.asarray(quantiles) * (n - 1)
+        lo = np.floor(pos).astype(np.int64)
+        hi = np.minimum(lo + 1, n - 1)
+        part = np.partition(selected, np.unique(np.concatenate([lo, hi])))
+        frac = pos - lo
+        out = part[lo] + frac * (part[hi] - part[lo])
+        out = np.where(frac == 0, part[lo], out)
+        return torch.from_numpy(np.asarray(out, dtype=selected.dtype))
     flat = torch.where(mask, values, math.inf).flatten()
     n = mask.sum()
-    if flat.numel() == 0:
-        return torch.full((len(quantiles),), math.nan, dtype=values.dtype, device=values.device)
     ordered = flat.sort().values
     q = torch.tensor(quantiles, dtype=values.dtype, device=values.device)
     pos = q * (n - 1).clamp(min=0).to(values.dtype)
@@ -65,8 +79,7 @@ def masked_quantiles(values: Tensor, mask: Tensor, quantiles: tuple[float, ...] 
     hi = (lo + 1).clamp(max=(n - 1).clamp(min=0))
     frac = pos - lo.to(values.dtype)
     v_lo, v_hi = ordered[lo], ordered[hi]
-    out = v_lo + frac * (v_hi - v_lo)
-    out = torch.where(frac == 0, v_lo, out)  # avoid inf·0 when the upper neighbour is inf
+    out = torch.where(frac == 0, v_lo, v_lo + frac * (v_hi - v_lo))  # no inf·0 at the upper neighbour
     return torch.where(n > 0, out, math.nan)
 
 
@@ -103,37 +116,38 @@ def loss_diagnostics(
     """
     n = mask.sum()
     lw = log_weight_value.detach()
+    nf = n.clamp(min=1).to(lw.dtype)
     capped = lw if max_log_weight is None else lw.clamp(max=max_log_weight)
     weight = capped.exp()
     high = clipped_high & mask
     low = clipped_low & mask
     dual = clipped_dual & mask
-    rate_high = masked_mean(high.to(lw.dtype), mask, n)
-    rate_low = masked_mean(low.to(lw.dtype), mask, n)
-    rate_dual = masked_mean(dual.to(lw.dtype), mask, n)
-    rate_total = masked_mean((high | low | dual).to(lw.dtype), mask, n)
-    rate_region = masked_mean((high | low).to(lw.dtype), mask, n)
+    region = high | low
+    rate_high = high.count_nonzero() / nf
+    rate_low = low.count_nonzero() / nf
+    rate_dual = dual.count_nonzero() / nf
     inf = torch.tensor(math.inf, dtype=lw.dtype, device=lw.device)
-    seq_valid = mask.any(dim=-1)
+    weight_valid = torch.where(mask, weight, 0.0)
+    lw_valid = torch.where(mask, lw, 0.0)
     out = {
-        "actor/ppo_kl": masked_mean(-log_ratio.detach(), mask, n),
-        "actor/pg_clipfrac": masked_mean(clipped_term_active.to(lw.dtype), mask, n),
+        "actor/ppo_kl": -torch.where(mask, log_ratio.detach(), 0.0).sum() / nf,
+        "actor/pg_clipfrac": (clipped_term_active & mask).count_nonzero() / nf,
         "actor/pg_clipfrac_lower": rate_dual,
         "clip_ratio/low_mean": rate_low,
         "clip_ratio/high_mean": rate_high,
-        "clip_ratio/region_mean": rate_region,
+        "clip_ratio/region_mean": region.count_nonzero() / nf,
         "pg_update/clip/high/rate": rate_high,
         "pg_update/clip/low/rate": rate_low,
         "pg_update/clip/dual/rate": rate_dual,
-        "pg_update/clip/total/rate": rate_total,
-        "pg_update/is_ratio/mean": masked_mean(weight, mask, n),
+        "pg_update/clip/total/rate": (region | dual).count_nonzero() / nf,
+        "pg_update/is_ratio/mean": weight_valid.sum() / nf,
         "pg_update/is_ratio/min": torch.where(mask, weight, inf).amin(),
         "pg_update/is_ratio/max": torch.where(mask, weight, -inf).amax(),
-        "pg_update/log_weight/mean": masked_mean(lw, mask, n),
+        "pg_update/log_weight/mean": lw_valid.sum() / nf,
         "pg_update/log_weight/min": torch.where(mask, lw, inf).amin(),
         "pg_update/log_weight/max": torch.where(mask, lw, -inf).amax(),
         "pg_update/ess/token": normalized_ess(capped, mask),
-        "pg_update/ess/sequence": normalized_ess(log_ratio.detach().sum(dim=-1), seq_valid),
+        "pg_update/ess/sequence": normalized_ess(torch.where(mask, log_ratio.detach(), 0.0).sum(-1), mask.any(-1)),
         "pg_update/num_tokens": n.to(lw.dtype),
     }
     for q, v in zip(RATIO_QUANTILES, masked_quantiles(weight, mask).unbind(0)):

@@ -235,7 +235,8 @@ def compute_policy_loss(
     adv = advantages.to(dtype).detach()
     if adv.ndim == 1:
         adv = adv.unsqueeze(-1).expand_as(lp)
-    num_nonfinite = (~torch.isfinite(torch.stack([lp.detach(), old, adv])) & mask).sum()
+    # lp − μ is non-finite iff either input is (inf − inf = NaN): one check covers both log-prob tensors
+    num_nonfinite = (~torch.isfinite(lp.detach() - old) & mask).sum() + (~torch.isfinite(adv) & mask).sum()
     adv = torch.where(mask, adv, 0.0)
 
     position = ratios.positions(mask)

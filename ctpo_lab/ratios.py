@@ -91,8 +91,8 @@ def token_log_ratio(
     Shapes: log_prob, old_log_prob, mask [B, T] → [B, T]. Differentiable in ``log_prob``; masked-out entries
     (which may hold NaN) get a zero gradient.
     """
-    valid = mask.bool()
-    diff = torch.where(valid, log_prob, 0.0) - torch.where(valid, old_log_prob, 0.0)
+    # one `where` after the subtraction: NaN/inf at masked-out positions never reach a value or a gradient
+    diff = torch.where(mask.bool(), log_prob - old_log_prob, 0.0)
     if clamp is not None:
         diff = diff.clamp(-clamp, clamp)
     return diff
@@ -170,9 +170,7 @@ def stop_gradient_log_weight(
     The value equals X_t (capped); the gradient with respect to ``log_prob`` is 1 at token t (0 where the cap
     is active or the token is masked out), so that ∇w_t = w_t ∇log π_t.  Shapes: all [B, T].
     """
-    valid = mask.bool()
-    lp = torch.where(valid, log_prob, 0.0)
-    log_w = log_weight_value.detach() + (lp - lp.detach())
+    log_w = log_weight_value.detach() + (log_prob - log_prob.detach())
     if max_log_weight is not None:
         log_w = log_w.clamp(max=max_log_weight)
-    return torch.where(valid, log_w, 0.0)
+    return torch.where(mask.bool(), log_w, 0.0)  # masked-out entries (maybe NaN) get value 0 and gradient 0
