@@ -1,0 +1,231 @@
+"""The augmented ``(z, L)`` dynamic programme for estimators whose mask depends on the cumulative log-ratio.
+
+State ``(z_t, L_{t-1})`` with ``L_t = Σ_{k≤t} ℓ_k``; the transition ``(z, L) --y--> (f(z,y), L + ℓ(z,y))`` is
+deterministic, so the moment recursions of :mod:`ctpo_lab.markov.exact` apply verbatim with the per-transition
+``β`` multiplied by the gradient mask ``keep(L_t, t, sign)`` (CTPO-LA, cumulative PPO clip) or the readout
+multiplied by ``keep(L_T, sign)`` (GSPO clip). Ratios still enter through the tilted tables ``α, β, γ``, so
+``L`` is used only for the masks.
+
+Atoms with equal ``L`` are merged: exactly (key ``round(L / 1e-11)``; equal count vectors of
+(context, token) pairs give equal ``L``, so merging is exact up to float rounding) or approximately on a grid of
+width ``bin_width`` (each merged atom keeps the μ-mass-weighted mean ``L`` of its members; report convergence
+by shrinking the width). Exact per-position clip rates ``P_μ(L_t > ε_h t^p)`` need only the ``(z, L)``
+distribution (:func:`log_ratio_distribution_profile`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from scipy import sparse
+
+from .exact import (
+    EstimatorParams,
+    _Feature,
+    _gather_block,
+    _scatter,
+    _state_tables,
+    _tables,
+    clip_keep,
+)
+from .model import MarkovMDP
+
+__all__ = ["run_augmented_dp", "log_ratio_distribution_profile", "default_windows"]
+
+_EXACT_KEY = 1e-11
+_L_FLOOR = -1e3  # stands in for L = −inf (π = 0 < μ); such atoms are far below every window
+
+
+def _merge(nz: np.ndarray, Lp: np.ndarray, valid: np.ndarray, width: float) -> tuple[np.ndarray, int]:
+    """Destination atom ids ``[A, V]`` for keys ``(nz, round(Lp / width))`` over valid transitions."""
+    key_L = np.floor(Lp / width + 0.5).astype(np.int64) if width == _EXACT_KEY else np.floor(Lp / width).astype(
+        np.int64)
+    kv, zv = key_L[valid], nz[valid]
+    lo = kv.min()
+    span = int(kv.max() - lo + 1)
+    comb = zv.astype(np.int64) * span + (kv - lo)
+    _, inv = np.unique(comb, return_inverse=True)
+    dest = np.zeros(nz.shape, dtype=np.int64)
+    dest[valid] = inv.ravel()
+    return dest, int(inv.max()) + 1
+
+
+def run_augmented_dp(
+    mdp: MarkovMDP,
+    estimator: str,
+    alpha: np.ndarray,
+    beta: np.ndarray,
+    gamma: np.ndarray,
+    feature: _Feature,
+    signal_table: np.ndarray | None,
+    reward_signal: np.ndarray,
+    sign: float | None,
+    positions: np.ndarray,
+    params: EstimatorParams,
+    *,
+    second: bool = True,
+    bin_width: float | None = None,
+    max_atoms: int = 2_000_000,
+) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """Moments of a clipped estimator on the ``(z, L)`` state.
+
+    Parameters
+    ----------
+    alpha, beta, gamma : ``[|Z|, V]`` weight tables; ``feature``: block features; ``signal_table``:
+    ``[T, |Z|, V]`` oracle signal or ``None`` (outcome signal, ``reward_signal[z] = R(z) − b`` read out at
+    the end); ``sign``: the sign piece (±1) for the outcome signal; ``positions``: bool ``[T]``.
+
+    Returns
+    -------
+    mean ``[d]``, diagonal second moment ``[d]`` (or None), info dict (``max_atoms``, ``bin_width``).
+    """
+    if estimator == "gspo_clip" and signal_table is not None:
+        raise ValueError("gspo_clip is defined for the outcome signal 'reward' only (sequence-level advantage)")
+    width = _EXACT_KEY if bin_width is None else float(bin_width)
+    if width <= 0:
+        raise ValueError("bin_width must be positive")
+    tab = _tables(mdp)
+    T, V = mdp.horizon, mdp.vocab_size
+    d, B = feature.d, feature.B
+    mu = tab.mu
+    ell = np.where(np.isfinite(tab.ell), tab.ell, _L_FLOOR)
+    az = np.array([mdp.start_state])
+    aL = np.zeros(1)
+    mass = np.ones(1)
+    Q0, P0 = np.ones(1), np.ones(1)
+    Q1, P1, P2 = np.zeros((1, d)), np.zeros((1, d)), np.zeros((1, d))
+    biggest = 1
+    for t in range(T):
+        z = az
+        A = z.size
+        p = mu[z]
+        valid = p > 0
+        Lp = np.maximum(aL[:, None] + ell[z], _L_FLOOR)
+        a_, g_ = alpha[z], gamma[z]
+        b_ = beta[z] * float(positions[t])
+        if signal_table is not None:
+            b_ = b_ * signal_table[t][z]
+        if estimator in ("cumulative_ppo", "ctpo_la"):
+            sg = np.sign(signal_table[t][z]) if signal_table is not None else sign
+            b_ = b_ * clip_keep(estimator, Lp, t + 1, sg, params, T)
+        nz = mdp.next_state[z]
+        dest, A2 = _merge(nz, Lp, valid, width)
+        if A2 > max_atoms:
+            raise ValueError(f"augmented (z, L) state has {A2} atoms > max_atoms={max_atoms} at t={t + 1}; "
+                             "pass bin_width=... for the binned approximation")
+        biggest = max(biggest, A2)
+        rows = dest.ravel()
+        cols = np.repeat(np.arange(A), V)
+
+        def prop(w: np.ndarray, rows: np.ndarray = rows, cols: np.ndarray = cols, A: int = A, A2: int = A2
+                 ) -> sparse.csr_matrix:
+            return sparse.csr_matrix((w.ravel(), (rows, cols)), shape=(A2, A))
+
+        pm = p * mass[:, None]
+        new_mass = np.bincount(rows, pm.ravel(), minlength=A2)
+        sumL = np.bincount(rows, (pm * Lp).ravel(), minlength=A2)
+        first_L = np.zeros(A2)
+        first_L[rows[valid.ravel()]] = Lp.ravel()[valid.ravel()]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            new_L = np.where(new_mass > 0, sumL / np.where(new_mass > 0, new_mass, 1.0), first_L)
+        new_z = np.zeros(A2, dtype=np.int64)
+        new_z[rows[valid.ravel()]] = nz.ravel()[valid.ravel()]
+        blk, hv = feature.blk[z], feature.hv[z]
+        pb = p * b_
+        Q1 = prop(p * g_) @ Q1 + _scatter(dest, blk, (pb * Q0[:, None])[:, :, None] * hv, A2, d)
+        if second:
+            h_p1 = _gather_block(P1, blk, B)
+            P2 = (prop(p * g_**2) @ P2
+                  + _scatter(dest, blk, (2.0 * pb * g_)[:, :, None] * hv * h_p1[:, None, :], A2, d)
+                  + _scatter(dest, blk, (pb * b_ * P0[:, None])[:, :, None] * hv**2, A2, d))
+            P1 = prop(p * a_ * g_) @ P1 + _scatter(dest, blk, (pb * a_ * P0[:, None])[:, :, None] * hv, A2, d)
+            P0 = prop(p * a_**2) @ P0
+        Q0 = prop(p * a_) @ Q0
+        az, aL, mass = new_z, new_L, new_mass
+    u = np.ones(az.size) if signal_table is not None else reward_signal[az].astype(np.float64)
+    if sign is not None:
+        u = np.where(np.sign(u) == sign, u, 0.0)
+    if estimator == "gspo_clip":
+        u = u * clip_keep("gspo_clip", aL, T, sign, params, T)
+    mean = u @ Q1
+    sec = (u**2) @ P2 if second else None
+    return mean, sec, {"max_atoms": biggest, "bin_width": bin_width}
+
+
+Window = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def default_windows(eps_low: float = 0.025, eps_high: float = 0.05, power: float = 0.5,
+                    fixed: tuple[float, float] = (0.5, 5.0)) -> dict[str, Window]:
+    """Log-space windows on ``L_t``: ``fixed`` = ``[log w_lo, log w_hi]`` (Figure 1's ``[0.5, 5]``) and
+    ``adaptive`` = ``[−ε_low t^p, ε_high t^p]`` (CTPO)."""
+    lo_f, hi_f = float(np.log(fixed[0])), float(np.log(fixed[1]))
+    return {
+        "fixed": lambda t: (np.full_like(t, lo_f, dtype=np.float64), np.full_like(t, hi_f, dtype=np.float64)),
+        "adaptive": lambda t: (-eps_low * t**power, eps_high * t**power),
+    }
+
+
+def log_ratio_distribution_profile(
+    mdp: MarkovMDP,
+    windows: dict[str, Window] | None = None,
+    *,
+    bin_width: float | None = None,
+    max_atoms: int = 2_000_000,
+    quantiles: tuple[float, ...] = (0.5,),
+) -> dict[str, np.ndarray]:
+    """Exact (or binned) distribution of ``L_t`` under ``μ`` per position ``t = 1..T``.
+
+    Returns arrays ``[T]``: ``P(L_t > hi(t))`` as ``"{name}_high"``, ``P(L_t < lo(t))`` as ``"{name}_low"``,
+    ``"{name}_rate" = ½(high + low)`` (advantage-aware clip rate when the advantage sign is a fair coin
+    independent of ``L_t``), quantiles ``"q{q}"`` of ``L_t``, ``mean_L`` and ``var_L`` (checks), and
+    ``atoms``.
+    """
+    windows = default_windows() if windows is None else windows
+    width = _EXACT_KEY if bin_width is None else float(bin_width)
+    tab = _tables(mdp)
+    mu = _state_tables(mdp, mdp.behaviour)
+    ell = np.where(np.isfinite(tab.ell), tab.ell, _L_FLOOR)
+    T = mdp.horizon
+    out: dict[str, np.ndarray] = {"t": np.arange(1, T + 1, dtype=np.float64)}
+    for name in windows:
+        for s in ("high", "low", "rate"):
+            out[f"{name}_{s}"] = np.zeros(T)
+    for q in quantiles:
+        out[f"q{q}"] = np.zeros(T)
+    out["mean_L"], out["var_L"], out["atoms"] = np.zeros(T), np.zeros(T), np.zeros(T)
+    az, aL, mass = np.array([mdp.start_state]), np.zeros(1), np.ones(1)
+    for t in range(T):
+        p = mu[az]
+        valid = p > 0
+        Lp = np.maximum(aL[:, None] + ell[az], _L_FLOOR)
+        nz = mdp.next_state[az]
+        dest, A2 = _merge(nz, Lp, valid, width)
+        if A2 > max_atoms:
+            raise ValueError(f"(z, L) distribution has {A2} atoms > max_atoms={max_atoms} at t={t + 1}; "
+                             "pass bin_width=...")
+        rows = dest.ravel()
+        pm = (p * mass[:, None]).ravel()
+        new_mass = np.bincount(rows, pm, minlength=A2)
+        sumL = np.bincount(rows, pm * Lp.ravel(), minlength=A2)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            aL = np.where(new_mass > 0, sumL / np.where(new_mass > 0, new_mass, 1.0), 0.0)
+        new_z = np.zeros(A2, dtype=np.int64)
+        new_z[rows[valid.ravel()]] = nz.ravel()[valid.ravel()]
+        az, mass = new_z, new_mass
+        tt = np.array(float(t + 1))
+        for name, win in windows.items():
+            lo, hi = win(tt)
+            h = float(mass[aL > hi].sum())
+            lw = float(mass[aL < lo].sum())
+            out[f"{name}_high"][t], out[f"{name}_low"][t], out[f"{name}_rate"][t] = h, lw, 0.5 * (h + lw)
+        order = np.argsort(aL, kind="stable")
+        cm = np.cumsum(mass[order])
+        for q in quantiles:
+            out[f"q{q}"][t] = aL[order][min(np.searchsorted(cm, q * cm[-1]), len(cm) - 1)]
+        m1 = float(mass @ aL)
+        out["mean_L"][t] = m1
+        out["var_L"][t] = float(mass @ aL**2) - m1**2
+        out["atoms"][t] = A2
+    return out

@@ -1,0 +1,294 @@
+"""Ground truth by exact enumeration of all ``V^T`` sequences (independent of the dynamic programmes).
+
+Everything here is computed from the public model API (``context_index``, ``target``, ``behaviour``,
+``reward``/``reward_batch``) on explicit token sequences: per-sequence probabilities, log-ratios, oracle values
+from the full prefix tree (``Q^π_t(y_{≤t}) = E_π[R | y_{≤t}]``), and the estimator of each sequence written
+directly from its definition (weights, masks). Moments are probability-weighted sums, accumulated in chunks.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+
+import numpy as np
+
+from .exact import ESTIMATORS, SIGNALS, EstimatorParams, Moments, _positions_mask
+from .model import MarkovMDP
+
+__all__ = [
+    "MAX_ENUMERATION",
+    "all_sequences",
+    "prefix_contexts",
+    "enumerate_trajectories",
+    "tree_values",
+    "trajectory_estimates",
+    "enumerate_moments",
+    "enumerate_gradient",
+    "enumerate_performance",
+]
+
+MAX_ENUMERATION = 2_000_000
+
+
+def _check_size(mdp: MarkovMDP, max_sequences: int) -> int:
+    n = mdp.vocab_size**mdp.horizon
+    if n > max_sequences:
+        raise ValueError(
+            f"V^T = {mdp.vocab_size}^{mdp.horizon} = {n:.3g} sequences is too large to enumerate "
+            f"(limit {max_sequences:.3g}); use markov.exact_moments (the dynamic programme) instead"
+        )
+    return n
+
+
+def all_sequences(vocab_size: int, length: int) -> np.ndarray:
+    """All sequences in lexicographic order, ``[V^length, length]`` (row ``n`` is ``n`` written in base V)."""
+    n = vocab_size**length
+    idx = np.arange(n, dtype=np.int64)
+    out = np.zeros((n, length), dtype=np.int64)
+    for j in range(length - 1, -1, -1):
+        out[:, j] = idx % vocab_size
+        idx //= vocab_size
+    return out
+
+
+def prefix_contexts(mdp: MarkovMDP, seqs: np.ndarray) -> np.ndarray:
+    """Context index before each token: ``ctx[n, t] = mdp.context_index(seqs[n, :t])``, ``[N, L]``.
+
+    Built from a lookup table filled by calling ``mdp.context_index`` on every short prefix and every
+    k-gram (a prefix longer than ``k`` has the same context as its last ``k`` tokens).
+    """
+    V, k = mdp.vocab_size, mdp.order
+    N, L = seqs.shape
+    ctx = np.zeros((N, L), dtype=np.int64)
+    if k == 0:
+        return ctx
+    full = np.array([mdp.context_index(tail) for tail in itertools.product(range(V), repeat=k)])
+    for t in range(L):
+        if t < k:
+            short = {tuple(p): mdp.context_index(tuple(p)) for p in itertools.product(range(V), repeat=t)}
+            if t == 0:
+                ctx[:, 0] = short[()]
+                continue
+            code = np.zeros(N, dtype=np.int64)
+            for j in range(t):
+                code = code * V + seqs[:, j]
+            table = np.array([short[tuple(p)] for p in itertools.product(range(V), repeat=t)])
+            ctx[:, t] = table[code]
+        else:
+            code = np.zeros(N, dtype=np.int64)
+            for j in range(t - k, t):
+                code = code * V + seqs[:, j]
+            ctx[:, t] = full[code]
+    return ctx
+
+
+def tree_values(mdp: MarkovMDP, policy: np.ndarray, rewards: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Oracle values of every position of every sequence from the full prefix tree.
+
+    Parameters
+    ----------
+    policy : ``[C, V]`` table; rewards : ``[V^T]`` rewards of all sequences in lexicographic order.
+
+    Returns
+    -------
+    q : ``[V^T, T]`` with ``q[n, t-1] = E_policy[R | y_{≤t}]``; v : ``[V^T, T]`` with
+    ``v[n, t-1] = E_policy[R | y_{<t}]``.
+    """
+    V, T = mdp.vocab_size, mdp.horizon
+    N = V**T
+    vals = [None] * (T + 1)
+    vals[T] = np.asarray(rewards, dtype=np.float64)
+    for t in range(T, 0, -1):  # combine level t (prefixes of length t) into level t-1
+        pre = all_sequences(V, t - 1)
+        c = prefix_contexts(mdp, np.concatenate([pre, np.zeros((pre.shape[0], 1), dtype=np.int64)], axis=1))[:, -1]
+        probs = policy[c]  # [V^{t-1}, V]
+        vals[t - 1] = (probs * vals[t].reshape(-1, V)).sum(axis=1)
+    n = np.arange(N)
+    q = np.stack([vals[t][n // V ** (T - t)] for t in range(1, T + 1)], axis=1)
+    v = np.stack([vals[t - 1][n // V ** (T - t + 1)] for t in range(1, T + 1)], axis=1)
+    return q, v
+
+
+def enumerate_trajectories(mdp: MarkovMDP, max_sequences: int = MAX_ENUMERATION) -> dict[str, np.ndarray]:
+    """All sequences with their per-token quantities.
+
+    Returns a dict of arrays: ``seqs [N, T]``, ``ctx [N, T]``, ``log_pi``, ``log_mu``, ``ell [N, T]``
+    (``log π − log μ`` of each token), ``p_mu``, ``p_pi [N]`` (sequence probabilities), ``reward [N]``.
+    """
+    _check_size(mdp, max_sequences)
+    V, T = mdp.vocab_size, mdp.horizon
+    seqs = all_sequences(V, T)
+    ctx = prefix_contexts(mdp, seqs)
+    tp = mdp.target[ctx, seqs]
+    bp = mdp.behaviour[ctx, seqs]
+    with np.errstate(divide="ignore"):
+        log_pi, log_mu = np.log(tp), np.log(bp)
+    p_mu, p_pi = np.prod(bp, axis=1), np.prod(tp, axis=1)
+    with np.errstate(invalid="ignore"):
+        ell = np.where(bp > 0, log_pi - log_mu, 0.0)
+    return {"seqs": seqs, "ctx": ctx, "log_pi": log_pi, "log_mu": log_mu, "ell": ell, "p_mu": p_mu,
+            "p_pi": p_pi, "reward": mdp.reward_batch(seqs)}
+
+
+def _keep(name: str, x: np.ndarray, t: np.ndarray, sign: np.ndarray, prm: EstimatorParams, T: int) -> np.ndarray:
+    """Gradient mask written from the loss definitions (min(w A, clip(w) A), dual clip for A < 0)."""
+    if name in ("token_ppo", "cumulative_ppo"):
+        w = np.exp(x)
+        up = (sign > 0) & (w > 1 + prm.eps_high)
+        down = (sign < 0) & (w < 1 - prm.eps_low)
+        dual = (sign < 0) & (w > prm.dual_clip) if prm.dual_clip is not None else np.zeros_like(up)
+    elif name == "ctpo_la":
+        scale = np.maximum(t, 1.0) ** prm.la_power
+        up = (sign > 0) & (x > prm.la_eps_high * scale)
+        down = (sign < 0) & (x < -prm.la_eps_low * scale)
+        dual = (sign < 0) & (x > prm.la_eps_dual * scale) if prm.la_eps_dual is not None else np.zeros_like(up)
+    elif name == "gspo_clip":
+        s = np.exp(x / T)
+        up = (sign > 0) & (s > 1 + prm.gspo_eps_high)
+        down = (sign < 0) & (s < 1 - prm.gspo_eps_low)
+        dual = np.zeros_like(up)
+    else:
+        raise ValueError(name)
+    return ~(up | down | dual)
+
+
+def trajectory_estimates(
+    mdp: MarkovMDP,
+    seqs: np.ndarray,
+    ctx: np.ndarray,
+    ell: np.ndarray,
+    signal: np.ndarray,
+    estimator: str,
+    params: EstimatorParams | None = None,
+    positions: np.ndarray | None = None,
+) -> np.ndarray:
+    """The estimator ``X = Σ_t w_t S_t ψ(c_t, y_t)`` of each trajectory, ``[N, C·V]``.
+
+    Parameters
+    ----------
+    seqs, ctx, ell : ``[N, T]`` tokens, contexts, log-ratios ``ℓ_t``.
+    signal : ``[N, T]`` per-token signal ``S_t`` (the outcome signal broadcast: ``R − b`` on every token).
+    estimator : name; the weights are written out directly: token ``e^{ℓ_t}``, cumulative ``e^{L_t}``,
+        sequence ``e^{L_T}``, gspo ``e^{L_T/T}``, truncated ``Π_{k≤t} min(c̄, e^{ℓ_k})``, token_tis
+        ``min(e^{ℓ_t}, C)``, cispo ``clip(e^{ℓ_t}, 1−ε_l, 1+ε_h)``; the clipped ones times their masks.
+    """
+    prm = params or EstimatorParams()
+    N, T = seqs.shape
+    V = mdp.vocab_size
+    L = np.cumsum(ell, axis=1)
+    r = np.exp(ell)
+    tpos = np.arange(1, T + 1, dtype=np.float64)[None, :]
+    sign = np.sign(signal)
+    if estimator in ("token", "token_ppo"):
+        w = r.copy()
+        if estimator == "token_ppo":
+            w = w * _keep(estimator, ell, tpos, sign, prm, T)
+    elif estimator in ("cumulative", "cumulative_ppo", "ctpo_la"):
+        w = np.exp(L)
+        if estimator != "cumulative":
+            w = w * _keep(estimator, L, tpos, sign, prm, T)
+    elif estimator == "sequence":
+        w = np.repeat(np.exp(L[:, -1:]), T, axis=1)
+    elif estimator in ("gspo", "gspo_clip"):
+        w = np.repeat(np.exp(L[:, -1:] / T), T, axis=1)
+        if estimator == "gspo_clip":
+            w = w * _keep(estimator, np.repeat(L[:, -1:], T, axis=1), tpos, sign, prm, T)
+    elif estimator == "truncated_cumulative":
+        w = np.cumprod(np.minimum(r, prm.truncation), axis=1)
+    elif estimator == "token_tis":
+        w = np.minimum(r, prm.tis_cap)
+    elif estimator == "cispo":
+        w = np.clip(r, 1 - prm.eps_low, 1 + prm.eps_high)
+    else:
+        raise ValueError(f"unknown estimator {estimator!r}")
+    coef = w * signal
+    if positions is not None:
+        coef = coef * positions[None, :]
+    X = np.zeros((N, mdp.dim))
+    rows = np.arange(N)[:, None]
+    eye = np.eye(V)
+    for t in range(T):
+        cols = ctx[:, t, None] * V + np.arange(V)[None, :]
+        X[rows, cols] += coef[:, t, None] * (eye[seqs[:, t]] - mdp.target[ctx[:, t]])
+    return X
+
+
+def _signal_matrix(mdp: MarkovMDP, tr: dict[str, np.ndarray], signal: str, baseline: float) -> np.ndarray:
+    T = mdp.horizon
+    if signal == "reward":
+        return np.repeat((tr["reward"] - baseline)[:, None], T, axis=1)
+    pol = mdp.target if signal.endswith("pi") else mdp.behaviour
+    q, v = tree_values(mdp, pol, tr["reward"])
+    return q - baseline if signal.startswith("q_") else q - v
+
+
+def enumerate_gradient(mdp: MarkovMDP, max_sequences: int = MAX_ENUMERATION) -> np.ndarray:
+    """``∇J = E_π[R Σ_t ψ_t]`` by enumeration, ``[C·V]``."""
+    tr = enumerate_trajectories(mdp, max_sequences)
+    X = trajectory_estimates(mdp, tr["seqs"], tr["ctx"], np.zeros_like(tr["ell"]),
+                             np.repeat(tr["reward"][:, None], mdp.horizon, axis=1), "token")
+    return tr["p_pi"] @ X
+
+
+def enumerate_performance(mdp: MarkovMDP, policy: np.ndarray | None = None,
+                          max_sequences: int = MAX_ENUMERATION) -> float:
+    """``J = Σ_y P(y) R(y)`` by enumeration (``policy`` defaults to the target)."""
+    _check_size(mdp, max_sequences)
+    pol = mdp.target if policy is None else np.asarray(policy, dtype=np.float64)
+    seqs = all_sequences(mdp.vocab_size, mdp.horizon)
+    ctx = prefix_contexts(mdp, seqs)
+    return float(np.prod(pol[ctx, seqs], axis=1) @ mdp.reward_batch(seqs))
+
+
+def enumerate_moments(
+    mdp: MarkovMDP,
+    estimator: str = "cumulative",
+    signal: str = "reward",
+    baseline: float = 0.0,
+    *,
+    params: EstimatorParams | None = None,
+    positions: Iterable[int] | np.ndarray | None = None,
+    max_sequences: int = MAX_ENUMERATION,
+    chunk_size: int = 50_000,
+) -> Moments:
+    """The same fields as :func:`ctpo_lab.markov.exact_moments`, by exact enumeration (``V^T`` sequences).
+
+    ``E X = Σ_y μ(y) X(y)``, ``E X_j² = Σ_y μ(y) X_j(y)²``, ``∇J = Σ_y π(y) R(y) Σ_t ψ_t(y)``,
+    ``Var(uᵀX)`` with ``u = ∇J/‖∇J‖``.
+    """
+    if not isinstance(mdp, MarkovMDP):
+        raise TypeError("mdp must be a MarkovMDP")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; choose from {ESTIMATORS}")
+    if signal not in SIGNALS:
+        raise ValueError(f"unknown signal {signal!r}; choose from {SIGNALS}")
+    if estimator == "gspo_clip" and signal != "reward":
+        raise ValueError("gspo_clip is defined for the outcome signal 'reward' only")
+    pos = _positions_mask(positions, mdp.horizon).astype(np.float64)
+    tr = enumerate_trajectories(mdp, max_sequences)
+    S = _signal_matrix(mdp, tr, signal, float(baseline))
+    grad = enumerate_gradient(mdp, max_sequences)
+    gn = np.linalg.norm(grad)
+    u = grad / gn if gn > 0 else np.zeros_like(grad)
+    d = mdp.dim
+    s1, s2 = np.zeros(d), np.zeros(d)
+    pu1 = pu2 = 0.0
+    N = tr["seqs"].shape[0]
+    step = max(1, min(chunk_size, int(4e6 // max(d, 1))))
+    for a in range(0, N, step):
+        sl = slice(a, min(N, a + step))
+        pm = tr["p_mu"][sl]
+        keep = pm > 0
+        if not keep.any():
+            continue
+        X = trajectory_estimates(mdp, tr["seqs"][sl][keep], tr["ctx"][sl][keep], tr["ell"][sl][keep],
+                                 S[sl][keep], estimator, params, pos)
+        w = pm[keep]
+        s1 += w @ X
+        s2 += w @ X**2
+        proj = X @ u
+        pu1 += float(w @ proj)
+        pu2 += float(w @ proj**2)
+    vag = pu2 - pu1**2 if gn > 0 else float("nan")
+    return Moments(estimator, signal, float(baseline), s1, s2, grad, vag, method="enumeration")
