@@ -1,0 +1,247 @@
+"""The CTPO authors' per-step importance-weight dumps (``step_XXXXXXX_rank_XXXX.npz``), read and written.
+
+Layout of one file, as written by the authors' verl fork (``_maybe_dump_pg_update_is_weights``) and read by
+their figure scripts (``scripts/plot_clip_rate_vs_position.py``):
+
+=========================  ==================  ==========================================================
+key                        dtype, shape        meaning
+=========================  ==================  ==========================================================
+``pg_update_is_weights``   float32 [B, T]      the *unclipped* weight used by the PG update, on valid
+                                               tokens: e^{min(L_t, 10)} for the cumulative loss
+                                               (e^{min(L_t/t, 10)} geomean, e^{min(L_T/|y|, 10)} GSPO,
+                                               e^{ℓ_t} vanilla); 0 on padding
+``response_mask``          int8 [B, T]         valid-token mask
+``global_step``            int64 [1]           training step
+``rank``                   int64 [1]           data-parallel rank
+``advantages``             float32 [B, T]      optional (read by the clip-rate script when present)
+=========================  ==================  ==========================================================
+
+ctpo_lab adds two optional keys, ignored by the authors' scripts:
+
+``cum_log_ratio``  float32 [B, T]  L_t itself, without the cap at 10 (lossless; 0 on padding)
+``group_ids``      int64 [B]       prompt-group id of each row
+
+File names: ``step_{step:07d}_rank_{rank:04d}.npz`` in one directory (the authors' scripts also accept a
+``step_{step:07d}/`` sub-directory of ``*.npz``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "RatioDump", "dump_filename", "write_ratio_dump", "read_ratio_dump", "read_step", "list_steps", "to_tensors",
+]
+
+#: Safety cap on the log-weight used by the authors' code before exponentiation.
+MAX_LOG_WEIGHT = 10.0
+
+
+def dump_filename(step: int, rank: int = 0) -> str:
+    """``step_XXXXXXX_rank_XXXX.npz``."""
+    for name, v in (("step", step), ("rank", rank)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise ValueError(f"{name}: expected an int ≥ 0, got {v!r}")
+    return f"step_{int(step):07d}_rank_{int(rank):04d}.npz"
+
+
+@dataclass(frozen=True)
+class RatioDump:
+    """Content of one dump (or of several rank shards merged, padded to a common width).
+
+    is_weights : float64 [B, T]  the stored weights (0 on padding)
+    mask : bool [B, T]
+    step, rank : int (rank −1 for a merge of several ranks)
+    advantages : float64 [B, T] or None
+    cum_log_ratio : float64 [B, T]  stored L_t, else log of the weights (exact only below the cap of 10)
+    group_ids : int64 [B] or None
+    lossless : whether ``cum_log_ratio`` was stored rather than recovered from the capped weights
+    """
+
+    is_weights: np.ndarray
+    mask: np.ndarray
+    step: int
+    rank: int
+    advantages: np.ndarray | None
+    cum_log_ratio: np.ndarray
+    group_ids: np.ndarray | None
+    lossless: bool
+
+
+def _np(x: Tensor | np.ndarray, name: str) -> np.ndarray:
+    if isinstance(x, Tensor):
+        return x.detach().cpu().numpy()
+    if isinstance(x, np.ndarray):
+        return x
+    raise TypeError(f"{name}: expected a torch.Tensor or numpy array, got {type(x).__name__}")
+
+
+def write_ratio_dump(
+    path: str | os.PathLike[str],
+    cum_log_ratio: Tensor | np.ndarray,
+    mask: Tensor | np.ndarray,
+    *,
+    step: int,
+    rank: int = 0,
+    advantages: Tensor | np.ndarray | None = None,
+    group_ids: Tensor | np.ndarray | None = None,
+    log_weight: Tensor | np.ndarray | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write one dump in the authors' layout (plus the lossless ``cum_log_ratio``).
+
+    Parameters
+    ----------
+    path : directory (the file name is :func:`dump_filename`) or a full ``.npz`` file path.
+    cum_log_ratio : [B, T]
+        L_t (for the cumulative loss; pass the family's log-weight X_t as ``log_weight`` for other losses).
+    mask : [B, T] bool or 0/1
+    step, rank : int ≥ 0
+    advantages : [B] or [B, T], optional (stored broadcast to [B, T], 0 on padding)
+    group_ids : [B], optional
+    log_weight : [B, T], optional
+        The log-weight whose capped exponential is stored as ``pg_update_is_weights`` (default: L_t).
+    overwrite : bool
+        Refuse to replace an existing file unless True.
+
+    Returns
+    -------
+    Path of the written file.
+    """
+    x = _np(cum_log_ratio, "cum_log_ratio").astype(np.float64)
+    m = _np(mask, "mask")
+    if x.ndim != 2:
+        raise ValueError(f"cum_log_ratio: expected shape [B, T], got {x.shape}")
+    if m.shape != x.shape:
+        raise ValueError(f"mask: shape {m.shape} does not match cum_log_ratio {x.shape}")
+    m = m.astype(bool)
+    if not np.isfinite(x[m]).all():
+        raise ValueError("cum_log_ratio: NaN or inf value(s) on valid tokens")
+    lw = x if log_weight is None else _np(log_weight, "log_weight").astype(np.float64)
+    if lw.shape != x.shape:
+        raise ValueError(f"log_weight: shape {lw.shape} does not match cum_log_ratio {x.shape}")
+    if not np.isfinite(lw[m]).all():
+        raise ValueError("log_weight: NaN or inf value(s) on valid tokens")
+    p = Path(path)
+    target = p if p.suffix == ".npz" else p / dump_filename(step, rank)
+    dump_filename(step, rank)  # validates step and rank
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"path: {target} exists (pass overwrite=True to replace it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    weights = np.where(m, np.exp(np.minimum(np.where(m, lw, 0.0), MAX_LOG_WEIGHT)), 0.0)
+    arrays: dict[str, np.ndarray] = {
+        "pg_update_is_weights": weights.astype(np.float32),
+        "response_mask": m.astype(np.int8),
+        "global_step": np.array([step], dtype=np.int64),
+        "rank": np.array([rank], dtype=np.int64),
+        "cum_log_ratio": np.where(m, x, 0.0).astype(np.float32),
+    }
+    if advantages is not None:
+        a = _np(advantages, "advantages").astype(np.float64)
+        if a.shape == (x.shape[0],):
+            a = np.broadcast_to(a[:, None], x.shape)
+        if a.shape != x.shape:
+            raise ValueError(f"advantages: expected shape [{x.shape[0]}] or {list(x.shape)}, got {list(a.shape)}")
+        if not np.isfinite(a[m]).all():
+            raise ValueError("advantages: NaN or inf value(s) on valid tokens")
+        arrays["advantages"] = np.where(m, a, 0.0).astype(np.float32)
+    if group_ids is not None:
+        g = _np(group_ids, "group_ids").reshape(-1)
+        if g.shape[0] != x.shape[0]:
+            raise ValueError(f"group_ids: expected {x.shape[0]} entries, got {g.shape[0]}")
+        arrays["group_ids"] = g.astype(np.int64)
+    tmp = target.with_name(target.name + ".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, target)
+    return target
+
+
+def read_ratio_dump(path: str | os.PathLike[str]) -> RatioDump:
+    """Read one dump file (the authors' files or ours)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"path: no dump file at {p}")
+    with np.load(p) as z:
+        for key in ("pg_update_is_weights", "response_mask"):
+            if key not in z.files:
+                raise ValueError(f"path: {p} has no {key!r} array (keys: {z.files})")
+        w = z["pg_update_is_weights"].astype(np.float64)
+        m = z["response_mask"].astype(bool)
+        if w.ndim != 2 or m.shape != w.shape:
+            raise ValueError(f"path: {p}: weights {w.shape} and mask {m.shape} must be equal 2-D shapes")
+        step = int(z["global_step"].reshape(-1)[0]) if "global_step" in z.files else -1
+        rank = int(z["rank"].reshape(-1)[0]) if "rank" in z.files else -1
+        adv = z["advantages"].astype(np.float64) if "advantages" in z.files else None
+        gid = z["group_ids"].astype(np.int64) if "group_ids" in z.files else None
+        if "cum_log_ratio" in z.files:
+            L, lossless = z["cum_log_ratio"].astype(np.float64), True
+        else:
+            with np.errstate(divide="ignore"):
+                L = np.where(m, np.log(np.where(m, w, 1.0)), 0.0)
+            lossless = False
+    if not np.isfinite(L[m]).all():
+        raise ValueError(f"path: {p} holds NaN/inf or zero weights on valid tokens")
+    return RatioDump(w, m, step, rank, adv, L, gid, lossless)
+
+
+def list_steps(directory: str | os.PathLike[str]) -> list[int]:
+    """Sorted steps that have at least one ``step_XXXXXXX_rank_XXXX.npz`` file in ``directory``."""
+    d = Path(directory)
+    steps = set()
+    for f in d.glob("step_*_rank_*.npz"):
+        try:
+            steps.add(int(f.name.split("_")[1]))
+        except (IndexError, ValueError):
+            continue
+    return sorted(steps)
+
+
+def _pad(blocks: list[np.ndarray], width: int, fill: float | bool) -> np.ndarray:
+    return np.vstack([np.pad(b, ((0, 0), (0, width - b.shape[1])), constant_values=fill) for b in blocks])
+
+
+def read_step(directory: str | os.PathLike[str], step: int) -> RatioDump:
+    """Merge every rank shard of one step (rows stacked in rank order, padded to the widest)."""
+    d = Path(directory)
+    files = sorted(d.glob(f"step_{step:07d}_rank_*.npz"))
+    sub = d / f"step_{step:07d}"
+    if not files and sub.is_dir():
+        files = sorted(sub.glob("*.npz"))
+    if not files:
+        raise FileNotFoundError(f"directory: no dump files for step {step} under {d}")
+    parts = [read_ratio_dump(f) for f in files]
+    width = max(p.mask.shape[1] for p in parts)
+    adv = None
+    if all(p.advantages is not None for p in parts):
+        adv = _pad([p.advantages for p in parts], width, 0.0)  # type: ignore[misc]
+    gid = None
+    if all(p.group_ids is not None for p in parts):
+        offset, ids = 0, []
+        for p in parts:  # group ids are rank-local: offset them so groups stay distinct
+            g = p.group_ids
+            assert g is not None
+            ids.append(g + offset)
+            offset += int(g.max()) + 1 if g.size else 0
+        gid = np.concatenate(ids)
+    return RatioDump(
+        _pad([p.is_weights for p in parts], width, 0.0),
+        _pad([p.mask for p in parts], width, False),
+        step,
+        parts[0].rank if len(parts) == 1 else -1,
+        adv,
+        _pad([p.cum_log_ratio for p in parts], width, 0.0),
+        gid,
+        all(p.lossless for p in parts),
+    )
+
+
+def to_tensors(dump: RatioDump) -> tuple[Tensor, Tensor]:
+    """(cum_log_ratio float64 [B, T], mask bool [B, T]) as tensors."""
+    return torch.from_numpy(dump.cum_log_ratio), torch.from_numpy(dump.mask)
+
