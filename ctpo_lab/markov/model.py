@@ -19,6 +19,7 @@ __all__ = [
     "Automaton",
     "MarkovMDP",
     "count_mod",
+    "count_fraction",
     "contains_pattern",
     "parity",
     "sum_mod",
@@ -145,9 +146,26 @@ def contains_pattern(vocab_size: int, pattern: tuple[int, ...]) -> Automaton:
     return Automaton(f"contains {pat}", tr, 0, vals)
 
 
-def make_automaton(spec: str | Automaton, vocab_size: int) -> Automaton:
+def count_fraction(vocab_size: int, token: int = 0, max_count: int = 8) -> Automaton:
+    """Graded reward ``min(count(token), max_count) / max_count`` (``max_count + 1`` states).
+
+    With ``max_count = T`` this is the fraction of ``token`` in the sequence, a reward whose gradient does not
+    vanish as ``T`` grows (unlike parity-type rewards, whose ∇J decays geometrically in ``T``).
+    """
+    _check_pos_int(vocab_size, "vocab_size")
+    _check_pos_int(max_count, "max_count")
+    if not 0 <= token < vocab_size:
+        raise ValueError(f"token must be in 0..{vocab_size - 1}")
+    q = np.arange(max_count + 1)
+    tr = np.repeat(q[:, None], vocab_size, axis=1)
+    tr[:, token] = np.minimum(q + 1, max_count)
+    return Automaton(f"min(count({token}), {max_count})/{max_count}", tr, 0, q / max_count)
+
+
+def make_automaton(spec: str | Automaton, vocab_size: int, horizon: int | None = None) -> Automaton:
     """Build an automaton from a short spec: ``"count"``, ``"count:TOKEN:MOD"``, ``"sum:MOD"``, ``"parity"``,
-    ``"contains:0-1-0"``, or pass an :class:`Automaton` through."""
+    ``"contains:0-1-0"``, ``"frac"`` / ``"frac:TOKEN"`` (fraction of ``TOKEN`` over the horizon), or pass an
+    :class:`Automaton` through."""
     if isinstance(spec, Automaton):
         if spec.vocab_size != vocab_size:
             raise ValueError(f"automaton vocab {spec.vocab_size} != vocab_size {vocab_size}")
@@ -163,6 +181,10 @@ def make_automaton(spec: str | Automaton, vocab_size: int) -> Automaton:
             return count_mod(vocab_size, tok, mod)
         if kind == "sum":
             return sum_mod(vocab_size, int(parts[1]) if len(parts) > 1 else 3)
+        if kind == "frac":
+            if horizon is None:
+                raise ValueError("the 'frac' automaton needs the horizon")
+            return count_fraction(vocab_size, int(parts[1]) if len(parts) > 1 else 0, horizon)
         if kind == "parity":
             return parity(vocab_size)
         if kind == "contains":
@@ -170,7 +192,7 @@ def make_automaton(spec: str | Automaton, vocab_size: int) -> Automaton:
             return contains_pattern(vocab_size, tuple(p % vocab_size for p in pat))
     except (IndexError, ValueError) as exc:
         raise ValueError(f"bad automaton spec {spec!r}: {exc}") from exc
-    raise ValueError(f"unknown automaton spec {spec!r} (count, count:T:M, sum:M, parity, contains:a-b-c)")
+    raise ValueError(f"unknown automaton spec {spec!r} (count, count:T:M, sum:M, parity, contains:a-b-c, frac:T)")
 
 
 # ----------------------------------------------------------------------------------------------- the MDP
@@ -342,8 +364,8 @@ class MarkovMDP:
         )
 
     def with_horizon(self, horizon: int) -> MarkovMDP:
-        return MarkovMDP(self.vocab_size, horizon, self.order, self.automaton, self.target, self.behaviour,
-                         name=self.name)
+        return MarkovMDP(self.vocab_size, horizon, self.order, self.automaton, self.target.copy(),
+                         self.behaviour.copy(), name=self.name)
 
     def per_token_kl(self) -> np.ndarray:
         """``KL(μ‖π)`` per context row, ``[C]``."""
@@ -386,22 +408,35 @@ def chi2_rows(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     return t.sum(axis=-1) - 1.0
 
 
+def f_dir(pi_logits: np.ndarray, direction: np.ndarray, s: float, measure: str) -> float:
+    """Mismatch of ``μ = softmax(pi_logits + s·direction)`` against ``π = softmax(pi_logits)``."""
+    pi = _softmax(pi_logits)
+    mu = _softmax(pi_logits + s * direction)
+    return float(kl_rows(mu, pi) if measure == "kl" else chi2_rows(pi, mu))
+
+
 def _perturb_to(pi_logits: np.ndarray, direction: np.ndarray, level: float, measure: str) -> np.ndarray:
     """Behaviour row ``softmax(pi_logits + s·direction)`` with ``s`` solved (bisection) so that the row's
     ``KL(μ‖π)`` (measure="kl") or ``χ²(π‖μ)`` (measure="chi2") equals ``level``."""
     pi = _softmax(pi_logits)
 
     def f(s: float) -> float:
-        mu = _softmax(pi_logits + s * direction)
-        return float(kl_rows(mu, pi) if measure == "kl" else chi2_rows(pi, mu))
+        return f_dir(pi_logits, direction, s, measure)
 
     if level == 0:
         return pi
+    # fall back to other directions when this one saturates below the requested level (the limit of the KL
+    # along a direction is −log π(argmax direction))
+    fallback = np.eye(pi.size)[int(np.argmin(pi))] - 1.0 / pi.size
+    for dvec in (direction, -direction, fallback):
+        if f_dir(pi_logits, dvec, 1e3, measure) >= level:
+            direction = dvec
+            break
+    else:
+        raise ValueError(f"cannot reach per-token {measure}={level}: the target row is too peaked")
     lo, hi = 0.0, 1.0
     while f(hi) < level:
         hi *= 2.0
-        if hi > 1e4:
-            raise ValueError(f"cannot reach per-token {measure}={level} with this direction")
     for _ in range(100):
         mid = 0.5 * (lo + hi)
         if f(mid) < level:
@@ -445,7 +480,7 @@ def random_instance(
     if not np.isfinite(level) or level < 0:
         raise ValueError(f"{measure} must be a finite non-negative float")
     rng = np.random.default_rng(seed)
-    auto = make_automaton(automaton, vocab_size)
+    auto = make_automaton(automaton, vocab_size, horizon)
     C = sum(vocab_size**j for j in range(order + 1))
     logits = rng.normal(0.0, logit_scale, size=(C, vocab_size))
     target = _softmax(logits)
