@@ -403,47 +403,61 @@ def kl_rows(p: np.ndarray, q: np.ndarray) -> np.ndarray:
 
 def chi2_rows(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     """``χ²(p‖q) = Σ_y p²/q − 1`` per row."""
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         t = np.where(p > 0, p * p / q, 0.0)
     return t.sum(axis=-1) - 1.0
 
 
-def f_dir(pi_logits: np.ndarray, direction: np.ndarray, s: float, measure: str) -> float:
-    """Mismatch of ``μ = softmax(pi_logits + s·direction)`` against ``π = softmax(pi_logits)``."""
+def _mismatch(pi_logits: np.ndarray, direction: np.ndarray, s: np.ndarray, measure: str) -> np.ndarray:
+    """Per-row mismatch of ``μ = softmax(pi_logits + s·direction)`` against ``π = softmax(pi_logits)``."""
     pi = _softmax(pi_logits)
-    mu = _softmax(pi_logits + s * direction)
-    return float(kl_rows(mu, pi) if measure == "kl" else chi2_rows(pi, mu))
+    mu = _softmax(pi_logits + s[:, None] * direction)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        return kl_rows(mu, pi) if measure == "kl" else chi2_rows(pi, mu)
+
+
+def _perturb_rows(pi_logits: np.ndarray, direction: np.ndarray, level: float, measure: str) -> np.ndarray:
+    """Behaviour rows ``softmax(pi_logits + s·direction)`` with ``s`` solved per row (vectorised bisection)
+    so that each row's ``KL(μ‖π)`` (measure="kl") or ``χ²(π‖μ)`` (measure="chi2") equals ``level``.
+
+    A direction whose limit (``−log π(argmax direction)`` for the KL) stays below ``level`` is replaced by its
+    negative, then by the direction towards the least likely token."""
+    pi_logits = np.atleast_2d(pi_logits)
+    direction = np.atleast_2d(direction).copy()
+    C, V = pi_logits.shape
+    if level == 0:
+        return _softmax(pi_logits)
+    big = np.full(C, 1e3)
+    pi = _softmax(pi_logits)
+    fallback = np.eye(V)[np.argmin(pi, axis=1)] - 1.0 / V
+    ok = _mismatch(pi_logits, direction, big, measure) >= level
+    for alt in (-direction, fallback):
+        bad = ~ok
+        if not bad.any():
+            break
+        good_alt = _mismatch(pi_logits[bad], alt[bad], big[bad], measure) >= level
+        idx = np.where(bad)[0][good_alt]
+        direction[idx] = alt[idx]
+        ok[idx] = True
+    if not ok.all():
+        raise ValueError(f"cannot reach per-token {measure}={level}: target rows {np.where(~ok)[0][:5].tolist()} "
+                         "are too peaked")
+    lo, hi = np.zeros(C), np.ones(C)
+    for _ in range(40):
+        under = _mismatch(pi_logits, direction, hi, measure) < level
+        if not under.any():
+            break
+        hi = np.where(under, hi * 2.0, hi)
+    for _ in range(80):
+        mid = 0.5 * (lo + hi)
+        under = _mismatch(pi_logits, direction, mid, measure) < level
+        lo, hi = np.where(under, mid, lo), np.where(under, hi, mid)
+    return _softmax(pi_logits + (0.5 * (lo + hi))[:, None] * direction)
 
 
 def _perturb_to(pi_logits: np.ndarray, direction: np.ndarray, level: float, measure: str) -> np.ndarray:
-    """Behaviour row ``softmax(pi_logits + s·direction)`` with ``s`` solved (bisection) so that the row's
-    ``KL(μ‖π)`` (measure="kl") or ``χ²(π‖μ)`` (measure="chi2") equals ``level``."""
-    pi = _softmax(pi_logits)
-
-    def f(s: float) -> float:
-        return f_dir(pi_logits, direction, s, measure)
-
-    if level == 0:
-        return pi
-    # fall back to other directions when this one saturates below the requested level (the limit of the KL
-    # along a direction is −log π(argmax direction))
-    fallback = np.eye(pi.size)[int(np.argmin(pi))] - 1.0 / pi.size
-    for dvec in (direction, -direction, fallback):
-        if f_dir(pi_logits, dvec, 1e3, measure) >= level:
-            direction = dvec
-            break
-    else:
-        raise ValueError(f"cannot reach per-token {measure}={level}: the target row is too peaked")
-    lo, hi = 0.0, 1.0
-    while f(hi) < level:
-        hi *= 2.0
-    for _ in range(100):
-        mid = 0.5 * (lo + hi)
-        if f(mid) < level:
-            lo = mid
-        else:
-            hi = mid
-    return _softmax(pi_logits + 0.5 * (lo + hi) * direction)
+    """One row of :func:`_perturb_rows`."""
+    return _perturb_rows(pi_logits[None, :], direction[None, :], level, measure)[0]
 
 
 def random_instance(
@@ -485,7 +499,7 @@ def random_instance(
     logits = rng.normal(0.0, logit_scale, size=(C, vocab_size))
     target = _softmax(logits)
     direction = rng.normal(size=(C, vocab_size))
-    behaviour = np.stack([_perturb_to(logits[c], direction[c], level, measure) for c in range(C)])
+    behaviour = _perturb_rows(logits, direction, level, measure)
     return MarkovMDP(vocab_size, horizon, order, auto, target, behaviour,
                      name=f"random(V={vocab_size},T={horizon},k={order},seed={seed},{measure}={level})")
 
@@ -498,8 +512,9 @@ def latent_mode_instance(
 ) -> MarkovMDP:
     """A chain with a persistent latent mode: ``V = 2·half_vocab``, ``k = 1``. The first token (uniform
     under both policies) picks mode A (tokens ``0..h-1``) or mode B (``h..2h-1``); afterwards both policies
-    put probability 0 on the other half, so the mode persists, and rows in mode A (B) have
-    ``KL(μ‖π) = kl_modes[0]`` (``[1]``). Then ``Var(L_t)`` has a ``t²`` component from the mode-dependent drift.
+    put probability 0 on the other half, so the mode persists; all rows of a mode are equal (increments are
+    i.i.d. given the mode) with ``KL(μ‖π) = kl_modes[0]`` (``[1]``). Then
+    ``Var(L_t) = (t−1)·E σ²_mode + (t−1)²·Var(κ_mode)``: a ``t²`` component from the mode-dependent drift.
     """
     h = int(half_vocab)
     V = 2 * h
@@ -508,12 +523,13 @@ def latent_mode_instance(
     target = np.zeros((C, V))
     behaviour = np.zeros((C, V))
     target[0] = behaviour[0] = 1.0 / V
-    for c in range(1, C):
-        tok = c - 1
-        mode = 0 if tok < h else 1
-        sl = slice(0, h) if mode == 0 else slice(h, V)
+    rows = []
+    for mode in range(2):
         logits = rng.normal(size=h)
-        target[c, sl] = _softmax(logits)
-        behaviour[c, sl] = _perturb_to(logits, rng.normal(size=h), kl_modes[mode], "kl")
+        rows.append((_softmax(logits), _perturb_to(logits, rng.normal(size=h), kl_modes[mode], "kl")))
+    for c in range(1, C):
+        mode = 0 if c - 1 < h else 1
+        sl = slice(0, h) if mode == 0 else slice(h, V)
+        target[c, sl], behaviour[c, sl] = rows[mode]
     return MarkovMDP(V, horizon, 1, count_mod(V, 0, 2), target, behaviour,
                      name=f"latent_mode(kl={kl_modes})")

@@ -78,17 +78,20 @@ class MonteCarloMoments:
         return self.trace_cov - zq * self.trace_cov_se, self.trace_cov + zq * self.trace_cov_se
 
     def check(self, exact: Moments, alpha: float = 1e-3) -> dict[str, float | bool]:
-        """Per-coordinate z-scores of the mean (and second moment) against exact values, Bonferroni over
-        coordinates with non-zero standard error; returns the max |z|, the threshold and whether it holds."""
+        """Per-coordinate z-scores against exact values with a Bonferroni threshold over coordinates.
+
+        ``holds`` refers to the means. Second moments are reported separately (``holds_second``): their
+        standard errors come from the sample fourth moment, which under-estimates for heavy-tailed weights, so
+        they are not part of ``holds``."""
         ok = self.mean_se > 0
         zm = np.abs(self.mean - exact.mean)[ok] / self.mean_se[ok]
+        thr = float(stats.norm.ppf(1 - alpha / (2 * max(1, int(ok.sum())))))
         ok2 = self.second_moment_se > 0
         z2 = np.abs(self.second_moment_diag - exact.second_moment_diag)[ok2] / self.second_moment_se[ok2]
-        m = max(1, int(ok.sum() + ok2.sum()))
-        thr = float(stats.norm.ppf(1 - alpha / (2 * m)))
-        zmax = float(max(zm.max(initial=0.0), z2.max(initial=0.0)))
         zt = abs(self.trace_cov - exact.trace_cov) / self.trace_cov_se if self.trace_cov_se > 0 else 0.0
-        return {"max_abs_z": zmax, "threshold": thr, "trace_z": float(zt), "holds": bool(zmax <= thr)}
+        zmax, z2max = float(zm.max(initial=0.0)), float(z2.max(initial=0.0))
+        return {"max_abs_z": zmax, "max_abs_z_second": z2max, "threshold": thr, "trace_z": float(zt),
+                "holds": bool(zmax <= thr), "holds_second": bool(z2max <= thr)}
 
 
 def monte_carlo_moments(

@@ -1,0 +1,176 @@
+"""Markov lab: dynamic programmes against enumeration, finite differences and Monte Carlo."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ctpo_lab import markov
+from ctpo_lab.markov.augmented import log_ratio_distribution_profile
+
+INSTANCES = [
+    # (V, T, k, automaton, kl, seed)
+    (2, 5, 1, "count", 0.1, 0),
+    (2, 6, 0, "parity", 0.05, 1),
+    (3, 4, 2, "contains:0-1", 0.1, 2),
+    (3, 5, 1, "sum:3", 0.02, 3),
+    (2, 7, 3, "contains:1-1-0", 0.2, 4),
+    (4, 4, 1, "count:2:3", 0.05, 5),
+    (3, 5, 0, "frac:1", 0.1, 6),
+    (2, 8, 2, "frac:0", 0.3, 7),
+]
+
+
+def _rel(a, b):
+    return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300)
+
+
+@pytest.mark.parametrize("inst", INSTANCES, ids=[f"V{i[0]}T{i[1]}k{i[2]}-{i[3]}" for i in INSTANCES])
+def test_dp_equals_enumeration_all_estimators_and_signals(inst):
+    V, T, k, auto, kl, seed = inst
+    mdp = markov.random_instance(V, T, k, seed=seed, kl=kl, automaton=auto)
+    np.testing.assert_allclose(markov.true_gradient(mdp), markov.enumerate_gradient(mdp), rtol=0, atol=1e-13)
+    worst = 0.0
+    for est in markov.ESTIMATORS:
+        for sig in markov.SIGNALS:
+            if est == "gspo_clip" and sig != "reward":
+                continue
+            b = 0.37 if sig in ("reward", "q_pi", "q_mu") else 0.0
+            dp = markov.exact_moments(mdp, est, sig, baseline=b)
+            en = markov.enumerate_moments(mdp, est, sig, baseline=b)
+            # the mean is compared relative to its own size, floored at 1e-3 of the estimator's rms (parity
+            # rewards make some means tiny by cancellation)
+            scale = max(np.abs(en.mean).max(), 1e-3 * np.sqrt(en.second_moment_diag.max()))
+            errs = [np.abs(dp.mean - en.mean).max() / scale, _rel(dp.second_moment_diag, en.second_moment_diag),
+                    abs(dp.trace_cov - en.trace_cov) / abs(en.trace_cov),
+                    abs(dp.var_along_grad - en.var_along_grad) / abs(en.var_along_grad)]
+            worst = max(worst, *errs)
+            assert max(errs) <= 1e-10, (est, sig, errs)
+    assert worst <= 1e-10
+
+
+def test_clip_masks_are_active_in_the_comparison():
+    """The clipped estimators differ from their unclipped parents on these instances (masks do bite)."""
+    mdp = markov.random_instance(3, 5, 1, seed=3, kl=0.1)
+    for clipped, plain in (("token_ppo", "token"), ("cumulative_ppo", "cumulative"), ("ctpo_la", "cumulative"),
+                           ("gspo_clip", "gspo")):
+        a = markov.exact_moments(mdp, clipped, "reward", 0.3, along_gradient=False)
+        b = markov.exact_moments(mdp, plain, "reward", 0.3, along_gradient=False)
+        assert _rel(a.mean, b.mean) > 1e-3
+
+
+def test_positions_subset_sums_to_full():
+    mdp = markov.random_instance(3, 5, 1, seed=1, kl=0.05)
+    full = markov.exact_moments(mdp, "cumulative", "reward", 0.2, along_gradient=False)
+    parts = sum(markov.exact_moments(mdp, "cumulative", "reward", 0.2, positions=[t], along_gradient=False).mean
+                for t in range(1, 6))
+    np.testing.assert_allclose(parts, full.mean, atol=1e-14)
+    en = markov.enumerate_moments(mdp, "cumulative", "reward", 0.2, positions=[2, 4])
+    dp = markov.exact_moments(mdp, "cumulative", "reward", 0.2, positions=[2, 4])
+    assert _rel(dp.second_moment_diag, en.second_moment_diag) < 1e-10
+
+
+def _fd_gradient(mdp, h=1e-5):
+    logits = np.log(mdp.target)
+    g = np.zeros(mdp.dim)
+    for idx in range(mdp.dim):
+        c, v = divmod(idx, mdp.vocab_size)
+        vals = []
+        for s in (+1, -1):
+            lg = logits.copy()
+            lg[c, v] += s * h
+            p = np.exp(lg - lg.max(1, keepdims=True))
+            p /= p.sum(1, keepdims=True)
+            vals.append(markov.performance(mdp.with_policies(target=p)))
+        g[idx] = (vals[0] - vals[1]) / (2 * h)
+    return g
+
+
+@pytest.mark.parametrize("V,T,k,auto", [(3, 6, 1, "contains:0-1"), (2, 8, 2, "count:1:3"), (4, 5, 0, "frac:2")])
+def test_gradient_matches_finite_differences(V, T, k, auto):
+    mdp = markov.random_instance(V, T, k, seed=11, kl=0.05, automaton=auto)
+    g = markov.true_gradient(mdp)
+    fd = _fd_gradient(mdp)
+    np.testing.assert_allclose(g, fd, atol=1e-9 * max(1.0, np.abs(g).max()))
+
+
+def test_mean_only_path_matches_full_dp():
+    mdp = markov.random_instance(4, 10, 2, seed=0, kl=0.02, automaton="contains:0-1")
+    for est in ("token", "cumulative", "sequence", "gspo", "token_ppo", "cispo"):
+        a = markov.exact_moments(mdp, est, "reward", 0.4, along_gradient=False)
+        b = markov.exact_moments(mdp, est, "reward", 0.4, second_moment=False, along_gradient=False)
+        assert _rel(b.mean, a.mean) < 1e-12
+        assert np.all(np.isnan(b.second_moment_diag))
+
+
+def test_moments_helpers():
+    mdp = markov.random_instance(3, 5, 1, seed=2, kl=0.05)
+    m = markov.exact_moments(mdp, "token", "reward", 0.3)
+    np.testing.assert_allclose(m.bias, m.mean - m.gradient)
+    assert m.mse(10) == pytest.approx(m.bias_norm**2 + m.trace_cov / 10)
+    assert m.mse(1) > m.mse(100) > m.bias_norm**2
+    assert -1 <= m.cosine <= 1
+    assert m.var_along_grad <= m.trace_cov + 1e-12
+    with pytest.raises(ValueError):
+        m.mse(0)
+
+
+def test_binned_augmented_converges_to_exact():
+    mdp = markov.random_instance(3, 7, 1, seed=4, kl=0.05)
+    exact = markov.exact_moments(mdp, "ctpo_la", "reward", 0.3, along_gradient=False)
+    errs = []
+    for w in (0.05, 0.01, 0.002):
+        b = markov.exact_moments(mdp, "ctpo_la", "reward", 0.3, bin_width=w, along_gradient=False)
+        errs.append(_rel(b.mean, exact.mean))
+    assert errs[-1] < 0.05
+    assert errs[-1] <= errs[0] + 1e-12
+
+
+def test_position_profile_matches_enumeration():
+    mdp = markov.random_instance(3, 6, 1, seed=8, kl=0.1, automaton="sum:3")
+    prof = markov.position_profile(mdp)
+    tr = markov.enumerate_trajectories(mdp)
+    L = np.cumsum(tr["ell"], axis=1)
+    p = tr["p_mu"]
+    mean_L = p @ L
+    var_L = p @ L**2 - mean_L**2
+    rho = np.exp(L)
+    np.testing.assert_allclose(prof["mean_L"], mean_L, atol=1e-13)
+    np.testing.assert_allclose(prof["var_L"], var_L, atol=1e-13)
+    np.testing.assert_allclose(prof["mean_rho"], p @ rho, atol=1e-13)
+    np.testing.assert_allclose(prof["var_rho"], p @ rho**2 - (p @ rho) ** 2, rtol=1e-12)
+
+
+def test_exact_clip_rates_match_enumeration_and_binning_converges():
+    mdp = markov.random_instance(3, 7, 1, seed=9, kl=0.05)
+    win = markov.default_windows(eps_low=0.05, eps_high=0.1)
+    ex = log_ratio_distribution_profile(mdp, win)
+    tr = markov.enumerate_trajectories(mdp)
+    L = np.cumsum(tr["ell"], axis=1)
+    t = np.arange(1, 8)
+    hi = (tr["p_mu"][:, None] * (L > 0.1 * np.sqrt(t))).sum(0)
+    lo = (tr["p_mu"][:, None] * (L < -0.05 * np.sqrt(t))).sum(0)
+    np.testing.assert_allclose(ex["adaptive_high"], hi, atol=1e-13)
+    np.testing.assert_allclose(ex["adaptive_low"], lo, atol=1e-13)
+    fixed_hi = (tr["p_mu"][:, None] * (L > np.log(5.0))).sum(0)
+    np.testing.assert_allclose(ex["fixed_high"], fixed_hi, atol=1e-13)
+    errs = [np.abs(log_ratio_distribution_profile(mdp, win, bin_width=w)["adaptive_rate"] - ex["adaptive_rate"]).max()
+            for w in (1e-2, 1e-4)]
+    assert errs[1] < 0.02 and errs[1] <= errs[0]
+
+
+def test_monte_carlo_agrees_within_ci_on_a_larger_instance():
+    mdp = markov.random_instance(4, 12, 1, seed=3, kl=0.02, automaton="frac:0")  # 4^12 = 1.7e7: not enumerable
+    for est, sig in (("cumulative", "reward"), ("token", "adv_pi"), ("ctpo_la", "reward")):
+        b = 0.25 if sig == "reward" else 0.0
+        ex = markov.exact_moments(mdp, est, sig, baseline=b, along_gradient=False,
+                                  bin_width=1e-4 if est == "ctpo_la" else None)
+        mc = markov.monte_carlo_moments(mdp, est, sig, baseline=b, n=40_000, seed=1)
+        chk = mc.check(ex, alpha=1e-3) if est != "ctpo_la" else None
+        if chk is not None:
+            assert chk["holds"], chk
+            lo, hi = mc.trace_cov_ci(0.999)
+            assert lo <= ex.trace_cov <= hi
+        else:  # binned approximation: the mean only, with a small allowance for the binning error
+            z = np.abs(mc.mean - ex.mean) / np.maximum(mc.mean_se, 1e-12)
+            assert np.max(z) < 6
