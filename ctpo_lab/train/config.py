@@ -1,0 +1,299 @@
+"""The trainer's configuration: one dataclass, named presets, YAML recipes and ``key=value`` overrides.
+
+Precedence (later wins): dataclass defaults < preset < YAML recipe (``--config``) < ``key=value`` overrides <
+explicit flags (``--loss``, ``--seed``, ``--steps``).  Dotted keys reach into the dict-valued fields:
+``loss_overrides.eps_high=0.28``, ``task_options.max_steps=20``, ``model_options.hidden_size=128``.
+Every key is checked: an unknown key, loss, task, model or a mini-batch size that does not divide the rollout
+batch raises ``ValueError`` naming it, before any work starts (:meth:`TrainConfig.validate`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "TrainConfig",
+    "PRESETS",
+    "BUILTIN_MODELS",
+    "resolve_train_config",
+    "parse_overrides",
+    "load_recipe",
+]
+
+#: Model names the trainer builds itself (LlamaForCausalLM from a config + cached supervised warm start).
+BUILTIN_MODELS: tuple[str, ...] = ("tiny-llama",)
+#: Model names resolved by :func:`ctpo_lab.llm.models.load_model`.
+LLM_MODELS: tuple[str, ...] = ("smollm2", "tiny-random")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (written to ``config.yaml`` in the run folder).
+
+    Batch structure: each step samples ``batch_prompts`` prompts × ``group_size`` responses; the rollout batch
+    is split into ``batch_prompts / mini_batch_prompts`` mini-batches (whole groups) and the policy takes one
+    optimizer step per mini-batch, ``ppo_epochs`` times: ``updates_per_step`` updates, the first on-policy.
+    """
+
+    preset: str = "custom"
+    seed: int = 0
+    steps: int = 20
+    # loss
+    loss: str = "ctpo"
+    loss_overrides: dict[str, Any] = field(default_factory=dict)
+    # task
+    task: str = "chain"
+    task_options: dict[str, Any] = field(default_factory=dict)
+    # policy
+    model: str = "tiny-llama"
+    model_options: dict[str, Any] = field(default_factory=dict)
+    warmstart_steps: int = 1200
+    warmstart_batch: int = 16
+    warmstart_lr: float = 5e-3
+    warmstart_noise: float = 0.03
+    warmstart_seed: int = 0
+    # rollout and updates
+    batch_prompts: int = 8
+    group_size: int = 8
+    mini_batch_prompts: int = 2
+    ppo_epochs: int = 1
+    shuffle_mini_batches: bool = True
+    temperature: float = 1.0
+    max_new_tokens: int | None = None
+    recompute_old_log_prob: bool = True
+    measure_final_kl: bool = True
+    # optimizer
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    max_grad_norm: float = 1.0
+    # evaluation and logging
+    eval_every: int = 10
+    eval_prompts: int = 64
+    eval_samples: int = 1
+    eval_temperature: float = 1.0
+    dump_every: int = 0
+    ckpt_every: int = 10
+    keep_checkpoints: int = 2
+    tensorboard: bool = True
+    track: bool = False
+    wandb_project: str = "ctpo_lab"
+    max_nan_steps: int = 3
+    # hardware
+    device: str = "auto"
+    threads: int | None = None
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def num_mini_batches(self) -> int:
+        return self.batch_prompts // self.mini_batch_prompts
+
+    @property
+    def updates_per_step(self) -> int:
+        return self.num_mini_batches * self.ppo_epochs
+
+    @property
+    def rollout_batch_size(self) -> int:
+        return self.batch_prompts * self.group_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> TrainConfig:
+        """Check every field (types, ranges, names, model path); return ``self``. Raises ``ValueError``."""
+        from ctpo_lab.losses import resolve_config
+        from ctpo_lab.train.tasks import make_task
+
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), f.type)
+        for name in ("steps", "batch_prompts", "group_size", "mini_batch_prompts", "ppo_epochs", "eval_prompts",
+                     "eval_samples", "warmstart_batch", "max_nan_steps", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected ≥ 1, got {getattr(self, name)!r}")
+        for name in ("eval_every", "dump_every", "ckpt_every", "warmstart_steps", "seed", "warmstart_seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected ≥ 0, got {getattr(self, name)!r}")
+        for name in ("lr", "temperature", "eval_temperature", "max_grad_norm", "warmstart_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: expected > 0, got {getattr(self, name)!r}")
+        if not 0 <= self.warmstart_noise < 1:
+            raise ValueError(f"warmstart_noise: expected in [0, 1), got {self.warmstart_noise!r}")
+        if self.group_size < 2:
+            raise ValueError(f"group_size: GRPO advantages need ≥ 2 responses per prompt, got {self.group_size}")
+        if self.batch_prompts % self.mini_batch_prompts:
+            raise ValueError(
+                f"mini_batch_prompts: {self.mini_batch_prompts} does not divide batch_prompts={self.batch_prompts}"
+            )
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected ≥ 1 or None, got {self.max_new_tokens!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads: expected ≥ 1 or None, got {self.threads!r}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ValueError(f"device: expected 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        resolve_config(self.loss, **self.loss_overrides)  # unknown loss / option → ValueError
+        if self.task != "parquet" or "path" in self.task_options:
+            make_task(self.task, **self.task_options)
+        if self.model not in BUILTIN_MODELS + LLM_MODELS and not Path(self.model).exists():
+            raise ValueError(
+                f"model: {self.model!r} is neither a built-in model {BUILTIN_MODELS + LLM_MODELS} nor an existing path"
+            )
+        if self.model in BUILTIN_MODELS and self.task == "parquet":
+            raise ValueError("model: the built-in character-level model cannot read parquet (chat) prompts")
+        if self.model not in BUILTIN_MODELS and self.task != "parquet":
+            raise ValueError(f"task: HF model {self.model!r} needs task=parquet, got {self.task!r}")
+        from ctpo_lab.train.policy import TinyLlamaSpec
+
+        TinyLlamaSpec.from_options(self.model_options)
+        return self
+
+
+def _check_type(name: str, value: Any, annotation: Any) -> None:
+    ann = str(annotation)
+    ok = True
+    if ann == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif ann == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif ann == "bool":
+        ok = isinstance(value, bool)
+    elif ann == "str":
+        ok = isinstance(value, str)
+    elif ann.startswith("dict"):
+        ok = isinstance(value, dict)
+    elif ann == "int | None":
+        ok = value is None or (isinstance(value, int) and not isinstance(value, bool))
+    if not ok:
+        raise TypeError(f"{name}: expected {ann}, got {value!r} ({type(value).__name__})")
+
+
+#: Named presets: overrides of the dataclass defaults. ``cpu-smoke`` runs in ≤ 2 minutes on 2 CPU cores
+#: (warm start cached); ``cpu-tiny`` is the test configuration; ``cpu`` and ``gpu`` are the single-run
+#: building blocks of the comparison grid.
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu-tiny": dict(
+        task="add", task_options={"digits": 1},
+        model_options={"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
+        warmstart_steps=60, warmstart_batch=32, warmstart_lr=1e-2, warmstart_noise=0.3, batch_prompts=4,
+        group_size=4, mini_batch_prompts=2, steps=2, lr=3e-3, eval_every=1, eval_prompts=8, ckpt_every=1,
+        dump_every=1, threads=1, tensorboard=False,
+    ),
+    "cpu-smoke": dict(
+        steps=24, batch_prompts=8, group_size=8, mini_batch_prompts=2, lr=1e-3, eval_every=8, eval_prompts=64,
+        ckpt_every=8, dump_every=8, threads=1,
+    ),
+    "cpu": dict(
+        steps=60, batch_prompts=16, group_size=8, mini_batch_prompts=2, lr=1e-3, eval_every=10, eval_prompts=128,
+        eval_samples=2, ckpt_every=10, dump_every=20, threads=1,
+    ),
+    "gpu": dict(
+        task="chain", task_options={"min_steps": 40, "max_steps": 60},
+        model_options={"hidden_size": 512, "num_layers": 8, "num_heads": 8, "intermediate_size": 2048},
+        warmstart_steps=1500, warmstart_batch=256, warmstart_lr=1e-3, warmstart_noise=0.02,
+        steps=100, batch_prompts=64, group_size=8, mini_batch_prompts=4, lr=2e-5, eval_every=20,
+        eval_prompts=256, eval_samples=4, ckpt_every=25, dump_every=25,
+    ),
+}
+
+
+def load_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML recipe (a mapping of config keys; may name a ``preset``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"config: recipe file {str(p)!r} does not exist")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config: recipe {str(p)!r} must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["lr=1e-3", "loss_overrides.eps_high=0.28"]`` → ``{"lr": 0.001, "loss_overrides": {"eps_high": 0.28}}``.
+
+    Values are parsed as YAML scalars (numbers, booleans, ``null``, lists, mappings).
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        if not isinstance(item, str) or "=" not in item:
+            raise ValueError(f"overrides: expected key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        if isinstance(value, str) and raw.strip():
+            value = _number(raw.strip(), value)
+        parts = key.split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"overrides: {key!r} conflicts with a scalar override")
+        node[parts[-1]] = value
+    return out
+
+
+def _number(raw: str, default: Any) -> Any:
+    try:  # YAML 1.1 reads "1e-3" as a string
+        return float(raw)
+    except ValueError:
+        return default
+
+
+_DICT_FIELDS = ("loss_overrides", "task_options", "model_options")
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any], source: str) -> None:
+    valid = {f.name for f in dataclasses.fields(TrainConfig)}
+    for key, value in update.items():
+        if key not in valid:
+            raise ValueError(f"{source}: unknown config key {key!r}; valid keys: {sorted(valid)}")
+        if key in _DICT_FIELDS:
+            if not isinstance(value, dict):
+                raise ValueError(f"{key}: expected a mapping, got {value!r}")
+            base[key] = {**base.get(key, {}), **value}
+        else:
+            base[key] = value
+
+
+def _coerce(values: dict[str, Any]) -> dict[str, Any]:
+    types = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+    for k, v in values.items():
+        if types.get(k) == "float" and isinstance(v, int) and not isinstance(v, bool):
+            values[k] = float(v)
+        if types.get(k) == "int" and isinstance(v, float) and v.is_integer():
+            values[k] = int(v)
+    return values
+
+
+def resolve_train_config(
+    preset: str | None = None,
+    recipe: str | os.PathLike[str] | None = None,
+    overrides: dict[str, Any] | list[str] | None = None,
+    **explicit: Any,
+) -> TrainConfig:
+    """Build and validate a :class:`TrainConfig` (see the module docstring for the precedence).
+
+    ``explicit`` holds the CLI flags (``loss``, ``seed``, ``steps``); ``None`` values are ignored.
+    """
+    values: dict[str, Any] = {}
+    recipe_values = load_recipe(recipe) if recipe is not None else {}
+    name = preset if preset is not None else recipe_values.pop("preset", None)
+    recipe_values.pop("preset", None)
+    if name is not None:
+        if name not in PRESETS:
+            raise ValueError(f"preset: unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+        _merge(values, PRESETS[name], f"preset {name!r}")
+        values["preset"] = name
+    _merge(values, recipe_values, f"config {str(recipe)!r}")
+    if overrides:
+        ov = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        _merge(values, ov, "overrides")
+    _merge(values, {k: v for k, v in explicit.items() if v is not None}, "arguments")
+    cfg = TrainConfig(**_coerce(values))
+    return cfg.validate()

@@ -1,0 +1,392 @@
+"""The GRPO-family training loop with explicit off-policyness.
+
+One step:
+
+1. sample ``batch_prompts`` training prompts (B) × ``group_size`` responses (G) with a KV cache, recording
+   log μ of every sampled token                                               (time/gen)
+2. score them with the task's exact checker; GRPO advantages (R − mean_g) / (std_g + 1e-6)   (time/score)
+3. recompute log μ with a teacher-forced forward (so the first update is exactly on-policy) and the entropy
+                                                                              (time/old_log_prob)
+4. split the rollout batch into B / mini_batch_prompts mini-batches of whole groups and take one optimizer
+   step per mini-batch (``ppo_epochs`` passes): update k sees a policy k−1 updates away from μ  (time/update)
+5. measure KL(μ ‖ π) between the behaviour policy and the policy after the last update on the whole batch:
+   ``offpolicy/kl`` = mean(log μ − log π) (k1) and ``offpolicy/kl_k3`` = mean(e^{ℓ} − 1 − ℓ)   (time/kl)
+
+Losses come from :func:`ctpo_lab.losses.compute_policy_loss` (float32; bf16 autocast only for the model on
+CUDA); their diagnostics are logged under their own names (``actor/ppo_kl``, ``clip_ratio/*``,
+``pg_update/*``), averaged over the updates of the step, and for the last update under ``offpolicy/last_mb/``.
+All randomness of step s is drawn from generators seeded by (seed, s, purpose), and the global RNG states are
+checkpointed, so a resumed run on CPU reproduces an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ctpo_lab.diagnostics import masked_mean
+from ctpo_lab.losses import compute_policy_loss, metrics_to_host, resolve_config
+from ctpo_lab.train.config import TrainConfig
+from ctpo_lab.train.policy import Policy, evaluate, load_policy
+from ctpo_lab.train.rollout import RolloutBatch, response_log_probs, sample, score
+from ctpo_lab.train.runfolder import RunFolder, set_rng_state
+from ctpo_lab.train.tasks import Problem, make_task
+
+__all__ = ["Trainer", "TrainResult", "NanLossError", "grpo_advantages", "pick_device", "derived_seed", "train"]
+
+#: Metrics whose values depend on the machine's speed (excluded when comparing a resumed run).
+TIMING_KEYS = ("time/", "perf/", "wall_time")
+
+
+class NanLossError(RuntimeError):
+    """Raised after ``max_nan_steps`` consecutive steps with a non-finite loss (last checkpoint intact)."""
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+    final: dict[str, Any] = field(default_factory=dict)
+    interrupted: bool = False
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def derived_seed(seed: int, step: int, purpose: int) -> int:
+    """A 63-bit seed for the generator of (run seed, step, purpose)."""
+    return int(np.random.SeedSequence([seed, step, purpose]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def grpo_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
+    """[N] rewards in consecutive groups of ``group_size`` → [N] (R − mean_g) / (std_g + eps), std unbiased
+    (verl's ``compute_grpo_outcome_advantage``)."""
+    if rewards.ndim != 1 or rewards.numel() % group_size:
+        raise ValueError(
+            f"rewards: expected [N] with N a multiple of group_size={group_size}, got {tuple(rewards.shape)}"
+        )
+    r = rewards.view(-1, group_size)
+    return ((r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True) + eps)).view(-1)
+
+
+class Trainer:
+    """Builds everything from a validated config and runs :meth:`train`.
+
+    Construction order guarantees that every error about the config or the run folder is raised before any
+    model is built or loaded.
+    """
+
+    def __init__(self, cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+                 progress: bool = True, log: Callable[[str], None] | None = None) -> None:
+        if not isinstance(cfg, TrainConfig):
+            raise TypeError(f"cfg: expected TrainConfig, got {type(cfg).__name__}")
+        cfg.validate()
+        if cfg.track:
+            try:
+                import wandb  # noqa: F401
+            except ImportError:
+                raise ValueError("track: --track needs the wandb package (pip install wandb)") from None
+        self.cfg = cfg
+        self.progress = progress
+        self._print = log or (lambda s: print(s, file=sys.stderr, flush=True))
+        self.run = RunFolder(out, resume=resume, overwrite=overwrite, keep=cfg.keep_checkpoints)
+        ckpt_path = self.run.latest_checkpoint() if resume else None
+        saved = self.run.read_config() if resume else None
+        if saved is not None:
+            _check_resume_config(saved, cfg)
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        self.device = pick_device(cfg.device)
+        self.task = make_task(cfg.task, **cfg.task_options)
+        self.loss_config = resolve_config(cfg.loss, **cfg.loss_overrides)
+        self.max_new_tokens = cfg.max_new_tokens or self.task.max_response_tokens
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        self.policy: Policy = load_policy(cfg, self.task, self.device, progress=progress)
+        self.model = self.policy.model
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay
+        )
+        self.eval_set = self.task.test_set(cfg.eval_prompts)
+        self.start_step = 0
+        self.consecutive_nan = 0
+        self.wall_offset = 0.0
+        if ckpt_path is not None:
+            state = self.run.load_checkpoint(ckpt_path, map_location=self.device)
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            set_rng_state(state["rng"])
+            self.start_step = int(state["step"])
+            self.consecutive_nan = int(state.get("consecutive_nan", 0))
+            self.wall_offset = float(state.get("wall_time", 0.0))
+        self.run.write_config({**cfg.to_dict(), "resolved_loss": dataclasses.asdict(self.loss_config),
+                               "policy": {k: v for k, v in self.policy.info.items() if not isinstance(v, dict)},
+                               "updates_per_step": cfg.updates_per_step, "device": str(self.device),
+                               "max_new_tokens_resolved": self.max_new_tokens})
+        self._stop = False
+
+    # ------------------------------------------------------------------ pieces
+    def describe_batch_structure(self) -> str:
+        c = self.cfg
+        return (
+            f"[ctpo_lab.train] {c.updates_per_step} optimizer updates per rollout batch: {c.batch_prompts} prompts × "
+            f"{c.group_size} responses = {c.rollout_batch_size} responses, mini-batches of {c.mini_batch_prompts} "
+            f"prompts ({c.mini_batch_prompts * c.group_size} responses) × {c.ppo_epochs} epoch(s); update 1 is "
+            f"on-policy, updates 2..{c.updates_per_step} are off-policy. loss={c.loss} device={self.device}"
+        )
+
+    def rollout(self, step: int) -> tuple[list[Problem], RolloutBatch]:
+        cfg = self.cfg
+        rng = np.random.default_rng(derived_seed(cfg.seed, step, 0))
+        problems = self.task.sample(rng, cfg.batch_prompts, "train")
+        expanded = [p for p in problems for _ in range(cfg.group_size)]
+        gen = torch.Generator(device=self.device).manual_seed(derived_seed(cfg.seed, step, 1))
+        self.model.eval()
+        batch = sample(self.model, [self.policy.encode_prompt(p) for p in expanded],
+                       max_new_tokens=self.max_new_tokens, temperature=cfg.temperature,
+                       eos_token_id=self.policy.tokenizer.eos_token_id,
+                       pad_token_id=self.policy.tokenizer.pad_token_id, generator=gen)
+        return expanded, batch
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        gen = torch.Generator(device=self.device).manual_seed(derived_seed(self.cfg.seed, step, 3))
+        t0 = time.perf_counter()
+        ev = evaluate(self.policy, self.task, self.eval_set, samples=self.cfg.eval_samples,
+                      temperature=self.cfg.eval_temperature, max_new_tokens=self.max_new_tokens, generator=gen)
+        ev["time/eval"] = time.perf_counter() - t0
+        return ev
+
+    def checkpoint(self, step: int, wall: float) -> Path:
+        return self.run.save_checkpoint(step, {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "consecutive_nan": self.consecutive_nan, "wall_time": wall, "config": self.cfg.to_dict(),
+        })
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        """One rollout batch and its ``updates_per_step`` optimizer updates; returns the step's record."""
+        cfg, model, device = self.cfg, self.model, self.device
+        t_start = time.perf_counter()
+        problems, batch = self.rollout(step)
+        t_gen = time.perf_counter() - t_start
+
+        sc = score(self.task, self.policy.tokenizer, problems, batch)
+        rewards = sc.rewards.to(device)  # [N]
+        adv = grpo_advantages(rewards, cfg.group_size)  # [N]
+        mask = batch.response_mask  # [N, R]
+
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            old_lp, entropy = response_log_probs(model, batch, cfg.temperature, with_entropy=True)  # [N, R]
+        old = old_lp if cfg.recompute_old_log_prob else batch.log_probs
+        pre = {
+            "entropy": masked_mean(entropy, mask),
+            "rollout/log_prob_abs_diff": masked_mean((old_lp - batch.log_probs).abs(), mask),
+        }
+        t_old = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        model.train()
+        n_groups = cfg.batch_prompts
+        shuffle = torch.Generator().manual_seed(derived_seed(cfg.seed, step, 2))
+        per_update: list[dict[str, float]] = []
+        last_out = None
+        nan_updates = 0
+        for _epoch in range(cfg.ppo_epochs):
+            order = torch.randperm(n_groups, generator=shuffle) if cfg.shuffle_mini_batches else torch.arange(n_groups)
+            for k in range(cfg.num_mini_batches):
+                groups = order[k * cfg.mini_batch_prompts : (k + 1) * cfg.mini_batch_prompts]
+                rows = (groups[:, None] * cfg.group_size + torch.arange(cfg.group_size)).flatten().to(device)
+                sub = batch.select(rows)
+                lp, _ = response_log_probs(model, sub, cfg.temperature)  # [n, R]
+                out = compute_policy_loss(lp, old[rows], adv[rows], sub.response_mask, preset=self.loss_config)
+                host = metrics_to_host({**out.metrics, "_nonfinite": out.num_nonfinite.to(torch.float32),
+                                        "_loss": out.loss.detach()})
+                if host.pop("_nonfinite") > 0 or not math.isfinite(host.pop("_loss")):
+                    nan_updates += 1
+                    warnings.warn(f"step {step}: non-finite loss in update {k + 1}; update skipped", stacklevel=2)
+                    continue
+                self.optimizer.zero_grad(set_to_none=True)
+                out.loss.backward()
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+                if not math.isfinite(grad_norm):
+                    nan_updates += 1
+                    self.optimizer.zero_grad(set_to_none=True)
+                    warnings.warn(f"step {step}: non-finite gradient in update {k + 1}; update skipped", stacklevel=2)
+                    continue
+                self.optimizer.step()
+                host["actor/grad_norm"] = grad_norm
+                per_update.append(host)
+                last_out = out
+        self.optimizer.zero_grad(set_to_none=True)
+        t_update = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        post: dict[str, Tensor] = {}
+        if cfg.measure_final_kl:
+            model.eval()
+            with torch.no_grad():
+                new_lp, _ = response_log_probs(model, batch, cfg.temperature)
+            ell = torch.where(mask, new_lp - old, 0.0)
+            post["offpolicy/kl"] = masked_mean(-ell, mask)
+            post["offpolicy/kl_k3"] = masked_mean(ell.exp() - 1 - ell, mask)
+            post["offpolicy/max_abs_log_ratio"] = torch.where(mask, ell.abs(), 0.0).amax()
+        t_kl = time.perf_counter() - t0
+
+        lengths = batch.lengths.float()
+        groups_r = rewards.view(-1, cfg.group_size)
+        dev_metrics = {
+            **pre, **post,
+            "reward_mean": rewards.mean(), "reward_std": rewards.std(),
+            "response_length/mean": lengths.mean(), "response_length/max": lengths.max(),
+            "response_length/min": lengths.min(),
+            "response_length/clip_ratio": (~batch.finished).float().mean(),
+            "adv/zero_std_groups": (groups_r.std(-1) == 0).float().mean(),
+        }
+        record: dict[str, Any] = {"step": step, **metrics_to_host(dev_metrics)}
+        if per_update:
+            for key in per_update[0]:
+                record[key] = float(np.mean([u[key] for u in per_update]))
+            first, last = per_update[0], per_update[-1]
+            record["offpolicy/first_mb/ppo_kl"] = first["actor/ppo_kl"]
+            for key in ("actor/ppo_kl", "actor/pg_clipfrac", "pg_update/clip/total/rate", "clip_ratio/region_mean"):
+                record[f"offpolicy/last_mb/{key.split('/', 1)[1]}"] = last[key]
+        record["offpolicy/updates_per_step"] = cfg.updates_per_step
+        record["train/nan_updates"] = nan_updates
+        record["actor/lr"] = self.optimizer.param_groups[0]["lr"]
+        n_tokens = int(mask.sum())
+        t_total = time.perf_counter() - t_start
+        record.update({
+            "time/gen": t_gen, "time/score": sc.seconds, "time/old_log_prob": t_old, "time/update": t_update,
+            "time/kl": t_kl, "time/step": t_total, "perf/tokens_per_s": n_tokens / max(t_total, 1e-9),
+            "perf/gen_tokens_per_s": n_tokens / max(t_gen, 1e-9),
+        })
+        if cfg.dump_every and step % cfg.dump_every == 0 and last_out is not None:
+            self._dump(step, last_out, adv, rows)
+        record["_nan_step"] = nan_updates > 0
+        return record
+
+    def _dump(self, step: int, out: Any, adv: Tensor, rows: Tensor) -> None:
+        """Ratio dump of the last (most off-policy) mini-batch in the CTPO npz layout."""
+        from ctpo_lab import dumps
+
+        self.run.ratio_dir.mkdir(exist_ok=True)
+        cum = torch.where(out.mask, out.log_ratio, 0.0).cumsum(-1)
+        dumps.write_ratio_dump(self.run.ratio_dir, cum, out.mask, step=step, advantages=adv[rows],
+                               group_ids=(rows // self.cfg.group_size), log_weight=out.log_weight_value,
+                               overwrite=True)
+
+    # ------------------------------------------------------------------ main loop
+    def train(self, *, interrupt_after: int | None = None) -> TrainResult:
+        """Run to ``cfg.steps``; Ctrl-C (or ``interrupt_after`` steps in this session, for tests) finishes the
+        current step, writes a checkpoint and returns with ``interrupted=True``."""
+        cfg = self.cfg
+        from tqdm.auto import tqdm
+
+        self._print(self.describe_batch_structure())
+        self.run.open_loggers(start_step=self.start_step, tensorboard=cfg.tensorboard, track=cfg.track,
+                              config=cfg.to_dict(), project=cfg.wandb_project)
+        result = TrainResult(out=self.run.path)
+        t_session = time.perf_counter()
+        wall = self.wall_offset
+        restore = self._install_sigint()
+        last_acc = float("nan")
+        try:
+            if self.start_step == 0 and cfg.eval_every:
+                ev = self.evaluate(0)
+                last_acc = ev["eval_accuracy"]
+                rec = {"step": 0, **ev,
+                       "initial_eval_accuracy_warmstart": self.policy.info.get("initial_eval_accuracy")}
+                self.run.log({k: v for k, v in rec.items() if v is not None})
+                result.history.append(rec)
+            bar = tqdm(range(self.start_step + 1, cfg.steps + 1), initial=self.start_step, total=cfg.steps,
+                       desc=f"{cfg.loss}", disable=not self.progress, dynamic_ncols=True)
+            done_here = 0
+            for step in bar:
+                record = self.train_step(step)
+                nan_step = record.pop("_nan_step")
+                self.consecutive_nan = self.consecutive_nan + 1 if nan_step else 0
+                if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                    ev = self.evaluate(step)
+                    record.update(ev)
+                    last_acc = ev["eval_accuracy"]
+                wall = self.wall_offset + time.perf_counter() - t_session
+                record["wall_time"] = wall
+                self.run.log(record)
+                result.history.append(record)
+                bar.set_postfix(reward=f"{record['reward_mean']:.3f}", acc=f"{last_acc:.3f}",
+                                kl=f"{record.get('offpolicy/kl', float('nan')):.2e}")
+                if self.consecutive_nan >= cfg.max_nan_steps:
+                    raise NanLossError(
+                        f"{self.consecutive_nan} consecutive steps with a non-finite loss (max_nan_steps="
+                        f"{cfg.max_nan_steps}); stopped at step {step}, last checkpoint: {self.run.latest_checkpoint()}"
+                    )
+                done_here += 1
+                if interrupt_after is not None and done_here >= interrupt_after:
+                    self._stop = True
+                if self._stop:
+                    self.checkpoint(step, wall)
+                    self._print(f"[ctpo_lab.train] interrupted: checkpoint at step {step} in {self.run.ckpt_dir}")
+                    result.interrupted = True
+                    break
+                if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
+                    self.checkpoint(step, wall)
+            bar.close()
+            if not result.interrupted:
+                final = {k: v for k, v in (result.history[-1] if result.history else {}).items()}
+                result.final = final
+                self.run.mark_finished({"steps": cfg.steps, "wall_time": wall, "final": final})
+        finally:
+            restore()
+            self.run.close()
+        return result
+
+    def _install_sigint(self) -> Callable[[], None]:
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = signal.getsignal(signal.SIGINT)
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._stop:  # second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            self._stop = True
+            self._print("\n[ctpo_lab.train] Ctrl-C: finishing the current step and writing a checkpoint "
+                        "(press again to abort)")
+
+        signal.signal(signal.SIGINT, handler)
+        return lambda: signal.signal(signal.SIGINT, previous)
+
+
+_RESUME_FREE = {"steps", "tensorboard", "track", "wandb_project", "threads", "device", "eval_every", "ckpt_every",
+                "keep_checkpoints", "dump_every", "max_nan_steps"}
+
+
+def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig) -> None:
+    new = cfg.to_dict()
+    diff = sorted(k for k in new if k not in _RESUME_FREE and k in saved and saved[k] != new[k])
+    if diff:
+        raise ValueError(
+            f"resume: the config differs from the run folder's config.yaml in {diff} "
+            f"(saved {[saved[k] for k in diff]}, given {[new[k] for k in diff]}); use a new --out or --overwrite"
+        )
+
+
+def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+          progress: bool = True) -> TrainResult:
+    """Build a :class:`Trainer` and run it (the programmatic twin of ``python -m ctpo_lab.train``)."""
+    return Trainer(cfg, out, resume=resume, overwrite=overwrite, progress=progress).train()

@@ -1,0 +1,186 @@
+"""Batched sampling with a KV cache and recorded log-probs; teacher-forced log-probs; scoring.
+
+Shapes: N responses, P (left-padded) prompt length, R response length (right-padded), V vocabulary.
+Log-probs are of the *tempered* policy softmax(logits / temperature), the distribution the tokens were
+sampled from (as verl does), always in float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ctpo_lab.train.tasks import Problem, Task
+
+__all__ = ["RolloutBatch", "autocast", "left_pad", "sample", "response_log_probs", "score", "ScoreResult"]
+
+
+@dataclass
+class RolloutBatch:
+    """Prompts and sampled responses of one rollout (all tensors on the model's device)."""
+
+    prompt_ids: Tensor  #: [N, P] int64, left-padded with the pad id
+    prompt_mask: Tensor  #: [N, P] bool
+    response_ids: Tensor  #: [N, R] int64, right-padded after <eos>
+    response_mask: Tensor  #: [N, R] bool, valid response tokens (including the <eos>)
+    log_probs: Tensor  #: [N, R] float32 log μ(y_t|s_t) recorded while sampling (0 on padding)
+    finished: Tensor  #: [N] bool, the response ended with <eos> (else truncated at max_new_tokens)
+
+    def __len__(self) -> int:
+        return self.prompt_ids.shape[0]
+
+    def select(self, rows: Tensor) -> RolloutBatch:
+        """The sub-batch of the given row indices ([n] int64)."""
+        return RolloutBatch(*(getattr(self, f)[rows] for f in self.__dataclass_fields__))
+
+    @property
+    def lengths(self) -> Tensor:
+        """[N] number of valid response tokens."""
+        return self.response_mask.sum(-1)
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA, a no-op elsewhere (CPU runs in float32)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Token-id lists → ([N, P] ids, [N, P] bool mask), left-padded."""
+    if len(prompts) == 0:
+        raise ValueError("prompts: expected at least one prompt")
+    width = max(len(p) for p in prompts)
+    if width == 0:
+        raise ValueError("prompts: every prompt is empty")
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        if len(p):
+            ids[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+            mask[i, width - len(p):] = True
+    return ids.to(device), mask.to(device)
+
+
+def _cache_keyword(model: torch.nn.Module) -> str:
+    """``cache`` (transformers ≥ 5.2x) or ``past_key_values`` (older releases)."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@torch.no_grad()
+def sample(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    eos_token_id: int,
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+) -> RolloutBatch:
+    """Sample one response per prompt with a KV cache, recording log μ of every sampled token.
+
+    ``temperature`` 0 means greedy decoding (log-probs are then those of the untempered policy).
+    Sampling stops early once every row has produced ``<eos>``.
+    """
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"temperature: expected a number ≥ 0, got {temperature!r}")
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompts, pad_token_id, device)  # [N, P]
+    n = ids.shape[0]
+    position = (mask.long().cumsum(-1) - 1).clamp(min=0)  # [N, P]
+    with autocast(device):
+        out = model(input_ids=ids, attention_mask=mask.long(), position_ids=position, use_cache=True)
+    cache_kw = _cache_keyword(model)
+    cache = out.get("cache", out.get("past_key_values"))
+    logits = out.logits[:, -1].float()  # [N, V]
+    next_pos = position[:, -1] + 1  # [N]
+    attn = mask.long()
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    tokens, logps, valid = [], [], []
+    for step in range(max_new_tokens):
+        logp = torch.log_softmax(logits / temperature if temperature > 0 else logits, dim=-1)  # [N, V]
+        if temperature > 0:
+            tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)  # [N]
+        else:
+            tok = logp.argmax(-1)
+        lp = logp.gather(-1, tok[:, None]).squeeze(-1)
+        valid.append(~done)
+        tok = torch.where(done, pad_token_id, tok)
+        tokens.append(tok)
+        logps.append(torch.where(done, 0.0, lp))
+        done = done | (tok == eos_token_id)
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        attn = torch.cat([attn, torch.ones((n, 1), dtype=attn.dtype, device=device)], dim=1)
+        with autocast(device):
+            out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
+                        use_cache=True, **{cache_kw: cache})
+        cache = out.get("cache", out.get("past_key_values"))
+        logits = out.logits[:, -1].float()
+        next_pos = next_pos + 1
+    return RolloutBatch(
+        prompt_ids=ids,
+        prompt_mask=mask,
+        response_ids=torch.stack(tokens, 1),
+        response_mask=torch.stack(valid, 1),
+        log_probs=torch.stack(logps, 1),
+        finished=done,
+    )
+
+
+def response_log_probs(
+    model: torch.nn.Module, batch: RolloutBatch, temperature: float, with_entropy: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """Teacher-forced log π(y_t|s_t) of the response tokens (float32, [N, R]) and optionally the entropy
+    of the tempered next-token distribution ([N, R]). Differentiable unless called under ``no_grad``."""
+    device = batch.prompt_ids.device
+    ids = torch.cat([batch.prompt_ids, batch.response_ids], 1)  # [N, P+R]
+    attn = torch.cat([batch.prompt_mask, torch.ones_like(batch.response_mask)], 1)
+    position = (attn.long().cumsum(-1) - 1).clamp(min=0)
+    p, r = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
+    with autocast(device):
+        logits = model(input_ids=ids, attention_mask=attn.long(), position_ids=position).logits
+    logits = logits[:, p - 1 : p + r - 1].float()  # [N, R, V]
+    if temperature > 0:
+        logits = logits / temperature
+    logp_all = torch.log_softmax(logits, -1)
+    logp = logp_all.gather(-1, batch.response_ids[..., None]).squeeze(-1)  # [N, R]
+    logp = torch.where(batch.response_mask, logp, 0.0)
+    entropy = None
+    if with_entropy:
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+@dataclass
+class ScoreResult:
+    rewards: Tensor  #: [N] float32 in {0, 1}
+    texts: list[str]
+    seconds: float
+
+
+def decode_responses(tokenizer: object, batch: RolloutBatch) -> Iterator[str]:
+    ids = batch.response_ids.cpu().tolist()
+    lens = batch.lengths.cpu().tolist()
+    for row, n in zip(ids, lens):
+        yield tokenizer.decode(row[:n], skip_special_tokens=True)  # type: ignore[attr-defined]
+
+
+def score(task: Task, tokenizer: object, problems: Sequence[Problem], batch: RolloutBatch) -> ScoreResult:
+    """Decode every response and apply the task's exact checker; truncated responses (no ``<eos>``) get 0."""
+    t0 = time.perf_counter()
+    finished = batch.finished.cpu().tolist()
+    texts = list(decode_responses(tokenizer, batch))
+    rewards = [task.check(p, t) if f else 0.0 for p, t, f in zip(problems, texts, finished)]
+    return ScoreResult(torch.tensor(rewards, dtype=torch.float32), texts, time.perf_counter() - t0)

@@ -1,0 +1,72 @@
+"""Config presets, YAML recipes, key=value overrides and early validation of ctpo_lab.train."""
+
+import pytest
+
+from ctpo_lab.train.config import PRESETS, TrainConfig, parse_overrides, resolve_train_config
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_validates(name):
+    cfg = resolve_train_config(name)
+    assert cfg.preset == name
+    assert cfg.updates_per_step == cfg.batch_prompts // cfg.mini_batch_prompts * cfg.ppo_epochs
+
+
+def test_cpu_smoke_is_off_policy_and_evaluates_twice():
+    cfg = resolve_train_config("cpu-smoke")
+    assert cfg.updates_per_step >= 4
+    assert cfg.eval_every and cfg.steps // cfg.eval_every >= 2
+
+
+def test_parse_overrides_types_and_dotted_keys():
+    ov = parse_overrides(["lr=1e-3", "steps=5", "tensorboard=false", "loss_overrides.eps_high=0.28",
+                          "task_options.max_steps=20", "device=cpu", "max_new_tokens=null"])
+    assert ov == {"lr": 1e-3, "steps": 5, "tensorboard": False, "loss_overrides": {"eps_high": 0.28},
+                  "task_options": {"max_steps": 20}, "device": "cpu", "max_new_tokens": None}
+    with pytest.raises(ValueError, match="key=value"):
+        parse_overrides(["lr"])
+
+
+def test_precedence_preset_recipe_overrides_flags(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("preset: cpu-smoke\nlr: 0.002\nsteps: 7\nloss_overrides: {clip_exponent: 0.25}\n")
+    cfg = resolve_train_config(None, recipe, ["steps=9", "loss_overrides.eps_low=0.01"], loss="ctpo_fixed", seed=3)
+    assert (cfg.preset, cfg.lr, cfg.steps, cfg.loss, cfg.seed) == ("cpu-smoke", 0.002, 9, "ctpo_fixed", 3)
+    assert cfg.loss_overrides == {"clip_exponent": 0.25, "eps_low": 0.01}
+    assert isinstance(resolve_train_config("cpu-smoke", overrides=["lr=1"]).lr, float)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "explicit", "match"),
+    [
+        (["learning_rate=1e-3"], {}, "learning_rate"),
+        ([], {"loss": "ppo2"}, "preset"),
+        (["loss_overrides.eps=0.1"], {}, "overrides"),
+        (["mini_batch_prompts=3"], {}, "mini_batch_prompts"),
+        (["task=sudoku"], {}, "task"),
+        (["task_options.lenght=3"], {}, "task_options"),
+        (["model=/no/such/model"], {}, "model"),
+        (["model_options.hidden=3"], {}, "model_options"),
+        (["group_size=1"], {}, "group_size"),
+        (["lr=0"], {}, "lr"),
+        (["device=tpu"], {}, "device"),
+        (["warmstart_noise=1.5"], {}, "warmstart_noise"),
+    ],
+)
+def test_bad_config_raises_value_error_naming_it(overrides, explicit, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_train_config("cpu-smoke", overrides=overrides, **explicit)
+
+
+def test_bad_types_and_names():
+    with pytest.raises(TypeError, match="steps"):
+        resolve_train_config("cpu-smoke", overrides=["steps=abc"])
+    with pytest.raises(ValueError, match="preset"):
+        resolve_train_config("cpu-huge")
+    with pytest.raises(ValueError, match="config"):
+        resolve_train_config(None, "/no/such/recipe.yaml")
+    with pytest.raises(TypeError, match="cfg"):
+        from ctpo_lab.train.loop import Trainer
+
+        Trainer({"lr": 1}, "/tmp/x")
+    TrainConfig().validate()
