@@ -424,8 +424,11 @@ def run_moment_dp(
     *,
     beta_t: np.ndarray | None = None,
     second: bool = True,
+    max_block_floats: int = 20_000_000,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """The forward moment DP on the state ``z`` (module docstring).
+    """The forward moment DP on the state ``z`` (module docstring), run over groups of feature blocks so that
+    each accumulator array holds at most ``max_block_floats`` numbers (coordinates never interact in the
+    diagonal recursions, so the groups are independent).
 
     Parameters
     ----------
@@ -444,7 +447,24 @@ def run_moment_dp(
     -------
     mean ``[d]``, second moment diagonal ``[d]`` (or None).
     """
-    T, nZ, V = mdp.horizon, mdp.num_states, mdp.vocab_size
+    nZ = mdp.num_states
+    nblocks = feature.d // feature.B
+    per = max(1, int(max_block_floats // max(1, nZ * feature.B)))
+    if nblocks > per:
+        mean = np.zeros(feature.d)
+        sec = np.zeros(feature.d) if second else None
+        for b0 in range(0, nblocks, per):
+            b1 = min(nblocks, b0 + per)
+            inside = (feature.blk >= b0) & (feature.blk < b1)
+            sub = _Feature(blk=np.where(inside, feature.blk - b0, 0),
+                           hv=np.where(inside[:, None, None], feature.hv, 0.0), d=(b1 - b0) * feature.B)
+            m, s2 = run_moment_dp(mdp, alpha, beta, gamma, sub, readout, beta_t=beta_t, second=second,
+                                  max_block_floats=max_block_floats)
+            mean[b0 * feature.B : b1 * feature.B] = m
+            if second:
+                sec[b0 * feature.B : b1 * feature.B] = s2
+        return mean, sec
+    T, V = mdp.horizon, mdp.vocab_size
     d, B = feature.d, feature.B
     p = _state_tables(mdp, mdp.behaviour)
     dest = mdp.next_state

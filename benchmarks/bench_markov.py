@@ -1,0 +1,116 @@
+"""Benchmark of the Markov lab's dynamic programmes (prints ratios against baselines measured in this run).
+
+1. Linear cost in T: time(2T) / time(T) of the full moment DP (mean + diagonal second moment).
+2. V = 32, k = 2 (1,057 contexts), T = 256: mean and trace of the covariance for token / cumulative /
+   sequence. The mean (forward-backward, O(T·|Z|·V)) is timed in full. The diagonal second moment costs
+   O(T·|Z|·V·d) with d = C·V = 33,824 coordinates; it is timed on a slice of coordinate blocks and a few
+   steps, and the full time is extrapolated (its cost is exactly linear in T and in the number of blocks),
+   unless ``--full`` is given.
+3. DP vs enumeration speed ratio at V = 4, T = 10 (k = 1).
+
+Usage: ``python benchmarks/bench_markov.py [--full] [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+from ctpo_lab import markov  # noqa: E402
+from ctpo_lab.markov import exact  # noqa: E402
+
+
+def _time(fn, repeat: int = 1) -> float:
+    best = np.inf
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def bench_linear(quick: bool) -> None:
+    V, k, T = (6, 2, 64) if quick else (8, 2, 128)
+    times = {}
+    for h in (T, 2 * T):
+        mdp = markov.random_instance(V, h, k, seed=0, kl=0.01, automaton="count")
+        times[h] = _time(lambda mdp=mdp: markov.exact_moments(mdp, "cumulative", "reward", 0.5,
+                                                              along_gradient=False), repeat=2)
+    print(f"[1] full moment DP, V={V}, k={k}: time(T={T}) = {times[T]:.3f} s, time(2T) = {times[2 * T]:.3f} s, "
+          f"ratio time(2T)/time(T) = {times[2 * T] / times[T]:.2f} (target <= 2.3)")
+
+
+def bench_large(full: bool) -> None:
+    V, k, T = 32, 2, 256
+    t0 = time.perf_counter()
+    mdp = markov.random_instance(V, T, k, seed=0, kl=0.01, automaton="count")
+    t_build = time.perf_counter() - t0
+    print(f"[2] V={V}, k={k}, T={T}: {mdp.num_contexts} contexts, |Z|={mdp.num_states}, d={mdp.dim}; "
+          f"instance built in {t_build:.2f} s")
+    t0 = time.perf_counter()
+    g = markov.true_gradient(mdp)
+    t_grad = time.perf_counter() - t0
+    print(f"    ∇J (on-policy DP): {t_grad:.3f} s, |∇J| = {np.linalg.norm(g):.3e}")
+    tab = exact._tables(mdp)
+    feat = exact.score_feature(mdp)
+    u = mdp.state_reward - 0.5
+    total_mean = 0.0
+    total_sec = 0.0
+    for est in ("token", "cumulative", "sequence"):
+        a, b, c = exact.weight_tables(est, tab, T, exact.EstimatorParams())
+        t0 = time.perf_counter()
+        exact.run_mean_fb(mdp, a, b, c, feat, u)
+        tm = time.perf_counter() - t0
+        total_mean += tm
+        if full:
+            t0 = time.perf_counter()
+            exact.run_moment_dp(mdp, a, b, c, feat, u)
+            ts = time.perf_counter() - t0
+            note = "measured"
+        else:
+            # a slice of blocks (contexts) for a few steps; the DP cost is linear in both
+            nblk, steps = 64, 4
+            small = mdp.with_horizon(steps)
+            inside = feat.blk < nblk
+            sub = exact._Feature(blk=np.where(inside, feat.blk, 0), hv=np.where(inside[:, None, None], feat.hv, 0.0),
+                                 d=nblk * V)
+            t0 = time.perf_counter()
+            exact.run_moment_dp(small, a, b, c, sub, u)
+            t_slice = time.perf_counter() - t0
+            ts = t_slice * (mdp.num_contexts / nblk) * (T / steps)
+            note = f"extrapolated from {nblk} of {mdp.num_contexts} context blocks x {steps} steps ({t_slice:.2f} s)"
+        total_sec += ts
+        print(f"    {est:>10}: mean {tm:.3f} s; + second moment / trace cov {ts:.1f} s ({note})")
+    print(f"    mean for the three estimators: {total_mean:.2f} s (target <= 30 s); "
+          f"mean + trace cov: {total_mean + total_sec:.1f} s (target <= 30 s)")
+
+
+def bench_enumeration() -> None:
+    mdp = markov.random_instance(4, 10, 1, seed=0, kl=0.05, automaton="contains:0-1")
+    t_dp = _time(lambda: markov.exact_moments(mdp, "cumulative", "reward", 0.5), repeat=3)
+    t0 = time.perf_counter()
+    en = markov.enumerate_moments(mdp, "cumulative", "reward", 0.5)
+    t_en = time.perf_counter() - t0
+    dp = markov.exact_moments(mdp, "cumulative", "reward", 0.5)
+    err = np.abs(dp.second_moment_diag - en.second_moment_diag).max() / np.abs(en.second_moment_diag).max()
+    print(f"[3] V=4, k=1, T=10 (4^10 = {4**10} sequences): DP {t_dp * 1e3:.1f} ms, enumeration {t_en:.2f} s, "
+          f"speed ratio enumeration/DP = {t_en / t_dp:.0f}x (max rel. diff {err:.1e})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--full", action="store_true", help="run the V=32, k=2, T=256 second moments in full")
+    ap.add_argument("--quick", action="store_true", help="smaller linear-cost check")
+    args = ap.parse_args()
+    bench_linear(args.quick)
+    bench_large(args.full)
+    bench_enumeration()
+
+
+if __name__ == "__main__":
+    main()
