@@ -38,6 +38,7 @@ import pandas as pd
 
 from ctpo_lab import stats
 from ctpo_lab.losses import PRESETS as LOSS_PRESETS
+from ctpo_lab.train.runfolder import FINISHED_FILE  # written by a run when it completes
 
 __all__ = [
     "GridSpec",
@@ -52,14 +53,13 @@ __all__ = [
     "main",
 ]
 
-FINISHED_FILE = "FINISHED"  # written by ctpo_lab.train's run folder when a run completes
 #: Metrics aggregated vs step (JSONL key → axis label).
 METRICS: dict[str, str] = {
     "eval_accuracy": "held-out accuracy",
     "reward_mean": "training reward",
     "pg_update/clip/total/rate": "clip fraction (advantage-aware)",
-    "response_length": "response length (tokens)",
-    "kl_behaviour_last": "KL(μ‖π) after the last mini-batch",
+    "response_length/mean": "response length (tokens)",
+    "offpolicy/kl": "KL(μ‖π) after the last mini-batch (nats/token)",
     "actor/ppo_kl": "ppo_kl",
 }
 
@@ -101,7 +101,7 @@ def run_dir(out: Path, loss: str, seed: int) -> Path:
 
 
 def _train_command(spec: GridSpec, loss: str, seed: int, path: Path, resume: bool) -> list[str]:
-    cmd = [sys.executable, "-m", "ctpo_lab.train", "run", "--preset", spec.train_preset, "--loss", loss,
+    cmd = [sys.executable, "-m", "ctpo_lab.train", "--preset", spec.train_preset, "--loss", loss,
            "--seed", str(seed), "--out", str(path), "--no-progress"]
     if spec.steps is not None:
         cmd += ["--steps", str(spec.steps)]
@@ -256,8 +256,8 @@ def final_table(df: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
             ("final accuracy", last),
             ("accuracy gain", (last - first).dropna()),
             ("clip fraction", _mean_over_steps(df, loss, "pg_update/clip/total/rate")),
-            ("KL last mini-batch", _mean_over_steps(df, loss, "kl_behaviour_last")),
-            ("response length", _mean_over_steps(df, loss, "response_length")),
+            ("KL last mini-batch", _mean_over_steps(df, loss, "offpolicy/kl")),
+            ("response length", _mean_over_steps(df, loss, "response_length/mean")),
         ):
             est, lo, hi, text = _ci_text(series, digits=4 if name.startswith(("KL", "clip")) else 3, seed=seed)
             row[name] = text
@@ -312,8 +312,8 @@ def plot_curves(df: pd.DataFrame, metrics: Sequence[str] | None = None, *, title
 
     from ctpo_lab.style import estimator_color, estimator_label
 
-    metrics = [m for m in (metrics or ("eval_accuracy", "pg_update/clip/total/rate", "response_length",
-                                       "kl_behaviour_last")) if m in df]
+    metrics = [m for m in (metrics or ("eval_accuracy", "pg_update/clip/total/rate", "response_length/mean",
+                                       "offpolicy/kl")) if m in df]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for loss, band in metric_curves(df, metric).items():

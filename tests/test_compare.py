@@ -22,9 +22,9 @@ def _fake_grid(tmp_path, finals):
             path.mkdir(parents=True)
             recs = [
                 {"step": 0, "eval_accuracy": 0.2, "reward_mean": 0.1, "pg_update/clip/total/rate": 0.0},
-                {"step": 5, "reward_mean": 0.3, "pg_update/clip/total/rate": 0.05, "kl_behaviour_last": 0.01},
+                {"step": 5, "reward_mean": 0.3, "pg_update/clip/total/rate": 0.05, "offpolicy/kl": 0.01},
                 {"step": 10, "eval_accuracy": finals[loss][seed], "reward_mean": 0.5,
-                 "pg_update/clip/total/rate": 0.1, "kl_behaviour_last": 0.02},
+                 "pg_update/clip/total/rate": 0.1, "offpolicy/kl": 0.02},
             ]
             (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
             (path / compare.FINISHED_FILE).write_text("{}")
