@@ -19,30 +19,30 @@ def test_chain_solution_is_correct_and_long():
 
 def test_chain_recurrence_by_hand():
     task = ChainTask(min_steps=3, max_steps=3)
-    p = task.make_problem((3, 8, 5, 3))
-    assert p.prompt == "38+5:C"
-    # 3+8+5=16→6, 8+6+5=19→9, 6+9+5=20→0
-    assert task.solution(p) == "a:3+8+5=6,b:8+6+5=9,c:6+9+5=0,>0"
+    p = task.make_problem((3, 8, 3))
+    assert p.prompt == "38:C"
+    # 3+8=11→1, 8+1=9, 1+9=10→0
+    assert task.solution(p) == "a:3+8=1,b:8+1=9,c:1+9=0,>0"
     assert p.answer == "0"
 
 
 @pytest.mark.parametrize(
     "response",
     [
-        "a:3+8+5=6,b:8+6+5=9,c:6+9+5=1,>1",  # wrong last step, consistent answer
-        "a:3+8+5=7,b:8+7+5=0,c:7+0+5=2,>0",  # wrong steps, right final digit (no guessing reward)
-        "a:3+8+5=6,b:8+6+5=9,>9",  # too few steps
-        "a:3+8+5=6,b:8+6+5=9,c:6+9+5=0,d:9+0+5=4,>4",  # too many steps
-        "a:3+8+5=6,b:8+6+5=9,c:6+9+5=0,",  # no answer
-        "a:3+8+5=6,b:8+6+5=9,c:6+9+5=0,>0,",  # trailing junk
+        "a:3+8=1,b:8+1=9,c:1+9=1,>1",  # wrong last step, consistent answer
+        "a:3+8=2,b:8+2=1,c:2+1=0,>0",  # wrong steps, right final digit (no guessing reward)
+        "a:3+8=1,b:8+1=9,>9",  # too few steps
+        "a:3+8=1,b:8+1=9,c:1+9=0,d:9+0=9,>9",  # too many steps
+        "a:3+8=1,b:8+1=9,c:1+9=0,",  # no answer
+        "a:3+8=1,b:8+1=9,c:1+9=0,>0,",  # trailing junk
         "",
         "0",
-        "a:3+8+5=6 b:8+6+5=9 c:6+9+5=0 >0",  # malformed separators
+        "a:3+8=1 b:8+1=9 c:1+9=0 >0",  # malformed separators
     ],
 )
 def test_chain_checker_rejects_wrong_and_malformed(response):
     task = ChainTask(min_steps=3, max_steps=3)
-    assert task.check(task.make_problem((3, 8, 5, 3)), response) == 0.0
+    assert task.check(task.make_problem((3, 8, 3)), response) == 0.0
 
 
 def test_chain_noisy_demonstrations_have_expected_error_rate():
@@ -50,8 +50,8 @@ def test_chain_noisy_demonstrations_have_expected_error_rate():
     rng = np.random.default_rng(1)
     probs = task.sample(rng, 400)
     acc = np.mean([task.check(p, task.solution(p, rng, noise=0.05)) for p in probs])
-    # ≈ 0.95^11.5 ≈ 0.55 (errors that cancel are rare)
-    assert 0.45 < acc < 0.65
+    # ≈ 0.95^14.5 ≈ 0.48 (errors that cancel are rare)
+    assert 0.38 < acc < 0.58
 
 
 def test_add_task_checker():
@@ -92,19 +92,19 @@ def test_bad_task_input():
     with pytest.raises(TypeError, match="rng"):
         ChainTask().sample(0, 3)
     with pytest.raises(ValueError, match="rng"):
-        ChainTask().solution(ChainTask().make_problem((1, 2, 3, 10)), None, noise=0.1)
+        ChainTask().solution(ChainTask().make_problem((1, 2, 13)), None, noise=0.1)
 
 
 def test_long_chains_use_two_letter_labels():
     task = ChainTask(min_steps=30, max_steps=30)
     p = task.sample(np.random.default_rng(0), 1)[0]
     sol = task.solution(p)
-    assert sol.startswith("aa:") and task.check(p, sol) == 1.0 and len(sol) > 300
+    assert sol.startswith("aa:") and task.check(p, sol) == 1.0 and len(sol) == 30 * 9 + 2
 
 
 def test_char_tokenizer_roundtrip_and_errors():
     tok = CharTokenizer()
-    text = "38+5:K a:3+8+5=6,>0"
+    text = "38:K a:3+8=1,>0"
     ids = tok.encode(text, add_bos=True)
     assert ids[0] == tok.bos_token_id and tok.decode(ids) == text
     assert tok.decode([*tok.encode("12"), tok.eos_token_id, *tok.encode("34")]) == "12"
@@ -113,3 +113,21 @@ def test_char_tokenizer_roundtrip_and_errors():
         tok.encode("é")
     with pytest.raises(TypeError, match="text"):
         tok.encode(5)
+
+
+def test_parquet_task_with_boxed_checker():
+    from pathlib import Path
+
+    data = Path("/work/shared/data/math_benchmarks")
+    if not data.is_dir():
+        pytest.skip("shared math benchmarks not available")
+    task = make_task("parquet", path=str(data))
+    test = task.test_set(5)
+    train = task.sample(np.random.default_rng(0), 5)
+    assert not {p.meta["id"] for p in test} & {p.meta["id"] for p in train}
+    p = test[0]
+    assert p.messages and p.answer
+    assert task.check(p, f"so the answer is \\boxed{{{p.answer}}}") == 1.0
+    assert task.check(p, "no box here") == 0.0
+    with pytest.raises(ValueError, match="path"):
+        make_task("parquet", path="/no/such.parquet")

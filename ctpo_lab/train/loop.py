@@ -344,7 +344,7 @@ class Trainer:
                     self._print(f"[ctpo_lab.train] interrupted: checkpoint at step {step} in {self.run.ckpt_dir}")
                     result.interrupted = True
                     break
-                if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
+                if not nan_step and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps):
                     self.checkpoint(step, wall)
             bar.close()
             if not result.interrupted:

@@ -167,7 +167,6 @@ def warm_start(
     key_data = {
         "version": WARMSTART_VERSION, "task": task.describe(), "spec": dataclasses.asdict(spec), "steps": steps,
         "batch": batch, "lr": lr, "noise": noise, "seed": seed, "alphabet": tok.alphabet,
-        "eval_prompts": eval_prompts, "eval_temperature": eval_temperature,
     }
     key = hashlib.sha1(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:16]
     target = cache_dir() / key
@@ -207,7 +206,8 @@ def warm_start(
     ev = evaluate(policy, task, task.test_set(eval_prompts), samples=1, temperature=eval_temperature,
                   max_new_tokens=task.max_response_tokens, generator=gen)
     policy.info = {"warmstart_key": key, "warmstart_loss": loss_value, "warmstart_seconds": time.perf_counter() - t0,
-                   "initial_eval_accuracy": ev["eval_accuracy"], **key_data}
+                   "initial_eval_accuracy": ev["eval_accuracy"], "initial_eval_prompts": eval_prompts,
+                   "initial_eval_temperature": eval_temperature, **key_data}
     if use_cache:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{key}-"))

@@ -2,20 +2,21 @@
 
 Built-in (no download):
 
-``chain``  multi-step arithmetic. The prompt ``"38+5:K"`` gives two seeds x₀=3, x₁=8, an offset k=5 and the
-           label of the last step (``K`` → steps ``a``..``k``). Each step writes the recurrence
-           x_{i+2} = (x_i + x_{i+1} + k) mod 10 as ``"a:3+8+5=6,"`` (10 tokens) and the answer follows ``>``::
+``chain``  multi-step arithmetic. The prompt ``"38:M"`` gives two seeds x₀=3, x₁=8 and the label of the last
+           step (``M`` → steps ``a``..``m``). Each step writes the Fibonacci recurrence mod 10,
+           x_{i+2} = (x_i + x_{i+1}) mod 10, as ``"a:3+8=1,"`` (8 tokens) and the answer follows ``>``::
 
-               38+5:K  →  a:3+8+5=6,b:8+6+5=9,c:6+9+5=0, … ,k:…=d,>d<eos>
+               38:M  →  a:3+8=1,b:8+1=9,c:1+9=0, … ,m:…=d,>d<eos>
 
-           With ≥ 10 steps a correct response has ≥ 103 tokens, so positions reach the range where the √t
+           With ≥ 13 steps a correct response has ≥ 107 tokens, so positions reach the range where the √t
            growth of the cumulative log-ratio matters.  Every step is local (copies at fixed offsets plus one
            addition mod 10), so a small transformer learns the rule; a demonstration with per-step noise q
            has a wrong digit at each step with probability q (the chain continues from the written digit).
 ``add``    short answer: ``"37+45="`` → ``"82"``.
 
-verl-parquet prompt sets with a ``\\boxed{}`` checker (for HF models) come from :mod:`ctpo_lab.llm.prompts`
-(see :func:`make_task` with ``name="parquet"``).
+``parquet`` verl-parquet prompt sets (or ``hf:NAME``, ``arithmetic``) loaded by :mod:`ctpo_lab.llm.prompts`,
+           scored by its ``\\boxed{}`` answer checker (for HF models: ``model=smollm2 task=parquet
+           task_options.path=../shared/data/math_benchmarks``).
 
 Train/test split: a prompt belongs to the test split iff crc32(prompt) % 5 == 0 (stable across processes and
 machines), so the two generators never share a prompt.  The held-out evaluation set
@@ -28,11 +29,12 @@ from __future__ import annotations
 import re
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Problem", "Task", "ChainTask", "AddTask", "TASKS", "make_task", "is_test_prompt"]
+__all__ = ["Problem", "Task", "ChainTask", "AddTask", "ParquetTask", "TASKS", "make_task", "is_test_prompt"]
 
 SPLITS = ("train", "test")
 
@@ -132,13 +134,13 @@ class ChainTask(Task):
 
     Parameters
     ----------
-    min_steps, max_steps : number of written steps N (inclusive range); a correct response has 10·N + 3 tokens
-        (10 per step, ``>d``, ``<eos>``) with single-letter labels (N ≤ 26), 11·N + 3 with two-letter labels.
+    min_steps, max_steps : number of written steps N (inclusive range); a correct response has 8·N + 3 tokens
+        (8 per step, ``>d``, ``<eos>``) with single-letter labels (N ≤ 26), 9·N + 3 with two-letter labels.
     """
 
     name = "chain"
 
-    def __init__(self, min_steps: int = 10, max_steps: int = 13) -> None:
+    def __init__(self, min_steps: int = 13, max_steps: int = 16) -> None:
         for arg, v in (("min_steps", min_steps), ("max_steps", max_steps)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{arg}: expected a positive int, got {v!r}")
@@ -149,38 +151,38 @@ class ChainTask(Task):
         self.min_steps, self.max_steps = min_steps, max_steps
         self.label_width = 1 if max_steps <= 26 else 2
         self._labels = _labels(self.label_width)[:max_steps]
-        step_len = 9 + self.label_width
+        step_len = 7 + self.label_width
         self.max_response_tokens = step_len * max_steps + 3 + 8
         self._pattern = re.compile(
-            rf"((?:[a-z]{{{self.label_width}}}:\d\+\d\+\d=\d,){{{min_steps},{max_steps}}})>(\d)"
+            rf"((?:[a-z]{{{self.label_width}}}:\d\+\d=\d,){{{min_steps},{max_steps}}})>(\d)"
         )
 
     def num_params(self) -> int:
-        return 1000 * (self.max_steps - self.min_steps + 1)
+        return 100 * (self.max_steps - self.min_steps + 1)
 
     def _random_params(self, rng: np.random.Generator) -> tuple[int, ...]:
-        x0, x1, k = (int(v) for v in rng.integers(0, 10, size=3))
-        return x0, x1, k, int(rng.integers(self.min_steps, self.max_steps + 1))
+        x0, x1 = (int(v) for v in rng.integers(0, 10, size=2))
+        return x0, x1, int(rng.integers(self.min_steps, self.max_steps + 1))
 
     def make_problem(self, params: tuple[int, ...]) -> Problem:
-        x0, x1, k, n = params
+        x0, x1, n = params
         a, b = x0, x1
         for _ in range(n):
-            a, b = b, (a + b + k) % 10
-        prompt = f"{x0}{x1}+{k}:{self._labels[n - 1].upper()}"
+            a, b = b, (a + b) % 10
+        prompt = f"{x0}{x1}:{self._labels[n - 1].upper()}"
         return Problem(prompt=prompt, answer=str(b), params=tuple(params))
 
     def solution(self, problem: Problem, rng: np.random.Generator | None = None, noise: float = 0.0) -> str:
-        x0, x1, k, n = problem.params
+        x0, x1, n = problem.params
         if noise > 0 and rng is None:
             raise ValueError("rng: a generator is required when noise > 0")
         a, b = x0, x1
         parts = []
         for i in range(n):
-            c = (a + b + k) % 10
+            c = (a + b) % 10
             if noise > 0 and rng.random() < noise:  # type: ignore[union-attr]
                 c = (c + int(rng.integers(1, 10))) % 10  # type: ignore[union-attr]
-            parts.append(f"{self._labels[i]}:{a}+{b}+{k}={c},")
+            parts.append(f"{self._labels[i]}:{a}+{b}={c},")
             a, b = b, c
         return "".join(parts) + f">{b}"
 
@@ -190,7 +192,7 @@ class ChainTask(Task):
         return float(self._pattern.fullmatch(response) is not None and response == self.solution(problem))
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "min_steps": self.min_steps, "max_steps": self.max_steps}
+        return {"name": self.name, "rule": "fib10", "min_steps": self.min_steps, "max_steps": self.max_steps}
 
 
 class AddTask(Task):
@@ -232,17 +234,73 @@ class AddTask(Task):
         return {"name": self.name, "digits": self.digits}
 
 
-TASKS: dict[str, type[Task]] = {"chain": ChainTask, "add": AddTask}
+class ParquetTask(Task):
+    """Chat prompts from :func:`ctpo_lab.llm.prompts.load_prompts` (verl parquet file or folder, ``hf:NAME``,
+    or ``arithmetic``) scored by its ``\\boxed{}`` answer checker; for HF models.
+
+    The split rule applies to the prompt ids; ``test_path`` (optional) gives a separate held-out source.
+    """
+
+    name = "parquet"
+
+    def __init__(self, path: str, test_path: str | None = None, max_response_tokens: int = 512,
+                 limit: int | None = None) -> None:
+        from ctpo_lab.llm import prompts as llm_prompts
+
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"task_options.path: expected a prompt source, got {path!r}")
+        if not isinstance(max_response_tokens, int) or max_response_tokens < 1:
+            raise ValueError(f"task_options.max_response_tokens: expected a positive int, got {max_response_tokens!r}")
+        if path != "arithmetic" and not path.startswith("hf:") and not Path(path).exists():
+            raise ValueError(f"task_options.path: {path!r} does not exist")
+        self._reward = llm_prompts.reward
+        self.path, self.test_path, self.max_response_tokens = path, test_path, max_response_tokens
+
+        def convert(items: list[Any]) -> list[Problem]:
+            return [Problem(prompt=q.text, answer=q.answer or "", messages=tuple(q.messages),
+                            meta={"id": q.id, "data_source": q.data_source}) for q in items]
+
+        every = convert(llm_prompts.load_prompts(path, n=limit))
+        if test_path is None:
+            self._train = [p for p in every if not is_test_prompt(p.meta["id"])]
+            self._test = [p for p in every if is_test_prompt(p.meta["id"])]
+        else:
+            self._train, self._test = every, convert(llm_prompts.load_prompts(test_path))
+        if not self._train or not self._test:
+            raise ValueError(f"task_options.path: {path!r} gives an empty train or test split")
+
+    def num_params(self) -> int:
+        return len(self._train) + len(self._test)
+
+    def sample(self, rng: np.random.Generator, n: int, split: str = "train") -> list[Problem]:
+        _check_split(split)
+        _check_n(n)
+        pool = self._train if split == "train" else self._test
+        return [pool[int(i)] for i in rng.integers(0, len(pool), size=n)]
+
+    def test_set(self, n: int) -> list[Problem]:
+        _check_n(n)
+        return self._test[:n]
+
+    def solution(self, problem: Problem, rng: np.random.Generator | None = None, noise: float = 0.0) -> str:
+        raise ValueError("task: parquet prompts have no demonstrations (no warm start for HF models)")
+
+    def check(self, problem: Problem, response: str) -> float:
+        if not isinstance(response, str):
+            raise TypeError(f"response: expected str, got {type(response).__name__}")
+        return float(self._reward(response, problem.answer))
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "path": self.path, "test_path": self.test_path}
+
+
+TASKS: dict[str, type[Task]] = {"chain": ChainTask, "add": AddTask, "parquet": ParquetTask}
 
 
 def make_task(name: str, **kwargs: Any) -> Task:
     """Build a task by name (``chain``, ``add``, ``parquet``); unknown names or options raise ``ValueError``."""
     if not isinstance(name, str):
         raise TypeError(f"task: expected a task name, got {type(name).__name__}")
-    if name == "parquet":
-        from ctpo_lab.train.parquet_task import ParquetTask
-
-        return ParquetTask(**kwargs)
     if name not in TASKS:
         raise ValueError(f"task: unknown task {name!r}; expected one of {sorted([*TASKS, 'parquet'])}")
     import inspect
