@@ -134,3 +134,22 @@ def test_cli_runs_tiny_preset(tmp_path, capsys):
                  "--no-progress", "steps=1"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["step"] == 1 and 0 <= summary["eval_accuracy"] <= 1
+
+
+def test_resume_without_checkpoint_starts_fresh(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 0, "eval_accuracy": 0.5}\n')
+    Trainer(tiny(steps=1), run, resume=True, progress=False).train()
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1]
+    Trainer(tiny(steps=1), tmp_path / "new", resume=True, progress=False).train()  # no folder yet: fresh start
+
+
+def test_no_arguments_dispatch_to_the_comparison_grid(monkeypatch):
+    from ctpo_lab import compare
+
+    seen = []
+    monkeypatch.setattr(compare, "main", lambda argv: seen.append(list(argv)) or 0)
+    assert main([]) == 0 and main(["compare", "--preset", "cpu-tiny"]) == 0
+    assert seen == [[], ["--preset", "cpu-tiny"]]

@@ -1,4 +1,6 @@
-"""``python -m ctpo_lab.train --preset NAME --loss NAME --seed S --out DIR [--steps N] [--resume] [--overwrite]
+"""``python -m ctpo_lab.train`` (no arguments): the ``cpu`` comparison grid (:mod:`ctpo_lab.compare`);
+``python -m ctpo_lab.train compare [...]``: a comparison grid with options;
+``python -m ctpo_lab.train --preset NAME --loss NAME --seed S --out DIR [--steps N] [--resume] [--overwrite]
 [--config recipe.yaml] [key=value ...]``
 
 Examples::
@@ -43,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] == "compare":
+        from ctpo_lab import compare
+
+        return compare.main(argv[1:])
     args = build_parser().parse_args(argv)
     preset = args.preset if args.preset is not None or args.config is not None else DEFAULT_PRESET
     try:

@@ -117,9 +117,9 @@ class RunFolder:
     def open_loggers(self, *, start_step: int, tensorboard: bool, track: bool, config: dict[str, Any],
                      project: str = "ctpo_lab", name: str | None = None) -> None:
         """Truncate ``metrics.jsonl`` to ``start_step`` and open TensorBoard / W&B."""
-        if self.metrics_path.is_file():
+        if self.metrics_path.is_file():  # a fresh start (step 0) keeps nothing
             kept = [line for line in self.metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+                    if start_step > 0 and line.strip() and json.loads(line).get("step", 0) <= start_step]
             self.metrics_path.write_text("".join(k + "\n" for k in kept))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
