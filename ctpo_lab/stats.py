@@ -572,6 +572,7 @@ def sqrt_t_fit(
     fixed_exponent: float = 0.5,
     bin_width: int = 50,
     min_count: int = 30,
+    min_sequences: int | None = None,
     max_position: int | None = 5000,
     min_position: int = 1,
     grid_size: int = 16,
@@ -608,8 +609,8 @@ def sqrt_t_fit(
         Centre L_t within groups before the fits (needs ``groups``).
     fixed_exponent : float
         The exponent of the σ̂ fit (the paper's 0.5).
-    bin_width, min_count, max_position : the binning of the σ̂ fit (Figure 1: 50, 30, 5000); ``min_count`` also
-        drops grid positions with fewer alive sequences.
+    bin_width, min_count, max_position : the binning of the σ̂ fit (Figure 1: 50, 30, 5000).
+    min_sequences : grid positions with fewer alive sequences are dropped (default: ``min_count``).
     min_position, grid_size : the free-exponent grid.
     n_boot, confidence, seed : the bootstrap.
 
@@ -634,6 +635,7 @@ def sqrt_t_fit(
         raise ValueError("groups: center=True needs groups (one prompt-group id per row)")
     bin_width = _check_positive_int(bin_width, "bin_width")
     min_count = _check_positive_int(min_count, "min_count", 2)
+    min_seq = min_count if min_sequences is None else _check_positive_int(min_sequences, "min_sequences", 2)
     min_position = _check_positive_int(min_position, "min_position")
     grid_size = _check_positive_int(grid_size, "grid_size", 3)
     n_boot = _check_positive_int(n_boot, "n_boot")
@@ -660,18 +662,18 @@ def sqrt_t_fit(
     n_alive = alive.sum(0)  # [T_max]
 
     # --- free exponent on the log grid: per-cluster sufficient statistics at the grid positions
-    ok_pos = np.nonzero(n_alive >= min_count)[0] + 1
+    ok_pos = np.nonzero(n_alive >= min_seq)[0] + 1
     if max_position is not None:
         ok_pos = ok_pos[ok_pos <= max_position]
     ok_pos = ok_pos[ok_pos >= min_position]
     if ok_pos.size == 0:
-        raise ValueError(f"mask: no position ≥ {min_position} has {min_count} or more alive sequences")
+        raise ValueError(f"mask: no position ≥ {min_position} has {min_seq} or more alive sequences")
     grid = _log_grid(int(ok_pos.min()), int(ok_pos.max()), grid_size)
-    grid = grid[n_alive[grid - 1] >= min_count]
+    grid = grid[n_alive[grid - 1] >= min_seq]
     if grid.size < 3:
         raise ValueError(
-            f"mask: only {grid.size} grid position(s) with ≥ {min_count} alive sequences; need 3 (shorten "
-            "min_count or supply longer/more sequences)"
+            f"mask: only {grid.size} grid position(s) with ≥ {min_seq} alive sequences; need 3 (lower "
+            "min_sequences or supply longer/more sequences)"
         )
     a = alive[:, grid - 1].astype(np.float64)  # [N, K]
     v = comp[:, grid - 1] * a
