@@ -70,3 +70,10 @@ def test_bad_types_and_names():
 
         Trainer({"lr": 1}, "/tmp/x")
     TrainConfig().validate()
+
+
+def test_changing_the_task_drops_the_preset_task_options():
+    cfg = resolve_train_config("cpu-tiny", overrides=["task=chain"])
+    assert cfg.task == "chain" and cfg.task_options == {}
+    cfg = resolve_train_config("cpu-tiny", overrides=["task=add", "task_options.digits=2"])
+    assert cfg.task_options == {"digits": 2}

@@ -153,3 +153,14 @@ def test_no_arguments_dispatch_to_the_comparison_grid(monkeypatch):
     monkeypatch.setattr(compare, "main", lambda argv: seen.append(list(argv)) or 0)
     assert main([]) == 0 and main(["compare", "--preset", "cpu-tiny"]) == 0
     assert seen == [[], ["--preset", "cpu-tiny"]]
+
+
+def test_hf_model_on_chat_prompts_runs_one_step(tmp_path):
+    cfg = resolve_train_config(
+        "cpu-tiny", loss="gspo",
+        overrides=["model=tiny-random", "task=parquet", "task_options.path=arithmetic", "task_options.limit=40",
+                   "max_new_tokens=12", "eval_prompts=4", "steps=1", "dump_every=0"],
+    )
+    result = Trainer(cfg, tmp_path / "hf", progress=False).train()
+    rec = result.history[-1]
+    assert rec["step"] == 1 and rec["response_length/mean"] > 0 and "pg_update/is_ratio/p50" in rec

@@ -252,6 +252,10 @@ _DICT_FIELDS = ("loss_overrides", "task_options", "model_options")
 
 def _merge(base: dict[str, Any], update: dict[str, Any], source: str) -> None:
     valid = {f.name for f in dataclasses.fields(TrainConfig)}
+    # a source that changes the task (model) drops the task (model) options of the earlier sources
+    for key, options in (("task", "task_options"), ("model", "model_options")):
+        if key in update and update[key] != base.get(key, getattr(TrainConfig, key)):
+            base.pop(options, None)
     for key, value in update.items():
         if key not in valid:
             raise ValueError(f"{source}: unknown config key {key!r}; valid keys: {sorted(valid)}")

@@ -234,10 +234,8 @@ def load_policy(cfg: Any, task: Task, device: torch.device, progress: bool = Tru
         from ctpo_lab.llm import models as llm_models
     except ImportError as e:  # pragma: no cover - depends on the llm module being present
         raise ValueError(f"model: loading {cfg.model!r} needs ctpo_lab.llm.models ({e})") from e
-    loaded = llm_models.load_model(cfg.model)
-    model, tokenizer = (loaded if isinstance(loaded, tuple) else (loaded.model, loaded.tokenizer))[:2]
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token_id = tokenizer.eos_token_id
+    loaded = llm_models.load_model(cfg.model, seed=cfg.warmstart_seed, pad_token="eos")
+    model, tokenizer = loaded.model, loaded.tokenizer
     return Policy(model.to(device), tokenizer, {"model": cfg.model})
 
 
