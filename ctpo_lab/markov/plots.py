@@ -7,12 +7,28 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+_ALIASES = {"token_ppo": "ppo_clip", "cumulative_ppo": "cumulative"}
+_FALLBACK_LABELS = {
+    "token_ppo": "token + PPO clip",
+    "cumulative_ppo": "cumulative + PPO clip",
+    "ctpo_la": "CTPO-LA (√t log window)",
+    "gspo_clip": "GSPO + clip",
+}
+
 
 def _style() -> tuple:
     from ctpo_lab import style  # lazily: owned by another module
 
-    color = getattr(style, "estimator_color", None) or (lambda n: style.ESTIMATOR_COLORS.get(n, "#333333"))
-    label = getattr(style, "estimator_label", None) or (lambda n: n)
+    base_color = getattr(style, "estimator_color", None) or (lambda n: style.ESTIMATOR_COLORS.get(n, "#333333"))
+    base_label = getattr(style, "estimator_label", None) or (lambda n: n)
+
+    def color(name: str) -> str:
+        return base_color(name) if name in style.ESTIMATOR_COLORS else base_color(_ALIASES.get(name, name))
+
+    def label(name: str) -> str:
+        lab = base_label(name)
+        return _FALLBACK_LABELS.get(name, lab) if lab == name else lab
+
     return color, label
 
 
@@ -38,20 +54,26 @@ def plot_bias_variance(sweep: pd.DataFrame, out: Path) -> list[Path]:
     kl = kls[len(kls) // 2]
     signals = list(sweep["signal"].unique())
     fig, axes = plt.subplots(2, len(signals), figsize=(5.2 * len(signals), 7.5), squeeze=False)
+    floor = 1e-6
+    handles: dict[str, object] = {}
     for j, sig in enumerate(signals):
         d = sweep[(sweep["kl"] == kl) & (sweep["signal"] == sig)]
         for est, g in d.groupby("estimator", sort=False):
             g = g.sort_values("T")
             ls = "--" if est in _DASHED else "-"
             kw = {"color": color(est), "ls": ls, "marker": "o", "ms": 3, "label": label(est)}
-            axes[0, j].plot(g["T"], np.maximum(g["relative_bias"], 1e-16), **kw)
+            (h,) = axes[0, j].plot(g["T"], np.maximum(g["relative_bias"], floor), **kw)
             axes[1, j].plot(g["T"], g["trace_cov"], **kw)
+            handles.setdefault(label(est), h)
+        axes[0, j].axhline(floor, color="k", lw=0.6, ls=":")
+        axes[0, j].text(2, floor * 1.6, "unbiased (exact 0, shown at 1e-6)", fontsize=7)
         axes[0, j].set(xscale="log", yscale="log", title=f"signal {sig}, per-token KL {kl}",
                        ylabel="‖E X − ∇J‖ / ‖∇J‖")
         axes[1, j].set(xscale="log", yscale="log", xlabel="horizon T", ylabel="tr Cov X")
         axes[0, j].grid(alpha=0.3)
         axes[1, j].grid(alpha=0.3)
-    axes[0, -1].legend(fontsize=7, loc="best")
+    fig.legend(list(handles.values()), list(handles.keys()), loc="lower center", ncol=4, fontsize=8,
+               bbox_to_anchor=(0.5, -0.06))
     fig.suptitle("Exact bias and variance per estimator (Markov lab)")
     paths = _save(fig, out, "bias_variance_vs_T")
     plt.close(fig)
