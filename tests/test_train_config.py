@@ -77,3 +77,13 @@ def test_changing_the_task_drops_the_preset_task_options():
     assert cfg.task == "chain" and cfg.task_options == {}
     cfg = resolve_train_config("cpu-tiny", overrides=["task=add", "task_options.digits=2"])
     assert cfg.task_options == {"digits": 2}
+
+
+def test_shipped_recipes_resolve():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).parents[1] / "recipes").glob("train-*.yaml"))
+    assert recipes
+    for r in recipes:
+        cfg = resolve_train_config(None, r)
+        assert cfg.preset in PRESETS

@@ -164,3 +164,24 @@ def test_hf_model_on_chat_prompts_runs_one_step(tmp_path):
     result = Trainer(cfg, tmp_path / "hf", progress=False).train()
     rec = result.history[-1]
     assert rec["step"] == 1 and rec["response_length/mean"] > 0 and "pg_update/is_ratio/p50" in rec
+
+
+def test_ctrl_c_finishes_the_step_and_checkpoints(tmp_path, monkeypatch):
+    import signal
+
+    trainer = Trainer(tiny(steps=5, ckpt_every=100), tmp_path / "run", progress=False)
+    real_step = trainer.train_step
+
+    def step_then_sigint(step):
+        rec = real_step(step)
+        if step == 2:
+            signal.raise_signal(signal.SIGINT)  # as if Ctrl-C was pressed during step 2
+        return rec
+
+    monkeypatch.setattr(trainer, "train_step", step_then_sigint)
+    result = trainer.train()
+    assert result.interrupted and result.history[-1]["step"] == 2
+    assert [p.name for p in trainer.run.checkpoints()] == ["step_0000002.pt"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    resumed = Trainer(tiny(steps=5, ckpt_every=100), tmp_path / "run", resume=True, progress=False).train()
+    assert resumed.final["step"] == 5 and not resumed.interrupted
