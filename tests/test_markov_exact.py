@@ -174,3 +174,40 @@ def test_monte_carlo_agrees_within_ci_on_a_larger_instance():
         else:  # binned approximation: the mean only, with a small allowance for the binning error
             z = np.abs(mc.mean - ex.mean) / np.maximum(mc.mean_se, 1e-12)
             assert np.max(z) < 6
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_variable_length_dp_equals_enumeration(k):
+    mdp = markov.random_instance(3, 5, k, seed=k, kl=0.1, done_token=1, done_logit=-0.5, automaton="frac:0")
+    np.testing.assert_allclose(markov.true_gradient(mdp), markov.enumerate_gradient(mdp), atol=1e-13)
+    for est in ("token", "cumulative", "sequence", "truncated_cumulative", "token_ppo", "ctpo_la"):
+        for sig in ("reward", "adv_pi", "q_mu"):
+            dp = markov.exact_moments(mdp, est, sig, baseline=0.2)
+            en = markov.enumerate_moments(mdp, est, sig, baseline=0.2)
+            assert _rel(dp.mean, en.mean) < 1e-10, (est, sig)
+            assert _rel(dp.second_moment_diag, en.second_moment_diag) < 1e-10, (est, sig)
+    prof = markov.position_profile(mdp)
+    tr = markov.enumerate_trajectories(mdp)
+    p = tr["p_mu"]
+    alive = p @ (np.cumsum(tr["seqs"] == 1, axis=1) - (tr["seqs"] == 1) == 0)
+    np.testing.assert_allclose(prof["alive"], alive, atol=1e-14)
+    assert prof["alive"][-1] < 1
+
+
+def test_variable_length_gradient_matches_finite_differences():
+    mdp = markov.random_instance(3, 5, 1, seed=2, kl=0.05, done_token=0, automaton="contains:1-2")
+    g = markov.true_gradient(mdp)
+    live = mdp.num_contexts - 1
+    logits = np.log(np.maximum(mdp.target, 1e-300))
+    h = 1e-5
+    for idx in range(live * 3):
+        c, v = divmod(idx, 3)
+        vals = []
+        for s in (1, -1):
+            lg = logits.copy()
+            lg[c, v] += s * h
+            p = mdp.target.copy()
+            p[c] = np.exp(lg[c]) / np.exp(lg[c]).sum()
+            vals.append(markov.performance(mdp.with_policies(target=p)))
+        assert (vals[0] - vals[1]) / (2 * h) == pytest.approx(g[idx], abs=1e-9)
+    assert np.all(g[live * 3 :] == 0)

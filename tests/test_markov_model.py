@@ -150,3 +150,27 @@ def test_augmented_guard_suggests_binning():
     mdp = markov.random_instance(3, 8, 1, seed=0, kl=0.05)
     with pytest.raises(ValueError, match="bin_width"):
         markov.exact_moments(mdp, "ctpo_la", "reward", max_atoms=50)
+
+
+# ---------------------------------------------------------------------------------------- variable length
+def test_done_token_contexts_reward_and_tables():
+    mdp = markov.random_instance(3, 5, 1, seed=0, kl=0.05, done_token=2, automaton="count:0:2")
+    done = mdp.num_contexts - 1
+    assert mdp.context_name(done) == "DONE"
+    assert mdp.context_index((0, 2)) == done and mdp.context_index((2, 0, 1)) == done
+    np.testing.assert_array_equal(mdp.target[done], [0, 0, 1])
+    assert np.count_nonzero(mdp.score(done, 2)) == 0
+    # the automaton reads the tokens before DONE: count(0) = 1 -> odd -> reward 0; count(0) = 2 -> 1
+    assert mdp.reward((0, 2, 2, 2, 2)) == 0.0
+    assert mdp.reward((0, 0, 2, 2, 2)) == 1.0
+    seqs = np.array(list(itertools.product(range(3), repeat=5)))
+    np.testing.assert_array_equal(mdp.reward_batch(seqs), [mdp.reward(tuple(s)) for s in seqs])
+    from ctpo_lab.markov.enumerate import prefix_contexts
+
+    ctx = prefix_contexts(mdp, seqs[::7])
+    want = np.array([[mdp.context_index(tuple(s[:t])) for t in range(5)] for s in seqs[::7]])
+    np.testing.assert_array_equal(ctx, want)
+    bad = mdp.target.copy()
+    bad[done] = [0.5, 0.0, 0.5]
+    with pytest.raises(ValueError, match="DONE"):
+        mdp.with_policies(target=bad)

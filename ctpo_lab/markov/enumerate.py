@@ -61,7 +61,7 @@ def prefix_contexts(mdp: MarkovMDP, seqs: np.ndarray) -> np.ndarray:
     V, k = mdp.vocab_size, mdp.order
     N, L = seqs.shape
     ctx = np.zeros((N, L), dtype=np.int64)
-    if k == 0:
+    if k == 0 and mdp.done_token is None:
         return ctx
     full = np.array([mdp.context_index(tail) for tail in itertools.product(range(V), repeat=k)])
     for t in range(L):
@@ -80,6 +80,10 @@ def prefix_contexts(mdp: MarkovMDP, seqs: np.ndarray) -> np.ndarray:
             for j in range(t - k, t):
                 code = code * V + seqs[:, j]
             ctx[:, t] = full[code]
+    if mdp.done_token is not None and L > 1:  # after a DONE token the context is the absorbing DONE row
+        seen = np.cumsum(seqs == mdp.done_token, axis=1) > 0
+        done_idx = mdp.context_index((mdp.done_token,))
+        ctx[:, 1:] = np.where(seen[:, :-1], done_idx, ctx[:, 1:])
     return ctx
 
 

@@ -343,7 +343,10 @@ def _tables(mdp: MarkovMDP) -> _Tables:
 
 def weight_tables(name: str, tab: _Tables, horizon: int, params: EstimatorParams
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(α, β, γ)`` tables ``[|Z|, V]`` of the compact form (before masks and signals)."""
+    """``(α, β, γ)`` tables ``[|Z|, V]`` of the compact form (before masks and signals).
+
+    With a DONE token the GSPO exponent stays ``1/T`` (the horizon), not ``1/|y|``: the response length is
+    not part of the DP state."""
     r = tab.r
     one = np.ones_like(r)
     if name in ("token", "token_ppo"):
@@ -656,7 +659,9 @@ def position_profile(mdp: MarkovMDP) -> dict[str, np.ndarray]:
 
     ``mean_L = E L_t``, ``var_L = Var L_t`` (``L_t = Σ_{k≤t} ℓ_k``), ``mean_rho = E ρ_{1:t}``,
     ``var_rho = Var ρ_{1:t}`` (kernels ``π`` and ``π²/μ``), ``ess = (E ρ)²/E ρ²`` (ESS/N of ``ρ_{1:t}``),
-    ``kl = E KL(μ‖π)(z_t)``, ``sigma2 = E Var(ℓ_t | z_t)``, ``var_martingale = Σ_{k≤t} sigma2_k``.
+    ``kl = E KL(μ‖π)(z_t)``, ``sigma2 = E Var(ℓ_t | z_t)``, ``var_martingale = Σ_{k≤t} sigma2_k``,
+    ``alive = P(token t is generated before DONE)`` (1 without a DONE token; ``L`` is frozen after DONE, so
+    the other profiles are unconditional).
     """
     tab = _tables(mdp)
     T, nZ = mdp.horizon, mdp.num_states
@@ -667,10 +672,14 @@ def position_profile(mdp: MarkovMDP) -> dict[str, np.ndarray]:
     m0[mdp.start_state] = 1.0
     m1, m2 = np.zeros(nZ), np.zeros(nZ)
     e1, e2 = m0.copy(), m0.copy()
-    out = {k: np.zeros(T) for k in ("mean_L", "var_L", "mean_rho", "var_rho", "ess", "kl", "sigma2")}
+    out = {k: np.zeros(T) for k in ("mean_L", "var_L", "mean_rho", "var_rho", "ess", "kl", "sigma2", "alive")}
+    live = np.ones(nZ, dtype=bool)
+    if mdp.done_token is not None:
+        live = mdp.state_context != mdp.num_contexts - 1
     kl_z = -(mu * ell).sum(axis=1)
     s2_z = (mu * ell**2).sum(axis=1) - kl_z**2
     for t in range(T):
+        out["alive"][t] = m0[live].sum()
         out["kl"][t] = m0 @ kl_z
         out["sigma2"][t] = m0 @ s2_z
         n1 = np.bincount(nxt, (mu * (m1[:, None] + ell * m0[:, None])).ravel(), minlength=nZ)

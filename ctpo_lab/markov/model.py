@@ -226,6 +226,7 @@ class MarkovMDP:
     target: np.ndarray
     behaviour: np.ndarray
     name: str = "markov"
+    done_token: int | None = None
     _contexts: list[tuple[int, ...]] = field(default_factory=list, init=False, repr=False)
     _ctx_lookup: dict[tuple[int, ...], int] = field(default_factory=dict, init=False, repr=False)
 
@@ -242,10 +243,21 @@ class MarkovMDP:
         for pads in range(k, -1, -1):
             for tail in itertools.product(range(V), repeat=k - pads):
                 ctxs.append((bos,) * pads + tuple(tail))
+        if self.done_token is not None:
+            if isinstance(self.done_token, bool) or not isinstance(self.done_token, (int, np.integer)) or not (
+                    0 <= self.done_token < V):
+                raise ValueError(f"done_token must be an int in 0..{V - 1} or None")
+            ctxs.append((-1,))  # the absorbing DONE context, last row
         self._contexts = ctxs
         self._ctx_lookup = {c: i for i, c in enumerate(ctxs)}
         self.target = self._check_table(self.target, "target")
         self.behaviour = self._check_table(self.behaviour, "behaviour")
+        if self.done_token is not None:
+            onehot = np.eye(V)[self.done_token]
+            for name, tab in (("target", self.target), ("behaviour", self.behaviour)):
+                if not np.allclose(tab[-1], onehot):
+                    raise ValueError(f"{name} row of the DONE context (last row) must be one-hot on done_token "
+                                     f"{self.done_token}")
         bad = np.where(np.any((self.behaviour <= 0) & (self.target > 0), axis=1))[0]
         if bad.size:
             names = [self.context_name(int(c)) for c in bad[:10]]
@@ -291,6 +303,8 @@ class MarkovMDP:
         return list(self._contexts)
 
     def context_name(self, c: int) -> str:
+        if self._contexts[c] == (-1,):
+            return "DONE"
         return "(" + ",".join("BOS" if x == self.vocab_size else str(x) for x in self._contexts[c]) + ")"
 
     def context_index(self, prefix: tuple[int, ...] | list[int]) -> int:
@@ -299,13 +313,16 @@ class MarkovMDP:
         pre = tuple(int(x) for x in prefix)
         if any(not 0 <= x < self.vocab_size for x in pre):
             raise ValueError(f"prefix tokens must be in 0..{self.vocab_size - 1}")
+        if self.done_token is not None and self.done_token in pre:
+            return self.num_contexts - 1
         if k == 0:
             return 0
         padded = (self.vocab_size,) * (k - len(pre)) + pre if len(pre) < k else pre[-k:]
         return self._ctx_lookup[padded]
 
     def reward(self, sequence: tuple[int, ...] | list[int]) -> float:
-        """Terminal reward of a full sequence of ``T`` tokens."""
+        """Terminal reward of a full sequence of ``T`` tokens (with a DONE token: the automaton reads the
+        tokens before the first DONE)."""
         seq = tuple(int(x) for x in sequence)
         if len(seq) != self.horizon:
             raise ValueError(f"sequence must have length T={self.horizon}, got {len(seq)}")
@@ -313,12 +330,22 @@ class MarkovMDP:
         for y in seq:
             if not 0 <= y < self.vocab_size:
                 raise ValueError(f"tokens must be in 0..{self.vocab_size - 1}")
+            if self.done_token is not None and y == self.done_token:
+                break
             q = int(self.automaton.transitions[q, y])
         return float(self.automaton.values[q])
 
     def reward_batch(self, sequences: np.ndarray) -> np.ndarray:
         """Vectorised :meth:`reward` for an int array ``[N, T]`` -> ``[N]``."""
-        return self.automaton.values[self.automaton.run(sequences)]
+        seqs = np.asarray(sequences, dtype=np.int64)
+        if self.done_token is None:
+            return self.automaton.values[self.automaton.run(seqs)]
+        q = np.full(seqs.shape[0], self.automaton.start, dtype=np.int64)
+        alive = np.ones(seqs.shape[0], dtype=bool)
+        for t in range(seqs.shape[1]):
+            alive &= seqs[:, t] != self.done_token
+            q = np.where(alive, self.automaton.transitions[q, seqs[:, t]], q)
+        return self.automaton.values[q]
 
     def score(self, context: int, token: int) -> np.ndarray:
         """``ψ(c, y) = e_c ⊗ (e_y − π(·|c))`` flattened row-major, shape ``[C·V]``."""
@@ -336,8 +363,12 @@ class MarkovMDP:
         V, k, Q = self.vocab_size, self.order, self.automaton.num_states
         C = self.num_contexts
         next_ctx = np.zeros((C, V), dtype=np.int64)
+        done_c = C - 1 if self.done_token is not None else -1
         for c, ctx in enumerate(self._contexts):
             for y in range(V):
+                if c == done_c or y == self.done_token:
+                    next_ctx[c, y] = done_c
+                    continue
                 nxt = (ctx + (y,))[1:] if k > 0 else ()
                 next_ctx[c, y] = self._ctx_lookup[nxt]
         self.next_context = next_ctx
@@ -346,7 +377,11 @@ class MarkovMDP:
         zq = np.tile(np.arange(Q), C)
         self.state_context = zc
         self.state_automaton = zq
-        self.next_state = next_ctx[zc] * Q + self.automaton.transitions[zq]  # [nZ, V]
+        frozen = np.zeros((nZ, V), dtype=bool)
+        if self.done_token is not None:  # the automaton stops at DONE
+            frozen[:, self.done_token] = True
+            frozen[zc == done_c] = True
+        self.next_state = next_ctx[zc] * Q + np.where(frozen, zq[:, None], self.automaton.transitions[zq])
         self.state_reward = self.automaton.values[zq]
         self.start_state = int(0 * Q + self.automaton.start)
         self.num_states = nZ
@@ -361,11 +396,12 @@ class MarkovMDP:
             self.target.copy() if target is None else target,
             self.behaviour.copy() if behaviour is None else behaviour,
             name=self.name,
+            done_token=self.done_token,
         )
 
     def with_horizon(self, horizon: int) -> MarkovMDP:
         return MarkovMDP(self.vocab_size, horizon, self.order, self.automaton, self.target.copy(),
-                         self.behaviour.copy(), name=self.name)
+                         self.behaviour.copy(), name=self.name, done_token=self.done_token)
 
     def per_token_kl(self) -> np.ndarray:
         """``KL(μ‖π)`` per context row, ``[C]``."""
@@ -469,6 +505,8 @@ def random_instance(
     chi2: float | None = None,
     automaton: str | Automaton = "count",
     logit_scale: float = 1.0,
+    done_token: int | None = None,
+    done_logit: float = 0.0,
 ) -> MarkovMDP:
     """Seeded random instance: target logits ``~ N(0, logit_scale²)``; behaviour logits = target logits plus
     a random direction scaled per context so that each row has ``KL(μ‖π) = kl`` (or ``χ²(π‖μ) = chi2``).
@@ -485,6 +523,11 @@ def random_instance(
         Reward automaton spec (see :func:`make_automaton`).
     logit_scale : float
         Standard deviation of the target logits.
+    done_token : int, optional
+        Variable length: this token ends the response (absorbing DONE context, π = μ = 1 on ``done_token``,
+        score 0, ℓ = 0; the reward automaton reads the tokens before it).
+    done_logit : float
+        Added to the target logit of ``done_token`` in every live context (controls the length).
     """
     _check_pos_int(vocab_size, "vocab_size")
     _check_pos_int(horizon, "horizon")
@@ -497,11 +540,17 @@ def random_instance(
     auto = make_automaton(automaton, vocab_size, horizon)
     C = sum(vocab_size**j for j in range(order + 1))
     logits = rng.normal(0.0, logit_scale, size=(C, vocab_size))
+    if done_token is not None:
+        logits[:, done_token] += done_logit
     target = _softmax(logits)
     direction = rng.normal(size=(C, vocab_size))
     behaviour = _perturb_rows(logits, direction, level, measure)
+    if done_token is not None:
+        onehot = np.eye(vocab_size)[done_token][None, :]
+        target, behaviour = np.vstack([target, onehot]), np.vstack([behaviour, onehot])
     return MarkovMDP(vocab_size, horizon, order, auto, target, behaviour,
-                     name=f"random(V={vocab_size},T={horizon},k={order},seed={seed},{measure}={level})")
+                     name=f"random(V={vocab_size},T={horizon},k={order},seed={seed},{measure}={level})",
+                     done_token=done_token)
 
 
 def latent_mode_instance(
