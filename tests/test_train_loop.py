@@ -185,3 +185,19 @@ def test_ctrl_c_finishes_the_step_and_checkpoints(tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     resumed = Trainer(tiny(steps=5, ckpt_every=100), tmp_path / "run", resume=True, progress=False).train()
     assert resumed.final["step"] == 5 and not resumed.interrupted
+
+
+def test_track_without_wandb_is_a_clear_error(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_wandb(name, *args, **kwargs):
+        if name == "wandb":
+            raise ImportError("no wandb")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    with pytest.raises(ValueError, match="track"):
+        Trainer(tiny(track=True), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

@@ -205,7 +205,7 @@ class Trainer:
         n_groups = cfg.batch_prompts
         shuffle = torch.Generator().manual_seed(derived_seed(cfg.seed, step, 2))
         per_update: list[dict[str, float]] = []
-        last_out = None
+        last_out, last_rows = None, None
         nan_updates = 0
         for _epoch in range(cfg.ppo_epochs):
             order = torch.randperm(n_groups, generator=shuffle) if cfg.shuffle_mini_batches else torch.arange(n_groups)
@@ -232,7 +232,7 @@ class Trainer:
                 self.optimizer.step()
                 host["actor/grad_norm"] = grad_norm
                 per_update.append(host)
-                last_out = out
+                last_out, last_rows = out, rows
         self.optimizer.zero_grad(set_to_none=True)
         t_update = time.perf_counter() - t0
 
@@ -277,7 +277,7 @@ class Trainer:
             "perf/gen_tokens_per_s": n_tokens / max(t_gen, 1e-9),
         })
         if cfg.dump_every and step % cfg.dump_every == 0 and last_out is not None:
-            self._dump(step, last_out, adv, rows)
+            self._dump(step, last_out, adv, last_rows)
         record["_nan_step"] = nan_updates > 0
         return record
 
@@ -339,7 +339,7 @@ class Trainer:
                 done_here += 1
                 if interrupt_after is not None and done_here >= interrupt_after:
                     self._stop = True
-                if self._stop:
+                if self._stop and step < cfg.steps:
                     self.checkpoint(step, wall)
                     self._print(f"[ctpo_lab.train] interrupted: checkpoint at step {step} in {self.run.ckpt_dir}")
                     result.interrupted = True
