@@ -211,3 +211,15 @@ def test_variable_length_gradient_matches_finite_differences():
             vals.append(markov.performance(mdp.with_policies(target=p)))
         assert (vals[0] - vals[1]) / (2 * h) == pytest.approx(g[idx], abs=1e-9)
     assert np.all(g[live * 3 :] == 0)
+
+
+def test_ctpo_la_log_cap_and_dual_clip_match_enumeration():
+    """Tight constants so that the dual bound and the log cap both bite."""
+    mdp = markov.random_instance(3, 6, 1, seed=12, kl=0.2)
+    prm = markov.EstimatorParams(la_eps_low=0.2, la_eps_high=0.3, la_eps_dual=0.1, la_log_cap=0.4)
+    dp = markov.exact_moments(mdp, "ctpo_la", "adv_pi", params=prm)
+    en = markov.enumerate_moments(mdp, "ctpo_la", "adv_pi", params=prm)
+    assert _rel(dp.mean, en.mean) < 1e-10 and _rel(dp.second_moment_diag, en.second_moment_diag) < 1e-10
+    loose = markov.exact_moments(mdp, "ctpo_la", "adv_pi", params=markov.EstimatorParams(
+        la_eps_low=0.2, la_eps_high=0.3, la_eps_dual=None, la_log_cap=None))
+    assert _rel(dp.mean, loose.mean) > 1e-3

@@ -147,6 +147,8 @@ def _keep(name: str, x: np.ndarray, t: np.ndarray, sign: np.ndarray, prm: Estima
         up = (sign > 0) & (x > prm.la_eps_high * scale)
         down = (sign < 0) & (x < -prm.la_eps_low * scale)
         dual = (sign < 0) & (x > prm.la_eps_dual * scale) if prm.la_eps_dual is not None else np.zeros_like(up)
+        if prm.la_log_cap is not None:  # log w = min(L_t, cap): a capped token has no gradient
+            dual = dual | (x > prm.la_log_cap)
     elif name == "gspo_clip":
         s = np.exp(x / T)
         up = (sign > 0) & (s > 1 + prm.gspo_eps_high)

@@ -75,6 +75,8 @@ class EstimatorParams:
         Dual-clip constant ``c`` (A < 0: no gradient when the weight exceeds ``c``); ``None`` disables.
     la_eps_low, la_eps_high, la_eps_dual, la_power : float
         CTPO-LA log window ``[−ε_low t^p, ε_high t^p]`` on ``L_t``, dual bound ``ε_c t^p`` for A < 0.
+    la_log_cap : float
+        The authors' ``log w_t = min(L_t, 10)``: no gradient where ``L_t`` exceeds the cap (``None``: off).
     gspo_eps_low, gspo_eps_high : float
         GSPO clip window on ``s = e^{L_T/T}``: ``[1−ε_low, 1+ε_high]``.
     """
@@ -88,6 +90,7 @@ class EstimatorParams:
     la_eps_high: float = 0.05
     la_eps_dual: float | None = 0.05
     la_power: float = 0.5
+    la_log_cap: float | None = 10.0
     gspo_eps_low: float = 3e-4
     gspo_eps_high: float = 4e-4
 
@@ -116,11 +119,13 @@ def clip_keep(name: str, log_w: np.ndarray, t: int, sign: np.ndarray | float, pa
     else:
         raise ValueError(f"{name!r} has no clip mask")
     clipped = ((sg > 0) & (lw > hi)) | ((sg < 0) & ((lw < lo) | (lw > du)))
+    if name == "ctpo_la" and params.la_log_cap is not None:
+        clipped |= lw > params.la_log_cap
     return (~clipped).astype(np.float64)
 
 
 # ------------------------------------------------------------------------------------------ on-policy
-@dataclass
+@dataclass(eq=False)
 class PolicyValues:
     """Exact on-policy tables for one policy.
 
@@ -208,7 +213,7 @@ def bias_decomposition(mdp: MarkovMDP, baseline: float = 0.0) -> dict[str, np.nd
 
 
 # ------------------------------------------------------------------------------------------ moments
-@dataclass
+@dataclass(eq=False)
 class Moments:
     """Exact (or enumerated / sampled) first and second moments of one estimator.
 

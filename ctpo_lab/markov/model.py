@@ -196,7 +196,7 @@ def make_automaton(spec: str | Automaton, vocab_size: int, horizon: int | None =
 
 
 # ----------------------------------------------------------------------------------------------- the MDP
-@dataclass
+@dataclass(eq=False)
 class MarkovMDP:
     """A k-th order autoregressive chain with tabular target/behaviour policies and an automaton reward.
 
