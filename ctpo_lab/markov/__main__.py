@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     print(tab.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     print("\nReproductions:")
     print(rep[["fact", "value", "expected", "holds"]].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
-    print(f"\n{int(rep['holds'].sum())}/{len(rep)} reproductions hold; wrote {len(figs)} figure files and 4 CSVs "
+    checked = rep[rep["holds"].notna()]
+    print(f"\n{int(checked['holds'].astype(bool).sum())}/{len(checked)} reproductions hold "
+          f"({len(rep) - len(checked)} informational rows); wrote {len(figs)} figure files and 4 CSVs "
           f"to {out} in {elapsed:.1f} s")
     return 0
 
