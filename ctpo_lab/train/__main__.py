@@ -9,6 +9,8 @@ Examples::
     python -m ctpo_lab.train --preset cpu-smoke --loss grpo lr=5e-4 loss_overrides.eps_high=0.28
     python -m ctpo_lab.train --out runs/smoke-ctpo --preset cpu-smoke --loss ctpo --resume
 
+Data parallel: ``torchrun --nproc_per_node N -m ctpo_lab.train ...`` (see :mod:`ctpo_lab.train.distributed`).
+
 Exit status: 0 finished, 130 interrupted (checkpoint written), 3 stopped on repeated NaN losses, 2 bad input.
 """
 
@@ -76,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     if result.interrupted:
         return 130
+    if not trainer.dist.is_main:
+        return 0
     f = result.final
     print(json.dumps({"out": str(result.out), "step": f.get("step"), "reward_mean": f.get("reward_mean"),
                       "eval_accuracy": f.get("eval_accuracy"), "offpolicy/kl": f.get("offpolicy/kl"),

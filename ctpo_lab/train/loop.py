@@ -40,6 +40,7 @@ from torch import Tensor
 from ctpo_lab.diagnostics import masked_mean
 from ctpo_lab.losses import compute_policy_loss, metrics_to_host, resolve_config
 from ctpo_lab.train.config import TrainConfig
+from ctpo_lab.train.distributed import init_distributed
 from ctpo_lab.train.policy import Policy, evaluate, load_policy
 from ctpo_lab.train.rollout import RolloutBatch, response_log_probs, sample, score
 from ctpo_lab.train.runfolder import RunFolder, set_rng_state
@@ -69,9 +70,10 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def derived_seed(seed: int, step: int, purpose: int) -> int:
-    """A 63-bit seed for the generator of (run seed, step, purpose)."""
-    return int(np.random.SeedSequence([seed, step, purpose]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+def derived_seed(seed: int, step: int, purpose: int, rank: int = 0) -> int:
+    """A 63-bit seed for the generator of (run seed, step, purpose[, data-parallel rank > 0])."""
+    entropy = [seed, step, purpose] + ([rank] if rank else [])
+    return int(np.random.SeedSequence(entropy).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 def grpo_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
@@ -103,22 +105,33 @@ class Trainer:
             except ImportError:
                 raise ValueError("track: --track needs the wandb package (pip install wandb)") from None
         self.cfg = cfg
-        self.progress = progress
-        self._print = log or (lambda s: print(s, file=sys.stderr, flush=True))
-        self.run = RunFolder(out, resume=resume, overwrite=overwrite, keep=cfg.keep_checkpoints)
+        self.dist, self.device = init_distributed(cfg.device)
+        d = self.dist
+        if d.active and (cfg.batch_prompts % d.world or cfg.mini_batch_prompts % d.world):
+            raise ValueError(f"mini_batch_prompts: batch_prompts={cfg.batch_prompts} and mini_batch_prompts="
+                             f"{cfg.mini_batch_prompts} must be multiples of the {d.world} data-parallel ranks")
+        self.progress = progress and d.is_main
+        printer = log or (lambda s: print(s, file=sys.stderr, flush=True))
+        self._print = printer if d.is_main else (lambda s: None)
+        RunFolder.check(out, resume=resume, overwrite=overwrite)  # every rank, before anyone writes
+        d.barrier()
+        self.run = RunFolder(out, resume=resume, overwrite=overwrite, keep=cfg.keep_checkpoints, writer=d.is_main)
         ckpt_path = self.run.latest_checkpoint() if resume else None
         saved = self.run.read_config() if resume else None
         if saved is not None:
             _check_resume_config(saved, cfg)
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
-        self.device = pick_device(cfg.device)
         self.task = make_task(cfg.task, **cfg.task_options)
         self.loss_config = resolve_config(cfg.loss, **cfg.loss_overrides)
         self.max_new_tokens = cfg.max_new_tokens or self.task.max_response_tokens
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
-        self.policy: Policy = load_policy(cfg, self.task, self.device, progress=progress)
+        if not d.is_main:
+            d.barrier()  # rank 0 builds (or reads) the warm-start cache first
+        self.policy: Policy = load_policy(cfg, self.task, self.device, progress=self.progress)
+        if d.is_main:
+            d.barrier()
         self.model = self.policy.model
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay
@@ -135,9 +148,17 @@ class Trainer:
             self.start_step = int(state["step"])
             self.consecutive_nan = int(state.get("consecutive_nan", 0))
             self.wall_offset = float(state.get("wall_time", 0.0))
+        self.train_model: torch.nn.Module = self.model
+        if d.active:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.train_model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         self.run.write_config({**cfg.to_dict(), "resolved_loss": dataclasses.asdict(self.loss_config),
                                "policy": {k: v for k, v in self.policy.info.items() if not isinstance(v, dict)},
                                "updates_per_step": cfg.updates_per_step, "device": str(self.device),
+                               "world_size": d.world,
                                "max_new_tokens_resolved": self.max_new_tokens})
         self._stop = False
 
@@ -149,14 +170,17 @@ class Trainer:
             f"{c.group_size} responses = {c.rollout_batch_size} responses, mini-batches of {c.mini_batch_prompts} "
             f"prompts ({c.mini_batch_prompts * c.group_size} responses) × {c.ppo_epochs} epoch(s); update 1 is "
             f"on-policy, updates 2..{c.updates_per_step} are off-policy. loss={c.loss} device={self.device}"
+            + (f" data-parallel ranks={self.dist.world}" if self.dist.active else "")
         )
 
     def rollout(self, step: int) -> tuple[list[Problem], RolloutBatch]:
         cfg = self.cfg
         rng = np.random.default_rng(derived_seed(cfg.seed, step, 0))
         problems = self.task.sample(rng, cfg.batch_prompts, "train")
+        per_rank = cfg.batch_prompts // self.dist.world
+        problems = problems[self.dist.rank * per_rank : (self.dist.rank + 1) * per_rank]
         expanded = [p for p in problems for _ in range(cfg.group_size)]
-        gen = torch.Generator(device=self.device).manual_seed(derived_seed(cfg.seed, step, 1))
+        gen = torch.Generator(device=self.device).manual_seed(derived_seed(cfg.seed, step, 1, self.dist.rank))
         self.model.eval()
         batch = sample(self.model, [self.policy.encode_prompt(p) for p in expanded],
                        max_new_tokens=self.max_new_tokens, temperature=cfg.temperature,
@@ -165,10 +189,16 @@ class Trainer:
         return expanded, batch
 
     def evaluate(self, step: int) -> dict[str, float]:
-        gen = torch.Generator(device=self.device).manual_seed(derived_seed(self.cfg.seed, step, 3))
+        d = self.dist
+        gen = torch.Generator(device=self.device).manual_seed(derived_seed(self.cfg.seed, step, 3, d.rank))
         t0 = time.perf_counter()
-        ev = evaluate(self.policy, self.task, self.eval_set, samples=self.cfg.eval_samples,
+        shard = self.eval_set[d.rank :: d.world]
+        ev = evaluate(self.policy, self.task, shard, samples=self.cfg.eval_samples,
                       temperature=self.cfg.eval_temperature, max_new_tokens=self.max_new_tokens, generator=gen)
+        if d.active:
+            n = float(len(shard))
+            acc, length, total = d.sum([ev["eval_accuracy"] * n, ev["eval/response_length"] * n, n], self.device)
+            ev = {"eval_accuracy": acc / total, "eval/response_length": length / total}
         ev["time/eval"] = time.perf_counter() - t0
         return ev
 
@@ -202,7 +232,8 @@ class Trainer:
 
         t0 = time.perf_counter()
         model.train()
-        n_groups = cfg.batch_prompts
+        n_groups = cfg.batch_prompts // self.dist.world  # this rank's prompt groups
+        mb_groups = cfg.mini_batch_prompts // self.dist.world
         shuffle = torch.Generator().manual_seed(derived_seed(cfg.seed, step, 2))
         per_update: list[dict[str, float]] = []
         last_out, last_rows = None, None
@@ -210,14 +241,15 @@ class Trainer:
         for _epoch in range(cfg.ppo_epochs):
             order = torch.randperm(n_groups, generator=shuffle) if cfg.shuffle_mini_batches else torch.arange(n_groups)
             for k in range(cfg.num_mini_batches):
-                groups = order[k * cfg.mini_batch_prompts : (k + 1) * cfg.mini_batch_prompts]
+                groups = order[k * mb_groups : (k + 1) * mb_groups]
                 rows = (groups[:, None] * cfg.group_size + torch.arange(cfg.group_size)).flatten().to(device)
                 sub = batch.select(rows)
-                lp, _ = response_log_probs(model, sub, cfg.temperature)  # [n, R]
+                lp, _ = response_log_probs(self.train_model, sub, cfg.temperature)  # [n, R]
                 out = compute_policy_loss(lp, old[rows], adv[rows], sub.response_mask, preset=self.loss_config)
                 host = metrics_to_host({**out.metrics, "_nonfinite": out.num_nonfinite.to(torch.float32),
                                         "_loss": out.loss.detach()})
-                if host.pop("_nonfinite") > 0 or not math.isfinite(host.pop("_loss")):
+                bad = host.pop("_nonfinite") > 0 or not math.isfinite(host.pop("_loss"))
+                if self.dist.any(bad, device):  # every rank skips together (DDP needs matching backwards)
                     nan_updates += 1
                     warnings.warn(f"step {step}: non-finite loss in update {k + 1}; update skipped", stacklevel=2)
                     continue
@@ -278,6 +310,8 @@ class Trainer:
         })
         if cfg.dump_every and step % cfg.dump_every == 0 and last_out is not None:
             self._dump(step, last_out, adv, last_rows)
+        record = self.dist.reduce_record(record, device)
+        record["step"] = step
         record["_nan_step"] = nan_updates > 0
         return record
 
@@ -285,11 +319,11 @@ class Trainer:
         """Ratio dump of the last (most off-policy) mini-batch in the CTPO npz layout."""
         from ctpo_lab import dumps
 
-        self.run.ratio_dir.mkdir(exist_ok=True)
+        self.run.ratio_dir.mkdir(parents=True, exist_ok=True)
         cum = torch.where(out.mask, out.log_ratio, 0.0).cumsum(-1)
-        dumps.write_ratio_dump(self.run.ratio_dir, cum, out.mask, step=step, advantages=adv[rows],
-                               group_ids=(rows // self.cfg.group_size), log_weight=out.log_weight_value,
-                               overwrite=True)
+        dumps.write_ratio_dump(self.run.ratio_dir, cum, out.mask, step=step, rank=self.dist.rank,
+                               advantages=adv[rows], group_ids=(rows // self.cfg.group_size),
+                               log_weight=out.log_weight_value, overwrite=True)
 
     # ------------------------------------------------------------------ main loop
     def train(self, *, interrupt_after: int | None = None) -> TrainResult:
@@ -339,6 +373,7 @@ class Trainer:
                 done_here += 1
                 if interrupt_after is not None and done_here >= interrupt_after:
                     self._stop = True
+                self._stop = self.dist.any(self._stop, self.device)
                 if self._stop and step < cfg.steps:
                     self.checkpoint(step, wall)
                     self._print(f"[ctpo_lab.train] interrupted: checkpoint at step {step} in {self.run.ckpt_dir}")
@@ -354,6 +389,7 @@ class Trainer:
         finally:
             restore()
             self.run.close()
+            self.dist.close()
         return result
 
     def _install_sigint(self) -> Callable[[], None]:

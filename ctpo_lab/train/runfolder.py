@@ -56,27 +56,37 @@ class RunFolder:
     """Owns one run directory. Construct it first: it refuses to clobber before anything else happens."""
 
     def __init__(self, path: str | os.PathLike[str], *, resume: bool = False, overwrite: bool = False,
-                 keep: int = 2) -> None:
-        if resume and overwrite:
-            raise ValueError("overwrite: --resume and --overwrite are mutually exclusive")
+                 keep: int = 2, writer: bool = True) -> None:
         self.path = Path(path)
-        if self.path.exists() and not self.path.is_dir():
-            raise ValueError(f"out: {str(self.path)!r} exists and is not a directory")
-        nonempty = self.path.is_dir() and any(self.path.iterdir())
-        if nonempty and not resume and not overwrite:
-            raise ValueError(
-                f"out: run folder {str(self.path)!r} already exists; pass --resume to continue it or "
-                "--overwrite to replace it"
-            )
-        if nonempty and overwrite:
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.writer = writer
+        if writer:
+            nonempty = self.check(path, resume=resume, overwrite=overwrite)
+            if nonempty and overwrite:
+                shutil.rmtree(self.path)
+            self.path.mkdir(parents=True, exist_ok=True)
         self.ckpt_dir = self.path / "ckpt"
         self.ratio_dir = self.path / "ratios"
         self.metrics_path = self.path / "metrics.jsonl"
         self.keep = keep
         self._tb = None
         self._wandb = None
+
+    @staticmethod
+    def check(path: str | os.PathLike[str], *, resume: bool = False, overwrite: bool = False) -> bool:
+        """Read-only checks (raise ``ValueError``); returns whether the folder exists and is non-empty.
+        A non-``writer`` RunFolder (data-parallel ranks > 0) never writes; every method that would is a no-op."""
+        if resume and overwrite:
+            raise ValueError("overwrite: --resume and --overwrite are mutually exclusive")
+        p = Path(path)
+        if p.exists() and not p.is_dir():
+            raise ValueError(f"out: {str(p)!r} exists and is not a directory")
+        nonempty = p.is_dir() and any(p.iterdir())
+        if nonempty and not resume and not overwrite:
+            raise ValueError(
+                f"out: run folder {str(p)!r} already exists; pass --resume to continue it or "
+                "--overwrite to replace it"
+            )
+        return nonempty
 
     # ------------------------------------------------------------------ config
     @property
@@ -87,6 +97,8 @@ class RunFolder:
         return yaml.safe_load(self.config_path.read_text()) if self.config_path.is_file() else None
 
     def write_config(self, config: dict[str, Any]) -> None:
+        if not self.writer:
+            return
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
 
     # ------------------------------------------------------------------ checkpoints
@@ -98,8 +110,10 @@ class RunFolder:
         return ck[-1] if ck else None
 
     def save_checkpoint(self, step: int, state: dict[str, Any]) -> Path:
-        self.ckpt_dir.mkdir(exist_ok=True)
         target = self.ckpt_dir / f"step_{step:07d}.pt"
+        if not self.writer:
+            return target
+        self.ckpt_dir.mkdir(exist_ok=True)
         tmp = target.with_suffix(".pt.tmp")
         torch.save({**state, "step": step, "rng": rng_state()}, tmp)
         os.replace(tmp, target)
@@ -117,6 +131,8 @@ class RunFolder:
     def open_loggers(self, *, start_step: int, tensorboard: bool, track: bool, config: dict[str, Any],
                      project: str = "ctpo_lab", name: str | None = None) -> None:
         """Truncate ``metrics.jsonl`` to ``start_step`` and open TensorBoard / W&B."""
+        if not self.writer:
+            return
         if self.metrics_path.is_file():  # a fresh start (step 0) keeps nothing
             kept = [line for line in self.metrics_path.read_text().splitlines()
                     if start_step > 0 and line.strip() and json.loads(line).get("step", 0) <= start_step]
@@ -133,6 +149,8 @@ class RunFolder:
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one record (must contain ``step``) to every open logger."""
+        if not self.writer:
+            return
         with self.metrics_path.open("a") as f:
             f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
         step = int(record["step"])
@@ -149,6 +167,8 @@ class RunFolder:
         return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
 
     def mark_finished(self, summary: dict[str, Any]) -> None:
+        if not self.writer:
+            return
         (self.path / FINISHED_FILE).write_text(json.dumps(summary, indent=1))
 
     def close(self) -> None:
