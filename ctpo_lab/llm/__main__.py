@@ -47,7 +47,7 @@ class RunConfig:
     prompts: str = "arithmetic"
     reward: str = "lenient"
     train_prompts: int = 16
-    eval_prompts: int = 12
+    eval_prompts: int = 10
     group_size: int = 4
     max_new_tokens: int = 512
     temperature: float = 1.0
@@ -350,8 +350,11 @@ def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False) -> dic
         train = full.subset(train_rows)
         adv = torch.as_tensor(frame["advantage"].to_numpy()[train_rows], dtype=torch.float32)
         zero_adv = float((adv == 0).float().mean())
-        _log(f"[llm] stale updates: preset {cfg.preset}, lr {cfg.lr}, {cfg.minibatches} minibatches of "
-             f"{len(train) // cfg.minibatches} responses; {zero_adv:.0%} of train responses have A = 0")
+        informative = int(np.unique(train.group_id.numpy()[(adv != 0).numpy()]).size)
+        _log(f"[llm] stale updates: preset {cfg.preset}, lr {cfg.lr}, up to {cfg.minibatches} minibatches; "
+             f"{informative} of {cfg.train_prompts} train groups have non-zero advantages "
+             f"({zero_adv:.0%} of train responses have A = 0)")
+        targets_meta_stale = {"informative_train_groups": informative, "zero_advantage_fraction": zero_adv}
         ks = set(cfg.k)
         update_metrics: list[dict[str, float]] = []
 
@@ -372,6 +375,8 @@ def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False) -> dic
             num_updates=max(cfg.k), seed=cfg.seed, on_update=on_update, progress=cfg.progress,
         )
         (out / "updates.json").write_text(json.dumps(update_metrics, indent=1))
+        for v in targets.values():
+            v.update(targets_meta_stale)
     else:
         if cfg.source == "temperature":
             target_model, name = lm.model, f"temperature_{cfg.temperature:g}"

@@ -84,6 +84,9 @@ class StaleConfig:
     lr, weight_decay, betas, grad_clip : AdamW and gradient-norm clipping (paper: lr 1e-6 for 4B/14B models).
     num_minibatches : minibatches per rollout batch (paper: 16); update j uses minibatch j mod M.
     temperature : τ of π in the loss (the behaviour log-probs come from sampling).
+    skip_zero_advantage_groups : build minibatches only from prompt groups with some non-zero advantage (DAPO's
+        dynamic-sampling filter; a group whose rewards are all equal gives no gradient). With fewer such
+        groups than ``num_minibatches``, each informative group is its own minibatch and later updates cycle.
     """
 
     preset: str = "ctpo"
@@ -93,6 +96,7 @@ class StaleConfig:
     grad_clip: float | None = 1.0
     num_minibatches: int = 16
     temperature: float = 1.0
+    skip_zero_advantage_groups: bool = True
     loss_overrides: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -153,7 +157,16 @@ def stale_updates(
         raise ValueError(f"advantages: expected shape [{len(train)}], got {tuple(adv.shape)}")
     if not torch.isfinite(adv).all():
         raise ValueError("advantages: NaN or inf value(s)")
-    parts = split_minibatches(train.group_id.numpy(), config.num_minibatches, seed)
+    gid = train.group_id.numpy()
+    rows_used = np.arange(len(train))
+    if config.skip_zero_advantage_groups:
+        informative = np.unique(gid[(adv != 0).numpy()])
+        if informative.size == 0:
+            raise ValueError("advantages: every prompt group has all-equal rewards (A = 0): no update is possible; "
+                             "use more prompts, a larger group size or a lenient reward")
+        rows_used = np.nonzero(np.isin(gid, informative))[0]
+    n_parts = min(config.num_minibatches, int(np.unique(gid[rows_used]).size))
+    parts = [rows_used[p] for p in split_minibatches(gid[rows_used], n_parts, seed)]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     records: list[UpdateRecord] = []

@@ -155,8 +155,8 @@ def frame_to_batch(df: pd.DataFrame, *, pad_token_id: int, temperature: float) -
     logp = torch.from_numpy(padded(df["logp_behaviour"], 0.0, np.float32))
     return RolloutBatch(
         [list(map(int, p)) for p in df["prompt_token_ids"]],
-        torch.as_tensor(df["prompt_index"].to_numpy(np.int64)), torch.as_tensor(df["group_id"].to_numpy(np.int64)),
-        tokens, mask, logp, torch.as_tensor(df["finished"].to_numpy(bool)), float(temperature), int(pad_token_id),
+        torch.tensor(df["prompt_index"].to_numpy(np.int64)), torch.tensor(df["group_id"].to_numpy(np.int64)),
+        tokens, mask, logp, torch.tensor(df["finished"].to_numpy(bool)), float(temperature), int(pad_token_id),
     )
 
 
