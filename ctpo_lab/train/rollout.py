@@ -100,7 +100,8 @@ def sample(
     n = ids.shape[0]
     position = (mask.long().cumsum(-1) - 1).clamp(min=0)  # [N, P]
     with autocast(device):
-        out = model(input_ids=ids, attention_mask=mask.long(), position_ids=position, use_cache=True)
+        out = model(input_ids=ids, attention_mask=mask.long(), position_ids=position, use_cache=True,
+                    logits_to_keep=1)
     cache_kw = _cache_keyword(model)
     cache = out.get("cache", out.get("past_key_values"))
     logits = out.logits[:, -1].float()  # [N, V]
@@ -148,10 +149,10 @@ def response_log_probs(
     ids = torch.cat([batch.prompt_ids, batch.response_ids], 1)  # [N, P+R]
     attn = torch.cat([batch.prompt_mask, torch.ones_like(batch.response_mask)], 1)
     position = (attn.long().cumsum(-1) - 1).clamp(min=0)
-    p, r = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
-    with autocast(device):
-        logits = model(input_ids=ids, attention_mask=attn.long(), position_ids=position).logits
-    logits = logits[:, p - 1 : p + r - 1].float()  # [N, R, V]
+    r = batch.response_ids.shape[1]
+    with autocast(device):  # logits of the last R + 1 positions only (the prompt's are never needed)
+        logits = model(input_ids=ids, attention_mask=attn.long(), position_ids=position, logits_to_keep=r + 1).logits
+    logits = logits[:, -(r + 1) : -1].float()  # [N, R, V]: position P−1+t predicts response token t
     if temperature > 0:
         logits = logits / temperature
     logp_all = torch.log_softmax(logits, -1)
