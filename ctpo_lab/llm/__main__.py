@@ -46,10 +46,10 @@ class RunConfig:
     quick: bool = False
     prompts: str = "arithmetic"
     reward: str = "lenient"
-    train_prompts: int = 16
-    eval_prompts: int = 10
+    train_prompts: int = 8
+    eval_prompts: int = 8
     group_size: int = 4
-    max_new_tokens: int = 512
+    max_new_tokens: int = 256
     temperature: float = 1.0
     prompts_per_chunk: int = 8
     source: str = "stale"
@@ -58,7 +58,7 @@ class RunConfig:
     lr: float = 1e-5
     minibatches: int = 16
     target_model: str | None = None
-    bin_width: int = 50
+    bin_width: int = 32
     min_count: int = 30
     min_sequences: int = 10
     n_boot: int = 1000
@@ -69,8 +69,8 @@ class RunConfig:
 
     def collection_key(self) -> dict[str, Any]:
         """The fields that must match for ``--resume``."""
-        keys = ("model", "seed", "prompts", "reward", "train_prompts", "eval_prompts", "group_size", "max_new_tokens",
-                "temperature", "prompts_per_chunk")
+        keys = ("model", "seed", "prompts", "reward", "train_prompts", "eval_prompts", "group_size",
+                "max_new_tokens", "temperature", "prompts_per_chunk")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -116,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate of the stale update ({d.lr})")
     r.add_argument("--minibatches", type=int, default=None, help="minibatches per rollout batch (16)")
     r.add_argument("--target-model", default=None, help="π for --source checkpoints")
-    r.add_argument("--bin-width", type=int, default=None, help="positions per bin (50)")
+    r.add_argument("--bin-width", type=int, default=None, help=f"positions per bin ({d.bin_width}; the paper: 50)")
     r.add_argument("--n-boot", type=int, default=None, help="bootstrap replicates (1000)")
     r.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: best on a shared CPU)")
     r.add_argument("--cache", default=None, help="model cache directory ($CTPO_LAB_CACHE)")
@@ -174,9 +174,6 @@ def _resolve(ns: argparse.Namespace) -> RunConfig:
 
         if cfg.preset not in PRESETS:
             raise SystemExit(f"error: --preset: unknown preset {cfg.preset!r}; expected one of {sorted(PRESETS)}")
-        if cfg.minibatches > cfg.train_prompts:
-            raise SystemExit(f"error: --minibatches: {cfg.minibatches} minibatches need ≥ as many train prompts "
-                             f"(got {cfg.train_prompts})")
     return cfg
 
 
@@ -351,9 +348,9 @@ def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False) -> dic
         adv = torch.as_tensor(frame["advantage"].to_numpy()[train_rows], dtype=torch.float32)
         zero_adv = float((adv == 0).float().mean())
         informative = int(np.unique(train.group_id.numpy()[(adv != 0).numpy()]).size)
-        _log(f"[llm] stale updates: preset {cfg.preset}, lr {cfg.lr}, up to {cfg.minibatches} minibatches; "
-             f"{informative} of {cfg.train_prompts} train groups have non-zero advantages "
-             f"({zero_adv:.0%} of train responses have A = 0)")
+        _log(f"[llm] stale updates: preset {cfg.preset}, lr {cfg.lr}, up to {cfg.minibatches} minibatches of the "
+             f"{int((adv != 0).sum())} responses with A ≠ 0 ({informative} of {cfg.train_prompts} train groups; "
+             f"{zero_adv:.0%} of train responses have A = 0 and are skipped)")
         targets_meta_stale = {"informative_train_groups": informative, "zero_advantage_fraction": zero_adv}
         ks = set(cfg.k)
         update_metrics: list[dict[str, float]] = []
@@ -446,8 +443,10 @@ def analyze_target(
     from ctpo_lab import stats
 
     m = _matrices(df)
-    fit = stats.sqrt_t_fit(m["cum"], m["mask"], m["group"], bin_width=bin_width, min_count=min_count,
-                           min_sequences=min_sequences, n_boot=n_boot, seed=seed)
+    # pooled fit: bootstrap over sequences (few prompt groups make a group bootstrap unreliable); the centred
+    # fit resamples whole prompt groups
+    fit = stats.sqrt_t_fit(m["cum"], m["mask"], m["group"], cluster="sequence", bin_width=bin_width,
+                           min_count=min_count, min_sequences=min_sequences, n_boot=n_boot, seed=seed)
     fit_c = stats.sqrt_t_fit(m["cum"], m["mask"], m["group"], center=True, bin_width=bin_width,
                              min_count=min_count, min_sequences=min_sequences, n_boot=n_boot, seed=seed)
     drift = stats.drift_profile(m["cum"], m["mask"], m.get("kl"), bin_width=bin_width, min_count=min_count)
@@ -465,7 +464,7 @@ def analyze_target(
     return {
         "sigma_hat": fit.sigma_hat, "sigma_hat_ci": list(fit.sigma_hat_ci),
         "exponent": fit.exponent, "exponent_ci": list(fit.exponent_ci),
-        "exponent_contains_0.5": fit.contains(0.5),
+        "exponent_contains_0.5": fit.contains(0.5), "cluster": fit.cluster,
         "centered": {"sigma_hat": fit_c.sigma_hat, "sigma_hat_ci": list(fit_c.sigma_hat_ci),
                      "exponent": fit_c.exponent, "exponent_ci": list(fit_c.exponent_ci)},
         "drift_per_token": drift.drift_per_token, "kl_per_token": _finite(drift.kl_per_token),

@@ -84,9 +84,12 @@ class StaleConfig:
     lr, weight_decay, betas, grad_clip : AdamW and gradient-norm clipping (paper: lr 1e-6 for 4B/14B models).
     num_minibatches : minibatches per rollout batch (paper: 16); update j uses minibatch j mod M.
     temperature : τ of π in the loss (the behaviour log-probs come from sampling).
-    skip_zero_advantage_groups : build minibatches only from prompt groups with some non-zero advantage (DAPO's
-        dynamic-sampling filter; a group whose rewards are all equal gives no gradient). With fewer such
-        groups than ``num_minibatches``, each informative group is its own minibatch and later updates cycle.
+    skip_zero_advantage : build minibatches only from responses with a non-zero advantage (their tokens give
+        no gradient under any preset; DAPO's dynamic-sampling filter drops all-equal groups for the same
+        reason). Saves compute; the token-mean denominator then counts informative tokens only.
+    minibatch_unit : ``row`` (responses shuffled into minibatches) or ``group`` (whole prompt groups, as verl's
+        prompt minibatches). With fewer units than ``num_minibatches`` each unit is its own minibatch and later
+        updates cycle through them (PPO epochs).
     """
 
     preset: str = "ctpo"
@@ -96,13 +99,16 @@ class StaleConfig:
     grad_clip: float | None = 1.0
     num_minibatches: int = 16
     temperature: float = 1.0
-    skip_zero_advantage_groups: bool = True
+    skip_zero_advantage: bool = True
+    minibatch_unit: str = "row"
     loss_overrides: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         losses.resolve_config(self.preset, **self.loss_overrides)  # validates preset and overrides
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
             raise ValueError(f"lr: expected a learning rate in (0, 1), got {self.lr!r}")
+        if self.minibatch_unit not in ("row", "group"):
+            raise ValueError(f"minibatch_unit: expected 'row' or 'group', got {self.minibatch_unit!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip: expected > 0 or None, got {self.grad_clip!r}")
 
@@ -159,14 +165,17 @@ def stale_updates(
         raise ValueError("advantages: NaN or inf value(s)")
     gid = train.group_id.numpy()
     rows_used = np.arange(len(train))
-    if config.skip_zero_advantage_groups:
-        informative = np.unique(gid[(adv != 0).numpy()])
-        if informative.size == 0:
-            raise ValueError("advantages: every prompt group has all-equal rewards (A = 0): no update is possible; "
-                             "use more prompts, a larger group size or a lenient reward")
-        rows_used = np.nonzero(np.isin(gid, informative))[0]
-    n_parts = min(config.num_minibatches, int(np.unique(gid[rows_used]).size))
-    parts = [rows_used[p] for p in split_minibatches(gid[rows_used], n_parts, seed)]
+    if config.skip_zero_advantage:
+        rows_used = np.nonzero((adv != 0).numpy())[0]
+        if rows_used.size == 0:
+            raise ValueError("advantages: every response has A = 0 (all-equal rewards in every group): no update "
+                             "is possible; use more prompts, a larger group size or a lenient reward")
+    if config.minibatch_unit == "group":
+        n_parts = min(config.num_minibatches, int(np.unique(gid[rows_used]).size))
+        parts = [rows_used[p] for p in split_minibatches(gid[rows_used], n_parts, seed)]
+    else:
+        order = np.random.default_rng(seed).permutation(rows_used)
+        parts = [np.sort(p) for p in np.array_split(order, min(config.num_minibatches, rows_used.size))]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     records: list[UpdateRecord] = []
