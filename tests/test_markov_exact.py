@@ -223,3 +223,19 @@ def test_ctpo_la_log_cap_and_dual_clip_match_enumeration():
     loose = markov.exact_moments(mdp, "ctpo_la", "adv_pi", params=markov.EstimatorParams(
         la_eps_low=0.2, la_eps_high=0.3, la_eps_dual=None, la_log_cap=None))
     assert _rel(dp.mean, loose.mean) > 1e-3
+
+
+@pytest.mark.parametrize("V,k,T,auto", [(5, 2, 30, "count"), (4, 1, 40, "contains:0-1"), (3, 3, 12, "sum:3")])
+def test_toeplitz_second_moment_equals_forward_dp(V, k, T, auto):
+    from ctpo_lab.markov import exact
+
+    mdp = markov.random_instance(V, T, k, seed=4, kl=0.05, automaton=auto)
+    tab = exact._tables(mdp)
+    u = mdp.state_reward - 0.4
+    for est in ("token", "cumulative", "sequence", "gspo", "truncated_cumulative", "cispo"):
+        a, b, g = exact.weight_tables(est, tab, T, exact.EstimatorParams())
+        _, fwd = exact.run_moment_dp(mdp, a, b, g, exact.score_feature(mdp), u)
+        fast = exact.run_second_moment_toeplitz(mdp, a, b, g, u)
+        assert np.max(np.abs(fast - fwd)) <= 1e-11 * np.max(np.abs(fwd)), est
+    m = markov.exact_moments(mdp, "cumulative", "reward", 0.4, along_gradient=False)
+    assert m.info["second_moment_path"] == "toeplitz"
