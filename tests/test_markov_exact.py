@@ -239,3 +239,15 @@ def test_toeplitz_second_moment_equals_forward_dp(V, k, T, auto):
         assert np.max(np.abs(fast - fwd)) <= 1e-11 * np.max(np.abs(fwd)), est
     m = markov.exact_moments(mdp, "cumulative", "reward", 0.4, along_gradient=False)
     assert m.info["second_moment_path"] == "toeplitz"
+
+
+def test_toeplitz_handles_unreachable_start_block_states():
+    """k = 1 with a 3-state automaton: (BOS, q != start) states have no predecessors."""
+    from ctpo_lab.markov import exact
+
+    mdp = markov.random_instance(3, 9, 1, seed=5, kl=0.1, automaton="count:0:3")
+    tab = exact._tables(mdp)
+    a, b, g = exact.weight_tables("sequence", tab, 9, exact.EstimatorParams())
+    u = mdp.state_reward - 0.3
+    _, fwd = exact.run_moment_dp(mdp, a, b, g, exact.score_feature(mdp), u)
+    np.testing.assert_allclose(exact.run_second_moment_toeplitz(mdp, a, b, g, u), fwd, rtol=1e-11, atol=1e-15)

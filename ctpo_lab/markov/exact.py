@@ -786,14 +786,25 @@ def run_second_moment_toeplitz(mdp: MarkovMDP, alpha: np.ndarray, beta: np.ndarr
     src = nxt_c  # [C, Q, V] state f(z, y)
     dst = (np.arange(C)[:, None] * Q + np.arange(Q)[None, :])  # [C, Q''] states of block c
     R = np.empty((T - 1, C, Q, Q, V))  # R[n, c, q, q'', y] = K^n(f(z_{c,q}, y), z_{c,q''})
-    KnT = np.eye(nZ)
+    # rows of KnT are stored in a permuted order that makes every group's destinations a contiguous slice
+    order = np.concatenate([dests for _, dests, _ in groups] + [np.setdiff1d(np.arange(nZ), np.concatenate(
+        [dests for _, dests, _ in groups]))])
+    pos = np.empty(nZ, dtype=np.int64)
+    pos[order] = np.arange(nZ)
+    slices, start = [], 0
+    for pred, dests, W in groups:
+        slices.append((pos[pred], slice(start, start + len(dests)), W))
+        start += len(dests)
+    cur = np.eye(nZ)[order]
+    nxt_buf = np.zeros_like(cur)
+    rd, rs = pos[dst[:, None, :, None]], src[:, :, None, :]
     for n in range(T - 1):
-        R[n] = KnT[dst[:, None, :, None], src[:, :, None, :]]
+        R[n] = cur[rd, rs]
         if n < T - 2:
-            new = np.zeros_like(KnT)  # states without predecessors (the start) get 0
-            for pred, dests, W in groups:
-                new[dests] = W @ KnT[pred]
-            KnT = new
+            for prow, sl, W in slices:
+                np.matmul(W, cur[prow], out=nxt_buf[sl])
+            cur, nxt_buf = nxt_buf, cur
+            nxt_buf[start:] = 0.0  # rows of states without predecessors (K^n = 0 there for n >= 1)
     # batched over (c, q, q''): G[y, y''] = Σ_n R[n, y] corr[n, y'']
     Rm = np.ascontiguousarray(R.transpose(1, 2, 3, 4, 0))  # [C, Q, Q'', V, n]
     Cm = np.ascontiguousarray(corr.transpose(1, 2, 3, 0, 4))  # [C, Q, Q'', n, V'']
