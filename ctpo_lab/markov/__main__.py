@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: output folder {out} exists and is not empty; pass --overwrite", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     from tqdm.auto import tqdm
 
     from . import plots, study

@@ -19,6 +19,11 @@ outcome signal (``u = 1`` and ``β ← β·S_t`` for per-token oracle signals). 
 on the cumulative log-ratio ``L_t`` run the same recursions on the augmented state ``(z, L)``
 (:mod:`ctpo_lab.markov.augmented`). Sign-dependent masks with the outcome signal are split on the sign of
 ``R − b``: the two pieces are disjoint, so first and second moments add.
+
+Costs: the mean alone is a forward-backward pass, ``O(T·|Z|·V)``. The diagonal second moment is the forward
+recursion above, ``O(T·|Z|·V·d)`` (any per-token signal or position mask), or, when the tables do not
+depend on time (outcome signal, all positions), the unrolled form of :func:`run_second_moment_toeplitz`,
+``O(T·|Z|²·V)`` (chosen automatically when cheaper).
 """
 
 from __future__ import annotations
