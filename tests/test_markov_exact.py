@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ctpo_lab import markov
 from ctpo_lab.markov.augmented import log_ratio_distribution_profile
@@ -251,3 +253,19 @@ def test_toeplitz_handles_unreachable_start_block_states():
     u = mdp.state_reward - 0.3
     _, fwd = exact.run_moment_dp(mdp, a, b, g, exact.score_feature(mdp), u)
     np.testing.assert_allclose(exact.run_second_moment_toeplitz(mdp, a, b, g, u), fwd, rtol=1e-11, atol=1e-15)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(V=st.integers(2, 3), T=st.integers(1, 5), k=st.integers(0, 2), seed=st.integers(0, 10_000),
+       kl=st.sampled_from([0.0, 0.01, 0.2]), est=st.sampled_from(markov.ESTIMATORS),
+       sig=st.sampled_from(["reward", "adv_pi", "q_mu"]), auto=st.sampled_from(["count", "sum:3", "contains:0-1"]))
+def test_property_dp_equals_enumeration(V, T, k, seed, kl, est, sig, auto):
+    if est == "gspo_clip" and sig != "reward":
+        return
+    mdp = markov.random_instance(V, T, k, seed=seed, kl=kl, automaton=auto)
+    dp = markov.exact_moments(mdp, est, sig, baseline=0.3)
+    en = markov.enumerate_moments(mdp, est, sig, baseline=0.3)
+    scale = max(np.abs(en.mean).max(), 1e-3 * np.sqrt(en.second_moment_diag.max()), 1e-300)
+    assert np.abs(dp.mean - en.mean).max() <= 1e-10 * scale + 1e-15
+    assert np.abs(dp.second_moment_diag - en.second_moment_diag).max() <= 1e-10 * max(
+        en.second_moment_diag.max(), 1e-300) + 1e-15
