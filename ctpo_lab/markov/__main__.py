@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = study.StudyConfig.quick(args.seed) if args.quick else study.StudyConfig(seed=args.seed)
     t0 = time.time()
-    aug = ("cumulative_ppo", "ctpo_la", "gspo_clip")
+    from .exact import NEEDS_L as aug
     n_sweep = len(cfg.kls) * sum(
         1 for T in cfg.horizons for s in cfg.signals for e in cfg.estimators
         if not (e == "gspo_clip" and s != "reward") and not (e in aug and T > cfg.clipped_max_T))

@@ -4,7 +4,8 @@ State ``(z_t, L_{t-1})`` with ``L_t = Σ_{k≤t} ℓ_k``; the transition ``(z, L
 deterministic, so the moment recursions of :mod:`ctpo_lab.markov.exact` apply verbatim with the per-transition
 ``β`` multiplied by the gradient mask ``keep(L_t, t, sign)`` (CTPO-LA, cumulative PPO clip) or the readout
 multiplied by ``keep(L_T, sign)`` (GSPO clip). Ratios still enter through the tilted tables ``α, β, γ``, so
-``L`` is used only for the masks.
+``L`` is used only for the masks — except for ``cumulative_geomean`` (weight ``e^{L_t/t}``), whose weight is
+read from the atom's ``L`` (exact with exact atoms; binned, the weight uses the bin's mean ``L``).
 
 Atoms with equal ``L`` are merged: exactly (key ``round(L / 1e-11)``; equal count vectors of
 (context, token) pairs give equal ``L``, so merging is exact up to float rounding) or approximately on a grid of
@@ -106,6 +107,8 @@ def run_augmented_dp(
         b_ = beta[z] * float(positions[t])
         if signal_table is not None:
             b_ = b_ * signal_table[t][z]
+        if estimator == "cumulative_geomean":  # w_t = e^{L_t / t}, a function of the augmented state
+            b_ = b_ * np.exp(Lp / (t + 1))
         if estimator in ("cumulative_ppo", "ctpo_la"):
             sg = np.sign(signal_table[t][z]) if signal_table is not None else sign
             b_ = b_ * clip_keep(estimator, Lp, t + 1, sg, params, T)

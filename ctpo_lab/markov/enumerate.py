@@ -177,7 +177,8 @@ def trajectory_estimates(
     signal : ``[N, T]`` per-token signal ``S_t`` (the outcome signal broadcast: ``R − b`` on every token).
     estimator : name; the weights are written out directly: token ``e^{ℓ_t}``, cumulative ``e^{L_t}``,
         sequence ``e^{L_T}``, gspo ``e^{L_T/T}``, truncated ``Π_{k≤t} min(c̄, e^{ℓ_k})``, token_tis
-        ``min(e^{ℓ_t}, C)``, cispo ``clip(e^{ℓ_t}, 1−ε_l, 1+ε_h)``; the clipped ones times their masks.
+        ``min(e^{ℓ_t}, C)``, cispo ``clip(e^{ℓ_t}, 1−ε_l, 1+ε_h)``, cumulative_geomean ``e^{L_t/t}``; the clipped
+        ones times their masks.
     """
     prm = params or EstimatorParams()
     N, T = seqs.shape
@@ -200,6 +201,8 @@ def trajectory_estimates(
         w = np.repeat(np.exp(L[:, -1:] / T), T, axis=1)
         if estimator == "gspo_clip":
             w = w * _keep(estimator, np.repeat(L[:, -1:], T, axis=1), tpos, sign, prm, T)
+    elif estimator == "cumulative_geomean":
+        w = np.exp(L / tpos)
     elif estimator == "truncated_cumulative":
         w = np.cumprod(np.minimum(r, prm.truncation), axis=1)
     elif estimator == "token_tis":

@@ -54,11 +54,12 @@ __all__ = [
     "surrogate_value",
 ]
 
-UNCLIPPED_ESTIMATORS = ("token", "cumulative", "sequence", "gspo", "truncated_cumulative", "token_tis", "cispo")
+UNCLIPPED_ESTIMATORS = ("token", "cumulative", "sequence", "gspo", "truncated_cumulative", "token_tis", "cispo",
+                        "cumulative_geomean")
 CLIPPED_ESTIMATORS = ("token_ppo", "cumulative_ppo", "ctpo_la", "gspo_clip")
 ESTIMATORS = UNCLIPPED_ESTIMATORS + CLIPPED_ESTIMATORS
 #: estimators whose mask depends on the cumulative log-ratio (need the augmented (z, L) state)
-NEEDS_L = ("cumulative_ppo", "ctpo_la", "gspo_clip")
+NEEDS_L = ("cumulative_ppo", "ctpo_la", "gspo_clip", "cumulative_geomean")
 #: estimators whose mask depends on the sign of the signal
 SIGN_DEPENDENT = CLIPPED_ESTIMATORS
 SIGNALS = ("reward", "q_pi", "adv_pi", "q_mu", "adv_mu")
@@ -375,6 +376,8 @@ def weight_tables(name: str, tab: _Tables, horizon: int, params: EstimatorParams
         return one, np.minimum(r, params.tis_cap), one
     if name == "cispo":
         return one, np.clip(r, 1.0 - params.eps_low, 1.0 + params.eps_high), one
+    if name == "cumulative_geomean":  # weight e^{L_t/t}: set from the augmented state's L
+        return one, one, one
     raise ValueError(f"unknown estimator {name!r}")
 
 

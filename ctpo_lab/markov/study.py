@@ -16,6 +16,7 @@ import pandas as pd
 from .augmented import default_windows, log_ratio_distribution_profile
 from .exact import (
     ESTIMATORS,
+    NEEDS_L,
     EstimatorParams,
     bias_decomposition,
     exact_moments,
@@ -342,10 +343,10 @@ def sweep(config: StudyConfig, progress: Callable[[], None] | None = None) -> pd
                 for est in config.estimators:
                     if est == "gspo_clip" and sig != "reward":
                         continue
-                    if est in ("cumulative_ppo", "ctpo_la", "gspo_clip") and T > config.clipped_max_T:
+                    if est in NEEDS_L and T > config.clipped_max_T:
                         continue  # the (z, L) state grows with T x |Z|; use exact_moments(bin_width=...) directly
                     bw = None
-                    if est in ("cumulative_ppo", "ctpo_la", "gspo_clip") and T > config.exact_atoms_max_T:
+                    if est in NEEDS_L and T > config.exact_atoms_max_T:
                         bw = config.bin_width
                     b = float(performance(mdp, "behaviour")) if sig == "reward" else 0.0
                     m = exact_moments(mdp, est, sig, baseline=b,
