@@ -22,12 +22,13 @@ def _prompts(tok):
     return [tok.encode(s, add_bos=True) for s in ("1+2=", "37+45=", "9=", "38+5:K")]
 
 
+@pytest.mark.parametrize("lean", [True, False])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_recorded_log_probs_match_teacher_forcing_with_left_padding(tiny, temperature):
+def test_recorded_log_probs_match_teacher_forcing_with_left_padding(tiny, temperature, lean):
     model, tok = tiny
     g = torch.Generator().manual_seed(0)
     batch = sample(model, _prompts(tok), max_new_tokens=12, temperature=temperature,
-                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, generator=g)
+                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, generator=g, lean=lean)
     assert batch.response_ids.shape == batch.log_probs.shape == batch.response_mask.shape
     with torch.no_grad():
         lp, ent = response_log_probs(model, batch, temperature, with_entropy=True)
@@ -35,6 +36,21 @@ def test_recorded_log_probs_match_teacher_forcing_with_left_padding(tiny, temper
     torch.testing.assert_close(lp[m], batch.log_probs[m], atol=2e-5, rtol=0)
     assert (ent[m] > 0).all() and (lp[~m] == 0).all() and (batch.log_probs[~m] == 0).all()
     assert (batch.log_probs[m] <= 0).all()
+
+
+def test_lean_decoder_matches_transformers_decoding_with_gqa():
+    from ctpo_lab.llm.models import load_model
+    from ctpo_lab.train.rollout import lean_decoding_supported
+
+    lm = load_model("tiny-random")  # GQA: 4 query heads, 2 key/value heads
+    assert lean_decoding_supported(lm.model)
+    prompts = [lm.tokenizer("What is 2+3?")["input_ids"], lm.tokenizer("Hi")["input_ids"]]
+    kw = dict(max_new_tokens=10, temperature=0.0, eos_token_id=lm.tokenizer.eos_token_id,
+              pad_token_id=lm.tokenizer.pad_token_id)
+    a = sample(lm.model, prompts, lean=True, **kw)
+    b = sample(lm.model, prompts, lean=False, **kw)
+    assert torch.equal(a.response_ids, b.response_ids)
+    torch.testing.assert_close(a.log_probs, b.log_probs, atol=2e-5, rtol=0)
 
 
 def test_sampling_is_seeded_and_stops_at_eos(tiny):

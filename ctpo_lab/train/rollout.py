@@ -75,6 +75,82 @@ def _cache_keyword(model: torch.nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def lean_decoding_supported(model: torch.nn.Module) -> bool:
+    """Whether :class:`_LeanLlama` can run ``model``: a LlamaForCausalLM (SmolLM2 included) with a static RoPE."""
+    cfg, inner = getattr(model, "config", None), getattr(model, "model", None)
+    rope = getattr(inner, "rotary_emb", None)
+    return (
+        getattr(cfg, "model_type", None) == "llama" and rope is not None and hasattr(rope, "inv_freq")
+        and getattr(rope, "rope_type", "default") in ("default", "linear", "llama3")
+        and hasattr(model, "lm_head") and not model.training
+    )
+
+
+class _LeanLlama:
+    """Prefill and one-token decode steps for a LlamaForCausalLM with preallocated KV buffers.
+
+    The same modules and arithmetic as transformers' Llama forward (RMSNorm, RoPE from the model's own
+    ``inv_freq`` and ``attention_scaling``, SDPA, SwiGLU MLP), without its per-call cache and mask objects,
+    which dominate the cost of decoding with a small model.  Buffers: K, V [N, H_kv, T_max, D] per layer.
+    """
+
+    def __init__(self, model: torch.nn.Module, n: int, max_len: int, device: torch.device) -> None:
+        self.model, self.inner = model, model.model
+        cfg = model.config
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        dtype = torch.bfloat16 if device.type == "cuda" else next(model.parameters()).dtype
+        shape = (n, self.kv_heads, max_len, self.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.inner.layers]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.inner.layers]
+        self.key_mask = torch.zeros((n, max_len), dtype=torch.bool, device=device)
+        rope = self.inner.rotary_emb
+        self.inv_freq = rope.inv_freq.float()
+        self.rope_scale = float(getattr(rope, "attention_scaling", 1.0))
+        self.length = 0
+
+    @staticmethod
+    def _rotate(x: Tensor) -> Tensor:
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    def __call__(self, ids: Tensor, position: Tensor, valid: Tensor) -> Tensor:
+        """ids, position [N, L], valid [N, L] bool → logits of the last position [N, V]."""
+        n, length = ids.shape
+        s, e = self.length, self.length + length
+        self.key_mask[:, s:e] = valid
+        x = self.inner.embed_tokens(ids)  # [N, L, E]
+        freqs = position[..., None].float() * self.inv_freq  # [N, L, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.rope_scale).to(x.dtype)[:, None]  # [N, 1, L, D]
+        sin = (emb.sin() * self.rope_scale).to(x.dtype)[:, None]
+        q_idx = torch.arange(s, e, device=ids.device)[:, None]
+        k_idx = torch.arange(e, device=ids.device)[None, :]
+        # causal ∧ valid key; every query also sees itself, so left-padding rows never get an empty softmax
+        mask = ((k_idx <= q_idx)[None] & self.key_mask[:, None, :e]) | (k_idx == q_idx)[None]  # [N, L, e]
+        mask = mask[:, None]
+        rep = self.heads // self.kv_heads
+        for i, layer in enumerate(self.inner.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(n, length, -1, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(n, length, -1, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(h).view(n, length, -1, self.head_dim).transpose(1, 2)
+            q = q * cos + self._rotate(q) * sin
+            k = k * cos + self._rotate(k) * sin
+            self.k[i][:, :, s:e] = k
+            self.v[i][:, :, s:e] = v
+            kk, vv = self.k[i][:, :, :e], self.v[i][:, :, :e]
+            if rep > 1:
+                kk, vv = kk.repeat_interleave(rep, 1), vv.repeat_interleave(rep, 1)
+            o = torch.nn.functional.scaled_dot_product_attention(q, kk.to(q.dtype), vv.to(q.dtype), attn_mask=mask,
+                                                                 scale=attn.scaling)
+            x = x + attn.o_proj(o.transpose(1, 2).reshape(n, length, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        self.length = e
+        return self.model.lm_head(self.inner.norm(x[:, -1]))
+
+
 @torch.no_grad()
 def sample(
     model: torch.nn.Module,
@@ -85,11 +161,14 @@ def sample(
     eos_token_id: int,
     pad_token_id: int,
     generator: torch.Generator | None = None,
+    lean: bool | None = None,
 ) -> RolloutBatch:
     """Sample one response per prompt with a KV cache, recording log μ of every sampled token.
 
     ``temperature`` 0 means greedy decoding (log-probs are then those of the untempered policy).
-    Sampling stops early once every row has produced ``<eos>``.
+    Sampling stops early once every row has produced ``<eos>``.  ``lean`` (default: when supported) decodes
+    Llama models with :class:`_LeanLlama` instead of transformers' generic cached forward (≈ 3× faster for
+    small models); other architectures use the generic path.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
@@ -99,14 +178,21 @@ def sample(
     ids, mask = left_pad(prompts, pad_token_id, device)  # [N, P]
     n = ids.shape[0]
     position = (mask.long().cumsum(-1) - 1).clamp(min=0)  # [N, P]
-    with autocast(device):
-        out = model(input_ids=ids, attention_mask=mask.long(), position_ids=position, use_cache=True,
-                    logits_to_keep=1)
-    cache_kw = _cache_keyword(model)
-    cache = out.get("cache", out.get("past_key_values"))
-    logits = out.logits[:, -1].float()  # [N, V]
+    use_lean = lean_decoding_supported(model) if lean is None else lean
+    ones = torch.ones((n, 1), dtype=torch.bool, device=device)
+    if use_lean:
+        decoder = _LeanLlama(model, n, ids.shape[1] + max_new_tokens, device)
+        with autocast(device):
+            logits = decoder(ids, position, mask).float()  # [N, V]
+    else:
+        cache_kw = _cache_keyword(model)
+        with autocast(device):
+            out = model(input_ids=ids, attention_mask=mask.long(), position_ids=position, use_cache=True,
+                        logits_to_keep=1)
+        cache = out.get("cache", out.get("past_key_values"))
+        logits = out.logits[:, -1].float()  # [N, V]
+        attn = mask.long()
     next_pos = position[:, -1] + 1  # [N]
-    attn = mask.long()
     done = torch.zeros(n, dtype=torch.bool, device=device)
     tokens, logps, valid = [], [], []
     for step in range(max_new_tokens):
@@ -123,12 +209,15 @@ def sample(
         done = done | (tok == eos_token_id)
         if step == max_new_tokens - 1 or bool(done.all()):
             break
-        attn = torch.cat([attn, torch.ones((n, 1), dtype=attn.dtype, device=device)], dim=1)
         with autocast(device):
-            out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
-                        use_cache=True, **{cache_kw: cache})
-        cache = out.get("cache", out.get("past_key_values"))
-        logits = out.logits[:, -1].float()
+            if use_lean:
+                logits = decoder(tok[:, None], next_pos[:, None], ones).float()
+            else:
+                attn = torch.cat([attn, ones.long()], dim=1)
+                out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
+                            use_cache=True, **{cache_kw: cache})
+                cache = out.get("cache", out.get("past_key_values"))
+                logits = out.logits[:, -1].float()
         next_pos = next_pos + 1
     return RolloutBatch(
         prompt_ids=ids,
