@@ -39,7 +39,7 @@ class StudyConfig:
 
     seed: int = 0
     horizons: tuple[int, ...] = (2, 4, 8, 16, 32, 64, 128)
-    kls: tuple[float, ...] = (0.002, 0.01, 0.05)
+    kls: tuple[float, ...] = (0.0006, 0.002, 0.01, 0.05)
     vocab_size: int = 3
     order: int = 1
     signals: tuple[str, ...] = ("reward", "adv_pi")
