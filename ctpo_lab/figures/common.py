@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import ctpo_lab  # noqa: E402
 
-__all__ = ["apply_style", "provenance", "save_figure", "save_table", "cached", "source_hash"]
+__all__ = ["apply_style", "provenance", "caption_text", "save_figure", "save_table", "cached", "source_hash"]
 
 _PACKAGE_DIR = Path(ctpo_lab.__file__).resolve().parent
 
@@ -70,7 +70,7 @@ def provenance() -> dict[str, str]:
     return versions
 
 
-def _caption_text(finding: str, command: str, seeds: Any, extra: dict[str, Any] | None) -> str:
+def caption_text(finding: str, command: str, seeds: Any, extra: dict[str, Any] | None) -> str:
     lines = [finding.strip(), "", f"command: {command}", f"seeds: {seeds}"]
     for k, v in (extra or {}).items():
         lines.append(f"{k}: {v}")
@@ -86,7 +86,7 @@ def save_figure(fig: plt.Figure, out_dir: Path, name: str, *, finding: str, comm
     fig.savefig(paths[0])
     fig.savefig(paths[1])
     plt.close(fig)
-    paths[2].write_text(_caption_text(finding, command, seeds, extra))
+    paths[2].write_text(caption_text(finding, command, seeds, extra))
     return paths
 
 
@@ -96,7 +96,7 @@ def save_table(df, out_dir: Path, name: str, *, finding: str, command: str, seed
     out_dir.mkdir(parents=True, exist_ok=True)
     csv, md = out_dir / f"{name}.csv", out_dir / f"{name}.md"
     df.to_csv(csv, index=False)
-    md.write_text(df.to_markdown(index=False) + "\n\n" + _caption_text(finding, command, seeds, extra))
+    md.write_text(df.to_markdown(index=False) + "\n\n" + caption_text(finding, command, seeds, extra))
     return [csv, md]
 
 
