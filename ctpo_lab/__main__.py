@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     cols = [("loss", "actor/pg_loss"), ("clip total", "pg_update/clip/total/rate"),
             ("clip high", "pg_update/clip/high/rate"), ("clip low", "pg_update/clip/low/rate"),
             ("dual", "pg_update/clip/dual/rate"), ("w p50", "pg_update/is_ratio/p50"),
-            ("w p99", "pg_update/is_ratio/p99"), ("w max", "pg_update/is_ratio/max"), ("ESS tok", "pg_update/ess/token")]
+            ("w p99", "pg_update/is_ratio/p99"), ("w max", "pg_update/is_ratio/max"),
+            ("ESS tok", "pg_update/ess/token")]
     print(f"{'preset':<14}" + "".join(f"{c:>11}" for c, _ in cols))
     outputs = {}
     for name in PRESETS:

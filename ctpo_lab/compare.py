@@ -326,7 +326,8 @@ def plot_curves(df: pd.DataFrame, metrics: Sequence[str] | None = None, *, title
     axes[0][0].legend()
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    if not plt.rcParams.get("figure.constrained_layout.use"):
+        fig.tight_layout()
     return fig
 
 
