@@ -175,8 +175,9 @@ def _check_type(name: str, value: Any, annotation: Any) -> None:
         raise TypeError(f"{name}: expected {ann}, got {value!r} ({type(value).__name__})")
 
 
-#: Named presets: overrides of the dataclass defaults. ``cpu-smoke`` runs in ≈ 1 minute on 2 CPU cores once the
-#: warm start is cached (the warm start itself, shared by every later run, seed and loss, takes ≈ 2 minutes);
+#: Named presets: overrides of the dataclass defaults. ``cpu-smoke`` (40 steps, 4 updates per rollout batch)
+#: runs in ≈ 30–60 s on one core once the warm start is cached (the warm start itself, shared by every later
+#: run, seed and loss, takes ≈ 2 minutes once per machine);
 #: ``cpu-tiny`` is the test configuration; ``cpu`` and ``gpu`` are single-run building blocks for the comparison
 #: grid of issue 6 (not yet tuned).
 PRESETS: dict[str, dict[str, Any]] = {
