@@ -95,3 +95,17 @@ def test_bad_input_fails_before_work(tmp_path):
     with pytest.raises(SystemExit, match="target-model"):
         main(["--out", str(tmp_path / "d"), *SMALL, "--source", "checkpoints"])
     assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+def test_two_checkpoints_source(tmp_path):
+    from ctpo_lab.llm.models import tiny_random
+
+    for seed, name in ((0, "a"), (1, "b")):
+        model, tok = tiny_random(seed)
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    out = tmp_path / "ckpt"
+    main(["--out", str(out), *SMALL[2:], "--model", str(tmp_path / "a"), "--source", "checkpoints",
+          "--target-model", str(tmp_path / "b")])
+    s = json.loads((out / "summary.json").read_text())
+    assert s["primary_target"] == "checkpoint" and s["targets"]["checkpoint"]["kl_per_token"] > 0

@@ -49,7 +49,7 @@ class RunConfig:
     train_prompts: int = 8
     eval_prompts: int = 8
     group_size: int = 4
-    max_new_tokens: int = 256
+    max_new_tokens: int = 512
     temperature: float = 1.0
     prompts_per_chunk: int = 8
     source: str = "stale"
@@ -574,7 +574,7 @@ def _plot(out: Path, results: dict[str, dict[str, Any]], bin_width: int) -> None
     ax1.grid(alpha=0.3)
     ax2.set_xlabel(f"token position t (bins of {bin_width})")
     ax2.set_ylabel("advantage-aware clip rate (%)")
-    ax2.legend(fontsize=7, ncol=2)
+    ax2.legend(fontsize=7, ncol=2, loc="upper left")
     ax2.grid(alpha=0.3)
     fig.tight_layout()
     for suffix in ("png", "pdf"):
@@ -662,7 +662,10 @@ def main(argv: list[str] | None = None) -> int:
                 min_count=saved.get("min_count", 30), min_sequences=saved.get("min_sequences", 10),
                 n_boot=ns.n_boot or saved.get("n_boot", 1000), seed=ns.seed, overwrite=ns.overwrite)
         return 0
-    fit_command(ns)
+    try:
+        fit_command(ns)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from e
     return 0
 
 
