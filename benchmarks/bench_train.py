@@ -6,9 +6,9 @@ Both trainers start from the same warm-started tiny Llama of the ``cpu-smoke`` p
 first use), on the ``chain`` task (responses ≈ 120 tokens), with 8 prompts × 8 responses per rollout batch,
 mini-batches of 16 responses (4 optimizer updates per rollout batch), temperature 1, no KL term, on CPU.
 Per rollout batch it reports wall time split into generation / scoring / update (the update includes the
-old-log-prob forward and, for ctpo_lab, the measured-KL forward), steps/s and generated tokens/s, and the ratio
-ctpo_lab / TRL measured in the same run. The first rollout batch of each trainer is a warm-up and excluded.
-TRL is optional (``pip install -e .[trl]``); without it only ctpo_lab is measured.
+old-log-prob forward and, for ctpo_lab, the measured-KL forward), steps/s and generated tokens/s, and the
+ratio ctpo_lab / TRL measured in the same run. The first rollout batch of each trainer is a warm-up and
+excluded. TRL is optional (``pip install -e .[trl]``); without it only ctpo_lab is measured.
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ def hf_char_tokenizer(tok: CharTokenizer):
     core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     core.decoder = decoders.Fuse()
-    hf = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>"
+    )
     hf.padding_side = "left"
     return hf
 
@@ -53,8 +55,15 @@ def bench_ours(cfg, n_batches: int) -> dict[str, float]:
     total = float(np.mean([r["time/step"] for r in recs]))
     tokens = float(np.mean([r["response_length/mean"] for r in recs])) * cfg.rollout_batch_size
     reward = float(np.mean([r["reward_mean"] for r in recs]))
-    return {"s/batch": total, "gen": gen, "score": score, "update": total - gen - score,
-            "batches/s": 1 / total, "tokens/s": tokens / total, "reward": reward}
+    return {
+        "s/batch": total,
+        "gen": gen,
+        "score": score,
+        "update": total - gen - score,
+        "batches/s": 1 / total,
+        "tokens/s": tokens / total,
+        "reward": reward,
+    }
 
 
 def bench_trl(cfg, model, task, tok: CharTokenizer, n_batches: int, seed: int) -> dict[str, float] | None:
@@ -69,7 +78,8 @@ def bench_trl(cfg, model, task, tok: CharTokenizer, n_batches: int, seed: int) -
     problems = task.sample(np.random.default_rng(seed), 512, "train")
     by_prompt = {"<bos>" + p.prompt: p for p in problems}
     assert hf("<bos>" + problems[0].prompt, add_special_tokens=False)["input_ids"] == tok.encode(
-        problems[0].prompt, add_bos=True)
+        problems[0].prompt, add_bos=True
+    )
     ds = datasets.Dataset.from_dict({"prompt": list(by_prompt)})
     timing = {"gen": [], "score": [], "tokens": []}
 
@@ -102,23 +112,50 @@ def bench_trl(cfg, model, task, tok: CharTokenizer, n_batches: int, seed: int) -
     mb = cfg.mini_batch_prompts * cfg.group_size
     with tempfile.TemporaryDirectory() as tmp:
         args = GRPOConfig(
-            output_dir=tmp, per_device_train_batch_size=mb, num_generations=cfg.group_size,
-            steps_per_generation=cfg.num_mini_batches, num_iterations=1,
-            max_completion_length=task.max_response_tokens, temperature=cfg.temperature, top_k=0, top_p=1.0,
-            learning_rate=cfg.lr, beta=0.0, max_steps=n_batches * cfg.num_mini_batches, logging_steps=10**6,
-            report_to="none", use_cpu=True, save_strategy="no", seed=seed, disable_tqdm=True,
-            max_grad_norm=cfg.max_grad_norm, shuffle_dataset=True,
+            output_dir=tmp,
+            per_device_train_batch_size=mb,
+            num_generations=cfg.group_size,
+            steps_per_generation=cfg.num_mini_batches,
+            num_iterations=1,
+            max_completion_length=task.max_response_tokens,
+            temperature=cfg.temperature,
+            top_k=0,
+            top_p=1.0,
+            learning_rate=cfg.lr,
+            beta=0.0,
+            max_steps=n_batches * cfg.num_mini_batches,
+            logging_steps=10**6,
+            report_to="none",
+            use_cpu=True,
+            save_strategy="no",
+            seed=seed,
+            disable_tqdm=True,
+            max_grad_norm=cfg.max_grad_norm,
+            shuffle_dataset=True,
         )
-        trainer = GRPOTrainer(model=model, reward_funcs=reward_chain, args=args, train_dataset=ds,
-                              processing_class=hf, callbacks=[Clock()])
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=reward_chain,
+            args=args,
+            train_dataset=ds,
+            processing_class=hf,
+            callbacks=[Clock()],
+        )
         trainer.train()
     per_batch = np.diff(marks)[1:]  # drop the warm-up batch
     total = float(per_batch.mean())
     gen = float(np.mean(timing["gen"][1:]))
     score = float(np.mean(timing["score"][1:]))
     tokens = float(np.mean(timing["tokens"][1:]))
-    return {"s/batch": total, "gen": gen, "score": score, "update": total - gen - score, "batches/s": 1 / total,
-            "tokens/s": tokens / total, "reward": float("nan")}
+    return {
+        "s/batch": total,
+        "gen": gen,
+        "score": score,
+        "update": total - gen - score,
+        "batches/s": 1 / total,
+        "tokens/s": tokens / total,
+        "reward": float("nan"),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -130,8 +167,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.batches < 2:
         raise SystemExit("error: --batches must be ≥ 2 (the first is a warm-up)")
     torch.set_num_threads(args.threads)
-    cfg = resolve_train_config("cpu-smoke", seed=args.seed, steps=args.batches, overrides=[
-        "eval_every=0", "dump_every=0", "ckpt_every=0", "tensorboard=false", f"threads={args.threads}"])
+    cfg = resolve_train_config(
+        "cpu-smoke",
+        seed=args.seed,
+        steps=args.batches,
+        overrides=[
+            "eval_every=0",
+            "dump_every=0",
+            "ckpt_every=0",
+            "tensorboard=false",
+            f"threads={args.threads}",
+        ],
+    )
     task = make_task(cfg.task, **cfg.task_options)
     policy = load_policy(cfg, task, torch.device("cpu"), progress=True)
     trl_model = copy.deepcopy(policy.model)  # the identical initial weights
@@ -139,17 +186,26 @@ def main(argv: list[str] | None = None) -> None:
     trl_row = bench_trl(cfg, trl_model, task, CharTokenizer(), args.batches, args.seed)
     if trl_row is not None:
         rows["trl GRPOTrainer"] = trl_row
-    print(f"\n{cfg.batch_prompts} prompts x {cfg.group_size} responses, {cfg.updates_per_step} updates per rollout "
-          f"batch, max {task.max_response_tokens} new tokens, {args.threads} thread(s), CPU")
-    print(f"{'trainer':<18}{'s/batch':>9}{'gen':>8}{'score':>8}{'update':>8}{'batches/s':>11}{'tokens/s':>10}")
+    print(
+        f"\n{cfg.batch_prompts} prompts x {cfg.group_size} responses, {cfg.updates_per_step} updates per "
+        "rollout "
+        f"batch, max {task.max_response_tokens} new tokens, {args.threads} thread(s), CPU"
+    )
+    print(
+        f"{'trainer':<18}{'s/batch':>9}{'gen':>8}{'score':>8}{'update':>8}{'batches/s':>11}{'tokens/s':>10}"
+    )
     for name, r in rows.items():
-        print(f"{name:<18}{r['s/batch']:9.3f}{r['gen']:8.3f}{r['score']:8.4f}{r['update']:8.3f}"
-              f"{r['batches/s']:11.3f}{r['tokens/s']:10.0f}")
+        print(
+            f"{name:<18}{r['s/batch']:9.3f}{r['gen']:8.3f}{r['score']:8.4f}{r['update']:8.3f}"
+            f"{r['batches/s']:11.3f}{r['tokens/s']:10.0f}"
+        )
     if trl_row is not None:
         ours = rows["ctpo_lab"]
-        print(f"ratio ctpo_lab / TRL: steps/s x{ours['batches/s'] / trl_row['batches/s']:.2f}, tokens/s "
-              f"x{ours['tokens/s'] / trl_row['tokens/s']:.2f}, generation x{trl_row['gen'] / ours['gen']:.2f}, "
-              f"update x{trl_row['update'] / ours['update']:.2f} (target ≥ 2x)")
+        print(
+            f"ratio ctpo_lab / TRL: steps/s x{ours['batches/s'] / trl_row['batches/s']:.2f}, tokens/s "
+            f"x{ours['tokens/s'] / trl_row['tokens/s']:.2f}, generation x{trl_row['gen'] / ours['gen']:.2f}, "
+            f"update x{trl_row['update'] / ours['update']:.2f} (target ≥ 2x)"
+        )
 
 
 if __name__ == "__main__":

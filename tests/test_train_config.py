@@ -19,10 +19,26 @@ def test_cpu_smoke_is_off_policy_and_evaluates_twice():
 
 
 def test_parse_overrides_types_and_dotted_keys():
-    ov = parse_overrides(["lr=1e-3", "steps=5", "tensorboard=false", "loss_overrides.eps_high=0.28",
-                          "task_options.max_steps=20", "device=cpu", "max_new_tokens=null"])
-    assert ov == {"lr": 1e-3, "steps": 5, "tensorboard": False, "loss_overrides": {"eps_high": 0.28},
-                  "task_options": {"max_steps": 20}, "device": "cpu", "max_new_tokens": None}
+    ov = parse_overrides(
+        [
+            "lr=1e-3",
+            "steps=5",
+            "tensorboard=false",
+            "loss_overrides.eps_high=0.28",
+            "task_options.max_steps=20",
+            "device=cpu",
+            "max_new_tokens=null",
+        ]
+    )
+    assert ov == {
+        "lr": 1e-3,
+        "steps": 5,
+        "tensorboard": False,
+        "loss_overrides": {"eps_high": 0.28},
+        "task_options": {"max_steps": 20},
+        "device": "cpu",
+        "max_new_tokens": None,
+    }
     with pytest.raises(ValueError, match="key=value"):
         parse_overrides(["lr"])
 
@@ -30,7 +46,9 @@ def test_parse_overrides_types_and_dotted_keys():
 def test_precedence_preset_recipe_overrides_flags(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("preset: cpu-smoke\nlr: 0.002\nsteps: 7\nloss_overrides: {clip_exponent: 0.25}\n")
-    cfg = resolve_train_config(None, recipe, ["steps=9", "loss_overrides.eps_low=0.01"], loss="ctpo_fixed", seed=3)
+    cfg = resolve_train_config(
+        None, recipe, ["steps=9", "loss_overrides.eps_low=0.01"], loss="ctpo_fixed", seed=3
+    )
     assert (cfg.preset, cfg.lr, cfg.steps, cfg.loss, cfg.seed) == ("cpu-smoke", 0.002, 9, "ctpo_fixed", 3)
     assert cfg.loss_overrides == {"clip_exponent": 0.25, "eps_low": 0.01}
     assert isinstance(resolve_train_config("cpu-smoke", overrides=["lr=1"]).lr, float)

@@ -18,9 +18,28 @@ def _free_port() -> int:
 def test_torchrun_two_cpu_processes_two_steps(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "CTPO_LAB_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           "-m", "ctpo_lab.train", "--preset", "cpu-tiny", "--loss", "ctpo", "--seed", "0", "--out", str(out),
-           "--no-progress", "steps=2", "device=cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "ctpo_lab.train",
+        "--preset",
+        "cpu-tiny",
+        "--loss",
+        "ctpo",
+        "--seed",
+        "0",
+        "--out",
+        str(out),
+        "--no-progress",
+        "steps=2",
+        "device=cpu",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "data-parallel ranks=2" in proc.stderr
@@ -41,6 +60,8 @@ def test_ranks_must_divide_the_mini_batch(tmp_path, monkeypatch):
     from ctpo_lab.train import distributed, loop
     from ctpo_lab.train.config import resolve_train_config
 
-    monkeypatch.setattr(loop, "init_distributed", lambda device: (distributed.Dist(0, 3), torch.device("cpu")))
+    monkeypatch.setattr(
+        loop, "init_distributed", lambda device: (distributed.Dist(0, 3), torch.device("cpu"))
+    )
     with pytest.raises(ValueError, match="data-parallel"):
         loop.Trainer(resolve_train_config("cpu-tiny"), tmp_path / "r", progress=False)

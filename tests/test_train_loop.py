@@ -13,11 +13,29 @@ from ctpo_lab.train.config import resolve_train_config
 from ctpo_lab.train.loop import TIMING_KEYS, NanLossError, Trainer
 
 REQUIRED = [
-    "step", "reward_mean", "response_length/mean", "entropy", "actor/ppo_kl", "actor/pg_clipfrac",
-    "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "pg_update/clip/total/rate",
-    "pg_update/is_ratio/p50", "pg_update/is_ratio/p99", "actor/grad_norm", "perf/tokens_per_s", "wall_time",
-    "offpolicy/kl", "offpolicy/kl_k3", "offpolicy/last_mb/ppo_kl", "offpolicy/updates_per_step", "time/gen",
-    "time/score", "time/update", "eval_accuracy",
+    "step",
+    "reward_mean",
+    "response_length/mean",
+    "entropy",
+    "actor/ppo_kl",
+    "actor/pg_clipfrac",
+    "clip_ratio/low_mean",
+    "clip_ratio/high_mean",
+    "clip_ratio/region_mean",
+    "pg_update/clip/total/rate",
+    "pg_update/is_ratio/p50",
+    "pg_update/is_ratio/p99",
+    "actor/grad_norm",
+    "perf/tokens_per_s",
+    "wall_time",
+    "offpolicy/kl",
+    "offpolicy/kl_k3",
+    "offpolicy/last_mb/ppo_kl",
+    "offpolicy/updates_per_step",
+    "time/gen",
+    "time/score",
+    "time/update",
+    "eval_accuracy",
 ]
 
 
@@ -107,7 +125,10 @@ def test_nan_loss_skips_then_stops_with_last_good_checkpoint(tmp_path, monkeypat
 
     monkeypatch.setattr(loop_mod, "compute_policy_loss", nan_after_first_step)
     trainer = Trainer(tiny(steps=10, max_nan_steps=2), tmp_path / "run", progress=False)
-    with pytest.warns(UserWarning, match="non-finite loss"), pytest.raises(NanLossError, match="2 consecutive"):
+    with (
+        pytest.warns(UserWarning, match="non-finite loss"),
+        pytest.raises(NanLossError, match="2 consecutive"),
+    ):
         trainer.train()
     ckpts = sorted((tmp_path / "run" / "ckpt").glob("step_*.pt"))
     assert ckpts[-1].name == "step_0000001.pt"
@@ -130,8 +151,23 @@ def test_cli_errors_and_print_config(tmp_path, capsys):
 
 
 def test_cli_runs_tiny_preset(tmp_path, capsys):
-    assert main(["--preset", "cpu-tiny", "--loss", "grpo", "--seed", "1", "--out", str(tmp_path / "r"),
-                 "--no-progress", "steps=1"]) == 0
+    assert (
+        main(
+            [
+                "--preset",
+                "cpu-tiny",
+                "--loss",
+                "grpo",
+                "--seed",
+                "1",
+                "--out",
+                str(tmp_path / "r"),
+                "--no-progress",
+                "steps=1",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["step"] == 1 and 0 <= summary["eval_accuracy"] <= 1
 
@@ -143,7 +179,9 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path):
     Trainer(tiny(steps=1), run, resume=True, progress=False).train()
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1]
-    Trainer(tiny(steps=1), tmp_path / "new", resume=True, progress=False).train()  # no folder yet: fresh start
+    Trainer(
+        tiny(steps=1), tmp_path / "new", resume=True, progress=False
+    ).train()  # no folder yet: fresh start
 
 
 def test_no_arguments_dispatch_to_the_comparison_grid(monkeypatch):
@@ -157,9 +195,18 @@ def test_no_arguments_dispatch_to_the_comparison_grid(monkeypatch):
 
 def test_hf_model_on_chat_prompts_runs_one_step(tmp_path):
     cfg = resolve_train_config(
-        "cpu-tiny", loss="gspo",
-        overrides=["model=tiny-random", "task=parquet", "task_options.path=arithmetic", "task_options.limit=40",
-                   "max_new_tokens=12", "eval_prompts=4", "steps=1", "dump_every=0"],
+        "cpu-tiny",
+        loss="gspo",
+        overrides=[
+            "model=tiny-random",
+            "task=parquet",
+            "task_options.path=arithmetic",
+            "task_options.limit=40",
+            "max_new_tokens=12",
+            "eval_prompts=4",
+            "steps=1",
+            "dump_every=0",
+        ],
     )
     result = Trainer(cfg, tmp_path / "hf", progress=False).train()
     rec = result.history[-1]

@@ -13,8 +13,9 @@ from ctpo_lab.train.tokenizer import CharTokenizer
 def tiny():
     torch.set_num_threads(1)
     tok = CharTokenizer()
-    model = build_tiny_llama(TinyLlamaSpec(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
-                             tok.vocab_size, seed=0).eval()
+    model = build_tiny_llama(
+        TinyLlamaSpec(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64), tok.vocab_size, seed=0
+    ).eval()
     return model, tok
 
 
@@ -27,8 +28,16 @@ def _prompts(tok):
 def test_recorded_log_probs_match_teacher_forcing_with_left_padding(tiny, temperature, lean):
     model, tok = tiny
     g = torch.Generator().manual_seed(0)
-    batch = sample(model, _prompts(tok), max_new_tokens=12, temperature=temperature,
-                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, generator=g, lean=lean)
+    batch = sample(
+        model,
+        _prompts(tok),
+        max_new_tokens=12,
+        temperature=temperature,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        generator=g,
+        lean=lean,
+    )
     assert batch.response_ids.shape == batch.log_probs.shape == batch.response_mask.shape
     with torch.no_grad():
         lp, ent = response_log_probs(model, batch, temperature, with_entropy=True)
@@ -45,8 +54,12 @@ def test_lean_decoder_matches_transformers_decoding_with_gqa():
     lm = load_model("tiny-random")  # GQA: 4 query heads, 2 key/value heads
     assert lean_decoding_supported(lm.model)
     prompts = [lm.tokenizer("What is 2+3?")["input_ids"], lm.tokenizer("Hi")["input_ids"]]
-    kw = dict(max_new_tokens=10, temperature=0.0, eos_token_id=lm.tokenizer.eos_token_id,
-              pad_token_id=lm.tokenizer.pad_token_id)
+    kw = dict(
+        max_new_tokens=10,
+        temperature=0.0,
+        eos_token_id=lm.tokenizer.eos_token_id,
+        pad_token_id=lm.tokenizer.pad_token_id,
+    )
     a = sample(lm.model, prompts, lean=True, **kw)
     b = sample(lm.model, prompts, lean=False, **kw)
     assert torch.equal(a.response_ids, b.response_ids)
@@ -55,7 +68,9 @@ def test_lean_decoder_matches_transformers_decoding_with_gqa():
 
 def test_sampling_is_seeded_and_stops_at_eos(tiny):
     model, tok = tiny
-    kw = dict(max_new_tokens=20, temperature=1.0, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    kw = dict(
+        max_new_tokens=20, temperature=1.0, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
     a = sample(model, _prompts(tok), generator=torch.Generator().manual_seed(3), **kw)
     b = sample(model, _prompts(tok), generator=torch.Generator().manual_seed(3), **kw)
     assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.log_probs, b.log_probs)
@@ -66,8 +81,14 @@ def test_sampling_is_seeded_and_stops_at_eos(tiny):
             assert row[n - 1] == tok.eos_token_id and (row[n:] == tok.pad_token_id).all()
         else:
             assert n == 20
-    greedy = sample(model, _prompts(tok), max_new_tokens=5, temperature=0.0, eos_token_id=tok.eos_token_id,
-                    pad_token_id=tok.pad_token_id)
+    greedy = sample(
+        model,
+        _prompts(tok),
+        max_new_tokens=5,
+        temperature=0.0,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     assert greedy.response_ids.shape[0] == 4
 
 

@@ -19,8 +19,15 @@ def test_warm_start_reaches_target_band():
     cfg = resolve_train_config("cpu-smoke")
     task = make_task(cfg.task, **cfg.task_options)
     policy = load_policy(cfg, task, torch.device("cpu"), progress=False)
-    ev = evaluate(policy, task, task.test_set(64), samples=2, temperature=cfg.eval_temperature,
-                  max_new_tokens=task.max_response_tokens, generator=torch.Generator().manual_seed(0))
+    ev = evaluate(
+        policy,
+        task,
+        task.test_set(64),
+        samples=2,
+        temperature=cfg.eval_temperature,
+        max_new_tokens=task.max_response_tokens,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert 0.10 <= ev["eval_accuracy"] <= 0.60, ev
     assert ev["eval/response_length"] >= 100
 

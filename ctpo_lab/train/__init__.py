@@ -15,6 +15,16 @@ from ctpo_lab.train.loop import NanLossError, Trainer, TrainResult, grpo_advanta
 from ctpo_lab.train.tasks import TASKS, Problem, make_task
 
 __all__ = [
-    "PRESETS", "TrainConfig", "parse_overrides", "resolve_train_config", "NanLossError", "Trainer",
-    "TrainResult", "grpo_advantages", "train", "TASKS", "Problem", "make_task",
+    "PRESETS",
+    "TrainConfig",
+    "parse_overrides",
+    "resolve_train_config",
+    "NanLossError",
+    "Trainer",
+    "TrainResult",
+    "grpo_advantages",
+    "train",
+    "TASKS",
+    "Problem",
+    "make_task",
 ]

@@ -27,22 +27,35 @@ DEFAULT_PRESET = "cpu-smoke"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ctpo_lab.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help=f"named configuration (default {DEFAULT_PRESET!r} unless --config names one)")
+    p = argparse.ArgumentParser(
+        prog="python -m ctpo_lab.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--preset",
+        default=None,
+        choices=sorted(PRESETS),
+        help=f"named configuration (default {DEFAULT_PRESET!r} unless --config names one)",
+    )
     p.add_argument("--loss", default=None, help=f"loss preset: {', '.join(LOSS_PRESETS)}")
     p.add_argument("--seed", type=int, default=None, help="run seed (same seed, same numbers on CPU)")
     p.add_argument("--steps", type=int, default=None, help="number of rollout steps")
     p.add_argument("--out", default=None, help="run folder (default runs/<preset>-<loss>-s<seed>)")
     p.add_argument("--config", default=None, help="YAML recipe (config keys; may name a preset)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its newest checkpoint"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--track", action="store_true", help="also log to Weights & Biases")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides, e.g. lr=5e-4 loss_overrides.eps_high=0.28 task_options.max_steps=20")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, e.g. lr=5e-4 loss_overrides.eps_high=0.28 task_options.max_steps=20",
+    )
     return p
 
 
@@ -55,8 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     preset = args.preset if args.preset is not None or args.config is not None else DEFAULT_PRESET
     try:
-        cfg = resolve_train_config(preset, args.config, args.overrides, loss=args.loss, seed=args.seed,
-                                   steps=args.steps, track=True if args.track else None)
+        cfg = resolve_train_config(
+            preset,
+            args.config,
+            args.overrides,
+            loss=args.loss,
+            seed=args.seed,
+            steps=args.steps,
+            track=True if args.track else None,
+        )
     except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -67,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     from ctpo_lab.train.loop import NanLossError, Trainer
 
     try:
-        trainer = Trainer(cfg, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+        trainer = Trainer(
+            cfg, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
+        )
     except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -81,9 +103,18 @@ def main(argv: list[str] | None = None) -> int:
     if not trainer.dist.is_main:
         return 0
     f = result.final
-    print(json.dumps({"out": str(result.out), "step": f.get("step"), "reward_mean": f.get("reward_mean"),
-                      "eval_accuracy": f.get("eval_accuracy"), "offpolicy/kl": f.get("offpolicy/kl"),
-                      "wall_time": f.get("wall_time")}))
+    print(
+        json.dumps(
+            {
+                "out": str(result.out),
+                "step": f.get("step"),
+                "reward_mean": f.get("reward_mean"),
+                "eval_accuracy": f.get("eval_accuracy"),
+                "offpolicy/kl": f.get("offpolicy/kl"),
+                "wall_time": f.get("wall_time"),
+            }
+        )
+    )
     return 0
 
 

@@ -114,8 +114,18 @@ class TrainConfig:
 
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), f.type)
-        for name in ("steps", "batch_prompts", "group_size", "mini_batch_prompts", "ppo_epochs", "eval_prompts",
-                     "eval_samples", "warmstart_batch", "max_nan_steps", "keep_checkpoints"):
+        for name in (
+            "steps",
+            "batch_prompts",
+            "group_size",
+            "mini_batch_prompts",
+            "ppo_epochs",
+            "eval_prompts",
+            "eval_samples",
+            "warmstart_batch",
+            "max_nan_steps",
+            "keep_checkpoints",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected ≥ 1, got {getattr(self, name)!r}")
         for name in ("eval_every", "dump_every", "ckpt_every", "warmstart_steps", "seed", "warmstart_seed"):
@@ -127,10 +137,13 @@ class TrainConfig:
         if not 0 <= self.warmstart_noise < 1:
             raise ValueError(f"warmstart_noise: expected in [0, 1), got {self.warmstart_noise!r}")
         if self.group_size < 2:
-            raise ValueError(f"group_size: GRPO advantages need ≥ 2 responses per prompt, got {self.group_size}")
+            raise ValueError(
+                f"group_size: GRPO advantages need ≥ 2 responses per prompt, got {self.group_size}"
+            )
         if self.batch_prompts % self.mini_batch_prompts:
             raise ValueError(
-                f"mini_batch_prompts: {self.mini_batch_prompts} does not divide batch_prompts={self.batch_prompts}"
+                f"mini_batch_prompts: {self.mini_batch_prompts} does not divide "
+                f"batch_prompts={self.batch_prompts}"
             )
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: expected ≥ 1 or None, got {self.max_new_tokens!r}")
@@ -140,11 +153,14 @@ class TrainConfig:
             raise ValueError(f"device: expected 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         resolve_config(self.loss, **self.loss_overrides)  # unknown loss / option → ValueError
         if self.task == "parquet" and "path" not in self.task_options:
-            raise ValueError("task_options.path: task=parquet needs task_options.path=<parquet file or folder>")
+            raise ValueError(
+                "task_options.path: task=parquet needs task_options.path=<parquet file or folder>"
+            )
         make_task(self.task, **self.task_options)
         if self.model not in BUILTIN_MODELS + LLM_MODELS and not Path(self.model).exists():
             raise ValueError(
-                f"model: {self.model!r} is neither a built-in model {BUILTIN_MODELS + LLM_MODELS} nor an existing path"
+                f"model: {self.model!r} is neither a built-in model {BUILTIN_MODELS + LLM_MODELS} "
+                "nor an existing path"
             )
         if self.model in BUILTIN_MODELS and self.task == "parquet":
             raise ValueError("model: the built-in character-level model cannot read parquet (chat) prompts")
@@ -178,30 +194,73 @@ def _check_type(name: str, value: Any, annotation: Any) -> None:
 #: Named presets: overrides of the dataclass defaults. ``cpu-smoke`` (40 steps, 4 updates per rollout batch)
 #: runs in ≈ 30–60 s on one core once the warm start is cached (the warm start itself, shared by every later
 #: run, seed and loss, takes ≈ 2 minutes once per machine);
-#: ``cpu-tiny`` is the test configuration; ``cpu`` and ``gpu`` are single-run building blocks for the comparison
-#: grid of issue 6 (not yet tuned).
+#: ``cpu-tiny`` is the test configuration; ``cpu`` and ``gpu`` are single-run building blocks for the
+#: comparison grid of issue 6 (not yet tuned).
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu-tiny": dict(
-        task="add", task_options={"digits": 1},
+        task="add",
+        task_options={"digits": 1},
         model_options={"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
-        warmstart_steps=60, warmstart_batch=32, warmstart_lr=1e-2, warmstart_noise=0.3, batch_prompts=4,
-        group_size=4, mini_batch_prompts=2, steps=2, lr=3e-3, eval_every=1, eval_prompts=8, ckpt_every=1,
-        dump_every=1, threads=1, tensorboard=False,
+        warmstart_steps=60,
+        warmstart_batch=32,
+        warmstart_lr=1e-2,
+        warmstart_noise=0.3,
+        batch_prompts=4,
+        group_size=4,
+        mini_batch_prompts=2,
+        steps=2,
+        lr=3e-3,
+        eval_every=1,
+        eval_prompts=8,
+        ckpt_every=1,
+        dump_every=1,
+        threads=1,
+        tensorboard=False,
     ),
     "cpu-smoke": dict(
-        steps=40, batch_prompts=8, group_size=8, mini_batch_prompts=2, lr=2e-4, eval_every=10, eval_prompts=64,
-        eval_samples=2, ckpt_every=10, dump_every=10, threads=1,
+        steps=40,
+        batch_prompts=8,
+        group_size=8,
+        mini_batch_prompts=2,
+        lr=2e-4,
+        eval_every=10,
+        eval_prompts=64,
+        eval_samples=2,
+        ckpt_every=10,
+        dump_every=10,
+        threads=1,
     ),
     "cpu": dict(
-        steps=60, batch_prompts=16, group_size=8, mini_batch_prompts=2, lr=2e-4, eval_every=10, eval_prompts=64,
-        eval_samples=4, ckpt_every=10, dump_every=20, threads=1,
+        steps=60,
+        batch_prompts=16,
+        group_size=8,
+        mini_batch_prompts=2,
+        lr=2e-4,
+        eval_every=10,
+        eval_prompts=64,
+        eval_samples=4,
+        ckpt_every=10,
+        dump_every=20,
+        threads=1,
     ),
     "gpu": dict(
-        task="chain", task_options={"min_steps": 40, "max_steps": 60},
+        task="chain",
+        task_options={"min_steps": 40, "max_steps": 60},
         model_options={"hidden_size": 512, "num_layers": 8, "num_heads": 8, "intermediate_size": 2048},
-        warmstart_steps=1500, warmstart_batch=256, warmstart_lr=1e-3, warmstart_noise=0.02,
-        steps=100, batch_prompts=64, group_size=8, mini_batch_prompts=4, lr=2e-5, eval_every=20,
-        eval_prompts=256, eval_samples=4, ckpt_every=25, dump_every=25,
+        warmstart_steps=1500,
+        warmstart_batch=256,
+        warmstart_lr=1e-3,
+        warmstart_noise=0.02,
+        steps=100,
+        batch_prompts=64,
+        group_size=8,
+        mini_batch_prompts=4,
+        lr=2e-5,
+        eval_every=20,
+        eval_prompts=256,
+        eval_samples=4,
+        ckpt_every=25,
+        dump_every=25,
     ),
 }
 
@@ -218,7 +277,8 @@ def load_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["lr=1e-3", "loss_overrides.eps_high=0.28"]`` → ``{"lr": 0.001, "loss_overrides": {"eps_high": 0.28}}``.
+    """``["lr=1e-3", "loss_overrides.eps_high=0.28"]``
+    → ``{"lr": 0.001, "loss_overrides": {"eps_high": 0.28}}``.
 
     Values are parsed as YAML scalars (numbers, booleans, ``null``, lists, mappings).
     """

@@ -6,7 +6,8 @@ sampling generator); mini-batches hold ``mini_batch_prompts / N`` prompts per ra
 optimizer updates per rollout batch is unchanged; gradients are averaged by DDP; decisions that must agree
 (skip a non-finite update, stop after Ctrl-C) are all-reduced; metrics are averaged over ranks (``*/max`` and
 ``*/min`` reduced by max/min); the held-out evaluation is sharded and summed; rank 0 alone writes the run
-folder, each rank writes its own ratio dump ``step_XXXXXXX_rank_XXXX.npz``.  Backend: NCCL on CUDA, gloo on CPU.
+folder, each rank writes its own ratio dump ``step_XXXXXXX_rank_XXXX.npz``.  Backend: NCCL on CUDA, gloo
+on CPU.
 """
 
 from __future__ import annotations
@@ -57,14 +58,16 @@ class Dist:
         return t.cpu().tolist()
 
     def reduce_record(self, record: dict[str, float], device: torch.device) -> dict[str, float]:
-        """Mean over ranks of every numeric entry (``*/max`` → max, ``*/min`` → min); others kept from rank 0."""
+        """Mean over ranks of every numeric entry (``*/max`` → max, ``*/min`` → min); others from rank 0."""
         if not self.active:
             return record
         keys = sorted(k for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
         out = dict(record)
-        for op, select in ((torch_dist.ReduceOp.MAX, lambda k: k.endswith("/max")),
-                           (torch_dist.ReduceOp.MIN, lambda k: k.endswith("/min")),
-                           (torch_dist.ReduceOp.SUM, lambda k: not k.endswith(("/max", "/min")))):
+        for op, select in (
+            (torch_dist.ReduceOp.MAX, lambda k: k.endswith("/max")),
+            (torch_dist.ReduceOp.MIN, lambda k: k.endswith("/min")),
+            (torch_dist.ReduceOp.SUM, lambda k: not k.endswith(("/max", "/min"))),
+        ):
             ks = [k for k in keys if select(k)]
             if not ks:
                 continue
@@ -86,7 +89,9 @@ def init_distributed(device: str = "auto") -> tuple[Dist, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available() and device != "cpu"
     if world <= 1:
-        return Dist(), torch.device("cuda" if cuda and device == "auto" else ("cpu" if device == "auto" else device))
+        return Dist(), torch.device(
+            "cuda" if cuda and device == "auto" else ("cpu" if device == "auto" else device)
+        )
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     here = False
     if not torch_dist.is_initialized():

@@ -46,7 +46,15 @@ from ctpo_lab.train.rollout import RolloutBatch, response_log_probs, sample, sco
 from ctpo_lab.train.runfolder import RunFolder, set_rng_state
 from ctpo_lab.train.tasks import Problem, make_task
 
-__all__ = ["Trainer", "TrainResult", "NanLossError", "grpo_advantages", "pick_device", "derived_seed", "train"]
+__all__ = [
+    "Trainer",
+    "TrainResult",
+    "NanLossError",
+    "grpo_advantages",
+    "pick_device",
+    "derived_seed",
+    "train",
+]
 
 #: Metrics whose values depend on the machine's speed (excluded when comparing a resumed run).
 TIMING_KEYS = ("time/", "perf/", "wall_time")
@@ -94,8 +102,16 @@ class Trainer:
     model is built or loaded.
     """
 
-    def __init__(self, cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-                 progress: bool = True, log: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        out: str | Path,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        progress: bool = True,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
         if not isinstance(cfg, TrainConfig):
             raise TypeError(f"cfg: expected TrainConfig, got {type(cfg).__name__}")
         cfg.validate()
@@ -108,14 +124,18 @@ class Trainer:
         self.dist, self.device = init_distributed(cfg.device)
         d = self.dist
         if d.active and (cfg.batch_prompts % d.world or cfg.mini_batch_prompts % d.world):
-            raise ValueError(f"mini_batch_prompts: batch_prompts={cfg.batch_prompts} and mini_batch_prompts="
-                             f"{cfg.mini_batch_prompts} must be multiples of the {d.world} data-parallel ranks")
+            raise ValueError(
+                f"mini_batch_prompts: batch_prompts={cfg.batch_prompts} and mini_batch_prompts="
+                f"{cfg.mini_batch_prompts} must be multiples of the {d.world} data-parallel ranks"
+            )
         self.progress = progress and d.is_main
         printer = log or (lambda s: print(s, file=sys.stderr, flush=True))
         self._print = printer if d.is_main else (lambda s: None)
         RunFolder.check(out, resume=resume, overwrite=overwrite)  # every rank, before anyone writes
         d.barrier()
-        self.run = RunFolder(out, resume=resume, overwrite=overwrite, keep=cfg.keep_checkpoints, writer=d.is_main)
+        self.run = RunFolder(
+            out, resume=resume, overwrite=overwrite, keep=cfg.keep_checkpoints, writer=d.is_main
+        )
         ckpt_path = self.run.latest_checkpoint() if resume else None
         saved = self.run.read_config() if resume else None
         if saved is not None:
@@ -134,7 +154,10 @@ class Trainer:
             d.barrier()
         self.model = self.policy.model
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay
+            self.model.parameters(),
+            lr=cfg.lr,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            weight_decay=cfg.weight_decay,
         )
         self.eval_set = self.task.test_set(cfg.eval_prompts)
         self.start_step = 0
@@ -155,20 +178,27 @@ class Trainer:
             self.train_model = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
-        self.run.write_config({**cfg.to_dict(), "resolved_loss": dataclasses.asdict(self.loss_config),
-                               "policy": {k: v for k, v in self.policy.info.items() if not isinstance(v, dict)},
-                               "updates_per_step": cfg.updates_per_step, "device": str(self.device),
-                               "world_size": d.world,
-                               "max_new_tokens_resolved": self.max_new_tokens})
+        self.run.write_config(
+            {
+                **cfg.to_dict(),
+                "resolved_loss": dataclasses.asdict(self.loss_config),
+                "policy": {k: v for k, v in self.policy.info.items() if not isinstance(v, dict)},
+                "updates_per_step": cfg.updates_per_step,
+                "device": str(self.device),
+                "world_size": d.world,
+                "max_new_tokens_resolved": self.max_new_tokens,
+            }
+        )
         self._stop = False
 
     # ------------------------------------------------------------------ pieces
     def describe_batch_structure(self) -> str:
         c = self.cfg
         return (
-            f"[ctpo_lab.train] {c.updates_per_step} optimizer updates per rollout batch: {c.batch_prompts} prompts × "
-            f"{c.group_size} responses = {c.rollout_batch_size} responses, mini-batches of {c.mini_batch_prompts} "
-            f"prompts ({c.mini_batch_prompts * c.group_size} responses) × {c.ppo_epochs} epoch(s); update 1 is "
+            f"[ctpo_lab.train] {c.updates_per_step} optimizer updates per rollout batch: "
+            f"{c.batch_prompts} prompts × {c.group_size} responses = {c.rollout_batch_size} responses, "
+            f"mini-batches of {c.mini_batch_prompts} prompts "
+            f"({c.mini_batch_prompts * c.group_size} responses) × {c.ppo_epochs} epoch(s); update 1 is "
             f"on-policy, updates 2..{c.updates_per_step} are off-policy. loss={c.loss} device={self.device}"
             + (f" data-parallel ranks={self.dist.world}" if self.dist.active else "")
         )
@@ -182,10 +212,15 @@ class Trainer:
         expanded = [p for p in problems for _ in range(cfg.group_size)]
         gen = torch.Generator(device=self.device).manual_seed(derived_seed(cfg.seed, step, 1, self.dist.rank))
         self.model.eval()
-        batch = sample(self.model, [self.policy.encode_prompt(p) for p in expanded],
-                       max_new_tokens=self.max_new_tokens, temperature=cfg.temperature,
-                       eos_token_id=self.policy.tokenizer.eos_token_id,
-                       pad_token_id=self.policy.tokenizer.pad_token_id, generator=gen)
+        batch = sample(
+            self.model,
+            [self.policy.encode_prompt(p) for p in expanded],
+            max_new_tokens=self.max_new_tokens,
+            temperature=cfg.temperature,
+            eos_token_id=self.policy.tokenizer.eos_token_id,
+            pad_token_id=self.policy.tokenizer.pad_token_id,
+            generator=gen,
+        )
         return expanded, batch
 
     def evaluate(self, step: int) -> dict[str, float]:
@@ -193,20 +228,35 @@ class Trainer:
         gen = torch.Generator(device=self.device).manual_seed(derived_seed(self.cfg.seed, step, 3, d.rank))
         t0 = time.perf_counter()
         shard = self.eval_set[d.rank :: d.world]
-        ev = evaluate(self.policy, self.task, shard, samples=self.cfg.eval_samples,
-                      temperature=self.cfg.eval_temperature, max_new_tokens=self.max_new_tokens, generator=gen)
+        ev = evaluate(
+            self.policy,
+            self.task,
+            shard,
+            samples=self.cfg.eval_samples,
+            temperature=self.cfg.eval_temperature,
+            max_new_tokens=self.max_new_tokens,
+            generator=gen,
+        )
         if d.active:
             n = float(len(shard))
-            acc, length, total = d.sum([ev["eval_accuracy"] * n, ev["eval/response_length"] * n, n], self.device)
+            acc, length, total = d.sum(
+                [ev["eval_accuracy"] * n, ev["eval/response_length"] * n, n], self.device
+            )
             ev = {"eval_accuracy": acc / total, "eval/response_length": length / total}
         ev["time/eval"] = time.perf_counter() - t0
         return ev
 
     def checkpoint(self, step: int, wall: float) -> Path:
-        return self.run.save_checkpoint(step, {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "consecutive_nan": self.consecutive_nan, "wall_time": wall, "config": self.cfg.to_dict(),
-        })
+        return self.run.save_checkpoint(
+            step,
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "consecutive_nan": self.consecutive_nan,
+                "wall_time": wall,
+                "config": self.cfg.to_dict(),
+            },
+        )
 
     def train_step(self, step: int) -> dict[str, Any]:
         """One rollout batch and its ``updates_per_step`` optimizer updates; returns the step's record."""
@@ -239,19 +289,32 @@ class Trainer:
         last_out, last_rows = None, None
         nan_updates = 0
         for _epoch in range(cfg.ppo_epochs):
-            order = torch.randperm(n_groups, generator=shuffle) if cfg.shuffle_mini_batches else torch.arange(n_groups)
+            order = (
+                torch.randperm(n_groups, generator=shuffle)
+                if cfg.shuffle_mini_batches
+                else torch.arange(n_groups)
+            )
             for k in range(cfg.num_mini_batches):
                 groups = order[k * mb_groups : (k + 1) * mb_groups]
                 rows = (groups[:, None] * cfg.group_size + torch.arange(cfg.group_size)).flatten().to(device)
                 sub = batch.select(rows)
                 lp, _ = response_log_probs(self.train_model, sub, cfg.temperature)  # [n, R]
-                out = compute_policy_loss(lp, old[rows], adv[rows], sub.response_mask, preset=self.loss_config)
-                host = metrics_to_host({**out.metrics, "_nonfinite": out.num_nonfinite.to(torch.float32),
-                                        "_loss": out.loss.detach()})
+                out = compute_policy_loss(
+                    lp, old[rows], adv[rows], sub.response_mask, preset=self.loss_config
+                )
+                host = metrics_to_host(
+                    {
+                        **out.metrics,
+                        "_nonfinite": out.num_nonfinite.to(torch.float32),
+                        "_loss": out.loss.detach(),
+                    }
+                )
                 bad = host.pop("_nonfinite") > 0 or not math.isfinite(host.pop("_loss"))
                 if self.dist.any(bad, device):  # every rank skips together (DDP needs matching backwards)
                     nan_updates += 1
-                    warnings.warn(f"step {step}: non-finite loss in update {k + 1}; update skipped", stacklevel=2)
+                    warnings.warn(
+                        f"step {step}: non-finite loss in update {k + 1}; update skipped", stacklevel=2
+                    )
                     continue
                 self.optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()
@@ -259,7 +322,9 @@ class Trainer:
                 if not math.isfinite(grad_norm):
                     nan_updates += 1
                     self.optimizer.zero_grad(set_to_none=True)
-                    warnings.warn(f"step {step}: non-finite gradient in update {k + 1}; update skipped", stacklevel=2)
+                    warnings.warn(
+                        f"step {step}: non-finite gradient in update {k + 1}; update skipped", stacklevel=2
+                    )
                     continue
                 self.optimizer.step()
                 host["actor/grad_norm"] = grad_norm
@@ -283,9 +348,12 @@ class Trainer:
         lengths = batch.lengths.float()
         groups_r = rewards.view(-1, cfg.group_size)
         dev_metrics = {
-            **pre, **post,
-            "reward_mean": rewards.mean(), "reward_std": rewards.std(),
-            "response_length/mean": lengths.mean(), "response_length/max": lengths.max(),
+            **pre,
+            **post,
+            "reward_mean": rewards.mean(),
+            "reward_std": rewards.std(),
+            "response_length/mean": lengths.mean(),
+            "response_length/max": lengths.max(),
             "response_length/min": lengths.min(),
             "response_length/clip_ratio": (~batch.finished).float().mean(),
             "adv/zero_std_groups": (groups_r.std(-1) == 0).float().mean(),
@@ -296,18 +364,30 @@ class Trainer:
                 record[key] = float(np.mean([u[key] for u in per_update]))
             first, last = per_update[0], per_update[-1]
             record["offpolicy/first_mb/ppo_kl"] = first["actor/ppo_kl"]
-            for key in ("actor/ppo_kl", "actor/pg_clipfrac", "pg_update/clip/total/rate", "clip_ratio/region_mean"):
+            for key in (
+                "actor/ppo_kl",
+                "actor/pg_clipfrac",
+                "pg_update/clip/total/rate",
+                "clip_ratio/region_mean",
+            ):
                 record[f"offpolicy/last_mb/{key.split('/', 1)[1]}"] = last[key]
         record["offpolicy/updates_per_step"] = cfg.updates_per_step
         record["train/nan_updates"] = nan_updates
         record["actor/lr"] = self.optimizer.param_groups[0]["lr"]
         n_tokens = int(mask.sum())
         t_total = time.perf_counter() - t_start
-        record.update({
-            "time/gen": t_gen, "time/score": sc.seconds, "time/old_log_prob": t_old, "time/update": t_update,
-            "time/kl": t_kl, "time/step": t_total, "perf/tokens_per_s": n_tokens / max(t_total, 1e-9),
-            "perf/gen_tokens_per_s": n_tokens / max(t_gen, 1e-9),
-        })
+        record.update(
+            {
+                "time/gen": t_gen,
+                "time/score": sc.seconds,
+                "time/old_log_prob": t_old,
+                "time/update": t_update,
+                "time/kl": t_kl,
+                "time/step": t_total,
+                "perf/tokens_per_s": n_tokens / max(t_total, 1e-9),
+                "perf/gen_tokens_per_s": n_tokens / max(t_gen, 1e-9),
+            }
+        )
         if cfg.dump_every and step % cfg.dump_every == 0 and last_out is not None:
             self._dump(step, last_out, adv, last_rows)
         record = self.dist.reduce_record(record, device)
@@ -321,9 +401,17 @@ class Trainer:
 
         self.run.ratio_dir.mkdir(parents=True, exist_ok=True)
         cum = torch.where(out.mask, out.log_ratio, 0.0).cumsum(-1)
-        dumps.write_ratio_dump(self.run.ratio_dir, cum, out.mask, step=step, rank=self.dist.rank,
-                               advantages=adv[rows], group_ids=(rows // self.cfg.group_size),
-                               log_weight=out.log_weight_value, overwrite=True)
+        dumps.write_ratio_dump(
+            self.run.ratio_dir,
+            cum,
+            out.mask,
+            step=step,
+            rank=self.dist.rank,
+            advantages=adv[rows],
+            group_ids=(rows // self.cfg.group_size),
+            log_weight=out.log_weight_value,
+            overwrite=True,
+        )
 
     # ------------------------------------------------------------------ main loop
     def train(self, *, interrupt_after: int | None = None) -> TrainResult:
@@ -333,8 +421,13 @@ class Trainer:
         from tqdm.auto import tqdm
 
         self._print(self.describe_batch_structure())
-        self.run.open_loggers(start_step=self.start_step, tensorboard=cfg.tensorboard, track=cfg.track,
-                              config=cfg.to_dict(), project=cfg.wandb_project)
+        self.run.open_loggers(
+            start_step=self.start_step,
+            tensorboard=cfg.tensorboard,
+            track=cfg.track,
+            config=cfg.to_dict(),
+            project=cfg.wandb_project,
+        )
         result = TrainResult(out=self.run.path)
         t_session = time.perf_counter()
         wall = self.wall_offset
@@ -344,12 +437,21 @@ class Trainer:
             if self.start_step == 0 and cfg.eval_every:
                 ev = self.evaluate(0)
                 last_acc = ev["eval_accuracy"]
-                rec = {"step": 0, **ev,
-                       "initial_eval_accuracy_warmstart": self.policy.info.get("initial_eval_accuracy")}
+                rec = {
+                    "step": 0,
+                    **ev,
+                    "initial_eval_accuracy_warmstart": self.policy.info.get("initial_eval_accuracy"),
+                }
                 self.run.log({k: v for k, v in rec.items() if v is not None})
                 result.history.append(rec)
-            bar = tqdm(range(self.start_step + 1, cfg.steps + 1), initial=self.start_step, total=cfg.steps,
-                       desc=f"{cfg.loss}", disable=not self.progress, dynamic_ncols=True)
+            bar = tqdm(
+                range(self.start_step + 1, cfg.steps + 1),
+                initial=self.start_step,
+                total=cfg.steps,
+                desc=f"{cfg.loss}",
+                disable=not self.progress,
+                dynamic_ncols=True,
+            )
             done_here = 0
             for step in bar:
                 record = self.train_step(step)
@@ -363,12 +465,16 @@ class Trainer:
                 record["wall_time"] = wall
                 self.run.log(record)
                 result.history.append(record)
-                bar.set_postfix(reward=f"{record['reward_mean']:.3f}", acc=f"{last_acc:.3f}",
-                                kl=f"{record.get('offpolicy/kl', float('nan')):.2e}")
+                bar.set_postfix(
+                    reward=f"{record['reward_mean']:.3f}",
+                    acc=f"{last_acc:.3f}",
+                    kl=f"{record.get('offpolicy/kl', float('nan')):.2e}",
+                )
                 if self.consecutive_nan >= cfg.max_nan_steps:
                     raise NanLossError(
                         f"{self.consecutive_nan} consecutive steps with a non-finite loss (max_nan_steps="
-                        f"{cfg.max_nan_steps}); stopped at step {step}, last checkpoint: {self.run.latest_checkpoint()}"
+                        f"{cfg.max_nan_steps}); stopped at step {step}, "
+                        f"last checkpoint: {self.run.latest_checkpoint()}"
                     )
                 done_here += 1
                 if interrupt_after is not None and done_here >= interrupt_after:
@@ -376,7 +482,9 @@ class Trainer:
                 self._stop = self.dist.any(self._stop, self.device)
                 if self._stop and step < cfg.steps:
                     self.checkpoint(step, wall)
-                    self._print(f"[ctpo_lab.train] interrupted: checkpoint at step {step} in {self.run.ckpt_dir}")
+                    self._print(
+                        f"[ctpo_lab.train] interrupted: checkpoint at step {step} in {self.run.ckpt_dir}"
+                    )
                     result.interrupted = True
                     break
                 if not nan_step and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps):
@@ -401,15 +509,28 @@ class Trainer:
             if self._stop:  # second Ctrl-C: stop now
                 raise KeyboardInterrupt
             self._stop = True
-            self._print("\n[ctpo_lab.train] Ctrl-C: finishing the current step and writing a checkpoint "
-                        "(press again to abort)")
+            self._print(
+                "\n[ctpo_lab.train] Ctrl-C: finishing the current step and writing a checkpoint "
+                "(press again to abort)"
+            )
 
         signal.signal(signal.SIGINT, handler)
         return lambda: signal.signal(signal.SIGINT, previous)
 
 
-_RESUME_FREE = {"steps", "tensorboard", "track", "wandb_project", "threads", "device", "eval_every", "ckpt_every",
-                "keep_checkpoints", "dump_every", "max_nan_steps"}
+_RESUME_FREE = {
+    "steps",
+    "tensorboard",
+    "track",
+    "wandb_project",
+    "threads",
+    "device",
+    "eval_every",
+    "ckpt_every",
+    "keep_checkpoints",
+    "dump_every",
+    "max_nan_steps",
+}
 
 
 def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig) -> None:
@@ -418,11 +539,13 @@ def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig) -> None:
     if diff:
         raise ValueError(
             f"resume: the config differs from the run folder's config.yaml in {diff} "
-            f"(saved {[saved[k] for k in diff]}, given {[new[k] for k in diff]}); use a new --out or --overwrite"
+            f"(saved {[saved[k] for k in diff]}, given {[new[k] for k in diff]}); "
+            "use a new --out or --overwrite"
         )
 
 
-def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-          progress: bool = True) -> TrainResult:
+def train(
+    cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False, progress: bool = True
+) -> TrainResult:
     """Build a :class:`Trainer` and run it (the programmatic twin of ``python -m ctpo_lab.train``)."""
     return Trainer(cfg, out, resume=resume, overwrite=overwrite, progress=progress).train()

@@ -28,7 +28,15 @@ from ctpo_lab.train.rollout import response_log_probs, sample, score
 from ctpo_lab.train.tasks import Task
 from ctpo_lab.train.tokenizer import CharTokenizer
 
-__all__ = ["TinyLlamaSpec", "Policy", "build_tiny_llama", "warm_start", "load_policy", "cache_dir", "evaluate"]
+__all__ = [
+    "TinyLlamaSpec",
+    "Policy",
+    "build_tiny_llama",
+    "warm_start",
+    "load_policy",
+    "cache_dir",
+    "evaluate",
+]
 
 WARMSTART_VERSION = 1
 
@@ -71,7 +79,9 @@ class Policy:
         """Token ids of a problem's prompt (``<bos>`` + characters, or the chat template for HF models)."""
         if isinstance(self.tokenizer, CharTokenizer):
             return self.tokenizer.encode(problem.prompt, add_bos=True)
-        messages = list(problem.messages) if problem.messages else [{"role": "user", "content": problem.prompt}]
+        messages = (
+            list(problem.messages) if problem.messages else [{"role": "user", "content": problem.prompt}]
+        )
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
@@ -83,10 +93,18 @@ def build_tiny_llama(spec: TinyLlamaSpec, vocab_size: int, seed: int = 0) -> tor
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_heads, max_position_embeddings=spec.max_position_embeddings,
-        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0, rope_theta=10000.0,
+        vocab_size=vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        rope_theta=10000.0,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -122,8 +140,15 @@ def _demo_batch(
 
 @torch.no_grad()
 def evaluate(
-    policy: Policy, task: Task, problems: list[Any], *, samples: int, temperature: float, max_new_tokens: int,
-    generator: torch.Generator | None, batch_size: int = 256,
+    policy: Policy,
+    task: Task,
+    problems: list[Any],
+    *,
+    samples: int,
+    temperature: float,
+    max_new_tokens: int,
+    generator: torch.Generator | None,
+    batch_size: int = 256,
 ) -> dict[str, float]:
     """avg@k accuracy on ``problems`` (each sampled ``samples`` times) and the mean response length."""
     model, tok = policy.model, policy.tokenizer
@@ -133,13 +158,22 @@ def evaluate(
     rewards, lengths = [], []
     for i in range(0, len(items), batch_size):
         chunk = items[i : i + batch_size]
-        batch = sample(model, [policy.encode_prompt(p) for p in chunk], max_new_tokens=max_new_tokens,
-                       temperature=temperature, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                       generator=generator)
+        batch = sample(
+            model,
+            [policy.encode_prompt(p) for p in chunk],
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            generator=generator,
+        )
         rewards.append(score(task, tok, chunk, batch).rewards)
         lengths.append(batch.lengths.float().cpu())
     model.train(was_training)
-    return {"eval_accuracy": float(torch.cat(rewards).mean()), "eval/response_length": float(torch.cat(lengths).mean())}
+    return {
+        "eval_accuracy": float(torch.cat(rewards).mean()),
+        "eval/response_length": float(torch.cat(lengths).mean()),
+    }
 
 
 def warm_start(
@@ -165,8 +199,15 @@ def warm_start(
     device = torch.device(device)
     tok = CharTokenizer()
     key_data = {
-        "version": WARMSTART_VERSION, "task": task.describe(), "spec": dataclasses.asdict(spec), "steps": steps,
-        "batch": batch, "lr": lr, "noise": noise, "seed": seed, "alphabet": tok.alphabet,
+        "version": WARMSTART_VERSION,
+        "task": task.describe(),
+        "spec": dataclasses.asdict(spec),
+        "steps": steps,
+        "batch": batch,
+        "lr": lr,
+        "noise": noise,
+        "seed": seed,
+        "alphabet": tok.alphabet,
     }
     key = hashlib.sha1(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:16]
     target = cache_dir() / key
@@ -203,11 +244,24 @@ def warm_start(
         bar.set_postfix(loss=f"{loss_value:.3f}")
     gen = torch.Generator(device=device).manual_seed(seed)
     policy = Policy(model, tok, {})
-    ev = evaluate(policy, task, task.test_set(eval_prompts), samples=1, temperature=eval_temperature,
-                  max_new_tokens=task.max_response_tokens, generator=gen)
-    policy.info = {"warmstart_key": key, "warmstart_loss": loss_value, "warmstart_seconds": time.perf_counter() - t0,
-                   "initial_eval_accuracy": ev["eval_accuracy"], "initial_eval_prompts": eval_prompts,
-                   "initial_eval_temperature": eval_temperature, **key_data}
+    ev = evaluate(
+        policy,
+        task,
+        task.test_set(eval_prompts),
+        samples=1,
+        temperature=eval_temperature,
+        max_new_tokens=task.max_response_tokens,
+        generator=gen,
+    )
+    policy.info = {
+        "warmstart_key": key,
+        "warmstart_loss": loss_value,
+        "warmstart_seconds": time.perf_counter() - t0,
+        "initial_eval_accuracy": ev["eval_accuracy"],
+        "initial_eval_prompts": eval_prompts,
+        "initial_eval_temperature": eval_temperature,
+        **key_data,
+    }
     if use_cache:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{key}-"))
@@ -226,9 +280,17 @@ def load_policy(cfg: Any, task: Task, device: torch.device, progress: bool = Tru
     if cfg.model == "tiny-llama":
         spec = TinyLlamaSpec.from_options(cfg.model_options)
         return warm_start(
-            task, spec, steps=cfg.warmstart_steps, batch=cfg.warmstart_batch, lr=cfg.warmstart_lr,
-            noise=cfg.warmstart_noise, seed=cfg.warmstart_seed, eval_prompts=cfg.eval_prompts,
-            eval_temperature=cfg.eval_temperature, device=device, progress=progress,
+            task,
+            spec,
+            steps=cfg.warmstart_steps,
+            batch=cfg.warmstart_batch,
+            lr=cfg.warmstart_lr,
+            noise=cfg.warmstart_noise,
+            seed=cfg.warmstart_seed,
+            eval_prompts=cfg.eval_prompts,
+            eval_temperature=cfg.eval_temperature,
+            device=device,
+            progress=progress,
         )
     try:
         from ctpo_lab.llm import models as llm_models

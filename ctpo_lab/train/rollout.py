@@ -62,8 +62,8 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
     mask = torch.zeros((len(prompts), width), dtype=torch.bool)
     for i, p in enumerate(prompts):
         if len(p):
-            ids[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-            mask[i, width - len(p):] = True
+            ids[i, width - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+            mask[i, width - len(p) :] = True
     return ids.to(device), mask.to(device)
 
 
@@ -76,13 +76,16 @@ def _cache_keyword(model: torch.nn.Module) -> str:
 
 
 def lean_decoding_supported(model: torch.nn.Module) -> bool:
-    """Whether :class:`_LeanLlama` can run ``model``: a LlamaForCausalLM (SmolLM2 included) with a static RoPE."""
+    """Whether :class:`_LeanLlama` can run ``model``: a Llama (SmolLM2 too), static RoPE, eval mode."""
     cfg, inner = getattr(model, "config", None), getattr(model, "model", None)
     rope = getattr(inner, "rotary_emb", None)
     return (
-        getattr(cfg, "model_type", None) == "llama" and rope is not None and hasattr(rope, "inv_freq")
+        getattr(cfg, "model_type", None) == "llama"
+        and rope is not None
+        and hasattr(rope, "inv_freq")
         and getattr(rope, "rope_type", "default") in ("default", "linear", "llama3")
-        and hasattr(model, "lm_head") and not model.training
+        and hasattr(model, "lm_head")
+        and not model.training
     )
 
 
@@ -143,8 +146,9 @@ class _LeanLlama:
             kk, vv = self.k[i][:, :, :e], self.v[i][:, :, :e]
             if rep > 1:
                 kk, vv = kk.repeat_interleave(rep, 1), vv.repeat_interleave(rep, 1)
-            o = torch.nn.functional.scaled_dot_product_attention(q, kk.to(q.dtype), vv.to(q.dtype), attn_mask=mask,
-                                                                 scale=attn.scaling)
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q, kk.to(q.dtype), vv.to(q.dtype), attn_mask=mask, scale=attn.scaling
+            )
             x = x + attn.o_proj(o.transpose(1, 2).reshape(n, length, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         self.length = e
@@ -187,8 +191,13 @@ def sample(
     else:
         cache_kw = _cache_keyword(model)
         with autocast(device):
-            out = model(input_ids=ids, attention_mask=mask.long(), position_ids=position, use_cache=True,
-                        logits_to_keep=1)
+            out = model(
+                input_ids=ids,
+                attention_mask=mask.long(),
+                position_ids=position,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         cache = out.get("cache", out.get("past_key_values"))
         logits = out.logits[:, -1].float()  # [N, V]
         attn = mask.long()
@@ -214,8 +223,13 @@ def sample(
                 logits = decoder(tok[:, None], next_pos[:, None], ones).float()
             else:
                 attn = torch.cat([attn, ones.long()], dim=1)
-                out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
-                            use_cache=True, **{cache_kw: cache})
+                out = model(
+                    input_ids=tok[:, None],
+                    attention_mask=attn,
+                    position_ids=next_pos[:, None],
+                    use_cache=True,
+                    **{cache_kw: cache},
+                )
                 cache = out.get("cache", out.get("past_key_values"))
                 logits = out.logits[:, -1].float()
         next_pos = next_pos + 1
@@ -240,7 +254,9 @@ def response_log_probs(
     position = (attn.long().cumsum(-1) - 1).clamp(min=0)
     r = batch.response_ids.shape[1]
     with autocast(device):  # logits of the last R + 1 positions only (the prompt's are never needed)
-        logits = model(input_ids=ids, attention_mask=attn.long(), position_ids=position, logits_to_keep=r + 1).logits
+        logits = model(
+            input_ids=ids, attention_mask=attn.long(), position_ids=position, logits_to_keep=r + 1
+        ).logits
     logits = logits[:, -(r + 1) : -1].float()  # [N, R, V]: position P−1+t predicts response token t
     if temperature > 0:
         logits = logits / temperature

@@ -2,8 +2,8 @@
 
 * An existing, non-empty folder is never reused without ``resume=True`` or ``overwrite=True``
   (``ValueError`` before any work).
-* Checkpoints ``ckpt/step_XXXXXXX.pt`` hold the model, the optimizer, every RNG state (Python, NumPy, torch CPU
-  and CUDA) and the trainer counters; they are written atomically and the newest ``keep`` are kept.
+* Checkpoints ``ckpt/step_XXXXXXX.pt`` hold the model, the optimizer, every RNG state (Python, NumPy,
+  torch CPU and CUDA) and the trainer counters; they are written atomically and the newest ``keep`` are kept.
 * On resume, ``metrics.jsonl`` is truncated to the checkpoint's step and TensorBoard purges later events, so a
   resumed run logs exactly what an uninterrupted one does.
 * W&B only when ``track=True`` (imported lazily; offline machines never need it).
@@ -31,7 +31,9 @@ FINISHED_FILE = "finished.json"
 def rng_state() -> dict[str, Any]:
     """Every global RNG state (Python, NumPy, torch CPU, every CUDA device)."""
     state: dict[str, Any] = {
-        "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -55,8 +57,15 @@ def _jsonable(v: Any) -> Any:
 class RunFolder:
     """Owns one run directory. Construct it first: it refuses to clobber before anything else happens."""
 
-    def __init__(self, path: str | os.PathLike[str], *, resume: bool = False, overwrite: bool = False,
-                 keep: int = 2, writer: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        keep: int = 2,
+        writer: bool = True,
+    ) -> None:
         self.path = Path(path)
         self.writer = writer
         if writer:
@@ -74,7 +83,7 @@ class RunFolder:
     @staticmethod
     def check(path: str | os.PathLike[str], *, resume: bool = False, overwrite: bool = False) -> bool:
         """Read-only checks (raise ``ValueError``); returns whether the folder exists and is non-empty.
-        A non-``writer`` RunFolder (data-parallel ranks > 0) never writes; every method that would is a no-op."""
+        A non-``writer`` RunFolder (data-parallel ranks > 0) never writes: its writing methods are no-ops."""
         if resume and overwrite:
             raise ValueError("overwrite: --resume and --overwrite are mutually exclusive")
         p = Path(path)
@@ -121,21 +130,34 @@ class RunFolder:
             old.unlink(missing_ok=True)
         return target
 
-    def load_checkpoint(self, path: Path | None = None, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: Path | None = None, map_location: str | torch.device = "cpu"
+    ) -> dict[str, Any]:
         path = path or self.latest_checkpoint()
         if path is None:
             raise ValueError(f"resume: no checkpoint in {str(self.ckpt_dir)!r}")
         return torch.load(path, map_location=map_location, weights_only=False)
 
     # ------------------------------------------------------------------ logging
-    def open_loggers(self, *, start_step: int, tensorboard: bool, track: bool, config: dict[str, Any],
-                     project: str = "ctpo_lab", name: str | None = None) -> None:
+    def open_loggers(
+        self,
+        *,
+        start_step: int,
+        tensorboard: bool,
+        track: bool,
+        config: dict[str, Any],
+        project: str = "ctpo_lab",
+        name: str | None = None,
+    ) -> None:
         """Truncate ``metrics.jsonl`` to ``start_step`` and open TensorBoard / W&B."""
         if not self.writer:
             return
         if self.metrics_path.is_file():  # a fresh start (step 0) keeps nothing
-            kept = [line for line in self.metrics_path.read_text().splitlines()
-                    if start_step > 0 and line.strip() and json.loads(line).get("step", 0) <= start_step]
+            kept = [
+                line
+                for line in self.metrics_path.read_text().splitlines()
+                if start_step > 0 and line.strip() and json.loads(line).get("step", 0) <= start_step
+            ]
             self.metrics_path.write_text("".join(k + "\n" for k in kept))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -144,8 +166,13 @@ class RunFolder:
         if track:
             import wandb  # noqa: F401  (checked by the trainer before any work)
 
-            self._wandb = wandb.init(project=project, name=name or self.path.name, config=config,
-                                     dir=str(self.path), resume="allow")
+            self._wandb = wandb.init(
+                project=project,
+                name=name or self.path.name,
+                config=config,
+                dir=str(self.path),
+                resume="allow",
+            )
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one record (must contain ``step``) to every open logger."""
@@ -156,7 +183,12 @@ class RunFolder:
         step = int(record["step"])
         if self._tb is not None:
             for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                if (
+                    k != "step"
+                    and isinstance(v, (int, float))
+                    and not isinstance(v, bool)
+                    and math.isfinite(v)
+                ):
                     self._tb.add_scalar(k, v, step)
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=step)

@@ -79,7 +79,7 @@ class Task:
         raise NotImplementedError
 
     def solution(self, problem: Problem, rng: np.random.Generator | None = None, noise: float = 0.0) -> str:
-        """A demonstration response; with ``noise`` > 0 each elementary result is wrong with that probability."""
+        """A demonstration response; with ``noise`` > 0 each elementary result is wrong with that chance."""
         raise NotImplementedError
 
     def check(self, problem: Problem, response: str) -> float:
@@ -112,7 +112,9 @@ class Task:
         while len(seen) < n:
             tries += 1
             if tries > 200 * n + 10_000:
-                raise ValueError(f"n: the test split of task {self.name!r} has fewer than {n} distinct prompts")
+                raise ValueError(
+                    f"n: the test split of task {self.name!r} has fewer than {n} distinct prompts"
+                )
             p = self.make_problem(self._random_params(rng))
             if is_test_prompt(p.prompt):
                 seen.setdefault(p.prompt, p)
@@ -243,22 +245,36 @@ class ParquetTask(Task):
 
     name = "parquet"
 
-    def __init__(self, path: str, test_path: str | None = None, max_response_tokens: int = 512,
-                 limit: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        test_path: str | None = None,
+        max_response_tokens: int = 512,
+        limit: int | None = None,
+    ) -> None:
         from ctpo_lab.llm import prompts as llm_prompts
 
         if not isinstance(path, str) or not path:
             raise ValueError(f"task_options.path: expected a prompt source, got {path!r}")
         if not isinstance(max_response_tokens, int) or max_response_tokens < 1:
-            raise ValueError(f"task_options.max_response_tokens: expected a positive int, got {max_response_tokens!r}")
+            raise ValueError(
+                f"task_options.max_response_tokens: expected a positive int, got {max_response_tokens!r}"
+            )
         if path != "arithmetic" and not path.startswith("hf:") and not Path(path).exists():
             raise ValueError(f"task_options.path: {path!r} does not exist")
         self._reward = llm_prompts.reward
         self.path, self.test_path, self.max_response_tokens = path, test_path, max_response_tokens
 
         def convert(items: list[Any]) -> list[Problem]:
-            return [Problem(prompt=q.text, answer=q.answer or "", messages=tuple(q.messages),
-                            meta={"id": q.id, "data_source": q.data_source}) for q in items]
+            return [
+                Problem(
+                    prompt=q.text,
+                    answer=q.answer or "",
+                    messages=tuple(q.messages),
+                    meta={"id": q.id, "data_source": q.data_source},
+                )
+                for q in items
+            ]
 
         every = convert(llm_prompts.load_prompts(path, n=limit))
         if test_path is None:
@@ -298,7 +314,7 @@ TASKS: dict[str, type[Task]] = {"chain": ChainTask, "add": AddTask, "parquet": P
 
 
 def make_task(name: str, **kwargs: Any) -> Task:
-    """Build a task by name (``chain``, ``add``, ``parquet``); unknown names or options raise ``ValueError``."""
+    """Build a task by name (``chain``, ``add``, ``parquet``); unknown names/options raise ``ValueError``."""
     if not isinstance(name, str):
         raise TypeError(f"task: expected a task name, got {type(name).__name__}")
     if name not in TASKS:
@@ -308,5 +324,7 @@ def make_task(name: str, **kwargs: Any) -> Task:
     valid = set(inspect.signature(TASKS[name].__init__).parameters) - {"self"}
     unknown = sorted(set(kwargs) - valid)
     if unknown:
-        raise ValueError(f"task_options: unknown option(s) {unknown} for task {name!r}; valid: {sorted(valid)}")
+        raise ValueError(
+            f"task_options: unknown option(s) {unknown} for task {name!r}; valid: {sorted(valid)}"
+        )
     return TASKS[name](**kwargs)

@@ -1,8 +1,8 @@
 """A character-level tokenizer for the built-in tasks (no download, no external files).
 
 Ids 0, 1, 2 are ``<pad>``, ``<bos>``, ``<eos>``; then one id per character of :data:`ALPHABET`. The interface
-(``encode``, ``decode``, ``pad_token_id``, ``bos_token_id``, ``eos_token_id``, ``vocab_size``) is the subset of
-a Hugging Face tokenizer that the trainer uses, so HF tokenizers plug into the same code paths.
+(``encode``, ``decode``, ``pad_token_id``, ``bos_token_id``, ``eos_token_id``, ``vocab_size``) is the subset
+of a Hugging Face tokenizer that the trainer uses, so HF tokenizers plug into the same code paths.
 """
 
 from __future__ import annotations
