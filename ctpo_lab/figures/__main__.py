@@ -28,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--refresh", action="store_true", help="ignore cached results")
     ap.add_argument("--llm-model", default=None, help="model of the fig1_llm family (default smollm2, "
                     "tiny-random with --quick)")
+    ap.add_argument("--llm-run", default=None, help="reuse the output folder of an earlier "
+                    "`python -m ctpo_lab.llm` run for the fig1_llm family instead of collecting again")
+    ap.add_argument("--grid", default=None, help="grid folder of the training family (default runs/compare-cpu, "
+                    "the output of `python -m ctpo_lab.train`; a cached tiny grid with --quick)")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     from ctpo_lab.figures.common import apply_style
@@ -54,12 +58,13 @@ def main(argv: list[str] | None = None) -> int:
             from ctpo_lab.figures import llm_figs
 
             written[family] = llm_figs.make(out, quick=args.quick, seed=args.seed, cache=cache, command=command,
-                                            model=args.llm_model)
+                                            model=args.llm_model,
+                                            llm_run=Path(args.llm_run) if args.llm_run else None)
         else:
             from ctpo_lab.figures import training_figs
 
             written[family] = training_figs.make(out, quick=args.quick, seed=args.seed, cache=cache,
-                                                 command=command)
+                                                 command=command, grid_dir=Path(args.grid) if args.grid else None)
         print(f"[figures] {family}: {len(written[family])} files in {time.time() - start:.0f} s", file=sys.stderr)
     for family, files in written.items():
         names = sorted({p.name.split(".")[0] for p in files})

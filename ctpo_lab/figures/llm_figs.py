@@ -36,13 +36,28 @@ def _collect(model: str, quick: bool, seed: int, cache: Path) -> dict:
     return cached(cache, "llm_run", key, compute)
 
 
-def make(out: Path, *, quick: bool, seed: int, cache: Path, command: str, model: str | None = None) -> list[Path]:
+def _read_run(run_dir: Path) -> tuple[dict, str]:
+    """The summary and model of an existing ``python -m ctpo_lab.llm`` output folder."""
+    import json
+
+    summary_path, config_path = run_dir / "summary.json", run_dir / "config.json"
+    if not summary_path.is_file() or not config_path.is_file():
+        raise ValueError(f"llm_run: {run_dir} is not a finished `python -m ctpo_lab.llm` folder (no summary.json)")
+    return json.loads(summary_path.read_text()), json.loads(config_path.read_text())["model"]
+
+
+def make(out: Path, *, quick: bool, seed: int, cache: Path, command: str, model: str | None = None,
+         llm_run: Path | None = None) -> list[Path]:
     from ctpo_lab.figures.position import drift_figure, figure1
 
     model = model or ("tiny-random" if quick else "smollm2")
     note = ""
     try:
-        summary = _collect(model, quick, seed, cache)
+        if llm_run is not None:
+            summary, model = _read_run(Path(llm_run))
+            note = f" (collected by `python -m ctpo_lab.llm` into {llm_run})"
+        else:
+            summary = _collect(model, quick, seed, cache)
     except (OSError, RuntimeError, SystemExit) as e:
         if model == "tiny-random":
             raise
