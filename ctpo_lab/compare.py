@@ -110,15 +110,38 @@ def _train_command(spec: GridSpec, loss: str, seed: int, path: Path, resume: boo
     return cmd + list(spec.overrides)
 
 
+def _train_config(spec: GridSpec, loss: str, seed: int):
+    from ctpo_lab.train.config import resolve_train_config
+
+    return resolve_train_config(spec.train_preset, overrides=list(spec.overrides), loss=loss, seed=seed,
+                                steps=spec.steps)
+
+
+def _prepare_warm_start(spec: GridSpec, *, threads: int, progress: bool) -> None:
+    """Train (or find) the shared warm-start cache once, in this process, before the parallel runs start."""
+    from ctpo_lab.train.policy import prepare_warm_start
+
+    t0 = time.time()
+    info = prepare_warm_start(_train_config(spec, spec.losses[0], spec.seeds[0]), threads=threads,
+                              progress=progress)
+    if progress and info is not None:
+        print(f"[compare] warm start {info.get('warmstart_key')} ready in {time.time() - t0:.0f} s (held-out "
+              f"accuracy {info.get('initial_eval_accuracy')})", file=sys.stderr)
+
+
 def run_grid(spec: GridSpec, out: str | os.PathLike[str], *, jobs: int | None = None, overwrite: bool = False,
              progress: bool = True) -> dict[tuple[str, int], Path]:
     """Run (or reuse, or resume) every cell of the grid; returns {(loss, seed): run folder}.
 
+    Every run's configuration is validated first; the shared warm start is then computed once in this process
+    (with every core) before the runs start, so parallel runs never train it twice.
     Up to ``jobs`` runs in parallel (default: the number of CPU cores), each pinned to one thread. The grid's
     specification is written to ``OUT/grid.json``; an existing grid folder with a different specification is
     refused unless ``overwrite`` (which deletes it first).  A failed run raises ``RuntimeError`` naming its log.
     """
     out = Path(out)
+    for loss, seed in spec.cells():  # every run's configuration is valid before any work starts
+        _train_config(spec, loss, seed)
     spec_path = out / "grid.json"
     if out.exists() and any(out.iterdir()):
         previous = json.loads(spec_path.read_text()) if spec_path.is_file() else None
@@ -144,6 +167,8 @@ def run_grid(spec: GridSpec, out: str | os.PathLike[str], *, jobs: int | None = 
     if progress:
         print(f"[compare] {len(paths) - len(todo)} finished run(s) reused, {len(todo)} to run, {jobs} in parallel",
               file=sys.stderr)
+    if todo:
+        _prepare_warm_start(spec, threads=os.cpu_count() or 1, progress=progress)
 
     def launch(loss: str, seed: int, path: Path, resume: bool) -> tuple[str, int, int, float]:
         if path.exists() and not resume:

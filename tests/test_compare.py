@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -80,3 +81,58 @@ def test_grid_spec_and_folder_protection(tmp_path):
     assert (tmp_path / "something.txt").read_text() == "user data"
     with pytest.raises(ValueError, match="grid.json"):
         compare.load_grid(tmp_path)
+
+
+def test_grid_is_resumable(tmp_path, monkeypatch):
+    """A grid run twice reuses its finished runs; an interrupted run is resumed and ends as if uninterrupted."""
+    from ctpo_lab.train.config import resolve_train_config
+    from ctpo_lab.train.loop import TIMING_KEYS, Trainer
+    from ctpo_lab.train.policy import cache_dir
+
+    monkeypatch.setenv("CTPO_LAB_CACHE", str(tmp_path / "cache"))
+    spec = compare.GridSpec("cpu-tiny", ("grpo",), (0, 1), steps=2)
+    out = tmp_path / "grid"
+    paths = compare.run_grid(spec, out, jobs=2, progress=False)
+    assert len(list(cache_dir().glob("*/meta.json"))) == 1  # the warm start was trained once, before the runs
+
+    def records(path):
+        rows = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if not k.startswith(TIMING_KEYS)} for r in rows]
+
+    reference = records(paths[("grpo", 1)])
+    finished0 = (paths[("grpo", 0)] / compare.FINISHED_FILE).stat().st_mtime_ns
+    # replace seed 1 by an interrupted run (1 of 2 steps, checkpoint written)
+    import shutil
+
+    shutil.rmtree(paths[("grpo", 1)])
+    cfg = resolve_train_config("cpu-tiny", loss="grpo", seed=1, steps=2)
+    assert Trainer(cfg, paths[("grpo", 1)], progress=False).train(interrupt_after=1).interrupted
+    assert not (paths[("grpo", 1)] / compare.FINISHED_FILE).exists()
+    compare.run_grid(spec, out, jobs=2, progress=False)
+    assert (paths[("grpo", 0)] / compare.FINISHED_FILE).stat().st_mtime_ns == finished0  # reused
+    assert (paths[("grpo", 1)] / compare.FINISHED_FILE).is_file()  # resumed to the end
+    assert records(paths[("grpo", 1)]) == reference
+    with pytest.raises(ValueError, match="overwrite"):  # another grid in the same folder is refused
+        compare.run_grid(compare.GridSpec("cpu-tiny", ("ctpo",), (0,), steps=2), out, progress=False)
+
+
+def test_concurrent_warm_starts_train_once(tmp_path, monkeypatch):
+    """Parallel runs starting together: one trains the warm start, the other waits for the cached result."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("CTPO_LAB_CACHE", str(tmp_path / "cache"))
+    code = (
+        "import torch; from ctpo_lab.train.config import resolve_train_config as r; "
+        "from ctpo_lab.train.policy import load_policy; from ctpo_lab.train.tasks import make_task; "
+        "c = r('cpu-tiny', overrides=['warmstart_steps=40']); "
+        "p = load_policy(c, make_task(c.task, **c.task_options), torch.device('cpu'), progress=True); "
+        "print(p.info['warmstart_key'], p.info['warmstart_seconds'])"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_MININTERVAL="0")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert outs[0][0] == outs[1][0]  # the same cached warm start (same key, same recorded training time)
+    assert sum("warm start" in err for _, err in outs) == 1  # trained by exactly one process

@@ -105,3 +105,26 @@ def test_shipped_recipes_resolve():
     for r in recipes:
         cfg = resolve_train_config(None, r)
         assert cfg.preset in PRESETS
+
+
+def test_cpu_preset_configuration_is_valid():
+    """The README's main job: the `cpu` preset is valid and keeps the properties the grid's verdict needs."""
+    from ctpo_lab import compare
+    from ctpo_lab.train.tasks import make_task
+
+    cfg = resolve_train_config("cpu")
+    assert cfg.preset == "cpu" and cfg.model == "tiny-llama" and cfg.task == "chain"
+    task = make_task(cfg.task, **cfg.task_options)
+    assert task.min_steps * 8 + 3 >= 100  # correct responses reach positions ≥ 100 (the √t range)
+    assert cfg.updates_per_step >= 8  # later mini-batches genuinely off-policy (paper: 16)
+    assert cfg.ppo_epochs == 1 and cfg.mini_batch_prompts * cfg.num_mini_batches == cfg.batch_prompts
+    assert 0.05 <= cfg.warmstart_noise <= 0.2 and cfg.warmstart_steps >= 800  # room to improve, rule learned
+    assert cfg.eval_every and cfg.steps // cfg.eval_every >= 4 and cfg.eval_prompts * cfg.eval_samples >= 256
+    assert cfg.threads == 1 and cfg.device == "auto" and not cfg.track  # one core per parallel run
+    # compute budget: ≈ 2.5 min per run measured on one core; 12 runs on 2 cores in ≤ 30 min with the warm start
+    assert cfg.steps * cfg.rollout_batch_size * task.max_response_tokens <= 1.5e6
+    for loss in compare.GridSpec().losses:
+        resolve_train_config("cpu", loss=loss, seed=2)
+    spec = compare.GridSpec()
+    assert spec.train_preset == "cpu" and len(spec.losses) == 4 and len(spec.seeds) >= 3
+    assert compare.build_parser().parse_args([]).preset == "cpu"

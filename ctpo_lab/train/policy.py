@@ -10,6 +10,7 @@ task, architecture and warm-start settings) and reused by every later run, whate
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -17,6 +18,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctpo_lab.train.rollout import response_log_probs, sample, score
+from ctpo_lab.train.rollout import autocast, response_log_probs, sample, score
 from ctpo_lab.train.tasks import Task
 from ctpo_lab.train.tokenizer import CharTokenizer
 
@@ -36,6 +38,7 @@ __all__ = [
     "load_policy",
     "cache_dir",
     "evaluate",
+    "prepare_warm_start",
 ]
 
 WARMSTART_VERSION = 1
@@ -211,13 +214,62 @@ def warm_start(
     }
     key = hashlib.sha1(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:16]
     target = cache_dir() / key
-    if use_cache and (target / "meta.json").is_file():
-        from transformers import LlamaForCausalLM
+    if not use_cache:
+        return _train_warm_start(task, spec, tok, key, key_data, target, steps=steps, batch=batch, lr=lr,
+                                 noise=noise, seed=seed, eval_prompts=eval_prompts,
+                                 eval_temperature=eval_temperature, device=device, progress=progress,
+                                 use_cache=False)
+    if not (target / "meta.json").is_file():
+        # one process trains, concurrent ones (parallel grid runs, data-parallel ranks) wait for its result
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _file_lock(target.parent / f".{key}.lock"):
+            if not (target / "meta.json").is_file():
+                _train_warm_start(task, spec, tok, key, key_data, target, steps=steps, batch=batch, lr=lr,
+                                  noise=noise, seed=seed, eval_prompts=eval_prompts,
+                                  eval_temperature=eval_temperature, device=device, progress=progress,
+                                  use_cache=True)
+    from transformers import LlamaForCausalLM
 
-        model = LlamaForCausalLM.from_pretrained(target).to(device)
-        model.generation_config.pad_token_id = 0
-        return Policy(model, tok, json.loads((target / "meta.json").read_text()))
+    model = LlamaForCausalLM.from_pretrained(target).to(device)
+    model.generation_config.pad_token_id = 0
+    return Policy(model, tok, json.loads((target / "meta.json").read_text()))
 
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (``fcntl.flock``) held for the block; a no-op where fcntl is missing."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _train_warm_start(
+    task: Task,
+    spec: TinyLlamaSpec,
+    tok: CharTokenizer,
+    key: str,
+    key_data: dict[str, Any],
+    target: Path,
+    *,
+    steps: int,
+    batch: int,
+    lr: float,
+    noise: float,
+    seed: int,
+    eval_prompts: int,
+    eval_temperature: float,
+    device: torch.device,
+    progress: bool,
+    use_cache: bool,
+) -> Policy:
     t0 = time.perf_counter()
     model = build_tiny_llama(spec, tok.vocab_size, seed).to(device)
     rng = np.random.default_rng([seed, 7])
@@ -232,7 +284,8 @@ def warm_start(
     model.train()
     for _ in bar:
         ids, attn, tgt = (x.to(device) for x in _demo_batch(task, tok, rng, batch, noise))
-        logits = model(input_ids=ids, attention_mask=attn.long()).logits[:, :-1].float()
+        with autocast(device):  # bf16 on CUDA, float32 on CPU
+            logits = model(input_ids=ids, attention_mask=attn.long()).logits[:, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
         loss = (nll * tgt[:, 1:]).sum() / tgt[:, 1:].sum()
         opt.zero_grad(set_to_none=True)
@@ -299,6 +352,33 @@ def load_policy(cfg: Any, task: Task, device: torch.device, progress: bool = Tru
     loaded = llm_models.load_model(cfg.model, seed=cfg.warmstart_seed, pad_token="eos")
     model, tokenizer = loaded.model, loaded.tokenizer
     return Policy(model.to(device), tokenizer, {"model": cfg.model})
+
+
+def prepare_warm_start(cfg: Any, *, threads: int | None = None, progress: bool = True) -> dict[str, Any] | None:
+    """Build (or find) the cached warm start of a config once, before parallel runs start; returns its info.
+
+    Parallel runs would otherwise all start training the same warm start (the file lock in
+    :func:`warm_start` makes them wait for one of them; computing it here first uses every core for it).
+    ``None`` for HF models (no warm start). The model is released afterwards (CUDA memory included).
+    """
+    if cfg.model != "tiny-llama":
+        return None
+    from ctpo_lab.train.loop import pick_device
+    from ctpo_lab.train.tasks import make_task
+
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        device = pick_device(cfg.device)
+        policy = load_policy(cfg, make_task(cfg.task, **cfg.task_options), device, progress=progress)
+        info = dict(policy.info)
+        del policy
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    finally:
+        torch.set_num_threads(previous)
+    return info
 
 
 def teacher_forced_nll(policy: Policy, batch: Any) -> float:
