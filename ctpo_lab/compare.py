@@ -134,7 +134,7 @@ def run_grid(spec: GridSpec, out: str | os.PathLike[str], *, jobs: int | None = 
     """Run (or reuse, or resume) every cell of the grid; returns {(loss, seed): run folder}.
 
     Every run's configuration is validated first; the shared warm start is then computed once in this process
-    (with every core) before the runs start, so parallel runs never train it twice.
+    before the runs start, so parallel runs never train it twice.
     Up to ``jobs`` runs in parallel (default: the number of CPU cores), each pinned to one thread. The grid's
     specification is written to ``OUT/grid.json``; an existing grid folder with a different specification is
     refused unless ``overwrite`` (which deletes it first).  A failed run raises ``RuntimeError`` naming its log.
@@ -168,7 +168,8 @@ def run_grid(spec: GridSpec, out: str | os.PathLike[str], *, jobs: int | None = 
         print(f"[compare] {len(paths) - len(todo)} finished run(s) reused, {len(todo)} to run, {jobs} in parallel",
               file=sys.stderr)
     if todo:
-        _prepare_warm_start(spec, threads=os.cpu_count() or 1, progress=progress)
+        _prepare_warm_start(spec, threads=1, progress=progress)  # more threads: no gain at this size, and
+        # oversubscription on a busy machine slowed it 30×
 
     def launch(loss: str, seed: int, path: Path, resume: bool) -> tuple[str, int, int, float]:
         if path.exists() and not resume:

@@ -69,6 +69,7 @@ def test_precedence_preset_recipe_overrides_flags(tmp_path):
         (["lr=0"], {}, "lr"),
         (["device=tpu"], {}, "device"),
         (["warmstart_noise=1.5"], {}, "warmstart_noise"),
+        (["eval_prompts=5000"], {}, "eval_prompts"),
     ],
 )
 def test_bad_config_raises_value_error_naming_it(overrides, explicit, match):
@@ -115,6 +116,7 @@ def test_cpu_preset_configuration_is_valid():
     cfg = resolve_train_config("cpu")
     assert cfg.preset == "cpu" and cfg.model == "tiny-llama" and cfg.task == "chain"
     task = make_task(cfg.task, **cfg.task_options)
+    assert len(task.test_set(cfg.eval_prompts)) == cfg.eval_prompts
     assert task.min_steps * 8 + 3 >= 100  # correct responses reach positions ≥ 100 (the √t range)
     assert cfg.updates_per_step >= 8  # later mini-batches genuinely off-policy (paper: 16)
     assert cfg.ppo_epochs == 1 and cfg.mini_batch_prompts * cfg.num_mini_batches == cfg.batch_prompts

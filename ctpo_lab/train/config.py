@@ -156,7 +156,12 @@ class TrainConfig:
             raise ValueError(
                 "task_options.path: task=parquet needs task_options.path=<parquet file or folder>"
             )
-        make_task(self.task, **self.task_options)
+        task = make_task(self.task, **self.task_options)
+        if self.task != "parquet":
+            try:
+                task.test_set(self.eval_prompts)
+            except ValueError as e:
+                raise ValueError(f"eval_prompts: {self.eval_prompts} held-out prompts requested ({e})") from None
         if self.model not in BUILTIN_MODELS + LLM_MODELS and not Path(self.model).exists():
             raise ValueError(
                 f"model: {self.model!r} is neither a built-in model {BUILTIN_MODELS + LLM_MODELS} "
@@ -244,31 +249,36 @@ PRESETS: dict[str, dict[str, Any]] = {
         mini_batch_prompts=1,
         lr=2e-4,
         eval_every=10,
-        eval_prompts=128,
-        eval_samples=4,
+        eval_prompts=64,  # the chain task's test split holds ≈ 80 distinct prompts
+        eval_samples=8,
         ckpt_every=10,
         dump_every=20,
         threads=1,
         tensorboard=False,
     ),
+    # one H200 (bf16 autocast), run by scripts/gpu_compare.sh: 4 losses × 2 seeds, 8 processes sharing the GPU.
+    # ≈ 25M-parameter Llama, chains of 40–60 steps (two-letter labels: 363–543-token responses), 16 updates per
+    # rollout batch. NOT yet measured on a GPU: the timing (≈ 1.5 min warm start, ≈ 4–5 s per step with 8
+    # processes sharing the GPU, ≤ 10 minutes in all) and the learning rate are estimates.
     "gpu": dict(
         task="chain",
         task_options={"min_steps": 40, "max_steps": 60},
         model_options={"hidden_size": 512, "num_layers": 8, "num_heads": 8, "intermediate_size": 2048},
-        warmstart_steps=1500,
-        warmstart_batch=256,
+        warmstart_steps=800,
+        warmstart_batch=128,
         warmstart_lr=1e-3,
         warmstart_noise=0.02,
-        steps=100,
-        batch_prompts=64,
+        steps=50,
+        batch_prompts=32,
         group_size=8,
-        mini_batch_prompts=4,
-        lr=2e-5,
-        eval_every=20,
+        mini_batch_prompts=2,
+        lr=5e-5,
+        eval_every=10,
         eval_prompts=256,
-        eval_samples=4,
-        ckpt_every=25,
+        eval_samples=2,
+        ckpt_every=10,
         dump_every=25,
+        tensorboard=False,
     ),
 }
 

@@ -358,7 +358,7 @@ def prepare_warm_start(cfg: Any, *, threads: int | None = None, progress: bool =
     """Build (or find) the cached warm start of a config once, before parallel runs start; returns its info.
 
     Parallel runs would otherwise all start training the same warm start (the file lock in
-    :func:`warm_start` makes them wait for one of them; computing it here first uses every core for it).
+    :func:`warm_start` makes them wait for one of them).
     ``None`` for HF models (no warm start). The model is released afterwards (CUDA memory included).
     """
     if cfg.model != "tiny-llama":
