@@ -413,15 +413,6 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def _finite(x: float) -> float | None:
-    return float(x) if x is not None and math.isfinite(x) else None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# analysis
-# ----------------------------------------------------------------------------------------------------------
-
-
 def _matrices(df) -> dict[str, np.ndarray]:
     from ctpo_lab.llm import store
 
@@ -439,45 +430,13 @@ def _matrices(df) -> dict[str, np.ndarray]:
 def analyze_target(
     df, *, bin_width: int, min_count: int, min_sequences: int, n_boot: int, seed: int
 ) -> dict[str, Any]:
-    """All statistics of one target's trajectory frame (see :mod:`ctpo_lab.stats`)."""
-    from ctpo_lab import stats
+    """All statistics of one target's trajectory frame (:func:`ctpo_lab.analysis.trajectory_statistics`)."""
+    from ctpo_lab.analysis import trajectory_statistics
 
     m = _matrices(df)
-    # pooled fit: bootstrap over sequences (few prompt groups make a group bootstrap unreliable); the centred
-    # fit resamples whole prompt groups
-    fit = stats.sqrt_t_fit(m["cum"], m["mask"], m["group"], cluster="sequence", bin_width=bin_width,
-                           min_count=min_count, min_sequences=min_sequences, n_boot=n_boot, seed=seed)
-    fit_c = stats.sqrt_t_fit(m["cum"], m["mask"], m["group"], center=True, bin_width=bin_width,
-                             min_count=min_count, min_sequences=min_sequences, n_boot=n_boot, seed=seed)
-    drift = stats.drift_profile(m["cum"], m["mask"], m.get("kl"), bin_width=bin_width, min_count=min_count)
-    clip: dict[str, Any] = {}
-    for window in ("fixed_window", "sqrt_t_window"):
-        for aware in (True, False):
-            prof = stats.clip_rate_profile(m["log_ratio"], m["mask"], m["advantage"] if aware else None,
-                                           window=window, bin_width=bin_width)
-            tab = stats.profile_table(prof, min_count)
-            total = float(prof.clipped.sum() / prof.count.sum())  # type: ignore[union-attr]
-            clip[f"{window}{'' if aware else '_outside'}"] = {
-                "overall": total, "by_bin": [_finite(v) for v in tab.clip_rate],  # type: ignore[union-attr]
-            }
-    centers, ess = stats.ess_profile(m["cum"], m["mask"], bin_width=bin_width, min_count=min_count)
-    return {
-        "sigma_hat": fit.sigma_hat, "sigma_hat_ci": list(fit.sigma_hat_ci),
-        "exponent": fit.exponent, "exponent_ci": list(fit.exponent_ci),
-        "exponent_contains_0.5": fit.contains(0.5), "cluster": fit.cluster,
-        "centered": {"sigma_hat": fit_c.sigma_hat, "sigma_hat_ci": list(fit_c.sigma_hat_ci),
-                     "exponent": fit_c.exponent, "exponent_ci": list(fit_c.exponent_ci)},
-        "drift_per_token": drift.drift_per_token, "kl_per_token": _finite(drift.kl_per_token),
-        "mean_log_ratio": drift.mean_log_ratio,
-        "clip_rates": clip,
-        "bin_center": fit.bin_center.tolist(), "bin_std": [_finite(v) for v in fit.bin_std],
-        "bin_count": fit.bin_count.tolist(),
-        "bin_mean": [_finite(v) for v in drift.mean], "bin_neg_cum_kl": [_finite(v) for v in drift.neg_cum_kl],
-        "grid_t": fit.grid_t.tolist(), "grid_sd": [_finite(v) for v in fit.grid_sd],
-        "prefactor": fit.prefactor, "ess_by_bin": [_finite(v) for v in ess], "ess_bin_center": centers.tolist(),
-        "n_sequences": fit.n_sequences, "n_clusters": fit.n_clusters,
-        "max_abs_log_ratio": float(np.abs(m["log_ratio"]).max()),
-    }
+    return trajectory_statistics(m["log_ratio"], m["mask"], m["advantage"], m["group"], m.get("kl"),
+                                 bin_width=bin_width, min_count=min_count, min_sequences=min_sequences,
+                                 n_boot=n_boot, seed=seed)
 
 
 def analyze(
@@ -539,66 +498,21 @@ def _one_line(name: str, r: dict[str, Any]) -> str:
 
 
 def _plot(out: Path, results: dict[str, dict[str, Any]], bin_width: int) -> None:
+    """figure1.{png,pdf} and drift.{png,pdf} (shared with ``python -m ctpo_lab.figures``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ctpo_lab.style import estimator_color, estimator_label
+    from ctpo_lab.figures.position import drift_figure, figure1
 
-    ok = {k: v for k, v in results.items() if "error" not in v}
-    if not ok:
+    if not any("error" not in v for v in results.values()):
         return
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 7.5), sharex=True)
-    shades = np.linspace(0.35, 1.0, len(ok))
-    styles = ["-", "--", ":", "-."]
-    base = matplotlib.colors.to_rgb(estimator_color("cumulative"))
-    for i, (name, r) in enumerate(ok.items()):
-        c = np.array(base) * shades[i] + (1 - shades[i]) * np.ones(3) * 0.8
-        t = np.array(r["bin_center"], dtype=float)
-        sd = np.array([np.nan if v is None else v for v in r["bin_std"]], dtype=float)
-        ax1.plot(t, sd, "o", color=c, ms=4, label=f"{name}: sd(L_t)")
-        tt = np.linspace(1, np.nanmax(t[np.isfinite(sd)]) if np.isfinite(sd).any() else t.max(), 200)
-        ax1.plot(tt, r["sigma_hat"] * np.sqrt(tt), "-", color=c, lw=1.2,
-                 label=f"σ̂√t, σ̂ = {r['sigma_hat']:.4f}")
-        ax1.plot(tt, r["prefactor"] * tt ** r["exponent"], ":", color=c, lw=1.2,
-                 label=f"free fit, β = {r['exponent']:.2f} [{r['exponent_ci'][0]:.2f}, {r['exponent_ci'][1]:.2f}]")
-        for window in ("fixed_window", "sqrt_t_window"):
-            rate = np.array([np.nan if v is None else v for v in r["clip_rates"][window]["by_bin"]], dtype=float)
-            ax2.plot(t[:len(rate)], 100 * rate, styles[i % len(styles)], marker="o", ms=3,
-                     color=estimator_color(window), alpha=0.5 + 0.5 * shades[i],
-                     label=f"{estimator_label(window)} ({name})")
-    ax1.set_ylabel("std of $L_t$")
-    ax1.set_title("Cumulative log-ratio spread by position (fits: σ̂√t solid, free exponent dotted)")
-    ax1.legend(fontsize=7, ncol=2)
-    ax1.grid(alpha=0.3)
-    ax2.set_xlabel(f"token position t (bins of {bin_width})")
-    ax2.set_ylabel("advantage-aware clip rate (%)")
-    ax2.legend(fontsize=7, ncol=2, loc="upper left")
-    ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    for suffix in ("png", "pdf"):
-        fig.savefig(out / f"figure1.{suffix}", dpi=150)
-    plt.close(fig)
-    # drift: E L_t against −Σ KL
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for i, (name, r) in enumerate(ok.items()):
-        c = np.array(base) * shades[i] + (1 - shades[i]) * np.ones(3) * 0.8
-        t = np.array(r["bin_center"], dtype=float)
-        mean = np.array([np.nan if v is None else v for v in r["bin_mean"]], dtype=float)
-        ax.plot(t[:len(mean)], mean, "o-", color=c, ms=3, label=f"{name}: mean $L_t$")
-        nk = np.array([np.nan if v is None else v for v in r["bin_neg_cum_kl"]], dtype=float)
-        if np.isfinite(nk).any():
-            ax.plot(t[:len(nk)], nk, "--", color=c, label=f"{name}: −Σ KL(μ‖π)")
-    ax.axhline(0, color="k", lw=0.6)
-    ax.set_xlabel("token position t")
-    ax.set_ylabel("drift")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    for suffix in ("png", "pdf"):
-        fig.savefig(out / f"drift.{suffix}", dpi=150)
-    plt.close(fig)
+    for name, fig in (("figure1", figure1(results, bin_width)), ("drift", drift_figure(results))):
+        fig.tight_layout()
+        for suffix in ("png", "pdf"):
+            fig.savefig(out / f"{name}.{suffix}", dpi=150)
+        plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------------
