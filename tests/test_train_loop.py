@@ -248,3 +248,14 @@ def test_track_without_wandb_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="track"):
         Trainer(tiny(track=True), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_reusing_the_sampler_log_probs_skips_the_old_log_prob_forward(tmp_path, monkeypatch):
+    calls = []
+    real = loop_mod.response_log_probs
+    monkeypatch.setattr(loop_mod, "response_log_probs", lambda *a, **k: calls.append(k) or real(*a, **k))
+    result = Trainer(tiny(steps=1, recompute_old_log_prob=False), tmp_path / "run", progress=False).train()
+    rec = result.history[-1]
+    assert math.isfinite(rec["entropy"]) and rec["entropy"] > 0 and "actor/ppo_kl" in rec
+    assert not any(k.get("with_entropy") for k in calls)  # only the updates' and the KL forwards
+    assert len(calls) == 2 + 1  # 2 mini-batch updates + the measured-KL forward

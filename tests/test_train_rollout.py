@@ -43,6 +43,8 @@ def test_recorded_log_probs_match_teacher_forcing_with_left_padding(tiny, temper
         lp, ent = response_log_probs(model, batch, temperature, with_entropy=True)
     m = batch.response_mask
     torch.testing.assert_close(lp[m], batch.log_probs[m], atol=2e-5, rtol=0)
+    torch.testing.assert_close(batch.entropy[m], ent[m], atol=2e-5, rtol=0)  # the sampler's entropy
+    assert (batch.entropy[~m] == 0).all() and batch.select(torch.tensor([1, 0])).entropy.shape[0] == 2
     assert (ent[m] > 0).all() and (lp[~m] == 0).all() and (batch.log_probs[~m] == 0).all()
     assert (batch.log_probs[m] <= 0).all()
 

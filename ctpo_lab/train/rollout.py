@@ -30,13 +30,16 @@ class RolloutBatch:
     response_mask: Tensor  #: [N, R] bool, valid response tokens (including the <eos>)
     log_probs: Tensor  #: [N, R] float32 log μ(y_t|s_t) recorded while sampling (0 on padding)
     finished: Tensor  #: [N] bool, the response ended with <eos> (else truncated at max_new_tokens)
+    entropy: Tensor | None = None  #: [N, R] float32 entropy of the sampling distribution (0 on padding)
 
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]
 
     def select(self, rows: Tensor) -> RolloutBatch:
         """The sub-batch of the given row indices ([n] int64)."""
-        return RolloutBatch(*(getattr(self, f)[rows] for f in self.__dataclass_fields__))
+        return RolloutBatch(
+            *(None if getattr(self, f) is None else getattr(self, f)[rows] for f in self.__dataclass_fields__)
+        )
 
     @property
     def lengths(self) -> Tensor:
@@ -203,9 +206,10 @@ def sample(
         attn = mask.long()
     next_pos = position[:, -1] + 1  # [N]
     done = torch.zeros(n, dtype=torch.bool, device=device)
-    tokens, logps, valid = [], [], []
+    tokens, logps, valid, entropies = [], [], [], []
     for step in range(max_new_tokens):
         logp = torch.log_softmax(logits / temperature if temperature > 0 else logits, dim=-1)  # [N, V]
+        entropies.append(torch.where(done, 0.0, -(logp.exp() * logp).sum(-1)))
         if temperature > 0:
             tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)  # [N]
         else:
@@ -240,6 +244,7 @@ def sample(
         response_mask=torch.stack(valid, 1),
         log_probs=torch.stack(logps, 1),
         finished=done,
+        entropy=torch.stack(entropies, 1),
     )
 
 
