@@ -1,6 +1,6 @@
 """Throughput of ``ctpo_lab.train`` vs TRL's ``GRPOTrainer`` on the identical model, task, batch and length.
 
-    python benchmarks/bench_train.py [--batches 6] [--seed 0] [--threads 1]
+    python benchmarks/bench_train.py [--batches 6] [--rounds 3] [--seed 0] [--threads 1]
 
 Both trainers start from the same warm-started tiny Llama of the ``cpu-smoke`` preset (cached; trained on
 first use), on the ``chain`` task (responses ≈ 120 tokens), with 8 prompts × 8 responses per rollout batch,
@@ -165,11 +165,14 @@ def bench_trl(cfg, model, task, tok: CharTokenizer, n_batches: int, seed: int) -
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, default=6, help="rollout batches per trainer (first is warm-up)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (ctpo_lab, reuse-μ, TRL) per run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     if args.batches < 2:
         raise SystemExit("error: --batches must be ≥ 2 (the first is a warm-up)")
+    if args.rounds < 1:
+        raise SystemExit("error: --rounds must be ≥ 1")
     torch.set_num_threads(args.threads)
     cfg = resolve_train_config(
         "cpu-smoke",
@@ -185,18 +188,27 @@ def main(argv: list[str] | None = None) -> None:
     )
     task = make_task(cfg.task, **cfg.task_options)
     policy = load_policy(cfg, task, torch.device("cpu"), progress=True)
-    trl_model = copy.deepcopy(policy.model)  # the identical initial weights
-    rows = {"ctpo_lab": bench_ours(cfg, args.batches)}
     # the sampler's log-probs as log μ (no old-log-prob forward; the policy has not changed since sampling)
     reuse = dataclasses.replace(cfg, recompute_old_log_prob=False)
-    rows["ctpo_lab reuse-μ"] = bench_ours(reuse, args.batches)
-    trl_row = bench_trl(cfg, trl_model, task, CharTokenizer(), args.batches, args.seed)
-    if trl_row is not None:
-        rows["trl GRPOTrainer"] = trl_row
+    names = ("ctpo_lab", "ctpo_lab reuse-μ", "trl GRPOTrainer")
+    per_round: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+    for r in range(args.rounds):  # interleaved: a slow spell of a shared machine hits every trainer alike
+        per_round["ctpo_lab"].append(bench_ours(cfg, args.batches))
+        per_round["ctpo_lab reuse-μ"].append(bench_ours(reuse, args.batches))
+        trl_model = copy.deepcopy(policy.model)  # the identical initial weights
+        trl_row = bench_trl(cfg, trl_model, task, CharTokenizer(), args.batches, args.seed)
+        if trl_row is None:
+            per_round.pop("trl GRPOTrainer")
+            names = names[:2]
+        else:
+            per_round["trl GRPOTrainer"].append(trl_row)
+        print(f"[bench_train] round {r + 1}/{args.rounds}: " + ", ".join(
+            f"{n} {per_round[n][-1]['s/batch']:.3f} s/batch" for n in names), flush=True)
+    rows = {n: {k: float(np.median([x[k] for x in per_round[n]])) for k in per_round[n][0]} for n in names}
     print(
         f"\n{cfg.batch_prompts} prompts x {cfg.group_size} responses, {cfg.updates_per_step} updates per "
-        "rollout "
-        f"batch, max {task.max_response_tokens} new tokens, {args.threads} thread(s), CPU"
+        f"rollout batch, max {task.max_response_tokens} new tokens, {args.threads} thread(s), CPU; medians over "
+        f"{args.rounds} interleaved round(s) of {args.batches - 1} timed batches"
     )
     print(
         f"{'trainer':<18}{'s/batch':>9}{'gen':>8}{'score':>8}{'update':>8}{'batches/s':>11}{'tokens/s':>10}"
@@ -206,15 +218,18 @@ def main(argv: list[str] | None = None) -> None:
             f"{name:<18}{r['s/batch']:9.3f}{r['gen']:8.3f}{r['score']:8.4f}{r['update']:8.3f}"
             f"{r['batches/s']:11.3f}{r['tokens/s']:10.0f}"
         )
-    if trl_row is not None:
+    if "trl GRPOTrainer" in rows:
+        trl = per_round["trl GRPOTrainer"]
         for name in ("ctpo_lab", "ctpo_lab reuse-μ"):
-            ours = rows[name]
+            ratios = [o["batches/s"] / t["batches/s"] for o, t in zip(per_round[name], trl)]
+            tok = [o["tokens/s"] / t["tokens/s"] for o, t in zip(per_round[name], trl)]
+            gen = [t["gen"] / o["gen"] for o, t in zip(per_round[name], trl)]
+            upd = [t["update"] / o["update"] for o, t in zip(per_round[name], trl)]
             print(
-                f"ratio {name} / TRL: steps/s x{ours['batches/s'] / trl_row['batches/s']:.2f}, tokens/s "
-                f"x{ours['tokens/s'] / trl_row['tokens/s']:.2f}, generation x{trl_row['gen'] / ours['gen']:.2f}, "
-                f"update x{trl_row['update'] / ours['update']:.2f} (target ≥ 2x)"
+                f"ratio {name} / TRL (median over rounds): steps/s x{np.median(ratios):.2f} "
+                f"(rounds {', '.join(f'{x:.2f}' for x in ratios)}), tokens/s x{np.median(tok):.2f}, "
+                f"generation x{np.median(gen):.2f}, update x{np.median(upd):.2f} (target ≥ 2x)"
             )
-
 
 if __name__ == "__main__":
     main()
