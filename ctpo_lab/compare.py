@@ -59,7 +59,7 @@ METRICS: dict[str, str] = {
     "reward_mean": "training reward",
     "pg_update/clip/total/rate": "clip fraction (advantage-aware)",
     "response_length/mean": "response length (tokens)",
-    "offpolicy/kl": "KL(μ‖π) after the last mini-batch (nats/token)",
+    "offpolicy/kl_k3": "KL(μ‖π after the last update), k3 estimate (nats/token)",
     "actor/ppo_kl": "ppo_kl",
 }
 
@@ -282,7 +282,7 @@ def final_table(df: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
             ("final accuracy", last),
             ("accuracy gain", (last - first).dropna()),
             ("clip fraction", _mean_over_steps(df, loss, "pg_update/clip/total/rate")),
-            ("KL last mini-batch", _mean_over_steps(df, loss, "offpolicy/kl")),
+            ("KL after last update", _mean_over_steps(df, loss, "offpolicy/kl_k3")),
             ("response length", _mean_over_steps(df, loss, "response_length/mean")),
         ):
             est, lo, hi, text = _ci_text(series, digits=4 if name.startswith(("KL", "clip")) else 3, seed=seed)
@@ -331,15 +331,12 @@ def paired_comparison(df: pd.DataFrame, reference: str, others: Sequence[str] | 
 
 def plot_curves(df: pd.DataFrame, metrics: Sequence[str] | None = None, *, title: str | None = None):
     """Figure 2 analogue: one panel per metric, mean over seeds with a 95% bootstrap band, per loss."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # the caller chooses the backend (inline in notebooks, Agg in scripts)
 
     from ctpo_lab.style import estimator_color, estimator_label
 
     metrics = [m for m in (metrics or ("eval_accuracy", "pg_update/clip/total/rate", "response_length/mean",
-                                       "offpolicy/kl")) if m in df]
+                                       "offpolicy/kl_k3")) if m in df]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for loss, band in metric_curves(df, metric).items():
@@ -375,7 +372,7 @@ def aggregate(out: str | os.PathLike[str], *, reference: str = "ctpo", seed: int
     pd.DataFrame(curve_rows).to_csv(out / "curves.csv", index=False)
     table2 = final_table(df, seed=seed)
     shown = ["loss", "seeds", "initial accuracy", "final accuracy", "accuracy gain", "clip fraction",
-             "KL last mini-batch", "response length"]
+             "KL after last update", "response length"]
     table2.to_csv(out / "table2.csv", index=False)
     _write_md(table2[shown], out / "table2.md",
               "Mean [95% percentile-bootstrap CI] over seeds. Accuracy: held-out, first and last evaluation.")
@@ -422,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")  # a command-line run writes files only
     args = build_parser().parse_args(argv)
     seeds = args.seeds if args.seeds is not None else list(range(args.seed or 0, (args.seed or 0) + args.num_seeds))
     spec = GridSpec(args.preset, tuple(args.losses), tuple(seeds), tuple(args.overrides), args.steps)
@@ -431,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_grid(spec, out, jobs=args.jobs, overwrite=args.overwrite)
     result = aggregate(out, reference=args.reference)
     shown = ["loss", "seeds", "initial accuracy", "final accuracy", "accuracy gain", "clip fraction",
-             "KL last mini-batch"]
+             "KL after last update"]
     print(result["table2"][shown].to_markdown(index=False))
     if "paired" in result:
         print()

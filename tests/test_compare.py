@@ -23,9 +23,9 @@ def _fake_grid(tmp_path, finals):
             path.mkdir(parents=True)
             recs = [
                 {"step": 0, "eval_accuracy": 0.2, "reward_mean": 0.1, "pg_update/clip/total/rate": 0.0},
-                {"step": 5, "reward_mean": 0.3, "pg_update/clip/total/rate": 0.05, "offpolicy/kl": 0.01},
+                {"step": 5, "reward_mean": 0.3, "pg_update/clip/total/rate": 0.05, "offpolicy/kl_k3": 0.01},
                 {"step": 10, "eval_accuracy": finals[loss][seed], "reward_mean": 0.5,
-                 "pg_update/clip/total/rate": 0.1, "offpolicy/kl": 0.02},
+                 "pg_update/clip/total/rate": 0.1, "offpolicy/kl_k3": 0.02},
             ]
             (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
             (path / compare.FINISHED_FILE).write_text("{}")
@@ -52,7 +52,7 @@ def test_final_table_and_paired_comparison(tmp_path):
     # bootstrap CI of a 3-seed mean lies within the range of the seeds
     assert 0.6 - 1e-12 <= table.loc["ctpo", "final accuracy low"]
     assert table.loc["ctpo", "final accuracy high"] <= 0.8 + 1e-12
-    assert table.loc["ctpo", "KL last mini-batch mean"] == pytest.approx(0.015)
+    assert table.loc["ctpo", "KL after last update mean"] == pytest.approx(0.015)
     paired = compare.paired_comparison(df, "ctpo").set_index("loss")
     assert paired.loc["grpo", "mean difference"] == pytest.approx(-(0.1 + 0.15 + 0.2) / 3)
     assert paired.loc["grpo", "sign-flip p"] == pytest.approx(0.25)

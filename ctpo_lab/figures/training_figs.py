@@ -70,7 +70,7 @@ def make(out: Path, *, quick: bool, seed: int, cache: Path, command: str, grid_d
     files: list[Path] = []
     table2 = result["table2"]
     shown = ["loss", "seeds", "initial accuracy", "final accuracy", "accuracy gain", "clip fraction",
-             "KL last mini-batch", "response length"]
+             "KL after last update", "response length"]
     ranked = table2.sort_values("final accuracy mean", ascending=False)
     means = ranked["final accuracy mean"].to_numpy(dtype=float)
     if np.nanmax(means) - np.nanmin(means) < 1e-12:
