@@ -118,13 +118,13 @@ display(df[shown].dropna(subset=["reward_mean"]).groupby(["loss", "step"]).mean(
 # ## 3 · The comparison tables
 # `compare.final_table` (the Table 2 analogue): per loss, the mean over seeds with a 95% percentile-bootstrap CI
 # of the first and last held-out accuracy, their difference, and the per-run means over steps of the clip
-# fraction, of the response length and of `offpolicy/kl` (the column `KL last mini-batch`: the KL on the whole
-# rollout batch once the last mini-batch update is done).
+# fraction, of the response length and of `offpolicy/kl_k3` (the column `KL after last update`: the KL on the
+# whole rollout batch once the last mini-batch update is done, k3 estimate, never negative).
 
 # %%
 table = compare.final_table(df)
 display(table[["loss", "seeds", "initial accuracy", "final accuracy", "accuracy gain", "clip fraction",  # noqa: F821
-               "KL last mini-batch", "response length"]])
+               "KL after last update", "response length"]])
 
 # %% [markdown]
 # `compare.paired_comparison` pairs the runs by seed (same seed → same prompts and the same warm start), takes
@@ -167,7 +167,7 @@ pd.DataFrame({"paired seeds": range(2, 9), "smallest possible p": [smallest_sign
 #
 # ## 5 · Curves (the Figure 2 analogue)
 # `compare.plot_curves` draws the mean over seeds with a 95% bootstrap band per loss, for held-out accuracy,
-# clip fraction, response length and `offpolicy/kl`.
+# clip fraction, response length and `offpolicy/kl_k3`.
 
 # %%
 fig = compare.plot_curves(df, title=f"{grid_dir.name}: mean over seeds, 95% bootstrap band")
