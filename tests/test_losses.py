@@ -217,10 +217,14 @@ def test_overrides_change_the_loss():
 
 
 def test_ctpo_paper_windows():
-    # paper.md: windows at p=0.5: t=1 [0.975, 1.051]; t=100 [0.779, 1.649]; t=1000 [0.454, 4.86]
-    for t, lo, hi in [(1, 0.975, 1.051), (100, 0.779, 1.649), (1000, 0.454, 4.86), (8000, 0.107, 87.5)]:
-        assert math.exp(-0.025 * math.sqrt(t)) == pytest.approx(lo, abs=6e-4)
-        assert math.exp(0.05 * math.sqrt(t)) == pytest.approx(hi, rel=2e-3)
+    # paper.md: windows at p=0.5: t=1 [0.975, 1.051]; t=100 [0.779, 1.649]; t=1000 [0.454, 4.86]; t=8000 [0.107, 87.5]
+    from ctpo_lab.clipping import clip_window
+
+    c = PRESETS["ctpo"]
+    t = torch.tensor([[1, 100, 1000, 8000]])
+    lower, upper = clip_window(c.clip, t, c.eps_low, c.eps_high, c.clip_exponent, torch.float64)
+    np.testing.assert_allclose(lower.exp().numpy()[0], [0.975, 0.779, 0.454, 0.107], atol=6e-4)
+    np.testing.assert_allclose(upper.exp().numpy()[0], [1.051, 1.649, 4.86, 87.5], rtol=2e-3)
 
 
 # ---------------------------------------------------------------- bad input
