@@ -170,6 +170,19 @@ def default_windows(eps_low: float = 0.025, eps_high: float = 0.05, power: float
     }
 
 
+def _empty_profile(T: int, windows, quantiles, extra: str) -> dict[str, np.ndarray]:
+    """Zero arrays [T] for every per-position output of the (z, L) profiles, plus ``t`` and ``extra``."""
+    out: dict[str, np.ndarray] = {"t": np.arange(1, T + 1, dtype=np.float64)}
+    for name in windows:
+        for s in ("high", "low", "rate"):
+            out[f"{name}_{s}"] = np.zeros(T)
+    for q in quantiles:
+        out[f"q{q}"] = np.zeros(T)
+    for key in ("mean_L", "var_L", extra):
+        out[key] = np.zeros(T)
+    return out
+
+
 def log_ratio_distribution_profile(
     mdp: MarkovMDP,
     windows: dict[str, Window] | None = None,
@@ -199,13 +212,7 @@ def log_ratio_distribution_profile(
     mu = _state_tables(mdp, mdp.behaviour)
     ell = np.where(np.isfinite(tab.ell), tab.ell, _L_FLOOR)
     T = mdp.horizon
-    out: dict[str, np.ndarray] = {"t": np.arange(1, T + 1, dtype=np.float64)}
-    for name in windows:
-        for s in ("high", "low", "rate"):
-            out[f"{name}_{s}"] = np.zeros(T)
-    for q in quantiles:
-        out[f"q{q}"] = np.zeros(T)
-    out["mean_L"], out["var_L"], out["atoms"] = np.zeros(T), np.zeros(T), np.zeros(T)
+    out = _empty_profile(T, windows, quantiles, "atoms")
     az, aL, mass = np.array([mdp.start_state]), np.zeros(1), np.ones(1)
     for t in range(T):
         p = mu[az]
@@ -263,13 +270,7 @@ def _grid_profile(mdp: MarkovMDP, windows: dict[str, Window], width: float,
     grid = lo_edge + width * np.arange(nb)
     m = np.zeros((nZ, nb))
     m[mdp.start_state, int(round(-lo_edge / width))] = 1.0
-    out: dict[str, np.ndarray] = {"t": np.arange(1, T + 1, dtype=np.float64)}
-    for name in windows:
-        for s in ("high", "low", "rate"):
-            out[f"{name}_{s}"] = np.zeros(T)
-    for q in quantiles:
-        out[f"q{q}"] = np.zeros(T)
-    out["mean_L"], out["var_L"], out["lost_mass"] = np.zeros(T), np.zeros(T), np.zeros(T)
+    out = _empty_profile(T, windows, quantiles, "lost_mass")
     lost = 0.0
     zs, ys = np.nonzero(mu > 0)
     shift = ell[zs, ys] / width
