@@ -33,6 +33,12 @@ from ctpo_lab.train.tasks import make_task
 from ctpo_lab.train.tokenizer import SPECIAL_TOKENS, CharTokenizer
 
 
+def _timing_row(total: float, gen: float, score: float, tokens: float, reward: float) -> dict[str, float]:
+    """Seconds per rollout batch split into generation / scoring / update, and throughputs."""
+    return {"s/batch": total, "gen": gen, "score": score, "update": total - gen - score,
+            "batches/s": 1 / total, "tokens/s": tokens / total, "reward": reward}
+
+
 def hf_char_tokenizer(tok: CharTokenizer):
     """A PreTrainedTokenizerFast with exactly the ids of :class:`CharTokenizer` (for TRL)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -59,15 +65,7 @@ def bench_ours(cfg, n_batches: int) -> dict[str, float]:
     total = float(np.median([r["time/step"] for r in recs]))
     tokens = float(np.mean([r["response_length/mean"] for r in recs])) * cfg.rollout_batch_size
     reward = float(np.mean([r["reward_mean"] for r in recs]))
-    return {
-        "s/batch": total,
-        "gen": gen,
-        "score": score,
-        "update": total - gen - score,
-        "batches/s": 1 / total,
-        "tokens/s": tokens / total,
-        "reward": reward,
-    }
+    return _timing_row(total, gen, score, tokens, reward)
 
 
 def bench_trl(cfg, model, task, tok: CharTokenizer, n_batches: int, seed: int) -> dict[str, float] | None:
@@ -151,15 +149,7 @@ def bench_trl(cfg, model, task, tok: CharTokenizer, n_batches: int, seed: int) -
     gen = float(np.median(timing["gen"][1:]))
     score = float(np.median(timing["score"][1:]))
     tokens = float(np.mean(timing["tokens"][1:]))
-    return {
-        "s/batch": total,
-        "gen": gen,
-        "score": score,
-        "update": total - gen - score,
-        "batches/s": 1 / total,
-        "tokens/s": tokens / total,
-        "reward": float("nan"),
-    }
+    return _timing_row(total, gen, score, tokens, float("nan"))
 
 
 def main(argv: list[str] | None = None) -> None:
