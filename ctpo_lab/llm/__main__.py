@@ -10,6 +10,8 @@ Subcommands::
     python -m ctpo_lab.llm analyze DIR [--bin-width 50]       # redo statistics/plots from DIR/targets
     python -m ctpo_lab.llm fit     PATH [--step S]            # √t fit of a trajectory parquet or the authors'
                                                               # npz dumps (a directory of step_*_rank_*.npz)
+    python -m ctpo_lab.llm bias    --model M --out DIR [--quick] # estimator bias/variance against an on-policy
+                                                              # reference (ctpo_lab.llm.bias_run)
 
 ``run`` options choose the source of off-policyness (``--source``): ``stale`` (k = ``--k`` optimizer steps
 of a GRPO-style update with ``--preset`` on minibatches of a training split; ratios measured on held-out
@@ -33,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-SUBCOMMANDS = ("run", "analyze", "fit")
+SUBCOMMANDS = ("run", "analyze", "fit", "bias")
 
 
 @dataclass
@@ -136,6 +138,9 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--n-boot", type=int, default=1000)
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--center", action="store_true", help="centre L_t within prompt groups")
+    from ctpo_lab.llm.bias_run import add_parser
+
+    add_parser(sub)
     return p
 
 
@@ -568,6 +573,10 @@ def main(argv: list[str] | None = None) -> int:
                                                   "clip_rate_sqrt_t_window", "timings")},
                          indent=2, default=_json_default))
         return 0
+    if ns.command == "bias":
+        from ctpo_lab.llm.bias_run import main_bias
+
+        return main_bias(ns)
     if ns.command == "analyze":
         out = Path(ns.dir)
         cfg_file = out / "config.json"

@@ -45,6 +45,7 @@ from .model import (
     random_instance,
     sum_mod,
 )
+from .prediction import LLM_TO_CHAIN, matched_chain_prediction, summarize_prediction
 from .sample import MonteCarloMoments, monte_carlo_moments, sample_trajectories
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "CLIPPED_ESTIMATORS",
     "ESTIMATORS",
     "EstimatorParams",
+    "LLM_TO_CHAIN",
     "MarkovMDP",
     "Moments",
     "MonteCarloMoments",
@@ -70,6 +72,7 @@ __all__ = [
     "latent_mode_instance",
     "log_ratio_distribution_profile",
     "make_automaton",
+    "matched_chain_prediction",
     "monte_carlo_moments",
     "parity",
     "performance",
@@ -78,6 +81,7 @@ __all__ = [
     "random_instance",
     "sample_trajectories",
     "sum_mod",
+    "summarize_prediction",
     "surrogate_value",
     "true_gradient",
 ]

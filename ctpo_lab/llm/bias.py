@@ -1,0 +1,354 @@
+"""Bias and variance of policy-gradient estimators on real LLM trajectories, against an on-policy reference.
+
+Every estimator is a per-sequence weighted sum of score vectors, ``X_i = Σ_t c_{i,t} ∇log π(y_{i,t}|s_{i,t})``
+for ``y_i ~ μ``, where ``c_{i,t}`` is minus the derivative of the estimator's loss with respect to
+``log π(y_{i,t}|s_{i,t})`` (the losses of :mod:`ctpo_lab.losses`, summed over a sequence's tokens):
+
+==============  ==================================================================  ========================
+estimator       c_{i,t}                                                             loss
+==============  ==================================================================  ========================
+token           r_t A_i                                                             token ratio, no clip
+cumulative      ρ_{1:t} A_i                                                         cumulative, no clip
+sequence        ρ_{1:T} A_i                                                         full-sequence IS
+gspo            s_i A_i,  s_i = exp(L_T / |y_i|)                                     GSPO weight, no clip
+grpo            r_t A_i · 1[not clipped]  (PPO window 0.2, dual clip 3)             preset ``grpo``
+gspo_clip       s_i A_i · 1[not clipped]  (window 3e-4 / 4e-4)                      preset ``gspo``
+ctpo            ρ_{1:t} A_i · 1[not clipped]  (log window 0.025/0.05 · √t, dual)     preset ``ctpo``
+ctpo_fixed      ρ_{1:t} A_i · 1[not clipped]  (fixed log window)                    preset ``ctpo_fixed``
+==============  ==================================================================  ========================
+
+The presets keep their ratio, clip rule and caps, with the aggregation replaced by a per-sequence token sum,
+so that every estimator targets ``∇J = E_π[A Σ_t ∇log π_t]`` on the same scale (the presets' own length
+normalisations rescale estimators and reference alike only when all lengths are equal).
+
+The on-policy reference is ``X^ref_i = A_i Σ_t ∇log π(y_{i,t}|s_{i,t})`` with ``y_i ~ π`` itself (every ratio
+is 1, every estimator coincides with it). Projected on K random directions (:mod:`ctpo_lab.llm.directions`)
+and averaged within prompt groups, each estimator gives a matrix ``U[p, k]`` (prompt group p, direction k);
+:func:`compare_to_reference` turns those into bias, covariance trace, MSE and cosine with bootstrap CIs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from ctpo_lab import losses
+
+__all__ = [
+    "ESTIMATORS",
+    "ADVANTAGES",
+    "estimator_config",
+    "estimator_token_weights",
+    "sequence_projections",
+    "group_means",
+    "advantages",
+    "ReferenceComparison",
+    "compare_to_reference",
+    "ratio_position_profile",
+]
+
+_UNCLIPPED = dict(clip="none", dual_clip=None, aggregation="seq-mean-token-sum", max_log_weight=None)
+_ESTIMATOR_CONFIGS: dict[str, losses.LossConfig] = {
+    "token": losses.LossConfig(name="token", ratio="token", **_UNCLIPPED),
+    "cumulative": losses.LossConfig(name="cumulative", ratio="cumulative", **_UNCLIPPED),
+    "sequence": losses.LossConfig(name="sequence", ratio="sequence", **_UNCLIPPED),
+    "gspo": losses.LossConfig(name="gspo", ratio="gspo", **_UNCLIPPED),
+    "grpo": losses.resolve_config("grpo", aggregation="seq-mean-token-sum"),
+    "gspo_clip": losses.resolve_config("gspo", name="gspo_clip", aggregation="seq-mean-token-sum"),
+    "ctpo": losses.resolve_config("ctpo", aggregation="seq-mean-token-sum"),
+    "ctpo_fixed": losses.resolve_config("ctpo_fixed", aggregation="seq-mean-token-sum"),
+}
+#: Estimator names, unclipped families first, then the clipped loss presets.
+ESTIMATORS: tuple[str, ...] = tuple(_ESTIMATOR_CONFIGS)
+#: Advantage schemes: ``grpo`` (group mean and std, as training), ``rloo`` (leave-one-out mean: the sequence
+#: estimator is then exactly unbiased for ∇J), ``reward`` (the raw reward, no baseline).
+ADVANTAGES: tuple[str, ...] = ("grpo", "rloo", "reward")
+
+
+def estimator_config(name: str) -> losses.LossConfig:
+    """The :class:`ctpo_lab.losses.LossConfig` of an estimator of :data:`ESTIMATORS`."""
+    if name not in _ESTIMATOR_CONFIGS:
+        raise ValueError(f"estimator: unknown estimator {name!r}; expected one of {ESTIMATORS}")
+    return _ESTIMATOR_CONFIGS[name]
+
+
+def advantages(rewards: np.ndarray | Tensor, group_id: np.ndarray | Tensor, scheme: str = "grpo") -> np.ndarray:
+    """Per-response advantages ``[N]`` (float64) from rewards ``[N]`` and prompt groups ``[N]``.
+
+    grpo: ``(R_i − mean_g R) / (std_g R + 1e-6)`` (unbiased std); rloo: ``R_i − mean_{j≠i, j∈g} R_j``;
+    reward: ``R_i``. Groups of one response get 0 under grpo and rloo.
+    """
+    if scheme not in ADVANTAGES:
+        raise ValueError(f"advantage: expected one of {ADVANTAGES}, got {scheme!r}")
+    r = np.asarray(rewards, dtype=np.float64)
+    g = np.asarray(group_id)
+    if r.ndim != 1 or g.shape != r.shape:
+        raise ValueError(f"rewards/group_id: expected equal 1-D shapes, got {r.shape} and {g.shape}")
+    if not np.isfinite(r).all():
+        raise ValueError("rewards: NaN or inf value(s)")
+    if scheme == "reward":
+        return r.copy()
+    out = np.zeros_like(r)
+    for gid in np.unique(g):
+        sel = g == gid
+        n = int(sel.sum())
+        if n < 2:
+            continue
+        x = r[sel]
+        if scheme == "grpo":
+            out[sel] = (x - x.mean()) / (x.std(ddof=1) + 1e-6)
+        else:
+            out[sel] = x - (x.sum() - x) / (n - 1)
+    return out
+
+
+def estimator_token_weights(
+    name: str, logp_target: Tensor, logp_behaviour: Tensor, adv: Tensor | np.ndarray, mask: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Per-token weights ``c_{i,t}`` of an estimator and the mask of tokens whose gradient its clip dropped.
+
+    ``c = −∂ loss_i / ∂ log π(y_{i,t})`` for the estimator's loss of each sequence (token sum), computed by
+    autograd through :func:`ctpo_lab.losses.compute_policy_loss` in float64.
+
+    Shapes: logp_target, logp_behaviour, mask [N, T]; adv [N] → (c float64 [N, T], dropped bool [N, T]).
+    """
+    cfg = estimator_config(name)
+    mask = mask.bool()
+    lp = logp_target.detach().double().requires_grad_(True)
+    adv_t = torch.as_tensor(np.asarray(adv), dtype=torch.float64)
+    out = losses.compute_policy_loss(lp, logp_behaviour.double(), adv_t, mask, cfg)
+    if int(out.num_nonfinite) > 0:
+        raise ValueError(f"{name}: NaN or inf log-probs or advantages on {int(out.num_nonfinite)} valid tokens")
+    (grad,) = torch.autograd.grad(out.loss, lp)
+    rows = int((mask.sum(-1) > 0).sum())
+    c = torch.where(mask, -grad * max(rows, 1), 0.0).detach()
+    dropped = mask & (c == 0) & (adv_t[:, None] != 0)
+    if not torch.isfinite(c).all():
+        raise ValueError(f"{name}: non-finite token weights (ratios overflow float64)")
+    return c, dropped
+
+
+def sequence_projections(weights: Tensor, derivatives: Tensor) -> np.ndarray:
+    """``X[i, k] = Σ_t c_{i,t} d_{k,i,t}``.  Shapes: weights [N, T], derivatives [K, N, T] → float64 [N, K]."""
+    if derivatives.ndim != 3 or derivatives.shape[1:] != weights.shape:
+        raise ValueError(f"derivatives: expected [K, {', '.join(map(str, weights.shape))}], "
+                         f"got {tuple(derivatives.shape)}")
+    return torch.einsum("nt,knt->nk", weights.double(), derivatives.double()).numpy()
+
+
+def group_means(x: np.ndarray, group_id: np.ndarray | Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of the rows of ``x`` [N, K] within each group → (groups [P], means [P, K]) (groups sorted)."""
+    g = np.asarray(group_id)
+    groups, inv = np.unique(g, return_inverse=True)
+    sums = np.zeros((len(groups), x.shape[1]))
+    np.add.at(sums, inv, x)
+    return groups, sums / np.bincount(inv)[:, None]
+
+
+@dataclass
+class ReferenceComparison:
+    """Point estimates and bootstrap CIs of one estimator against the on-policy reference.
+
+    ``values`` maps a statistic to its point estimate, ``ci`` to (low, high); ``per_direction`` holds the
+    bias along each direction with its CI (prompt bootstrap only, the direction being fixed).
+    """
+
+    values: dict[str, float]
+    ci: dict[str, tuple[float, float]]
+    per_direction: pd.DataFrame
+
+    def row(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for k, v in self.values.items():
+            out[k] = v
+            if k in self.ci:
+                out[f"{k}_lo"], out[f"{k}_hi"] = self.ci[k]
+        return out
+
+
+def _stats(e: np.ndarray, r: np.ndarray, pair: np.ndarray | None, batch_size: int) -> dict[str, np.ndarray]:
+    """Vectorised statistics over leading replicate axes: e, r [..., P, K] (pair: [..., P, K] or None)."""
+    P = e.shape[-2]
+    me, mr = e.mean(-2), r.mean(-2)
+    ve, vr = e.var(-2, ddof=1), r.var(-2, ddof=1)
+    b = me - mr
+    # noise-corrected sketches: E[m̂²] = m² + Var/P, and E_v⟨a,v⟩² = ‖a‖² for v ~ N(0, I)
+    bias_sq = (b**2 - (ve + vr) / P).mean(-1)
+    ref_sq = (mr**2 - vr / P).mean(-1)
+    est_sq = (me**2 - ve / P).mean(-1)
+    cross = (me * mr).mean(-1)
+    tr_e, tr_r = ve.mean(-1), vr.mean(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ref_norm = np.sqrt(np.where(ref_sq > 0, ref_sq, np.nan))
+        out = {
+            "bias_norm": np.sqrt(np.clip(bias_sq, 0, None)),
+            "bias_sq": bias_sq,
+            "rel_bias": np.sqrt(np.clip(bias_sq, 0, None)) / ref_norm,
+            "ref_norm": ref_norm,
+            "trace_cov": tr_e,
+            "trace_cov_ref": tr_r,
+            "var_ratio": tr_e / tr_r,
+            "cosine": cross / np.sqrt(np.where((est_sq > 0) & (ref_sq > 0), est_sq * ref_sq, np.nan)),
+            "scale": cross / np.where(ref_sq > 0, ref_sq, np.nan),
+            "mse": np.clip(bias_sq, 0, None) + tr_e / batch_size,
+            "rel_mse": (np.clip(bias_sq, 0, None) + tr_e / batch_size) / np.where(ref_sq > 0, ref_sq, np.nan),
+        }
+        if pair is not None:
+            dd = e - pair
+            dsq = (dd.mean(-2) ** 2 - dd.var(-2, ddof=1) / P).mean(-1)
+            out["rel_bias_vs_seq"] = np.sqrt(np.clip(dsq, 0, None)) / ref_norm
+    return out
+
+
+def compare_to_reference(
+    estimate: np.ndarray,
+    reference: np.ndarray,
+    *,
+    paired: np.ndarray | None = None,
+    batch_size: int = 64,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> ReferenceComparison:
+    """Bias, covariance trace, MSE and cosine of an estimator against the on-policy reference.
+
+    Parameters
+    ----------
+    estimate : [P, K] group means of the estimator's projections (trajectories of μ)
+    reference : [P, K] group means of the on-policy reference (trajectories of π), the same P prompts in the
+        same order (the bootstrap resamples prompts jointly, which removes between-prompt variance from the bias)
+    paired : [P, K] optional, another estimator on the *same* μ trajectories (the sequence estimator, whose
+        expectation is the on-policy gradient when the signal is a per-sequence one): ``rel_bias_vs_seq`` is
+        ‖E[X − X_seq]‖ / ‖g‖, a lower-variance bias estimate through the IS identity
+    batch_size : N of ``mse = ‖bias‖² + tr Cov / N`` (N prompt groups)
+    n_boot : bootstrap replicates; each resamples the P prompts and the K directions (so that the CI also
+        carries the sketch error of estimating norms from K random projections)
+
+    Returns
+    -------
+    :class:`ReferenceComparison` with, per statistic, the point estimate and a percentile CI:
+    bias_norm (‖E X − g‖, noise-corrected: E[(m̂_X − m̂_g)²] − Var/P per direction), rel_bias (÷ ‖g‖),
+    trace_cov (tr Cov of one prompt group's mean X), var_ratio (÷ the reference's), cosine(E X, g), scale
+    (⟨E X, g⟩/‖g‖²), mse and rel_mse at ``batch_size``, ref_norm (‖g‖), rel_bias_vs_seq (with ``paired``).
+    """
+    e = np.asarray(estimate, dtype=np.float64)
+    r = np.asarray(reference, dtype=np.float64)
+    if e.ndim != 2 or r.shape != e.shape:
+        raise ValueError(f"estimate/reference: expected equal [P, K] shapes, got {e.shape} and {r.shape}")
+    if paired is not None and np.shape(paired) != e.shape:
+        raise ValueError(f"paired: expected shape {e.shape}, got {np.shape(paired)}")
+    P, K = e.shape
+    if P < 2:
+        raise ValueError(f"estimate: need at least 2 prompt groups, got {P}")
+    for name, x in (("estimate", e), ("reference", r), ("paired", paired)):
+        if x is not None and not np.isfinite(x).all():
+            raise ValueError(f"{name}: NaN or inf values")
+    if not 0 < level < 1:
+        raise ValueError(f"level: expected a value in (0, 1), got {level!r}")
+    pr = None if paired is None else np.asarray(paired, dtype=np.float64)
+    point = {k: float(v) for k, v in _stats(e, r, pr, batch_size).items()}
+    rng = np.random.default_rng(seed)
+    ci: dict[str, tuple[float, float]] = {}
+    q = (100 * (1 - level) / 2, 100 * (1 + level) / 2)
+    if n_boot > 0:
+        chunks = []
+        for start in range(0, n_boot, 200):
+            b = min(200, n_boot - start)
+            ip = rng.integers(0, P, size=(b, P))
+            ik = rng.integers(0, K, size=(b, K))
+            sel = (ip[:, :, None], ik[:, None, :])
+            chunks.append(_stats(e[sel], r[sel], None if pr is None else pr[sel], batch_size))
+        boot = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+        for k, v in boot.items():
+            fin = v[np.isfinite(v)]
+            ci[k] = tuple(float(x) for x in np.percentile(fin, q)) if fin.size > 0.5 * n_boot else (math.nan, math.nan)
+    # per-direction bias: prompts resampled, direction fixed
+    b_dir = e.mean(0) - r.mean(0)
+    lo = hi = np.full(K, np.nan)
+    if n_boot > 0:
+        ip = rng.integers(0, P, size=(n_boot, P))
+        bd = e[ip].mean(1) - r[ip].mean(1)
+        lo, hi = np.percentile(bd, q, axis=0)
+    se = np.sqrt((e.var(0, ddof=1) + r.var(0, ddof=1)) / P)
+    per_dir = pd.DataFrame({"direction": np.arange(K), "bias": b_dir, "bias_lo": lo, "bias_hi": hi, "se": se,
+                            "estimate_mean": e.mean(0), "reference_mean": r.mean(0)})
+    return ReferenceComparison(point, ci, per_dir)
+
+
+def _stopped(values: Tensor, mask: Tensor) -> Tensor:
+    """Carry each row's last valid value forward over its padding ([N, T])."""
+    lengths = mask.sum(-1)
+    idx = torch.arange(values.shape[1])[None, :].expand_as(values)
+    last = (lengths - 1).clamp(min=0)[:, None]
+    return torch.where(idx < lengths[:, None], values, values.gather(1, last))
+
+
+def ratio_position_profile(
+    log_ratio: Tensor,
+    mask: Tensor,
+    group_id: np.ndarray | Tensor,
+    *,
+    positions: list[int] | np.ndarray | None = None,
+    n_boot: int = 500,
+    seed: int = 0,
+    level: float = 0.95,
+) -> pd.DataFrame:
+    """Per-position moments of the importance weights under μ (theory.md §3).
+
+    weights: ``cumulative`` ρ_{1:t} = exp(L_t), stopped at the end of the response (ρ_{1:t} = ρ_{1:|y|} for
+    t > |y|, so that E_μ[ρ_{1:t}] = 1 exactly for every t: a check of the sampling and scoring pipeline);
+    ``token`` r_t over responses still running at t (E_μ[r_t | s_t] = 1); ``gspo`` exp(L_t / min(t, |y|))
+    (stopped; no reason to have mean 1).
+
+    Returns a DataFrame with columns weight, position, n, mean, mean_lo, mean_hi (prompt-cluster bootstrap),
+    var, ess (normalised effective sample size (Σw)² / (n Σw²)), max.
+    """
+    mask = mask.bool()
+    lr = torch.where(mask, log_ratio.double(), 0.0)
+    if not torch.isfinite(lr).all():
+        raise ValueError("log_ratio: NaN or inf on valid tokens")
+    N, T = lr.shape
+    g = np.asarray(group_id)
+    groups, inv = np.unique(g, return_inverse=True)
+    if positions is None:
+        positions = np.unique(np.clip(np.round(np.geomspace(1, max(T, 1), 24)).astype(int), 1, T))
+    pos = np.asarray(positions, dtype=int)
+    if pos.size == 0 or pos.min() < 1 or pos.max() > T:
+        raise ValueError(f"positions: expected values in [1, {T}]")
+    L = lr.cumsum(-1)
+    t_idx = torch.arange(1, T + 1, dtype=torch.float64)[None, :]
+    lengths = mask.sum(-1, keepdim=True).double()
+    weights = {
+        "cumulative": _stopped(L, mask).exp().numpy(),
+        "token": lr.exp().numpy(),
+        "gspo": _stopped(L / torch.minimum(t_idx, lengths.clamp(min=1)), mask).exp().numpy(),
+    }
+    valid_tok = mask.numpy()
+    rng = np.random.default_rng(seed)
+    boot_groups = rng.integers(0, len(groups), size=(n_boot, len(groups))) if n_boot > 0 else None
+    q = (100 * (1 - level) / 2, 100 * (1 + level) / 2)
+    rows = []
+    for wname, w in weights.items():
+        for t in pos:
+            col = w[:, t - 1]
+            keep = valid_tok[:, t - 1] if wname == "token" else mask.sum(-1).numpy() > 0
+            if keep.sum() < 2:
+                continue
+            x = col[keep]
+            gi = inv[keep]
+            lo = hi = math.nan
+            if boot_groups is not None:
+                s = np.bincount(gi, weights=x, minlength=len(groups))
+                c = np.bincount(gi, minlength=len(groups)).astype(float)
+                bs, bc = s[boot_groups].sum(1), c[boot_groups].sum(1)
+                ok = bc > 0
+                lo, hi = np.percentile(bs[ok] / bc[ok], q)
+            rows.append({"weight": wname, "position": int(t), "n": int(keep.sum()), "mean": float(x.mean()),
+                         "mean_lo": float(lo), "mean_hi": float(hi), "var": float(x.var(ddof=1)),
+                         "ess": float(x.sum() ** 2 / (len(x) * (x**2).sum())), "max": float(x.max())})
+    return pd.DataFrame(rows)

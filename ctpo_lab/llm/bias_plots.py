@@ -1,0 +1,299 @@
+"""Figures of the real-LLM bias/variance measurement (``python -m ctpo_lab.llm bias``), PNG + PDF.
+
+:func:`plot_bias_variance` places every estimator in the (variance ratio, relative bias) plane, one panel per
+source of off-policyness, optionally with the exact prediction of a Markov chain at the same per-token KL
+(:func:`ctpo_lab.markov.matched_chain_prediction`). :func:`plot_ratio_profiles` shows the mean of the
+importance weights and their normalized effective sample size against the token position.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ctpo_lab.style import ESTIMATOR_COLORS, estimator_color, estimator_label
+
+__all__ = ["plot_bias_variance", "plot_ratio_profiles", "estimator_marker"]
+
+_BIAS_COLUMNS = ("source", "estimator", "rel_bias", "var_ratio")
+_BIAS_OPTIONAL = ("rel_bias_lo", "rel_bias_hi", "var_ratio_lo", "var_ratio_hi", "mean_kl")
+_PREDICTION_COLUMNS = ("source", "estimator", "relative_bias_median", "relative_bias_min", "relative_bias_max",
+                       "var_ratio_median", "var_ratio_min", "var_ratio_max")
+_PROFILE_COLUMNS = ("source", "weight", "position", "mean", "ess")
+_PROFILE_OPTIONAL = ("mean_lo", "mean_hi")
+
+#: marker per estimator: estimators that share a colour (token/grpo, cumulative/ctpo) differ by marker
+_MARKERS: dict[str, str] = {
+    "token": "o",
+    "grpo": "s",
+    "cumulative": "o",
+    "ctpo": "s",
+    "ctpo_fixed": "D",
+    "sequence": "P",
+    "gspo": "o",
+    "gspo_clip": "s",
+}
+_FALLBACK_MARKERS = ("^", "v", "<", ">", "h", "*", "X", "p")
+_PANELS_PER_ROW = 5
+_DPI = 150
+
+
+def estimator_marker(name: str) -> str:
+    """Matplotlib marker of an estimator; names outside the LLM set get a marker from a fixed cycle."""
+    if name in _MARKERS:
+        return _MARKERS[name]
+    return _FALLBACK_MARKERS[sum(map(ord, str(name))) % len(_FALLBACK_MARKERS)]
+
+
+def _pyplot():
+    """``matplotlib.pyplot``, selecting the Agg backend only when no backend was chosen yet."""
+    import matplotlib
+
+    getter = getattr(matplotlib.rcParams, "_get_backend_or_none", None)  # matplotlib >= 3.6
+    chosen = ("matplotlib.pyplot" in sys.modules or bool(os.environ.get("MPLBACKEND"))
+              or (getter is not None and getter() is not None))
+    if not chosen:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out_dir: Path, name: str) -> list[Path]:
+    paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
+    fig.savefig(paths[0], dpi=_DPI, bbox_inches="tight")
+    fig.savefig(paths[1], dpi=_DPI, bbox_inches="tight")
+    return paths
+
+
+def _check_frame(df: object, arg: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> pd.DataFrame:
+    if not isinstance(df, pd.DataFrame):
+        raise ValueError(f"{arg} must be a pandas DataFrame, got {type(df).__name__}")
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise ValueError(f"{arg} lacks columns {missing} (needs {list(required)})")
+    df = df.copy()
+    for c in optional:
+        if c not in df.columns:
+            df[c] = np.nan
+    return df
+
+
+def _check_out_dir(out_dir: object, name: object) -> Path:
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise ValueError(f"out_dir must be a path, got {type(out_dir).__name__}")
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name:
+        raise ValueError(f"name must be a non-empty file stem without separators, got {name!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _finite(x: object) -> bool:
+    try:
+        return math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
+def _err(center: float, lo: object, hi: object) -> list[list[float]] | None:
+    """Asymmetric error-bar lengths ``[[below], [above]]``; ``None`` when the interval is not finite."""
+    if not (_finite(lo) and _finite(hi)):
+        return None
+    return [[max(center - float(lo), 0.0)], [max(float(hi) - center, 0.0)]]
+
+
+def plot_bias_variance(table: pd.DataFrame, prediction: pd.DataFrame | None, out_dir: Path | str, *,
+                       name: str = "bias_variance") -> list[Path]:
+    """Relative bias against variance ratio, one panel per source, each estimator with its 95% intervals.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        One row per (source, estimator): ``source``, ``estimator``, ``rel_bias`` (``‖bias‖/‖g_ref‖``),
+        ``var_ratio`` (``tr Cov`` of the estimator over that of the on-policy reference), and optionally
+        ``rel_bias_lo``/``rel_bias_hi``, ``var_ratio_lo``/``var_ratio_hi`` (95% interval, NaN = not drawn)
+        and ``mean_kl`` (per-token KL of the source, shown in the panel title). Other columns are ignored.
+        Panels follow the order of first appearance of ``source``. Estimators outside
+        :data:`ctpo_lab.style.ESTIMATOR_COLORS` are drawn in the style's fallback grey with their raw name.
+    prediction : pandas.DataFrame or None
+        Exact chain prediction at the matched KL, per (source, estimator): ``relative_bias_median``,
+        ``relative_bias_min``, ``relative_bias_max``, ``var_ratio_median``, ``var_ratio_min``,
+        ``var_ratio_max`` (e.g. :func:`ctpo_lab.markov.summarize_prediction` with a ``source`` column
+        added). Drawn as hollow markers of the same colour with min–max bars; rows whose source has no
+        panel are ignored.
+    out_dir : Path or str
+        Created if missing.
+    name : str
+        File stem: writes ``{name}.png`` (dpi 150) and ``{name}.pdf``.
+
+    Returns
+    -------
+    list of Path
+        The PNG and PDF paths.
+    """
+    table = _check_frame(table, "table", _BIAS_COLUMNS, _BIAS_OPTIONAL)
+    if prediction is not None:
+        prediction = _check_frame(prediction, "prediction", _PREDICTION_COLUMNS)
+    out = _check_out_dir(out_dir, name)
+    if table.empty:
+        raise ValueError("table has no rows")
+    plt = _pyplot()
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    sources = list(dict.fromkeys(table["source"].tolist()))
+    ncol = min(len(sources), _PANELS_PER_ROW)
+    nrow = math.ceil(len(sources) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 3.8 * nrow), sharey=True, squeeze=False)
+    handles: dict[str, Line2D] = {}
+    for i, src in enumerate(sources):
+        ax = axes[i // ncol, i % ncol]
+        rows = table[table["source"] == src]
+        drawn, predicted = 0, 0
+        for _, r in rows.iterrows():
+            est = str(r["estimator"])
+            x, y = r["var_ratio"], r["rel_bias"]
+            if not (_finite(x) and _finite(y)) or float(x) <= 0:
+                continue
+            x, y = float(x), float(y)
+            col, mk = estimator_color(est), estimator_marker(est)
+            ax.errorbar([x], [y], xerr=_err(x, r["var_ratio_lo"], r["var_ratio_hi"]),
+                        yerr=_err(y, r["rel_bias_lo"], r["rel_bias_hi"]), fmt=mk, color=col, ms=6, mec="k",
+                        mew=0.5, elinewidth=1.0, capsize=2, zorder=3)
+            handles.setdefault(est, Line2D([], [], ls="", marker=mk, color=col, mec="k", mew=0.5, ms=6,
+                                           label=estimator_label(est)))
+            drawn += 1
+        if prediction is not None:
+            for _, p in prediction[prediction["source"] == src].iterrows():
+                est = str(p["estimator"])
+                x, y = p["var_ratio_median"], p["relative_bias_median"]
+                if not (_finite(x) and _finite(y)) or float(x) <= 0:
+                    continue
+                x, y = float(x), float(y)
+                col = estimator_color(est)
+                ax.errorbar([x], [y], xerr=_err(x, p["var_ratio_min"], p["var_ratio_max"]),
+                            yerr=_err(y, p["relative_bias_min"], p["relative_bias_max"]),
+                            fmt=estimator_marker(est), color=col, mfc="none", mec=col, mew=1.2, ms=7,
+                            elinewidth=0.8, ls="none", alpha=0.8, zorder=2)
+                handles.setdefault(est, Line2D([], [], ls="", marker=estimator_marker(est), color=col, mec="k",
+                                               mew=0.5, ms=6, label=estimator_label(est)))
+                predicted += 1
+        kls = [float(v) for v in rows["mean_kl"] if _finite(v)]
+        kl_text = f"KL/token = {kls[0]:.3g}" if kls else "KL/token = n/a"
+        ax.set_title(f"{src}\n{kl_text}", fontsize=10)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.axvline(1.0, color="k", lw=0.6, ls=":", zorder=1)
+        ax.axhline(0.0, color="k", lw=0.6, ls=":", zorder=1)
+        ax.grid(alpha=0.3, which="both")
+        ax.set_xlabel("variance ratio tr Cov / tr Cov(on-policy)")
+        if drawn + predicted == 0:
+            ax.set_xlim(0.1, 10.0)
+        if drawn == 0:
+            ax.text(0.5, 0.5, "no data" if predicted == 0 else "no LLM data", transform=ax.transAxes,
+                    ha="center", va="center", color="0.4")
+        if i % ncol == 0:
+            ax.set_ylabel("relative bias ‖bias‖ / ‖g_ref‖")
+    for j in range(len(sources), nrow * ncol):
+        axes[j // ncol, j % ncol].set_visible(False)
+    axes[0, 0].set_ylim(bottom=min(0.0, axes[0, 0].get_ylim()[0]))  # shared: relative bias starts at 0
+    legend = list(handles.values())
+    legend.append(Line2D([], [], ls="", marker="o", color="0.3", ms=6, label="filled: LLM (95% CI)"))
+    if prediction is not None:
+        legend.append(Line2D([], [], ls="", marker="o", color="0.3", mfc="none", ms=7,
+                             label="hollow: exact chain, matched KL (min–max over seeds)"))
+    fig.legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(legend), 5), fontsize=8,
+               frameon=False)
+    fig.suptitle("Bias and variance of the ratio estimators per source of off-policyness")
+    fig.tight_layout()
+    paths = _save(fig, out, name)
+    plt.close(fig)
+    return paths
+
+
+def _weight_color(weight: str) -> str:
+    return estimator_color(weight) if weight in ESTIMATOR_COLORS else "#333333"
+
+
+def plot_ratio_profiles(profile: pd.DataFrame, out_dir: Path | str, name: str = "ratio_profiles") -> list[Path]:
+    """Mean importance weight (top) and normalized ESS (bottom) against token position, one column per source.
+
+    Parameters
+    ----------
+    profile : pandas.DataFrame
+        Columns ``source``, ``weight`` (``"cumulative"``, ``"token"``, ``"gspo"``; other names are drawn in
+        grey), ``position`` (int), ``mean`` (``E_μ`` of the weight), ``mean_lo``/``mean_hi`` (95% interval,
+        optional, NaN = no band), ``ess`` (normalized ESS ``(E w)² / E w²`` in ``(0, 1]``); ``var`` and
+        ``n`` are ignored.
+    out_dir : Path or str
+        Created if missing.
+    name : str
+        File stem: writes ``{name}.png`` (dpi 150) and ``{name}.pdf``.
+
+    Returns
+    -------
+    list of Path
+        The PNG and PDF paths.
+    """
+    profile = _check_frame(profile, "profile", _PROFILE_COLUMNS, _PROFILE_OPTIONAL)
+    out = _check_out_dir(out_dir, name)
+    if profile.empty:
+        raise ValueError("profile has no rows")
+    plt = _pyplot()
+
+    sources = list(dict.fromkeys(profile["source"].tolist()))
+    n = len(sources)
+    fig, axes = plt.subplots(2, n, figsize=(4.0 * n, 6.4), sharex="col", squeeze=False)
+    labels: dict[str, object] = {}
+    for j, src in enumerate(sources):
+        top, bot = axes[0, j], axes[1, j]
+        d = profile[profile["source"] == src]
+        drawn = False
+        for w, g in d.groupby("weight", sort=False):
+            g = g.sort_values("position")
+            pos = pd.to_numeric(g["position"], errors="coerce").to_numpy(dtype=float)
+            mean = pd.to_numeric(g["mean"], errors="coerce").to_numpy(dtype=float)
+            lo = pd.to_numeric(g["mean_lo"], errors="coerce").to_numpy(dtype=float)
+            hi = pd.to_numeric(g["mean_hi"], errors="coerce").to_numpy(dtype=float)
+            ess = pd.to_numeric(g["ess"], errors="coerce").to_numpy(dtype=float)
+            col = _weight_color(str(w))
+            if np.isfinite(mean).any():
+                (h,) = top.plot(pos, mean, color=col, lw=1.5, label=str(w))
+                labels.setdefault(str(w), h)
+                band = np.isfinite(lo) & np.isfinite(hi)
+                if band.any():
+                    top.fill_between(pos, np.where(band, lo, np.nan), np.where(band, hi, np.nan), color=col,
+                                     alpha=0.2, lw=0)
+                drawn = True
+            if np.isfinite(ess).any():
+                (h,) = bot.plot(pos, ess, color=col, lw=1.5, label=str(w))
+                labels.setdefault(str(w), h)
+                drawn = True
+        top.axhline(1.0, color="k", lw=0.8, ls="--")
+        top.set_title(str(src), fontsize=10)
+        bot.set_ylim(0.0, 1.05)
+        bot.set_xlabel("token position t")
+        for ax in (top, bot):
+            ax.grid(alpha=0.3)
+        if not drawn:
+            for ax in (top, bot):
+                ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="0.4")
+        if j == 0:
+            top.set_ylabel("E_μ[weight] (95% CI)")
+            bot.set_ylabel("normalized ESS (E w)² / E w²")
+    if labels:
+        fig.legend(list(labels.values()), list(labels.keys()), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                   ncol=len(labels), fontsize=8, frameon=False, title="weight")
+    fig.suptitle("Importance weights by token position")
+    fig.tight_layout()
+    paths = _save(fig, out, name)
+    plt.close(fig)
+    return paths

@@ -1,0 +1,456 @@
+"""``python -m ctpo_lab.llm bias``: estimator bias and variance on real LLM trajectories.
+
+For each source of off-policyness (stale π after k = 1, 4, 15 updates; μ sampled at a temperature ≠ 1;
+π run in bf16), responses are sampled from μ *and* from π on the same held-out prompts; each estimator of
+:mod:`ctpo_lab.llm.bias` is evaluated on μ's responses, the on-policy reference on π's, both projected on K
+random parameter directions by forward-mode differentiation (:mod:`ctpo_lab.llm.directions`). The exact
+laboratory's prediction for a Markov chain with the same per-token KL is computed side by side.
+
+Outputs (DIR must be new or empty unless ``--overwrite``): ``table.csv`` / ``table.md`` (source × estimator),
+``per_direction.csv``, ``ratio_profiles.csv``, ``prediction.csv`` / ``prediction_summary.csv``,
+``projections.npz`` (the raw [P, K] matrices), ``bias_variance.png|pdf``, ``ratio_profiles.png|pdf``,
+``summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ctpo_lab.llm import bias
+
+SOURCES: tuple[str, ...] = ("temperature", "dtype", "stale")
+
+
+@dataclass
+class BiasConfig:
+    """Resolved configuration of ``bias`` (written to DIR/config.json)."""
+
+    model: str = "smollm2"
+    out: str = ""
+    seed: int = 0
+    quick: bool = False
+    prompts: str = "arithmetic"
+    reward: str = "lenient"
+    advantage: str = "grpo"
+    train_prompts: int = 8
+    eval_prompts: int = 16
+    group_size: int = 4
+    max_new_tokens: int = 128
+    prompts_per_chunk: int = 16
+    sources: list[str] = field(default_factory=lambda: ["stale", "temperature", "dtype"])
+    k: list[int] = field(default_factory=lambda: [1, 4, 15])
+    preset: str = "ctpo"
+    lr: float = 1e-5
+    minibatches: int = 16
+    mu_temperature: float = 0.9
+    directions: int = 16
+    params: str = "last"
+    directions_per_pass: int = 8
+    rows_per_chunk: int = 8
+    batch_size: int = 64
+    n_boot: int = 1000
+    chain_seeds: int = 5
+    chain_max_horizon: int = 64
+    threads: int = 2
+    cache: str | None = None
+    pad_token: str | None = None
+    progress: bool = True
+
+
+QUICK: dict[str, Any] = dict(model="tiny-random", train_prompts=8, eval_prompts=16, group_size=4, max_new_tokens=48,
+                             k=[1, 4, 8], lr=1e-3, minibatches=8, directions=16, params="last:2", n_boot=300,
+                             chain_seeds=3, chain_max_horizon=16)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    d = BiasConfig()
+    b = sub.add_parser("bias", help="estimator bias/variance against an on-policy reference (issue 8)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("--model", default=None, help="smollm2 | tiny-random | local folder | hub id")
+    b.add_argument("--out", required=True, help="output directory")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--quick", action="store_true", help="small budget on tiny-random (≤ 3 min)")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    b.add_argument("--prompts", default=None, help="arithmetic | verl parquet file/dir | hf:NAME[:split]")
+    b.add_argument("--reward", choices=("binary", "lenient"), default=None, help=f"reward ({d.reward})")
+    b.add_argument("--advantage", choices=bias.ADVANTAGES, default=None,
+                   help="grpo (group mean/std, as training; default) | rloo (leave-one-out) | reward")
+    b.add_argument("--train-prompts", type=int, default=None, help=f"prompts of the stale updates ({d.train_prompts})")
+    b.add_argument("--eval-prompts", type=int, default=None, help=f"held-out prompts measured ({d.eval_prompts})")
+    b.add_argument("--group-size", type=int, default=None, help=f"responses per prompt G ({d.group_size})")
+    b.add_argument("--max-new-tokens", type=int, default=None, help=f"response length limit ({d.max_new_tokens})")
+    b.add_argument("--prompts-per-chunk", type=int, default=None, help=f"prompts per batched decode "
+                   f"({d.prompts_per_chunk})")
+    b.add_argument("--sources", default=None, help="comma list of stale,temperature,dtype (all)")
+    b.add_argument("--k", default=None, help="stale updates measured, e.g. 1,4,15")
+    b.add_argument("--preset", default=None, help=f"loss preset of the stale update ({d.preset})")
+    b.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate of the stale update ({d.lr})")
+    b.add_argument("--minibatches", type=int, default=None, help=f"minibatches per rollout batch ({d.minibatches})")
+    b.add_argument("--mu-temperature", type=float, default=None,
+                   help=f"sampling temperature of μ for the temperature source ({d.mu_temperature})")
+    b.add_argument("--directions", type=int, default=None, help=f"random parameter directions K ({d.directions})")
+    b.add_argument("--params", default=None, help="parameters of the directions: all | last | last:N | name "
+                   f"patterns ({d.params}; --quick: all)")
+    b.add_argument("--directions-per-pass", type=int, default=None, help="tangents per forward pass (8)")
+    b.add_argument("--batch-size", type=int, default=None, help=f"N prompt groups of the MSE ({d.batch_size})")
+    b.add_argument("--n-boot", type=int, default=None, help=f"bootstrap replicates ({d.n_boot})")
+    b.add_argument("--chain-seeds", type=int, default=None, help=f"Markov instances per prediction ({d.chain_seeds})")
+    b.add_argument("--threads", type=int, default=None, help=f"torch CPU threads ({d.threads})")
+    b.add_argument("--cache", default=None, help="model cache directory ($CTPO_LAB_CACHE)")
+    b.add_argument("--pad-token", default=None, help="pad token for tokenizers without one ('eos')")
+    b.add_argument("--no-progress", action="store_true")
+
+
+def _int_list(text: str, name: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"error: --{name}: expected comma-separated integers, got {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise SystemExit(f"error: --{name}: expected positive integers, got {text!r}")
+    return sorted(set(vals))
+
+
+def resolve(ns: argparse.Namespace) -> BiasConfig:
+    """Command-line namespace → validated :class:`BiasConfig` (SystemExit with a message on bad input)."""
+    cfg = BiasConfig(out=ns.out, seed=ns.seed, quick=ns.quick)
+    if ns.quick:
+        for k, v in QUICK.items():
+            setattr(cfg, k, list(v) if isinstance(v, list) else v)
+    for attr in ("model", "prompts", "reward", "advantage", "train_prompts", "eval_prompts", "group_size",
+                 "max_new_tokens", "prompts_per_chunk", "preset", "lr", "minibatches", "mu_temperature",
+                 "directions", "params", "directions_per_pass", "batch_size", "n_boot", "chain_seeds", "threads",
+                 "cache", "pad_token"):
+        v = getattr(ns, attr)
+        if v is not None:
+            setattr(cfg, attr, v)
+    if ns.quick and ns.model not in (None, "tiny-random"):
+        cfg.lr = BiasConfig.lr if ns.lr is None else ns.lr
+        cfg.params = BiasConfig.params if ns.params is None else ns.params
+    if ns.sources is not None:
+        srcs = [s.strip() for s in ns.sources.split(",") if s.strip()]
+        bad = [s for s in srcs if s not in SOURCES]
+        if bad or not srcs:
+            raise SystemExit(f"error: --sources: expected a comma list of {SOURCES}, got {ns.sources!r}")
+        cfg.sources = srcs
+    if ns.k is not None:
+        cfg.k = _int_list(ns.k, "k")
+    cfg.progress = not ns.no_progress
+    for name in ("train_prompts", "eval_prompts", "group_size", "max_new_tokens", "prompts_per_chunk", "minibatches",
+                 "directions", "directions_per_pass", "batch_size", "chain_seeds", "threads"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')}: expected a positive int, got {v!r}")
+    if cfg.group_size < 2:
+        raise SystemExit("error: --group-size: group baselines need at least 2 responses per prompt")
+    if cfg.eval_prompts < 2:
+        raise SystemExit("error: --eval-prompts: the bootstrap needs at least 2 prompt groups")
+    if isinstance(cfg.n_boot, bool) or not isinstance(cfg.n_boot, int) or cfg.n_boot < 0:
+        raise SystemExit(f"error: --n-boot: expected an int ≥ 0, got {cfg.n_boot!r}")
+    if not (math.isfinite(cfg.mu_temperature) and cfg.mu_temperature > 0 and cfg.mu_temperature != 1.0):
+        raise SystemExit(f"error: --mu-temperature: expected a finite number > 0 and ≠ 1, got {cfg.mu_temperature}")
+    from ctpo_lab.losses import PRESETS
+
+    if cfg.preset not in PRESETS:
+        raise SystemExit(f"error: --preset: unknown preset {cfg.preset!r}; expected one of {sorted(PRESETS)}")
+    return cfg
+
+
+def _prepare_out(out: Path, cfg: BiasConfig, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: --out: {out} is a file")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise SystemExit(f"error: --out: {out} exists and is not empty (use --overwrite to replace it)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o).__name__)
+
+
+def _fmt_ci(v: float, lo: float, hi: float, digits: int = 2) -> str:
+    if not math.isfinite(v):
+        return "n/a"
+    f = f"{{:.{digits}g}}"
+    ci = f" [{f.format(lo)}, {f.format(hi)}]" if math.isfinite(lo) and math.isfinite(hi) else ""
+    return f.format(v) + ci
+
+
+def markdown_table(table: pd.DataFrame, prediction: pd.DataFrame | None) -> str:
+    """The source × estimator table in markdown (relative bias, IS-identity bias, variance ratio, cosine,
+    relative MSE, dropped-gradient fraction, and the exact chain's prediction)."""
+    head = ("| source | KL/token | estimator | rel. bias vs π-samples [95% CI] | rel. bias vs sequence (same μ "
+            "samples) | tr Cov / tr Cov_ref | cosine to reference | rel. MSE(N) | grad. dropped | chain: rel. bias "
+            "(median [min, max]) | chain: var ratio |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    pred = None
+    if prediction is not None and len(prediction):
+        pred = prediction.set_index(["source", "estimator"])
+    for _, r in table.iterrows():
+        chain_b = chain_v = ""
+        if pred is not None and (r["source"], r["estimator"]) in pred.index:
+            p = pred.loc[(r["source"], r["estimator"])]
+            chain_b = (f"{p['relative_bias_median']:.2g} [{p['relative_bias_min']:.2g}, "
+                       f"{p['relative_bias_max']:.2g}]")
+            chain_v = f"{p['var_ratio_median']:.3g}"
+        vs_seq = _fmt_ci(r.get("rel_bias_vs_seq", math.nan), r.get("rel_bias_vs_seq_lo", math.nan),
+                         r.get("rel_bias_vs_seq_hi", math.nan)) if r["estimator"] != "sequence" else "0 (itself)"
+        lines.append(
+            f"| {r['source']} | {r['mean_kl']:.2g} | {r['estimator']} | "
+            f"{_fmt_ci(r['rel_bias'], r['rel_bias_lo'], r['rel_bias_hi'])} | {vs_seq} | "
+            f"{_fmt_ci(r['var_ratio'], r['var_ratio_lo'], r['var_ratio_hi'], 3)} | "
+            f"{_fmt_ci(r['cosine'], r['cosine_lo'], r['cosine_hi'])} | {r['rel_mse']:.3g} | "
+            f"{r['dropped_fraction']:.1%} | {chain_b} | {chain_v} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_bias(cfg: BiasConfig, *, overwrite: bool = False) -> dict[str, Any]:
+    """Run the study; returns the summary (also written to DIR/summary.json)."""
+    from ctpo_lab.llm import offpolicy
+    from ctpo_lab.llm.bias_plots import plot_bias_variance, plot_ratio_profiles
+    from ctpo_lab.llm.directions import ParameterDirections, token_directional_derivatives
+    from ctpo_lab.llm.models import load_model
+    from ctpo_lab.llm.prompts import load_prompts, render_prompts, reward
+    from ctpo_lab.llm.rollout import _plain_head, reference_cache, sample, score
+    from ctpo_lab.markov.prediction import matched_chain_prediction, summarize_prediction
+
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    lm = load_model(cfg.model, seed=cfg.seed, cache=cfg.cache, pad_token=cfg.pad_token)
+    tok, mu_model = lm.tokenizer, lm.model
+    n_train = cfg.train_prompts if "stale" in cfg.sources else 0
+    prompts = load_prompts(cfg.prompts, n=n_train + cfg.eval_prompts, seed=cfg.seed)
+    if len(prompts) < n_train + cfg.eval_prompts:
+        raise SystemExit(f"error: --prompts: {cfg.prompts} has {len(prompts)} prompts, "
+                         f"{n_train + cfg.eval_prompts} needed")
+    max_prompt = lm.context_length - cfg.max_new_tokens
+    if max_prompt < 1:
+        raise SystemExit(f"error: --max-new-tokens: {cfg.max_new_tokens} ≥ the model context {lm.context_length}")
+    prompt_ids = render_prompts(tok, prompts, max_prompt_tokens=max_prompt)
+    train_ids, eval_ids = prompt_ids[:n_train], prompt_ids[n_train:]
+    eval_prompts = prompts[n_train:]
+    directions = ParameterDirections.for_model(mu_model, cfg.directions, params=cfg.params, seed=cfg.seed)
+    _prepare_out(out, cfg, overwrite)
+    n_dir_params = directions.num_parameters(mu_model)
+    _log(f"[bias] model {cfg.model} ({sum(p.numel() for p in mu_model.parameters()) / 1e6:.1f}M parameters); "
+         f"{cfg.eval_prompts} held-out prompts × G={cfg.group_size}, ≤{cfg.max_new_tokens} tokens; "
+         f"K={cfg.directions} directions on {n_dir_params / 1e6:.2f}M parameters ({cfg.params}); "
+         f"sources {cfg.sources}; advantage {cfg.advantage}")
+    eos = [t for t in {tok.eos_token_id, getattr(getattr(mu_model, "generation_config", None), "eos_token_id", None)}
+           if isinstance(t, int)]
+    keep_hidden = _plain_head(mu_model)
+
+    def draw(model, ids, temperature: float, seed_offset: int, desc: str):
+        t = time.perf_counter()
+        b = sample(model, ids, group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,
+                   pad_token_id=tok.pad_token_id, temperature=temperature, prompts_per_chunk=cfg.prompts_per_chunk,
+                   seed=cfg.seed * 1000 + seed_offset, keep_hidden=keep_hidden and model is mu_model,
+                   progress=cfg.progress)
+        timings["sample_s"] = timings.get("sample_s", 0.0) + time.perf_counter() - t
+        _log(f"[bias] {desc}: {len(b)} responses, mean length {float(b.lengths.float().mean()):.1f}, "
+             f"{float(b.finished.float().mean()):.0%} ended with EOS")
+        return b
+
+    def rewards_of(batch, plist) -> np.ndarray:
+        texts = [tok.decode(batch.tokens[i][batch.mask[i]], skip_special_tokens=True) for i in range(len(batch))]
+        return np.array([reward(t, plist[int(i)].answer, cfg.reward, finished=bool(f))
+                         for t, i, f in zip(texts, batch.prompt_index, batch.finished)])
+
+    def derivatives(model, batch, desc: str) -> torch.Tensor:
+        t = time.perf_counter()
+        d = token_directional_derivatives(model, batch.prompt_ids, batch.tokens, batch.mask, directions,
+                                          pad_token_id=tok.pad_token_id, rows_per_chunk=cfg.rows_per_chunk,
+                                          directions_per_pass=cfg.directions_per_pass, progress=cfg.progress,
+                                          desc=desc)
+        timings["jvp_s"] = timings.get("jvp_s", 0.0) + time.perf_counter() - t
+        return d
+
+    rows: list[dict[str, Any]] = []
+    per_dir: list[pd.DataFrame] = []
+    profiles: list[pd.DataFrame] = []
+    npz: dict[str, np.ndarray] = {}
+    meta: dict[str, dict[str, Any]] = {}
+
+    def measure(name: str, logp_model, deriv_model, mu_batch, mu_cache, pi_batch, pi_rewards, mu_rewards,
+                extra: dict[str, Any]) -> None:
+        t = time.perf_counter()
+        res = score(logp_model, mu_batch, temperature=1.0, reference=mu_cache, rows_per_chunk=cfg.rows_per_chunk,
+                    progress=cfg.progress, desc=f"score π ({name})")
+        timings["score_s"] = timings.get("score_s", 0.0) + time.perf_counter() - t
+        mask = mu_batch.mask
+        log_ratio = torch.where(mask, res.logp.double() - mu_batch.logp.double(), 0.0)
+        n_tok = int(mask.sum())
+        kl_exact = float(res.kl.double().sum() / n_tok) if res.kl is not None else math.nan
+        kl_k1 = float(-log_ratio.sum() / n_tok)
+        prof = bias.ratio_position_profile(log_ratio, mask, mu_batch.group_id.numpy(), n_boot=min(cfg.n_boot, 500),
+                                           seed=cfg.seed)
+        prof.insert(0, "source", name)
+        profiles.append(prof)
+        mu_adv = bias.advantages(mu_rewards, mu_batch.group_id.numpy(), cfg.advantage)
+        pi_adv = bias.advantages(pi_rewards, pi_batch.group_id.numpy(), cfg.advantage)
+        d_mu = derivatives(deriv_model, mu_batch, f"jvp μ-samples ({name})")
+        d_pi = derivatives(deriv_model, pi_batch, f"jvp π-samples ({name})")
+        g_ref, ref_u = bias.group_means(
+            bias.sequence_projections(torch.where(pi_batch.mask, torch.as_tensor(pi_adv)[:, None], 0.0), d_pi),
+            pi_batch.group_id.numpy())
+        npz[f"{name}/reference"] = ref_u
+        units: dict[str, np.ndarray] = {}
+        dropped: dict[str, float] = {}
+        informative = mask & torch.as_tensor(mu_adv != 0)[:, None]
+        for est in bias.ESTIMATORS:
+            c, drop = bias.estimator_token_weights(est, res.logp, mu_batch.logp, mu_adv, mask)
+            g_mu, u = bias.group_means(bias.sequence_projections(c, d_mu), mu_batch.group_id.numpy())
+            if not np.array_equal(g_mu, g_ref):
+                raise RuntimeError("μ and π samples cover different prompt groups")
+            units[est] = u
+            dropped[est] = float(drop.sum() / max(int(informative.sum()), 1))
+            npz[f"{name}/{est}"] = u
+        for est in bias.ESTIMATORS:
+            cmp = bias.compare_to_reference(units[est], ref_u, paired=None if est == "sequence" else units["sequence"],
+                                            batch_size=cfg.batch_size, n_boot=cfg.n_boot, seed=cfg.seed)
+            rows.append({"source": name, "estimator": est, **cmp.row(), "dropped_fraction": dropped[est],
+                         "mean_kl": kl_exact if math.isfinite(kl_exact) else kl_k1, "kl_exact": kl_exact,
+                         "kl_k1": kl_k1, "n_prompts": len(g_ref), "directions": cfg.directions,
+                         "mean_len_mu": float(mu_batch.lengths.float().mean()),
+                         "mean_len_pi": float(pi_batch.lengths.float().mean()),
+                         "reward_mu": float(np.mean(mu_rewards)), "reward_pi": float(np.mean(pi_rewards))})
+            pdir = cmp.per_direction.copy()
+            pdir.insert(0, "estimator", est)
+            pdir.insert(0, "source", name)
+            per_dir.append(pdir)
+        L_T = log_ratio.sum(-1)
+        meta[name] = {**extra, "kl_per_token_exact": kl_exact, "kl_per_token_k1": kl_k1,
+                      "sd_log_seq_ratio": float(L_T.std()), "max_abs_log_seq_ratio": float(L_T.abs().max()),
+                      "mean_len_mu": float(mu_batch.lengths.float().mean())}
+        r = {x["estimator"]: x for x in rows if x["source"] == name}
+        _log(f"[bias] {name}: KL/token {meta[name]['kl_per_token_exact']:.3g}, sd(log ρ_1:T) "
+             f"{meta[name]['sd_log_seq_ratio']:.3f}; rel. bias token {r['token']['rel_bias']:.3g}, cumulative "
+             f"{r['cumulative']['rel_bias']:.3g}, sequence {r['sequence']['rel_bias']:.3g}; var ratio token "
+             f"{r['token']['var_ratio']:.3g}, sequence {r['sequence']['var_ratio']:.3g}")
+
+    # --- μ's own held-out sample at τ = 1 (the behaviour of the stale and dtype sources, the on-policy
+    # reference of the temperature source)
+    base = draw(mu_model, eval_ids, 1.0, 1, "μ samples (τ = 1)")
+    base_rewards = rewards_of(base, eval_prompts)
+    base_cache = reference_cache(mu_model, base.hidden, 1.0) if base.hidden is not None else None
+
+    if "temperature" in cfg.sources:
+        tau = cfg.mu_temperature
+        mu_tau = draw(mu_model, eval_ids, tau, 2, f"μ samples (τ = {tau:g})")
+        cache_tau = reference_cache(mu_model, mu_tau.hidden, tau) if mu_tau.hidden is not None else None
+        measure(f"temperature_{tau:g}", mu_model, mu_model, mu_tau, cache_tau, base, base_rewards,
+                rewards_of(mu_tau, eval_prompts), {"source": "temperature", "mu_temperature": tau})
+        del mu_tau, cache_tau
+    if "dtype" in cfg.sources:
+        pi_bf16 = offpolicy.bf16_copy(mu_model)
+        pi_batch = draw(pi_bf16, eval_ids, 1.0, 3, "π samples (bf16)")
+        # ∇log π is taken on the float32 weights: bf16 forward-mode derivatives are too coarse to use
+        measure("dtype_bf16", pi_bf16, mu_model, base, base_cache, pi_batch, rewards_of(pi_batch, eval_prompts),
+                base_rewards, {"source": "dtype"})
+        del pi_bf16, pi_batch
+    if "stale" in cfg.sources:
+        train = draw(mu_model, train_ids, 1.0, 4, "μ samples (train split)")
+        train_rewards = rewards_of(train, prompts[:n_train])
+        adv = offpolicy.grpo_advantages(train_rewards, train.group_id.numpy())
+        snapshots: dict[int, dict[str, torch.Tensor]] = {}
+        ks = set(cfg.k)
+
+        def on_update(k: int, model, rec) -> None:
+            if k in ks:
+                snapshots[k] = {n: p.detach().clone() for n, p in model.state_dict().items()}
+
+        t = time.perf_counter()
+        try:
+            offpolicy.stale_updates(mu_model, train, adv, offpolicy.StaleConfig(
+                preset=cfg.preset, lr=cfg.lr, num_minibatches=cfg.minibatches), num_updates=max(cfg.k),
+                seed=cfg.seed, on_update=on_update, progress=cfg.progress)
+        except ValueError as e:
+            raise SystemExit(f"error: stale updates: {e}") from e
+        timings["update_s"] = time.perf_counter() - t
+        model_k = copy.deepcopy(mu_model).eval()
+        for k in sorted(ks):
+            model_k.load_state_dict(snapshots.pop(k))
+            pi_batch = draw(model_k, eval_ids, 1.0, 10 + k, f"π_{k} samples")
+            measure(f"stale_k{k}", model_k, model_k, base, base_cache, pi_batch, rewards_of(pi_batch, eval_prompts),
+                    base_rewards, {"source": "stale", "k": k, "preset": cfg.preset, "lr": cfg.lr})
+
+    table = pd.DataFrame(rows)
+    # --- the exact laboratory's prediction for chains with the same per-token KL
+    t = time.perf_counter()
+    preds = []
+    for name, m in meta.items():
+        kl = max(m["kl_per_token_exact"] if math.isfinite(m["kl_per_token_exact"]) else m["kl_per_token_k1"], 0.0)
+        horizon = int(max(2, min(round(m["mean_len_mu"]), cfg.chain_max_horizon)))
+        p = matched_chain_prediction(kl, horizon, seeds=tuple(range(cfg.chain_seeds)), batch_size=cfg.batch_size,
+                                     progress=cfg.progress)
+        p.insert(0, "source", name)
+        preds.append(p)
+    prediction = pd.concat(preds, ignore_index=True) if preds else pd.DataFrame()
+    pred_summary = pd.concat([summarize_prediction(p.drop(columns="source")).assign(source=p["source"].iloc[0])
+                              for p in preds], ignore_index=True) if preds else pd.DataFrame()
+    timings["chain_s"] = time.perf_counter() - t
+
+    table.to_csv(out / "table.csv", index=False)
+    pd.concat(per_dir, ignore_index=True).to_csv(out / "per_direction.csv", index=False)
+    prof_df = pd.concat(profiles, ignore_index=True)
+    prof_df.to_csv(out / "ratio_profiles.csv", index=False)
+    prediction.to_csv(out / "prediction.csv", index=False)
+    pred_summary.to_csv(out / "prediction_summary.csv", index=False)
+    np.savez_compressed(out / "projections.npz", **npz)
+    (out / "table.md").write_text(markdown_table(table, pred_summary))
+    figures = [str(p) for p in plot_bias_variance(table, pred_summary if len(pred_summary) else None, out)]
+    figures += [str(p) for p in plot_ratio_profiles(prof_df, out)]
+    timings["total_s"] = time.perf_counter() - t0
+    last = prof_df.sort_values("position").groupby(["source", "weight"]).tail(1)
+    summary = {
+        "model": cfg.model, "advantage": cfg.advantage, "directions": cfg.directions, "params": cfg.params,
+        "direction_parameters": n_dir_params, "eval_prompts": cfg.eval_prompts, "group_size": cfg.group_size,
+        "sources": meta, "figures": figures, "timings": timings,
+        "ratio_mean_at_last_position": {f"{r.source}/{r.weight}": [r.mean, r.mean_lo, r.mean_hi]
+                                        for r in last.itertuples()},
+        "table": table[["source", "estimator", "rel_bias", "rel_bias_lo", "rel_bias_hi", "var_ratio", "cosine",
+                        "rel_mse"]].to_dict(orient="records"),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    _log(f"[bias] done in {timings['total_s']:.0f} s; table: {out / 'table.md'}")
+    return summary
+
+
+def main_bias(ns: argparse.Namespace) -> int:
+    cfg = resolve(ns)
+    try:
+        summary = run_bias(cfg, overwrite=ns.overwrite)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
+        raise SystemExit(f"error: {e}") from e
+    print((Path(cfg.out) / "table.md").read_text())
+    print(json.dumps({"timings": summary["timings"]}, indent=2, default=_json_default))
+    return 0
