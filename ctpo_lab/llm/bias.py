@@ -171,37 +171,45 @@ class ReferenceComparison:
         return out
 
 
-def _stats(e: np.ndarray, r: np.ndarray, pair: np.ndarray | None, batch_size: int) -> dict[str, np.ndarray]:
-    """Vectorised statistics over leading replicate axes: e, r [..., P, K] (pair: [..., P, K] or None)."""
+def _stats(e: np.ndarray, r: np.ndarray, pair: np.ndarray | None, batch_size: int,
+           noise: float = 1.0) -> dict[str, np.ndarray]:
+    """Vectorised statistics over leading replicate axes: e, r [..., P, K] (pair: [..., P, K] or None).
+
+    Squared norms are noise-corrected per direction, ``m̂_a m̂_b − noise · Ĉov(a, b) / P`` (E[m̂_a m̂_b] =
+    m_a m_b + Cov(a, b)/P over P prompt groups; a and r share prompts, so their covariance counts), then
+    averaged over directions (E_v⟨a, v⟩⟨b, v⟩ = ⟨a, b⟩ for v ~ N(0, I)). Bootstrap replicates use ``noise = 2``:
+    a resample adds the same noise once more, so the replicates are centred on the corrected point estimate.
+    """
     P = e.shape[-2]
-    me, mr = e.mean(-2), r.mean(-2)
-    ve, vr = e.var(-2, ddof=1), r.var(-2, ddof=1)
-    b = me - mr
-    # noise-corrected sketches: E[m̂²] = m² + Var/P, and E_v⟨a,v⟩² = ‖a‖² for v ~ N(0, I)
-    bias_sq = (b**2 - (ve + vr) / P).mean(-1)
-    ref_sq = (mr**2 - vr / P).mean(-1)
-    est_sq = (me**2 - ve / P).mean(-1)
-    cross = (me * mr).mean(-1)
-    tr_e, tr_r = ve.mean(-1), vr.mean(-1)
+
+    def ip(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        ma, mb = a.mean(-2), b.mean(-2)
+        cov = ((a - ma[..., None, :]) * (b - mb[..., None, :])).sum(-2) / (P - 1)
+        return (ma * mb - noise * cov / P).mean(-1)
+
+    dd = e - r
+    bias_sq, ref_sq, est_sq, cross = ip(dd, dd), ip(r, r), ip(e, e), ip(e, r)
+    tr_e, tr_r = e.var(-2, ddof=1).mean(-1), r.var(-2, ddof=1).mean(-1)
     with np.errstate(invalid="ignore", divide="ignore"):
         ref_norm = np.sqrt(np.where(ref_sq > 0, ref_sq, np.nan))
+        bias_norm = np.sqrt(np.clip(bias_sq, 0, None))
+        mse = np.clip(bias_sq, 0, None) + tr_e / batch_size
         out = {
-            "bias_norm": np.sqrt(np.clip(bias_sq, 0, None)),
+            "bias_norm": bias_norm,
             "bias_sq": bias_sq,
-            "rel_bias": np.sqrt(np.clip(bias_sq, 0, None)) / ref_norm,
+            "rel_bias": bias_norm / ref_norm,
             "ref_norm": ref_norm,
             "trace_cov": tr_e,
             "trace_cov_ref": tr_r,
             "var_ratio": tr_e / tr_r,
             "cosine": cross / np.sqrt(np.where((est_sq > 0) & (ref_sq > 0), est_sq * ref_sq, np.nan)),
             "scale": cross / np.where(ref_sq > 0, ref_sq, np.nan),
-            "mse": np.clip(bias_sq, 0, None) + tr_e / batch_size,
-            "rel_mse": (np.clip(bias_sq, 0, None) + tr_e / batch_size) / np.where(ref_sq > 0, ref_sq, np.nan),
+            "mse": mse,
+            "rel_mse": mse / np.where(ref_sq > 0, ref_sq, np.nan),
         }
         if pair is not None:
-            dd = e - pair
-            dsq = (dd.mean(-2) ** 2 - dd.var(-2, ddof=1) / P).mean(-1)
-            out["rel_bias_vs_seq"] = np.sqrt(np.clip(dsq, 0, None)) / ref_norm
+            dp = e - pair
+            out["rel_bias_vs_seq"] = np.sqrt(np.clip(ip(dp, dp), 0, None)) / ref_norm
     return out
 
 
@@ -232,7 +240,7 @@ def compare_to_reference(
     Returns
     -------
     :class:`ReferenceComparison` with, per statistic, the point estimate and a percentile CI:
-    bias_norm (‖E X − g‖, noise-corrected: E[(m̂_X − m̂_g)²] − Var/P per direction), rel_bias (÷ ‖g‖),
+    bias_norm (‖E X − g‖, noise-corrected: (m̂_X − m̂_g)² − Var(X − g)/P per direction), rel_bias (÷ ‖g‖),
     trace_cov (tr Cov of one prompt group's mean X), var_ratio (÷ the reference's), cosine(E X, g), scale
     (⟨E X, g⟩/‖g‖²), mse and rel_mse at ``batch_size``, ref_norm (‖g‖), rel_bias_vs_seq (with ``paired``).
     """
@@ -262,7 +270,7 @@ def compare_to_reference(
             ip = rng.integers(0, P, size=(b, P))
             ik = rng.integers(0, K, size=(b, K))
             sel = (ip[:, :, None], ik[:, None, :])
-            chunks.append(_stats(e[sel], r[sel], None if pr is None else pr[sel], batch_size))
+            chunks.append(_stats(e[sel], r[sel], None if pr is None else pr[sel], batch_size, noise=2.0))
         boot = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
         for k, v in boot.items():
             fin = v[np.isfinite(v)]
@@ -274,7 +282,7 @@ def compare_to_reference(
         ip = rng.integers(0, P, size=(n_boot, P))
         bd = e[ip].mean(1) - r[ip].mean(1)
         lo, hi = np.percentile(bd, q, axis=0)
-    se = np.sqrt((e.var(0, ddof=1) + r.var(0, ddof=1)) / P)
+    se = np.sqrt((e - r).var(0, ddof=1) / P)
     per_dir = pd.DataFrame({"direction": np.arange(K), "bias": b_dir, "bias_lo": lo, "bias_hi": hi, "se": se,
                             "estimate_mean": e.mean(0), "reference_mean": r.mean(0)})
     return ReferenceComparison(point, ci, per_dir)
