@@ -206,6 +206,11 @@ def _stats(e: np.ndarray, r: np.ndarray, pair: np.ndarray | None, batch_size: in
             "scale": cross / np.where(ref_sq > 0, ref_sq, np.nan),
             "mse": mse,
             "rel_mse": mse / np.where(ref_sq > 0, ref_sq, np.nan),
+            # scale-free and measurable even when the gradient itself is not resolved: the squared bias in units
+            # of one prompt group's reference variance (bias² = noise² at a batch of 1/bias_to_noise groups),
+            # and the gradient noise scale B = tr Cov_ref / ‖g‖² (‖g‖ is resolved only when P ≫ B)
+            "bias_to_noise": bias_sq / tr_r,
+            "noise_scale": tr_r / np.where(ref_sq > 0, ref_sq, np.nan),
         }
         if pair is not None:
             dp = e - pair
@@ -242,7 +247,10 @@ def compare_to_reference(
     :class:`ReferenceComparison` with, per statistic, the point estimate and a percentile CI:
     bias_norm (‖E X − g‖, noise-corrected: (m̂_X − m̂_g)² − Var(X − g)/P per direction), rel_bias (÷ ‖g‖),
     trace_cov (tr Cov of one prompt group's mean X), var_ratio (÷ the reference's), cosine(E X, g), scale
-    (⟨E X, g⟩/‖g‖²), mse and rel_mse at ``batch_size``, ref_norm (‖g‖), rel_bias_vs_seq (with ``paired``).
+    (⟨E X, g⟩/‖g‖²), mse and rel_mse at ``batch_size``, ref_norm (‖g‖), bias_to_noise (‖bias‖² / tr Cov_ref,
+    noise-corrected, may be < 0 within noise), noise_scale (B = tr Cov_ref / ‖g‖², the batch of prompt groups
+    at which the reference's noise equals its signal: relative quantities are resolved only when P ≫ B),
+    rel_bias_vs_seq (with ``paired``).
     """
     e = np.asarray(estimate, dtype=np.float64)
     r = np.asarray(reference, dtype=np.float64)

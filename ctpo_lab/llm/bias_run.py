@@ -58,7 +58,7 @@ class BiasConfig:
     mu_temperature: float = 0.9
     directions: int = 16
     params: str = "last"
-    directions_per_pass: int = 8
+    directions_per_pass: int = 16
     rows_per_chunk: int = 8
     batch_size: int = 64
     n_boot: int = 1000
@@ -108,7 +108,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--directions", type=int, default=None, help=f"random parameter directions K ({d.directions})")
     b.add_argument("--params", default=None, help="parameters of the directions: all | last | last:N | name "
                    f"patterns ({d.params}; --quick: all)")
-    b.add_argument("--directions-per-pass", type=int, default=None, help="tangents per forward pass (8)")
+    b.add_argument("--directions-per-pass", type=int, default=None, help="tangents per forward pass (16)")
     b.add_argument("--batch-size", type=int, default=None, help=f"N prompt groups of the MSE ({d.batch_size})")
     b.add_argument("--n-boot", type=int, default=None, help=f"bootstrap replicates ({d.n_boot})")
     b.add_argument("--chain-seeds", type=int, default=None, help=f"Markov instances per prediction ({d.chain_seeds})")
@@ -203,9 +203,9 @@ def _fmt_ci(v: float, lo: float, hi: float, digits: int = 2) -> str:
 def markdown_table(table: pd.DataFrame, prediction: pd.DataFrame | None) -> str:
     """The source × estimator table in markdown (relative bias, IS-identity bias, variance ratio, cosine,
     relative MSE, dropped-gradient fraction, and the exact chain's prediction)."""
-    head = ("| source | KL/token | estimator | rel. bias vs π-samples [95% CI] | rel. bias vs sequence (same μ "
-            "samples) | tr Cov / tr Cov_ref | cosine to reference | rel. MSE(N) | grad. dropped | chain: rel. bias "
-            "(median [min, max]) | chain: var ratio |")
+    head = ("| source | KL/token | B (noise scale) | estimator | bias² / tr Cov_ref [95% CI] | rel. bias vs π-samples "
+            "| rel. bias vs sequence (same μ samples) | tr Cov / tr Cov_ref | cosine to reference | rel. MSE(N) | "
+            "grad. dropped | chain: rel. bias (median [min, max]) | chain: var ratio |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     pred = None
     if prediction is not None and len(prediction):
@@ -217,10 +217,12 @@ def markdown_table(table: pd.DataFrame, prediction: pd.DataFrame | None) -> str:
             chain_b = (f"{p['relative_bias_median']:.2g} [{p['relative_bias_min']:.2g}, "
                        f"{p['relative_bias_max']:.2g}]")
             chain_v = f"{p['var_ratio_median']:.3g}"
+        noise = _fmt_ci(r["noise_scale"], r["noise_scale_lo"], r["noise_scale_hi"], 3)
         vs_seq = _fmt_ci(r.get("rel_bias_vs_seq", math.nan), r.get("rel_bias_vs_seq_lo", math.nan),
                          r.get("rel_bias_vs_seq_hi", math.nan)) if r["estimator"] != "sequence" else "0 (itself)"
         lines.append(
-            f"| {r['source']} | {r['mean_kl']:.2g} | {r['estimator']} | "
+            f"| {r['source']} | {r['mean_kl']:.2g} | {noise} | {r['estimator']} | "
+            f"{_fmt_ci(r['bias_to_noise'], r['bias_to_noise_lo'], r['bias_to_noise_hi'])} | "
             f"{_fmt_ci(r['rel_bias'], r['rel_bias_lo'], r['rel_bias_hi'])} | {vs_seq} | "
             f"{_fmt_ci(r['var_ratio'], r['var_ratio_lo'], r['var_ratio_hi'], 3)} | "
             f"{_fmt_ci(r['cosine'], r['cosine_lo'], r['cosine_hi'])} | {r['rel_mse']:.3g} | "
@@ -353,9 +355,11 @@ def run_bias(cfg: BiasConfig, *, overwrite: bool = False) -> dict[str, Any]:
                       "mean_len_mu": float(mu_batch.lengths.float().mean())}
         r = {x["estimator"]: x for x in rows if x["source"] == name}
         _log(f"[bias] {name}: KL/token {meta[name]['kl_per_token_exact']:.3g}, sd(log ρ_1:T) "
-             f"{meta[name]['sd_log_seq_ratio']:.3f}; rel. bias token {r['token']['rel_bias']:.3g}, cumulative "
-             f"{r['cumulative']['rel_bias']:.3g}, sequence {r['sequence']['rel_bias']:.3g}; var ratio token "
-             f"{r['token']['var_ratio']:.3g}, sequence {r['sequence']['var_ratio']:.3g}")
+             f"{meta[name]['sd_log_seq_ratio']:.3f}; gradient noise scale B = {r['token']['noise_scale']:.3g} "
+             f"prompt groups (P = {len(g_ref)}); bias²/noise² token {r['token']['bias_to_noise']:.3g}, cumulative "
+             f"{r['cumulative']['bias_to_noise']:.3g}, sequence {r['sequence']['bias_to_noise']:.3g}; var ratio "
+             f"token {r['token']['var_ratio']:.3g}, cumulative {r['cumulative']['var_ratio']:.3g}, sequence "
+             f"{r['sequence']['var_ratio']:.3g}")
 
     # --- μ's own held-out sample at τ = 1 (the behaviour of the stale and dtype sources, the on-policy
     # reference of the temperature source)
