@@ -16,7 +16,8 @@ def quick_figures(tmp_path_factory):
 
 def test_every_family_is_produced(quick_figures):
     names = {p.name for p in quick_figures.iterdir()}
-    for prefix in ("fig1_llm", "fig1_trainer", "fig2_", "table2_", "table3_", "markov_bias_variance_vs_T",
+    for prefix in ("fig1_llm", "llm_bias_variance", "llm_ratio_profiles", "llm_bias_table", "fig1_trainer",
+                   "fig2_", "table2_", "table3_", "markov_bias_variance_vs_T",
                    "markov_bias_variance_vs_mismatch", "markov_variance_ratio", "markov_bias_decomposition",
                    "markov_drift_crossing", "markov_reproductions"):
         assert any(n.startswith(prefix) for n in names), f"no {prefix}* file"

@@ -279,7 +279,8 @@ def test_bias_cli_end_to_end(tmp_path, capsys):
             "--minibatches", "2", "--n-boot", "30", "--chain-seeds", "1", "--threads", "1", "--no-progress"]
     assert main(args) == 0
     for f in ("table.csv", "table.md", "per_direction.csv", "ratio_profiles.csv", "prediction.csv",
-              "projections.npz", "bias_variance.png", "ratio_profiles.png", "summary.json", "config.json"):
+              "projections.npz", "bias_variance.png", "bias_noise_variance.png", "ratio_profiles.png",
+              "summary.json", "config.json", "estimator_info.csv", "sources.json"):
         assert (out / f).is_file(), f
     import pandas as pd
 
@@ -294,6 +295,13 @@ def test_bias_cli_end_to_end(tmp_path, capsys):
     assert main([*args, "--overwrite"]) == 0  # the same seed gives the same numbers
     again = pd.read_csv(out / "table.csv")
     assert np.allclose(first["rel_bias"].to_numpy(), again["rel_bias"].to_numpy(), equal_nan=True)
+    # --reanalyze: the statistics again from the saved projections, no model (more bootstrap replicates)
+    assert main(["bias", "--out", str(out), "--reanalyze", "--n-boot", "60", "--no-progress"]) == 0
+    re_table = pd.read_csv(out / "table.csv")
+    assert np.allclose(re_table["rel_bias"].to_numpy(), first["rel_bias"].to_numpy(), equal_nan=True)
+    assert json.loads((out / "summary.json").read_text())["n_boot"] == 60
+    with pytest.raises(SystemExit, match="lacks"):
+        main(["bias", "--out", str(tmp_path), "--reanalyze"])
     with pytest.raises(SystemExit, match="sources"):
         main(["bias", "--out", str(tmp_path / "x"), "--sources", "stale,bogus"])
     with pytest.raises(SystemExit, match="mu-temperature"):

@@ -1,7 +1,8 @@
 """``python -m ctpo_lab.figures [--quick] [--out DIR] [--seed S] [--only FAMILY ...] [--refresh]``
 
 Regenerates every figure and table of ``paper_figures/`` (or ``--out``): the exact-laboratory family
-(``markov_*``), the real-LLM Figure 1 (``fig1_llm*``), and the training families (``fig2_*``, ``table2_*``,
+(``markov_*``), the real-LLM Figure 1 (``fig1_llm*``), the real-LLM estimator bias and variance against an
+on-policy reference (``llm_bias_*``, ``llm_ratio_profiles``), and the training families (``fig2_*``, ``table2_*``,
 ``table3_*``, ``fig1_trainer*``).  Results whose inputs (configuration and ctpo_lab source) are unchanged are
 reused from ``<out>/.cache``; ``--refresh`` recomputes them.  ``--quick`` is the CI-sized run.
 """
@@ -15,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-FAMILIES = ("markov", "llm", "training")
+FAMILIES = ("markov", "llm", "llm_bias", "training")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
                     "tiny-random with --quick)")
     ap.add_argument("--llm-run", default=None, help="reuse the output folder of an earlier "
                     "`python -m ctpo_lab.llm` run for the fig1_llm family instead of collecting again")
+    ap.add_argument("--llm-bias", default=None, help="reuse the output folder of an earlier "
+                    "`python -m ctpo_lab.llm bias` run for the llm_bias family instead of measuring again")
     ap.add_argument("--grid", default=None, help="grid folder of the training family (default runs/compare-cpu, "
                     "the output of `python -m ctpo_lab.train`; a cached tiny grid with --quick)")
     args = ap.parse_args(argv)
@@ -60,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
             written[family] = llm_figs.make(out, quick=args.quick, seed=args.seed, cache=cache, command=command,
                                             model=args.llm_model,
                                             llm_run=Path(args.llm_run) if args.llm_run else None)
+        elif family == "llm_bias":
+            from ctpo_lab.figures import llm_bias_figs
+
+            written[family] = llm_bias_figs.make(out, quick=args.quick, seed=args.seed, cache=cache, command=command,
+                                                 model=args.llm_model,
+                                                 bias_run=Path(args.llm_bias) if args.llm_bias else None)
         else:
             from ctpo_lab.figures import training_figs
 

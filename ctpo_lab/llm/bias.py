@@ -214,7 +214,9 @@ def _stats(e: np.ndarray, r: np.ndarray, pair: np.ndarray | None, batch_size: in
         }
         if pair is not None:
             dp = e - pair
-            out["rel_bias_vs_seq"] = np.sqrt(np.clip(ip(dp, dp), 0, None)) / ref_norm
+            dsq = ip(dp, dp)
+            out["rel_bias_vs_seq"] = np.sqrt(np.clip(dsq, 0, None)) / ref_norm
+            out["bias_vs_seq_to_noise"] = dsq / tr_r
     return out
 
 
@@ -250,7 +252,8 @@ def compare_to_reference(
     (⟨E X, g⟩/‖g‖²), mse and rel_mse at ``batch_size``, ref_norm (‖g‖), bias_to_noise (‖bias‖² / tr Cov_ref,
     noise-corrected, may be < 0 within noise), noise_scale (B = tr Cov_ref / ‖g‖², the batch of prompt groups
     at which the reference's noise equals its signal: relative quantities are resolved only when P ≫ B),
-    rel_bias_vs_seq (with ``paired``).
+    rel_bias_vs_seq and bias_vs_seq_to_noise (with ``paired``: ‖E[X − X_seq]‖ over ‖g‖, and its square over
+    tr Cov_ref).
     """
     e = np.asarray(estimate, dtype=np.float64)
     r = np.asarray(reference, dtype=np.float64)

@@ -20,10 +20,6 @@ from ctpo_lab.style import ESTIMATOR_COLORS, estimator_color, estimator_label
 
 __all__ = ["plot_bias_variance", "plot_ratio_profiles", "estimator_marker"]
 
-_BIAS_COLUMNS = ("source", "estimator", "rel_bias", "var_ratio")
-_BIAS_OPTIONAL = ("rel_bias_lo", "rel_bias_hi", "var_ratio_lo", "var_ratio_hi", "mean_kl")
-_PREDICTION_COLUMNS = ("source", "estimator", "relative_bias_median", "relative_bias_min", "relative_bias_max",
-                       "var_ratio_median", "var_ratio_min", "var_ratio_max")
 _PROFILE_COLUMNS = ("source", "weight", "position", "mean", "ess")
 _PROFILE_OPTIONAL = ("mean_lo", "mean_hi")
 
@@ -108,9 +104,21 @@ def _err(center: float, lo: object, hi: object) -> list[list[float]] | None:
     return [[max(center - float(lo), 0.0)], [max(float(hi) - center, 0.0)]]
 
 
+#: y quantities of :func:`plot_bias_variance`: table column → (prediction column prefix, axis label)
+BIAS_MEASURES: dict[str, tuple[str, str]] = {
+    "rel_bias": ("relative_bias", "relative bias ‖bias‖ / ‖g_ref‖"),
+    "bias_to_noise": ("bias_to_noise", "‖bias‖² / tr Cov_ref (one prompt group)"),
+}
+
+
 def plot_bias_variance(table: pd.DataFrame, prediction: pd.DataFrame | None, out_dir: Path | str, *,
-                       name: str = "bias_variance") -> list[Path]:
-    """Relative bias against variance ratio, one panel per source, each estimator with its 95% intervals.
+                       name: str = "bias_variance", y: str = "rel_bias") -> list[Path]:
+    """Bias against variance ratio, one panel per source, each estimator with its 95% intervals.
+
+    ``y`` chooses the bias measure (:data:`BIAS_MEASURES`): ``rel_bias`` (‖bias‖/‖g_ref‖, meaningful only where
+    the reference gradient is resolved) or ``bias_to_noise`` (‖bias‖² in units of the reference's per-group
+    variance, symmetric-log axis: the noise-corrected estimate can be < 0 within noise); the prediction's
+    columns are then ``{prefix}_median/_min/_max`` with the prefix of :data:`BIAS_MEASURES`.
 
     Parameters
     ----------
@@ -137,9 +145,15 @@ def plot_bias_variance(table: pd.DataFrame, prediction: pd.DataFrame | None, out
     list of Path
         The PNG and PDF paths.
     """
-    table = _check_frame(table, "table", _BIAS_COLUMNS, _BIAS_OPTIONAL)
+    if y not in BIAS_MEASURES:
+        raise ValueError(f"y: expected one of {tuple(BIAS_MEASURES)}, got {y!r}")
+    prefix, ylabel = BIAS_MEASURES[y]
+    table = _check_frame(table, "table", ("source", "estimator", y, "var_ratio"),
+                         (f"{y}_lo", f"{y}_hi", "var_ratio_lo", "var_ratio_hi", "mean_kl"))
     if prediction is not None:
-        prediction = _check_frame(prediction, "prediction", _PREDICTION_COLUMNS)
+        prediction = _check_frame(prediction, "prediction", ("source", "estimator", f"{prefix}_median",
+                                                             f"{prefix}_min", f"{prefix}_max", "var_ratio_median",
+                                                             "var_ratio_min", "var_ratio_max"))
     out = _check_out_dir(out_dir, name)
     if table.empty:
         raise ValueError("table has no rows")
@@ -158,13 +172,13 @@ def plot_bias_variance(table: pd.DataFrame, prediction: pd.DataFrame | None, out
         drawn, predicted = 0, 0
         for _, r in rows.iterrows():
             est = str(r["estimator"])
-            x, y = r["var_ratio"], r["rel_bias"]
-            if not (_finite(x) and _finite(y)) or float(x) <= 0:
+            xv, yv = r["var_ratio"], r[y]
+            if not (_finite(xv) and _finite(yv)) or float(xv) <= 0:
                 continue
-            x, y = float(x), float(y)
+            xv, yv = float(xv), float(yv)
             col, mk = estimator_color(est), estimator_marker(est)
-            ax.errorbar([x], [y], xerr=_err(x, r["var_ratio_lo"], r["var_ratio_hi"]),
-                        yerr=_err(y, r["rel_bias_lo"], r["rel_bias_hi"]), fmt=mk, color=col, ms=6, mec="k",
+            ax.errorbar([xv], [yv], xerr=_err(xv, r["var_ratio_lo"], r["var_ratio_hi"]),
+                        yerr=_err(yv, r[f"{y}_lo"], r[f"{y}_hi"]), fmt=mk, color=col, ms=6, mec="k",
                         mew=0.5, elinewidth=1.0, capsize=2, zorder=3)
             handles.setdefault(est, Line2D([], [], ls="", marker=mk, color=col, mec="k", mew=0.5, ms=6,
                                            label=estimator_label(est)))
@@ -172,13 +186,13 @@ def plot_bias_variance(table: pd.DataFrame, prediction: pd.DataFrame | None, out
         if prediction is not None:
             for _, p in prediction[prediction["source"] == src].iterrows():
                 est = str(p["estimator"])
-                x, y = p["var_ratio_median"], p["relative_bias_median"]
-                if not (_finite(x) and _finite(y)) or float(x) <= 0:
+                xv, yv = p["var_ratio_median"], p[f"{prefix}_median"]
+                if not (_finite(xv) and _finite(yv)) or float(xv) <= 0:
                     continue
-                x, y = float(x), float(y)
+                xv, yv = float(xv), float(yv)
                 col = estimator_color(est)
-                ax.errorbar([x], [y], xerr=_err(x, p["var_ratio_min"], p["var_ratio_max"]),
-                            yerr=_err(y, p["relative_bias_min"], p["relative_bias_max"]),
+                ax.errorbar([xv], [yv], xerr=_err(xv, p["var_ratio_min"], p["var_ratio_max"]),
+                            yerr=_err(yv, p[f"{prefix}_min"], p[f"{prefix}_max"]),
                             fmt=estimator_marker(est), color=col, mfc="none", mec=col, mew=1.2, ms=7,
                             elinewidth=0.8, ls="none", alpha=0.8, zorder=2)
                 handles.setdefault(est, Line2D([], [], ls="", marker=estimator_marker(est), color=col, mec="k",
@@ -200,11 +214,14 @@ def plot_bias_variance(table: pd.DataFrame, prediction: pd.DataFrame | None, out
         if drawn == 0:
             ax.text(0.5, 0.5, "no data" if predicted == 0 else "no LLM data", transform=ax.transAxes,
                     ha="center", va="center", color="0.4")
+        if y == "bias_to_noise":
+            ax.set_yscale("symlog", linthresh=1e-3)
         if i % ncol == 0:
-            ax.set_ylabel("relative bias ‖bias‖ / ‖g_ref‖")
+            ax.set_ylabel(ylabel)
     for j in range(len(sources), nrow * ncol):
         axes[j // ncol, j % ncol].set_visible(False)
-    axes[0, 0].set_ylim(bottom=min(0.0, axes[0, 0].get_ylim()[0]))  # shared: relative bias starts at 0
+    if y == "rel_bias":
+        axes[0, 0].set_ylim(bottom=min(0.0, axes[0, 0].get_ylim()[0]))  # shared: relative bias starts at 0
     legend = list(handles.values())
     legend.append(Line2D([], [], ls="", marker="o", color="0.3", ms=6, label="filled: LLM (95% CI)"))
     if prediction is not None:

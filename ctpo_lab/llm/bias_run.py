@@ -8,8 +8,10 @@ laboratory's prediction for a Markov chain with the same per-token KL is compute
 
 Outputs (DIR must be new or empty unless ``--overwrite``): ``table.csv`` / ``table.md`` (source × estimator),
 ``per_direction.csv``, ``ratio_profiles.csv``, ``prediction.csv`` / ``prediction_summary.csv``,
-``projections.npz`` (the raw [P, K] matrices), ``bias_variance.png|pdf``, ``ratio_profiles.png|pdf``,
-``summary.json``.
+``projections.npz`` (the raw [P, K] matrices), ``estimator_info.csv``, ``sources.json``,
+``bias_noise_variance.png|pdf`` (bias² in units of the reference's noise, measurable even where the gradient
+is not resolved), ``bias_variance.png|pdf`` (relative bias), ``ratio_profiles.png|pdf``, ``summary.json``.
+``--reanalyze`` recomputes the statistics and everything after them from the saved raw results.
 """
 
 from __future__ import annotations
@@ -115,6 +117,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--threads", type=int, default=None, help=f"torch CPU threads ({d.threads})")
     b.add_argument("--cache", default=None, help="model cache directory ($CTPO_LAB_CACHE)")
     b.add_argument("--pad-token", default=None, help="pad token for tokenizers without one ('eos')")
+    b.add_argument("--reanalyze", action="store_true", help="recompute statistics, chain predictions, tables and "
+                   "figures of the finished run in --out from its saved projections (no model; replaces only those "
+                   "derived files)")
     b.add_argument("--no-progress", action="store_true")
 
 
@@ -205,18 +210,20 @@ def markdown_table(table: pd.DataFrame, prediction: pd.DataFrame | None) -> str:
     relative MSE, dropped-gradient fraction, and the exact chain's prediction)."""
     head = ("| source | KL/token | B (noise scale) | estimator | bias² / tr Cov_ref [95% CI] | rel. bias vs π-samples "
             "| rel. bias vs sequence (same μ samples) | tr Cov / tr Cov_ref | cosine to reference | rel. MSE(N) | "
-            "grad. dropped | chain: rel. bias (median [min, max]) | chain: var ratio |")
+            "grad. dropped | chain: rel. bias (median [min, max]) | chain: var ratio | chain: bias² / tr Cov_ref |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     pred = None
     if prediction is not None and len(prediction):
         pred = prediction.set_index(["source", "estimator"])
     for _, r in table.iterrows():
-        chain_b = chain_v = ""
+        chain_b = chain_v = chain_n = ""
         if pred is not None and (r["source"], r["estimator"]) in pred.index:
             p = pred.loc[(r["source"], r["estimator"])]
             chain_b = (f"{p['relative_bias_median']:.2g} [{p['relative_bias_min']:.2g}, "
                        f"{p['relative_bias_max']:.2g}]")
             chain_v = f"{p['var_ratio_median']:.3g}"
+            if "bias_to_noise_median" in p:
+                chain_n = f"{p['bias_to_noise_median']:.2g}"
         noise = _fmt_ci(r["noise_scale"], r["noise_scale_lo"], r["noise_scale_hi"], 3)
         vs_seq = _fmt_ci(r.get("rel_bias_vs_seq", math.nan), r.get("rel_bias_vs_seq_lo", math.nan),
                          r.get("rel_bias_vs_seq_hi", math.nan)) if r["estimator"] != "sequence" else "0 (itself)"
@@ -226,7 +233,7 @@ def markdown_table(table: pd.DataFrame, prediction: pd.DataFrame | None) -> str:
             f"{_fmt_ci(r['rel_bias'], r['rel_bias_lo'], r['rel_bias_hi'])} | {vs_seq} | "
             f"{_fmt_ci(r['var_ratio'], r['var_ratio_lo'], r['var_ratio_hi'], 3)} | "
             f"{_fmt_ci(r['cosine'], r['cosine_lo'], r['cosine_hi'])} | {r['rel_mse']:.3g} | "
-            f"{r['dropped_fraction']:.1%} | {chain_b} | {chain_v} |"
+            f"{r['dropped_fraction']:.1%} | {chain_b} | {chain_v} | {chain_n} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -234,12 +241,10 @@ def markdown_table(table: pd.DataFrame, prediction: pd.DataFrame | None) -> str:
 def run_bias(cfg: BiasConfig, *, overwrite: bool = False) -> dict[str, Any]:
     """Run the study; returns the summary (also written to DIR/summary.json)."""
     from ctpo_lab.llm import offpolicy
-    from ctpo_lab.llm.bias_plots import plot_bias_variance, plot_ratio_profiles
     from ctpo_lab.llm.directions import ParameterDirections, token_directional_derivatives
     from ctpo_lab.llm.models import load_model
     from ctpo_lab.llm.prompts import load_prompts, render_prompts, reward
     from ctpo_lab.llm.rollout import _plain_head, reference_cache, sample, score
-    from ctpo_lab.markov.prediction import matched_chain_prediction, summarize_prediction
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -249,7 +254,7 @@ def run_bias(cfg: BiasConfig, *, overwrite: bool = False) -> dict[str, Any]:
 
     lm = load_model(cfg.model, seed=cfg.seed, cache=cfg.cache, pad_token=cfg.pad_token)
     tok, mu_model = lm.tokenizer, lm.model
-    n_train = cfg.train_prompts if "stale" in cfg.sources else 0
+    n_train = cfg.train_prompts  # loaded even without the stale source: the held-out prompts stay the same
     prompts = load_prompts(cfg.prompts, n=n_train + cfg.eval_prompts, seed=cfg.seed)
     if len(prompts) < n_train + cfg.eval_prompts:
         raise SystemExit(f"error: --prompts: {cfg.prompts} has {len(prompts)} prompts, "
@@ -296,8 +301,7 @@ def run_bias(cfg: BiasConfig, *, overwrite: bool = False) -> dict[str, Any]:
         timings["jvp_s"] = timings.get("jvp_s", 0.0) + time.perf_counter() - t
         return d
 
-    rows: list[dict[str, Any]] = []
-    per_dir: list[pd.DataFrame] = []
+    info: list[dict[str, Any]] = []
     profiles: list[pd.DataFrame] = []
     npz: dict[str, np.ndarray] = {}
     meta: dict[str, dict[str, Any]] = {}
@@ -337,23 +341,19 @@ def run_bias(cfg: BiasConfig, *, overwrite: bool = False) -> dict[str, Any]:
             dropped[est] = float(drop.sum() / max(int(informative.sum()), 1))
             npz[f"{name}/{est}"] = u
         for est in bias.ESTIMATORS:
-            cmp = bias.compare_to_reference(units[est], ref_u, paired=None if est == "sequence" else units["sequence"],
-                                            batch_size=cfg.batch_size, n_boot=cfg.n_boot, seed=cfg.seed)
-            rows.append({"source": name, "estimator": est, **cmp.row(), "dropped_fraction": dropped[est],
+            info.append({"source": name, "estimator": est, "dropped_fraction": dropped[est],
                          "mean_kl": kl_exact if math.isfinite(kl_exact) else kl_k1, "kl_exact": kl_exact,
                          "kl_k1": kl_k1, "n_prompts": len(g_ref), "directions": cfg.directions,
                          "mean_len_mu": float(mu_batch.lengths.float().mean()),
                          "mean_len_pi": float(pi_batch.lengths.float().mean()),
                          "reward_mu": float(np.mean(mu_rewards)), "reward_pi": float(np.mean(pi_rewards))})
-            pdir = cmp.per_direction.copy()
-            pdir.insert(0, "estimator", est)
-            pdir.insert(0, "source", name)
-            per_dir.append(pdir)
+        quick_look = {est: bias.compare_to_reference(units[est], ref_u, n_boot=0).values
+                      for est in ("token", "cumulative", "sequence")}
         L_T = log_ratio.sum(-1)
         meta[name] = {**extra, "kl_per_token_exact": kl_exact, "kl_per_token_k1": kl_k1,
                       "sd_log_seq_ratio": float(L_T.std()), "max_abs_log_seq_ratio": float(L_T.abs().max()),
                       "mean_len_mu": float(mu_batch.lengths.float().mean())}
-        r = {x["estimator"]: x for x in rows if x["source"] == name}
+        r = quick_look
         _log(f"[bias] {name}: KL/token {meta[name]['kl_per_token_exact']:.3g}, sd(log ρ_1:T) "
              f"{meta[name]['sd_log_seq_ratio']:.3f}; gradient noise scale B = {r['token']['noise_scale']:.3g} "
              f"prompt groups (P = {len(g_ref)}); bias²/noise² token {r['token']['bias_to_noise']:.3g}, cumulative "
@@ -407,15 +407,70 @@ def run_bias(cfg: BiasConfig, *, overwrite: bool = False) -> dict[str, Any]:
             measure(f"stale_k{k}", model_k, model_k, base, base_cache, pi_batch, rewards_of(pi_batch, eval_prompts),
                     base_rewards, {"source": "stale", "k": k, "preset": cfg.preset, "lr": cfg.lr})
 
+    np.savez_compressed(out / "projections.npz", **npz)
+    pd.DataFrame(info).to_csv(out / "estimator_info.csv", index=False)
+    pd.concat(profiles, ignore_index=True).to_csv(out / "ratio_profiles.csv", index=False)
+    (out / "sources.json").write_text(json.dumps(meta, indent=2, default=_json_default))
+    timings["measure_s"] = time.perf_counter() - t0
+    summary = analyze_bias(out, n_boot=cfg.n_boot, seed=cfg.seed, batch_size=cfg.batch_size,
+                           chain_seeds=cfg.chain_seeds, chain_max_horizon=cfg.chain_max_horizon,
+                           progress=cfg.progress, timings=timings)
+    summary["direction_parameters"] = n_dir_params
+    timings["total_s"] = time.perf_counter() - t0
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    _log(f"[bias] done in {timings['total_s']:.0f} s; table: {out / 'table.md'}")
+    return summary
+
+
+def analyze_bias(out: Path, *, n_boot: int | None = None, seed: int | None = None, batch_size: int | None = None,
+                 chain_seeds: int | None = None, chain_max_horizon: int | None = None, progress: bool = False,
+                 timings: dict[str, float] | None = None) -> dict[str, Any]:
+    """Statistics, chain predictions, tables and figures from the raw results of a ``bias`` run in ``out``
+    (``projections.npz``, ``estimator_info.csv``, ``ratio_profiles.csv``, ``sources.json``, ``config.json``):
+    the second half of :func:`run_bias`, rerunnable without a model (``--reanalyze``). Unset arguments take
+    the run's configuration."""
+    from ctpo_lab.llm.bias_plots import plot_bias_variance, plot_ratio_profiles
+    from ctpo_lab.markov.prediction import matched_chain_prediction, summarize_prediction
+
+    out = Path(out)
+    needed = ("config.json", "projections.npz", "estimator_info.csv", "ratio_profiles.csv", "sources.json")
+    missing = [f for f in needed if not (out / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"out: {out} lacks {missing} (not a finished `python -m ctpo_lab.llm bias` folder)")
+    cfg = json.loads((out / "config.json").read_text())
+    n_boot = cfg["n_boot"] if n_boot is None else n_boot
+    seed = cfg["seed"] if seed is None else seed
+    batch_size = cfg["batch_size"] if batch_size is None else batch_size
+    chain_seeds = cfg["chain_seeds"] if chain_seeds is None else chain_seeds
+    chain_max_horizon = cfg["chain_max_horizon"] if chain_max_horizon is None else chain_max_horizon
+    timings = {} if timings is None else timings
+    proj = np.load(out / "projections.npz")
+    info = pd.read_csv(out / "estimator_info.csv")
+    meta = json.loads((out / "sources.json").read_text())
+    prof_df = pd.read_csv(out / "ratio_profiles.csv")
+    t = time.perf_counter()
+    rows, per_dir = [], []
+    for _, inf in info.iterrows():
+        name, est = inf["source"], inf["estimator"]
+        units, ref_u = proj[f"{name}/{est}"], proj[f"{name}/reference"]
+        paired = None if est == "sequence" else proj[f"{name}/sequence"]
+        cmp = bias.compare_to_reference(units, ref_u, paired=paired, batch_size=batch_size, n_boot=n_boot, seed=seed)
+        rows.append({"source": name, "estimator": est, **cmp.row(),
+                     **{k: v for k, v in inf.items() if k not in ("source", "estimator")}})
+        pdir = cmp.per_direction.copy()
+        pdir.insert(0, "estimator", est)
+        pdir.insert(0, "source", name)
+        per_dir.append(pdir)
     table = pd.DataFrame(rows)
+    timings["statistics_s"] = time.perf_counter() - t
     # --- the exact laboratory's prediction for chains with the same per-token KL
     t = time.perf_counter()
     preds = []
     for name, m in meta.items():
         kl = max(m["kl_per_token_exact"] if math.isfinite(m["kl_per_token_exact"]) else m["kl_per_token_k1"], 0.0)
-        horizon = int(max(2, min(round(m["mean_len_mu"]), cfg.chain_max_horizon)))
-        p = matched_chain_prediction(kl, horizon, seeds=tuple(range(cfg.chain_seeds)), batch_size=cfg.batch_size,
-                                     progress=cfg.progress)
+        horizon = int(max(2, min(round(m["mean_len_mu"]), chain_max_horizon)))
+        p = matched_chain_prediction(kl, horizon, seeds=tuple(range(chain_seeds)), batch_size=batch_size,
+                                     group_size=int(cfg["group_size"]), progress=progress)
         p.insert(0, "source", name)
         preds.append(p)
     prediction = pd.concat(preds, ignore_index=True) if preds else pd.DataFrame()
@@ -425,31 +480,43 @@ def run_bias(cfg: BiasConfig, *, overwrite: bool = False) -> dict[str, Any]:
 
     table.to_csv(out / "table.csv", index=False)
     pd.concat(per_dir, ignore_index=True).to_csv(out / "per_direction.csv", index=False)
-    prof_df = pd.concat(profiles, ignore_index=True)
-    prof_df.to_csv(out / "ratio_profiles.csv", index=False)
     prediction.to_csv(out / "prediction.csv", index=False)
     pred_summary.to_csv(out / "prediction_summary.csv", index=False)
-    np.savez_compressed(out / "projections.npz", **npz)
     (out / "table.md").write_text(markdown_table(table, pred_summary))
-    figures = [str(p) for p in plot_bias_variance(table, pred_summary if len(pred_summary) else None, out)]
+    pred_arg = pred_summary if len(pred_summary) else None
+    figures = [str(p) for p in plot_bias_variance(table, pred_arg, out, name="bias_noise_variance",
+                                                  y="bias_to_noise")]
+    figures += [str(p) for p in plot_bias_variance(table, pred_arg, out)]
     figures += [str(p) for p in plot_ratio_profiles(prof_df, out)]
-    timings["total_s"] = time.perf_counter() - t0
     last = prof_df.sort_values("position").groupby(["source", "weight"]).tail(1)
-    summary = {
-        "model": cfg.model, "advantage": cfg.advantage, "directions": cfg.directions, "params": cfg.params,
-        "direction_parameters": n_dir_params, "eval_prompts": cfg.eval_prompts, "group_size": cfg.group_size,
-        "sources": meta, "figures": figures, "timings": timings,
+    return {
+        "model": cfg["model"], "advantage": cfg["advantage"], "directions": cfg["directions"],
+        "params": cfg["params"], "eval_prompts": cfg["eval_prompts"], "group_size": cfg["group_size"],
+        "n_boot": n_boot, "batch_size": batch_size, "sources": meta, "figures": figures, "timings": timings,
         "ratio_mean_at_last_position": {f"{r.source}/{r.weight}": [r.mean, r.mean_lo, r.mean_hi]
                                         for r in last.itertuples()},
-        "table": table[["source", "estimator", "rel_bias", "rel_bias_lo", "rel_bias_hi", "var_ratio", "cosine",
-                        "rel_mse"]].to_dict(orient="records"),
+        "table": table[["source", "estimator", "bias_to_noise", "bias_to_noise_lo", "bias_to_noise_hi",
+                        "rel_bias", "rel_bias_lo", "rel_bias_hi", "var_ratio", "var_ratio_lo", "var_ratio_hi",
+                        "noise_scale"]].to_dict(orient="records"),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
-    _log(f"[bias] done in {timings['total_s']:.0f} s; table: {out / 'table.md'}")
-    return summary
 
 
 def main_bias(ns: argparse.Namespace) -> int:
+    if ns.reanalyze:
+        out = Path(ns.out)
+        try:
+            summary = analyze_bias(out, n_boot=ns.n_boot, seed=ns.seed if ns.seed != 0 else None,
+                                   batch_size=ns.batch_size, chain_seeds=ns.chain_seeds, progress=not ns.no_progress)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"error: {e}") from e
+        old = out / "summary.json"
+        if old.is_file():
+            prev = json.loads(old.read_text())
+            summary["timings"] = {**prev.get("timings", {}), **summary["timings"]}
+            summary["direction_parameters"] = prev.get("direction_parameters")
+        old.write_text(json.dumps(summary, indent=2, default=_json_default))
+        print((out / "table.md").read_text())
+        return 0
     cfg = resolve(ns)
     try:
         summary = run_bias(cfg, overwrite=ns.overwrite)

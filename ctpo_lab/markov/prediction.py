@@ -39,7 +39,7 @@ LLM_TO_CHAIN: dict[str, tuple[str, dict]] = {
 #: ‖∇J‖ below this makes the relative quantities meaningless (a warning is issued)
 _TINY_GRADIENT = 1e-6
 
-_SUMMARY_METRICS = ("relative_bias", "cosine", "var_ratio")
+_SUMMARY_METRICS = ("relative_bias", "cosine", "var_ratio", "bias_to_noise")
 
 
 def _check_pos_int(value: object, name: str) -> int:
@@ -80,6 +80,7 @@ def matched_chain_prediction(
     order: int = 1,
     automaton: str = "frac",
     batch_size: int = 64,
+    group_size: int = 1,
     clipped_max_horizon: int = 16,
     bin_width: float | None = 0.01,
     progress: bool = False,
@@ -129,6 +130,9 @@ def matched_chain_prediction(
         — a ``RuntimeWarning`` is issued when ``‖∇J‖ < 1e-6``.
     batch_size : int
         ``N`` of ``rel_mse``.
+    group_size : int
+        ``G`` of ``bias_to_noise = ‖E X − ∇J‖² / (tr Cov X₀ / G)``: the squared bias in units of the variance of
+        the mean of G on-policy trajectories (the LLM measurement's unit is one prompt group of G responses).
     clipped_max_horizon : int
         Largest horizon for the ``(z, L)``-state estimators (see above).
     bin_width : float or None
@@ -143,7 +147,7 @@ def matched_chain_prediction(
     pandas.DataFrame
         One row per (estimator, seed): ``estimator`` (LLM name), ``chain_estimator``, ``seed``, ``kl``,
         ``horizon`` (the horizon used), ``vocab_size``, ``order``, ``relative_bias``, ``cosine``,
-        ``trace_cov``, ``var_ratio``, ``rel_mse``, ``method``, and ``grad_norm`` (``‖∇J‖``).
+        ``trace_cov``, ``var_ratio``, ``rel_mse``, ``bias_to_noise``, ``method``, and ``grad_norm`` (``‖∇J‖``).
 
     Notes
     -----
@@ -159,6 +163,7 @@ def matched_chain_prediction(
     horizon = _check_pos_int(horizon, "horizon")
     clipped_max_horizon = _check_pos_int(clipped_max_horizon, "clipped_max_horizon")
     batch_size = _check_pos_int(batch_size, "batch_size")
+    group_size = _check_pos_int(group_size, "group_size")
     names = _check_estimators(estimators)
     seed_list = _check_seeds(seeds)
     if bin_width is not None and not (math.isfinite(bin_width) and bin_width > 0):
@@ -212,6 +217,7 @@ def matched_chain_prediction(
                     "trace_cov": m.trace_cov,
                     "var_ratio": m.trace_cov / ref_tc if ref_tc > 0 else float("nan"),
                     "rel_mse": m.mse(batch_size) / g2 if g2 > 0 else float("nan"),
+                    "bias_to_noise": m.bias_norm**2 * group_size / ref_tc if ref_tc > 0 else float("nan"),
                     "method": m.method,
                     "grad_norm": gn,
                 })
@@ -224,7 +230,8 @@ def matched_chain_prediction(
 
 
 def summarize_prediction(df: pd.DataFrame) -> pd.DataFrame:
-    """Median, minimum and maximum over seeds of ``relative_bias``, ``cosine`` and ``var_ratio``, per estimator.
+    """Median, minimum and maximum over seeds of ``relative_bias``, ``cosine``, ``var_ratio`` and
+    ``bias_to_noise`` (when present), per estimator.
 
     Parameters
     ----------
@@ -243,7 +250,7 @@ def summarize_prediction(df: pd.DataFrame) -> pd.DataFrame:
 
     if not isinstance(df, pd.DataFrame):
         raise ValueError(f"df must be a pandas DataFrame, got {type(df).__name__}")
-    missing = [c for c in ("estimator", *_SUMMARY_METRICS) if c not in df.columns]
+    missing = [c for c in ("estimator", *_SUMMARY_METRICS[:3]) if c not in df.columns]
     if missing:
         raise ValueError(f"df lacks columns {missing}")
     out = []
@@ -253,6 +260,8 @@ def summarize_prediction(df: pd.DataFrame) -> pd.DataFrame:
             row["horizon"] = int(g["horizon"].max())
         row["n_seeds"] = int(len(g))
         for metric in _SUMMARY_METRICS:
+            if metric not in g.columns:
+                continue
             v = g[metric].astype(float)
             row[f"{metric}_median"] = float(v.median())
             row[f"{metric}_min"] = float(v.min())
