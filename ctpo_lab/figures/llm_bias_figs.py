@@ -64,6 +64,9 @@ def summary_table(table: pd.DataFrame, prediction: pd.DataFrame | None) -> pd.Da
             "noise scale B": _ci(r["noise_scale"], r["noise_scale_lo"], r["noise_scale_hi"], 3),
             "estimator": r["estimator"],
             "bias²/tr Cov_ref": _ci(r["bias_to_noise"], r["bias_to_noise_lo"], r["bias_to_noise_hi"]),
+            "bias² vs sequence / tr Cov_ref": ("0 (itself)" if r["estimator"] == "sequence" else
+                                               _ci(r["bias_vs_seq_to_noise"], r["bias_vs_seq_to_noise_lo"],
+                                                   r["bias_vs_seq_to_noise_hi"])),
             "rel. bias": _ci(r["rel_bias"], r["rel_bias_lo"], r["rel_bias_hi"]),
             "var ratio": _ci(r["var_ratio"], r["var_ratio_lo"], r["var_ratio_hi"], 3),
             "grad. dropped": f"{r['dropped_fraction']:.1%}",
@@ -73,6 +76,8 @@ def summary_table(table: pd.DataFrame, prediction: pd.DataFrame | None) -> pd.Da
             row["chain rel. bias"] = (f"{p['relative_bias_median']:.2g} [{p['relative_bias_min']:.2g}, "
                                       f"{p['relative_bias_max']:.2g}]")
             row["chain var ratio"] = f"{p['var_ratio_median']:.3g}"
+            if "bias_to_noise_median" in p:
+                row["chain bias² / tr Cov_ref"] = f"{p['bias_to_noise_median']:.2g}"
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -103,9 +108,14 @@ def make(out: Path, *, quick: bool, seed: int, cache: Path, command: str, model:
                         extra=extra, finding=f"Estimator bias and variance on {model} against on-policy samples of "
                         f"π, per source of off-policyness, with the exact chain's prediction at the same per-token "
                         f"KL.{note}")
-    figs = plot_bias_variance(table, prediction, out, name="llm_bias_variance")
+    figs = plot_bias_variance(table, prediction, out, name="llm_bias_noise_variance", y="bias_to_noise")
+    figs += plot_bias_variance(table, prediction, out, name="llm_bias_variance")
     figs += plot_ratio_profiles(profiles, out, name="llm_ratio_profiles")
     captions = {
+        "llm_bias_noise_variance": f"Squared bias ‖E X − g‖² in units of the on-policy reference's variance per "
+                                   f"prompt group (noise-corrected, symmetric-log axis: estimates below 0 are "
+                                   f"noise) against the variance ratio, per estimator on {model} (filled, 95% "
+                                   f"bootstrap CIs) and for the exact chain at the same per-token KL (hollow).{note}",
         "llm_bias_variance": f"Relative bias ‖E X − g‖/‖g‖ against the variance ratio tr Cov/tr Cov_ref of each "
                              f"estimator on {model} (filled, 95% bootstrap CIs over prompts and directions) and "
                              f"the exact chain at the same per-token KL (hollow, range over instances).{note}",
