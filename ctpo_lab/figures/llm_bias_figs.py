@@ -8,12 +8,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 from pathlib import Path
 
 import pandas as pd
 
 from ctpo_lab.figures.common import cached, caption_text, save_table
+from ctpo_lab.llm.bias_run import format_ci
 
 FAMILY = "llm_bias"
 
@@ -45,13 +45,6 @@ def _collect(model: str, quick: bool, seed: int, cache: Path) -> Path:
     return path
 
 
-def _ci(v: float, lo: float, hi: float, digits: int = 2) -> str:
-    if not math.isfinite(v):
-        return "n/a"
-    f = f"{{:.{digits}g}}"
-    return f.format(v) + (f" [{f.format(lo)}, {f.format(hi)}]" if math.isfinite(lo) and math.isfinite(hi) else "")
-
-
 def summary_table(table: pd.DataFrame, prediction: pd.DataFrame | None) -> pd.DataFrame:
     """One row per (source, estimator): the measured statistics with CIs and the chain's prediction."""
     pred = None
@@ -61,14 +54,14 @@ def summary_table(table: pd.DataFrame, prediction: pd.DataFrame | None) -> pd.Da
     for _, r in table.iterrows():
         row = {
             "source": r["source"], "KL/token": f"{r['mean_kl']:.2g}",
-            "noise scale B": _ci(r["noise_scale"], r["noise_scale_lo"], r["noise_scale_hi"], 3),
+            "noise scale B": format_ci(r["noise_scale"], r["noise_scale_lo"], r["noise_scale_hi"], 3),
             "estimator": r["estimator"],
-            "bias²/tr Cov_ref": _ci(r["bias_to_noise"], r["bias_to_noise_lo"], r["bias_to_noise_hi"]),
+            "bias²/tr Cov_ref": format_ci(r["bias_to_noise"], r["bias_to_noise_lo"], r["bias_to_noise_hi"]),
             "bias² vs sequence / tr Cov_ref": ("0 (itself)" if r["estimator"] == "sequence" else
-                                               _ci(r["bias_vs_seq_to_noise"], r["bias_vs_seq_to_noise_lo"],
+                                               format_ci(r["bias_vs_seq_to_noise"], r["bias_vs_seq_to_noise_lo"],
                                                    r["bias_vs_seq_to_noise_hi"])),
-            "rel. bias": _ci(r["rel_bias"], r["rel_bias_lo"], r["rel_bias_hi"]),
-            "var ratio": _ci(r["var_ratio"], r["var_ratio_lo"], r["var_ratio_hi"], 3),
+            "rel. bias": format_ci(r["rel_bias"], r["rel_bias_lo"], r["rel_bias_hi"]),
+            "var ratio": format_ci(r["var_ratio"], r["var_ratio_lo"], r["var_ratio_hi"], 3),
             "grad. dropped": f"{r['dropped_fraction']:.1%}",
         }
         if pred is not None and (r["source"], r["estimator"]) in pred.index:

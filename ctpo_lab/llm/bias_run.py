@@ -197,7 +197,9 @@ def _json_default(o: Any) -> Any:
     raise TypeError(type(o).__name__)
 
 
-def _fmt_ci(v: float, lo: float, hi: float, digits: int = 2) -> str:
+def format_ci(v: float, lo: float, hi: float, digits: int = 2) -> str:
+    """``v [lo, hi]`` with ``digits`` significant digits (``n/a`` for a non-finite ``v``, no bracket for a
+    non-finite CI)."""
     if not math.isfinite(v):
         return "n/a"
     f = f"{{:.{digits}g}}"
@@ -225,15 +227,15 @@ def markdown_table(table: pd.DataFrame, prediction: pd.DataFrame | None) -> str:
             chain_v = f"{p['var_ratio_median']:.3g}"
             if "bias_to_noise_median" in p:
                 chain_n = f"{p['bias_to_noise_median']:.2g}"
-        noise = _fmt_ci(r["noise_scale"], r["noise_scale_lo"], r["noise_scale_hi"], 3)
-        vs_seq = _fmt_ci(r.get("bias_vs_seq_to_noise", math.nan), r.get("bias_vs_seq_to_noise_lo", math.nan),
+        noise = format_ci(r["noise_scale"], r["noise_scale_lo"], r["noise_scale_hi"], 3)
+        vs_seq = format_ci(r.get("bias_vs_seq_to_noise", math.nan), r.get("bias_vs_seq_to_noise_lo", math.nan),
                          r.get("bias_vs_seq_to_noise_hi", math.nan)) if r["estimator"] != "sequence" else "0 (itself)"
         lines.append(
             f"| {r['source']} | {r['mean_kl']:.2g} | {noise} | {r['estimator']} | "
-            f"{_fmt_ci(r['bias_to_noise'], r['bias_to_noise_lo'], r['bias_to_noise_hi'])} | "
-            f"{_fmt_ci(r['rel_bias'], r['rel_bias_lo'], r['rel_bias_hi'])} | {vs_seq} | "
-            f"{_fmt_ci(r['var_ratio'], r['var_ratio_lo'], r['var_ratio_hi'], 3)} | "
-            f"{_fmt_ci(r['cosine'], r['cosine_lo'], r['cosine_hi'])} | {r['rel_mse']:.3g} | "
+            f"{format_ci(r['bias_to_noise'], r['bias_to_noise_lo'], r['bias_to_noise_hi'])} | "
+            f"{format_ci(r['rel_bias'], r['rel_bias_lo'], r['rel_bias_hi'])} | {vs_seq} | "
+            f"{format_ci(r['var_ratio'], r['var_ratio_lo'], r['var_ratio_hi'], 3)} | "
+            f"{format_ci(r['cosine'], r['cosine_lo'], r['cosine_hi'])} | {r['rel_mse']:.3g} | "
             f"{r['dropped_fraction']:.1%} | {chain_b} | {chain_v} | {chain_n} |"
         )
     return "\n".join(lines) + "\n"
