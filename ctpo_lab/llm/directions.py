@@ -250,12 +250,12 @@ def token_directional_derivatives(
 def _generic_jvp(model, prompt_ids, tokens, mask, primals, tang, temperature, pad_token_id) -> Tensor:
     from torch.func import functional_call, jvp, vmap
 
-    def logp_of(params: dict[str, Tensor]) -> Tensor:
-        def call(**kw):
-            return token_log_probs(model, prompt_ids, tokens, mask, temperature=temperature,
-                                   pad_token_id=pad_token_id).logp
+    def scored() -> Tensor:
+        return token_log_probs(model, prompt_ids, tokens, mask, temperature=temperature,
+                               pad_token_id=pad_token_id).logp
 
-        return functional_call(_Call(model, call), {f"model.{k}": v for k, v in params.items()}, ())
+    def logp_of(params: dict[str, Tensor]) -> Tensor:
+        return functional_call(_Call(model, scored), {f"model.{k}": v for k, v in params.items()}, ())
 
     def one(t: dict[str, Tensor]) -> Tensor:
         return jvp(logp_of, (primals,), (t,))[1]
