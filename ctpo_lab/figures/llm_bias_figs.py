@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from ctpo_lab.figures.common import cached, caption_text, save_table
-from ctpo_lab.llm.bias_run import format_ci
+from ctpo_lab.llm.bias_run import display_table
 
 FAMILY = "llm_bias"
 
@@ -45,36 +45,6 @@ def _collect(model: str, quick: bool, seed: int, cache: Path) -> Path:
     return path
 
 
-def summary_table(table: pd.DataFrame, prediction: pd.DataFrame | None) -> pd.DataFrame:
-    """One row per (source, estimator): the measured statistics with CIs and the chain's prediction."""
-    pred = None
-    if prediction is not None and len(prediction):
-        pred = prediction.set_index(["source", "estimator"])
-    rows = []
-    for _, r in table.iterrows():
-        row = {
-            "source": r["source"], "KL/token": f"{r['mean_kl']:.2g}",
-            "noise scale B": format_ci(r["noise_scale"], r["noise_scale_lo"], r["noise_scale_hi"], 3),
-            "estimator": r["estimator"],
-            "bias²/tr Cov_ref": format_ci(r["bias_to_noise"], r["bias_to_noise_lo"], r["bias_to_noise_hi"]),
-            "bias² vs sequence / tr Cov_ref": ("0 (itself)" if r["estimator"] == "sequence" else
-                                               format_ci(r["bias_vs_seq_to_noise"], r["bias_vs_seq_to_noise_lo"],
-                                                   r["bias_vs_seq_to_noise_hi"])),
-            "rel. bias": format_ci(r["rel_bias"], r["rel_bias_lo"], r["rel_bias_hi"]),
-            "var ratio": format_ci(r["var_ratio"], r["var_ratio_lo"], r["var_ratio_hi"], 3),
-            "grad. dropped": f"{r['dropped_fraction']:.1%}",
-        }
-        if pred is not None and (r["source"], r["estimator"]) in pred.index:
-            p = pred.loc[(r["source"], r["estimator"])]
-            row["chain rel. bias"] = (f"{p['relative_bias_median']:.2g} [{p['relative_bias_min']:.2g}, "
-                                      f"{p['relative_bias_max']:.2g}]")
-            row["chain var ratio"] = f"{p['var_ratio_median']:.3g}"
-            if "bias_to_noise_median" in p:
-                row["chain bias² / tr Cov_ref"] = f"{p['bias_to_noise_median']:.2g}"
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
 def make(out: Path, *, quick: bool, seed: int, cache: Path, command: str, model: str | None = None,
          bias_run: Path | None = None) -> list[Path]:
     from ctpo_lab.llm.bias_plots import plot_bias_variance, plot_ratio_profiles
@@ -97,7 +67,7 @@ def make(out: Path, *, quick: bool, seed: int, cache: Path, command: str, model:
     extra = {"model": model, "prompts": f"{cfg['eval_prompts']} × G={cfg['group_size']}",
              "directions": f"K={cfg['directions']} on {cfg['params']}", "advantage": cfg["advantage"]}
     files: list[Path] = []
-    files += save_table(summary_table(table, prediction), out, "llm_bias_table", command=command, seeds=seed,
+    files += save_table(display_table(table, prediction), out, "llm_bias_table", command=command, seeds=seed,
                         extra=extra, finding=f"Estimator bias and variance on {model} against on-policy samples of "
                         f"π, per source of off-policyness, with the exact chain's prediction at the same per-token "
                         f"KL.{note}")

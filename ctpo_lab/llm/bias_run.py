@@ -207,38 +207,44 @@ def format_ci(v: float, lo: float, hi: float, digits: int = 2) -> str:
     return f.format(v) + ci
 
 
-def markdown_table(table: pd.DataFrame, prediction: pd.DataFrame | None) -> str:
-    """The source × estimator table in markdown (relative bias, IS-identity bias, variance ratio, cosine,
-    relative MSE, dropped-gradient fraction, and the exact chain's prediction)."""
-    head = ("| source | KL/token | B (noise scale) | estimator | bias² / tr Cov_ref [95% CI] | rel. bias vs π-samples "
-            "| ‖E(X − X_seq)‖² / tr Cov_ref (same μ samples) | tr Cov / tr Cov_ref | cosine to reference | "
-            "rel. MSE(N) | grad. dropped | chain: rel. bias (median [min, max]) | chain: var ratio | "
-            "chain: bias² / tr Cov_ref |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+def display_table(table: pd.DataFrame, prediction: pd.DataFrame | None) -> pd.DataFrame:
+    """One display row per (source, estimator): the measured statistics as ``value [95% CI]`` strings
+    (bias in noise units, relative bias, IS-identity bias, variance ratio, cosine, relative MSE, dropped
+    gradients) and the exact chain's prediction (median [min, max] over instances)."""
     pred = None
     if prediction is not None and len(prediction):
         pred = prediction.set_index(["source", "estimator"])
+    rows = []
     for _, r in table.iterrows():
-        chain_b = chain_v = chain_n = ""
+        vs_seq = "0 (itself)" if r["estimator"] == "sequence" else format_ci(
+            r.get("bias_vs_seq_to_noise", math.nan), r.get("bias_vs_seq_to_noise_lo", math.nan),
+            r.get("bias_vs_seq_to_noise_hi", math.nan))
+        row = {
+            "source": r["source"], "KL/token": f"{r['mean_kl']:.2g}",
+            "B (noise scale)": format_ci(r["noise_scale"], r["noise_scale_lo"], r["noise_scale_hi"], 3),
+            "estimator": r["estimator"],
+            "bias² / tr Cov_ref": format_ci(r["bias_to_noise"], r["bias_to_noise_lo"], r["bias_to_noise_hi"]),
+            "rel. bias vs π-samples": format_ci(r["rel_bias"], r["rel_bias_lo"], r["rel_bias_hi"]),
+            "‖E(X − X_seq)‖² / tr Cov_ref (same μ samples)": vs_seq,
+            "tr Cov / tr Cov_ref": format_ci(r["var_ratio"], r["var_ratio_lo"], r["var_ratio_hi"], 3),
+            "cosine to reference": format_ci(r["cosine"], r["cosine_lo"], r["cosine_hi"]),
+            "rel. MSE(N)": f"{r['rel_mse']:.3g}",
+            "grad. dropped": f"{r['dropped_fraction']:.1%}",
+        }
         if pred is not None and (r["source"], r["estimator"]) in pred.index:
             p = pred.loc[(r["source"], r["estimator"])]
-            chain_b = (f"{p['relative_bias_median']:.2g} [{p['relative_bias_min']:.2g}, "
-                       f"{p['relative_bias_max']:.2g}]")
-            chain_v = f"{p['var_ratio_median']:.3g}"
+            row["chain: rel. bias"] = (f"{p['relative_bias_median']:.2g} [{p['relative_bias_min']:.2g}, "
+                                       f"{p['relative_bias_max']:.2g}]")
+            row["chain: var ratio"] = f"{p['var_ratio_median']:.3g}"
             if "bias_to_noise_median" in p:
-                chain_n = f"{p['bias_to_noise_median']:.2g}"
-        noise = format_ci(r["noise_scale"], r["noise_scale_lo"], r["noise_scale_hi"], 3)
-        vs_seq = format_ci(r.get("bias_vs_seq_to_noise", math.nan), r.get("bias_vs_seq_to_noise_lo", math.nan),
-                         r.get("bias_vs_seq_to_noise_hi", math.nan)) if r["estimator"] != "sequence" else "0 (itself)"
-        lines.append(
-            f"| {r['source']} | {r['mean_kl']:.2g} | {noise} | {r['estimator']} | "
-            f"{format_ci(r['bias_to_noise'], r['bias_to_noise_lo'], r['bias_to_noise_hi'])} | "
-            f"{format_ci(r['rel_bias'], r['rel_bias_lo'], r['rel_bias_hi'])} | {vs_seq} | "
-            f"{format_ci(r['var_ratio'], r['var_ratio_lo'], r['var_ratio_hi'], 3)} | "
-            f"{format_ci(r['cosine'], r['cosine_lo'], r['cosine_hi'])} | {r['rel_mse']:.3g} | "
-            f"{r['dropped_fraction']:.1%} | {chain_b} | {chain_v} | {chain_n} |"
-        )
-    return "\n".join(lines) + "\n"
+                row["chain: bias² / tr Cov_ref"] = f"{p['bias_to_noise_median']:.2g}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def markdown_table(table: pd.DataFrame, prediction: pd.DataFrame | None) -> str:
+    """:func:`display_table` in markdown."""
+    return display_table(table, prediction).to_markdown(index=False) + "\n"
 
 
 def run_bias(cfg: BiasConfig, *, overwrite: bool = False) -> dict[str, Any]:

@@ -6,9 +6,10 @@ token's log-probability,
     d_{k,i,t} = ⟨∇_θ log π_θ(y_{i,t} | s_{i,t}), v_k⟩,
 
 comes out of one forward pass with a tangent per direction (``torch.func.jvp``, the K tangents batched with
-``torch.func.vmap`` so that the primal forward is shared). Every importance-sampling estimator of the policy
-gradient is a weighted sum ``X_i = Σ_t c_{i,t} ∇log π(y_{i,t}|s_{i,t})``, so its projection on v_k is
-``Σ_t c_{i,t} d_{k,i,t}``: no per-sequence backward pass is needed.
+``torch.func.vmap``: on SmolLM2's last block 4 batched tangents took 17 s against 36 s one at a time).
+Every importance-sampling estimator of the policy gradient is a weighted sum
+``X_i = Σ_t c_{i,t} ∇log π(y_{i,t}|s_{i,t})``, so its projection on v_k is ``Σ_t c_{i,t} d_{k,i,t}``: no
+per-sequence backward pass is needed.
 
 Directions have i.i.d. N(0, 1) entries on the selected parameters (0 elsewhere, and 0 on the padding row of an
 ``nn.Embedding``, which autograd treats as a constant), so that for any vectors a, b
