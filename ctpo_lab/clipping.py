@@ -25,7 +25,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["CLIP_RULES", "ClipRule", "ClipOutput", "clip_window", "clipped_surrogate"]
+__all__ = ["CLIP_RULES", "ClipRule", "ClipOutput", "clip_window", "dual_clip_bound", "clipped_surrogate"]
 
 ClipRule = Literal["ppo", "log_window", "cispo", "none"]
 CLIP_RULES: tuple[str, ...] = ("ppo", "log_window", "cispo", "none")
@@ -71,6 +71,23 @@ def clip_window(
     if rule == "none":
         inf = torch.tensor(math.inf, dtype=dtype, device=device)
         return -inf, inf
+    raise ValueError(f"clip: unknown clip rule {rule!r}; expected one of {CLIP_RULES}")
+
+
+def dual_clip_bound(
+    rule: str, position: Tensor, dual_clip: float | None, exponent: float, dtype: torch.dtype
+) -> Tensor | None:
+    """Ratio-space dual-clip bound d_t (A < 0: no gradient once w_t > d_t), broadcastable to [B, T].
+
+    ``log_window``: d_t = exp(ε_c·s_t), s_t = max(t,1)^exponent.  ``ppo``/``none``: d_t = c.  ``cispo`` has no
+    dual clip (None), nor has any rule with ``dual_clip=None``.
+    """
+    if dual_clip is None or rule == "cispo":
+        return None
+    if rule == "log_window":
+        return (dual_clip * _scale(position, exponent, dtype)).exp()
+    if rule in ("ppo", "none"):
+        return torch.tensor(dual_clip, dtype=dtype, device=position.device)
     raise ValueError(f"clip: unknown clip rule {rule!r}; expected one of {CLIP_RULES}")
 
 
@@ -130,11 +147,8 @@ def clipped_surrogate(
     pg2 = -advantages * clipped
     c1 = torch.maximum(pg1, pg2)
     negative = advantages < 0
-    if dual_clip is not None:
-        if rule == "log_window":
-            dual_bound = (dual_clip * _scale(position, exponent, dtype)).exp()
-        else:
-            dual_bound = torch.tensor(dual_clip, dtype=dtype, device=log_weight.device)
+    dual_bound = dual_clip_bound(rule, position, dual_clip, exponent, dtype)
+    if dual_bound is not None:
         pg3 = -advantages * dual_bound
         dual_active = negative & (pg3 < c1)
         per_token_loss = torch.where(negative, torch.minimum(pg3, c1), c1)

@@ -3,7 +3,7 @@
 >>> from ctpo_lab.losses import policy_loss, PRESETS
 >>> loss, metrics = policy_loss(log_prob, old_log_prob, advantages, response_mask, preset="ctpo")
 
-Reference semantics (paper.md): verl's ``vanilla`` PPO/GRPO loss, GSPO, and the CTPO authors'
+Reference semantics: verl's ``vanilla`` PPO/GRPO loss, GSPO, and the CTPO authors'
 ``cum-token-cumprod-la`` loss.  For token t of row i, with X_t the family's log-weight value
 (:mod:`ctpo_lab.ratios`), s_t = max(t, 1)^p and A the advantage::
 
@@ -33,6 +33,7 @@ __all__ = [
     "AGGREGATIONS",
     "LossConfig",
     "PRESETS",
+    "TRAINING_PRESETS",
     "PolicyLossOutput",
     "resolve_config",
     "aggregate",
@@ -107,12 +108,28 @@ class LossConfig:
             raise ValueError(f"norm_horizon: expected a positive int or None, got {self.norm_horizon!r}")
 
 
-#: Named presets (paper.md "Reference semantics").
+_UNCLIPPED = dict(clip="none", dual_clip=None, aggregation="seq-mean-token-sum", max_log_weight=None)
+
+#: Named presets: every estimator ctpo_lab trains, measures exactly or measures on a real model is one of these
+#: (or a :class:`LossConfig` derived from one with overrides).
+#:
+#: * loss presets with the semantics of their reference implementations: ``grpo`` (verl ``vanilla``: token
+#:   ratio, PPO clip 0.2/0.2, dual clip 3), ``dapo`` (ε_high = 0.28), ``gspo`` (geometric mean of the sequence
+#:   ratio, clip 3e-4/4e-4, seq-mean-token-mean), ``ctpo`` (the CTPO authors' ``cum-token-cumprod-la``:
+#:   cumulative ratio, log window [−0.025√t, 0.05√t], dual bound e^{0.05√t}, log-weight cap 10),
+#:   ``ctpo_fixed`` (the same window without the √t), ``ctpo_geomean`` (L_t/t with the t^{−1/2} window),
+#:   ``seq_is`` (full-sequence ratio with the PPO clip), ``cispo`` (weight clipped to [0, 5], gradient kept);
+#: * the bare importance weights, no clip and no cap (the estimators Σ_t w_t A ∇log π_t of the theory):
+#:   ``unclipped_token`` (r_t), ``unclipped_cumulative`` (ρ_{1:t}), ``unclipped_sequence`` (ρ_{1:T}),
+#:   ``unclipped_sequence_geomean`` (ρ_{1:T}^{1/|y|}), ``unclipped_cumulative_geomean`` (ρ_{1:t}^{1/t}),
+#:   ``tis`` (truncated token IS min(r_t, 2)), ``cumulative_tis`` (Π_{k≤t} min(r_k, 1));
+#: * the two windows of the paper's Figure 1 on L_t (``ctpo`` without the dual clip): ``fixed_window``
+#:   (w ∈ [0.5, 5]) and ``sqrt_t_window`` ([−0.025√t, 0.05√t]).
 PRESETS: dict[str, LossConfig] = {
     "grpo": LossConfig(name="grpo", ratio="token", clip="ppo", eps_low=0.2, eps_high=0.2, dual_clip=3.0),
     "dapo": LossConfig(name="dapo", ratio="token", clip="ppo", eps_low=0.2, eps_high=0.28, dual_clip=3.0),
     "gspo": LossConfig(
-        name="gspo", ratio="gspo", clip="ppo", eps_low=3e-4, eps_high=4e-4, dual_clip=None,
+        name="gspo", ratio="sequence_geomean", clip="ppo", eps_low=3e-4, eps_high=4e-4, dual_clip=None,
         aggregation="seq-mean-token-mean", max_log_weight=10.0,
     ),
     "ctpo": LossConfig(
@@ -131,7 +148,29 @@ PRESETS: dict[str, LossConfig] = {
         name="seq_is", ratio="sequence", clip="ppo", eps_low=0.2, eps_high=0.2, dual_clip=3.0, max_log_weight=10.0
     ),
     "cispo": LossConfig(name="cispo", ratio="token", clip="cispo", eps_low=1.0, eps_high=4.0, dual_clip=None),
+    "unclipped_token": LossConfig(name="unclipped_token", ratio="token", **_UNCLIPPED),
+    "unclipped_cumulative": LossConfig(name="unclipped_cumulative", ratio="cumulative", **_UNCLIPPED),
+    "unclipped_sequence": LossConfig(name="unclipped_sequence", ratio="sequence", **_UNCLIPPED),
+    "unclipped_sequence_geomean": LossConfig(
+        name="unclipped_sequence_geomean", ratio="sequence_geomean", **_UNCLIPPED
+    ),
+    "unclipped_cumulative_geomean": LossConfig(
+        name="unclipped_cumulative_geomean", ratio="cumulative_geomean", **_UNCLIPPED
+    ),
+    "tis": LossConfig(name="tis", ratio="token_tis", truncation=2.0, **_UNCLIPPED),
+    "cumulative_tis": LossConfig(name="cumulative_tis", ratio="truncated_cumulative", truncation=1.0, **_UNCLIPPED),
+    "fixed_window": LossConfig(
+        name="fixed_window", ratio="cumulative", clip="log_window", eps_low=math.log(2.0), eps_high=math.log(5.0),
+        clip_exponent=0.0, dual_clip=None, max_log_weight=10.0,
+    ),
+    "sqrt_t_window": LossConfig(
+        name="sqrt_t_window", ratio="cumulative", clip="log_window", eps_low=0.025, eps_high=0.05,
+        clip_exponent=0.5, dual_clip=None, max_log_weight=10.0,
+    ),
 }
+
+#: The presets that are losses one trains with (the rest are measurement estimators and windows).
+TRAINING_PRESETS: tuple[str, ...] = ("grpo", "dapo", "gspo", "ctpo", "ctpo_fixed", "ctpo_geomean", "seq_is", "cispo")
 
 
 def resolve_config(preset: str | LossConfig = "grpo", **overrides: object) -> LossConfig:
@@ -294,7 +333,8 @@ def policy_loss(
         Valid tokens. Values at masked-out positions are ignored (NaN allowed) and get a zero gradient.
     preset : str or LossConfig
         A key of :data:`PRESETS` (``grpo``, ``dapo``, ``gspo``, ``ctpo``, ``ctpo_fixed``, ``ctpo_geomean``,
-        ``seq_is``, ``cispo``) or a :class:`LossConfig`.
+        ``seq_is``, ``cispo``, the ``unclipped_*`` weights, ``tis``, ``cumulative_tis``, the Figure-1 windows)
+        or a :class:`LossConfig`.
     **overrides
         Any :class:`LossConfig` field, e.g. ``eps_high=0.28`` or ``aggregation="seq-mean-token-mean"``.
 

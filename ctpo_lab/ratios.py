@@ -12,7 +12,7 @@ and the CTPO authors' code).
 |------------------------|---------------------------------------|
 | token                  | ℓ_t                                   |
 | sequence               | L_T                     (same ∀t)     |
-| gspo                   | L_T / |y|               (same ∀t)     |
+| sequence_geomean       | L_T / |y|               (same ∀t)     |
 | cumulative             | L_t                                   |
 | cumulative_geomean     | L_t / t                               |
 | truncated_cumulative   | Σ_{k≤t} min(ℓ_k, log c̄)              |
@@ -45,12 +45,12 @@ __all__ = [
 ]
 
 RatioFamily = Literal[
-    "token", "sequence", "gspo", "cumulative", "cumulative_geomean", "truncated_cumulative", "token_tis"
+    "token", "sequence", "sequence_geomean", "cumulative", "cumulative_geomean", "truncated_cumulative", "token_tis"
 ]
 RATIO_FAMILIES: tuple[str, ...] = (
     "token",
     "sequence",
-    "gspo",
+    "sequence_geomean",
     "cumulative",
     "cumulative_geomean",
     "truncated_cumulative",
@@ -154,9 +154,9 @@ def family_log_weight(
     elif family == "cumulative_geomean":
         t = positions(valid) if position is None else position
         value = cumulative_log_ratio(log_ratio, valid) / t.clamp(min=1).to(log_ratio.dtype)
-    else:  # sequence, gspo: one value per row, broadcast to its tokens
+    else:  # sequence, sequence_geomean: one value per row, broadcast to its tokens
         total = sequence_log_ratio(log_ratio, valid)  # [B]
-        if family == "gspo":
+        if family == "sequence_geomean":
             total = total / valid.sum(dim=-1).clamp(min=1).to(log_ratio.dtype)
         value = total.unsqueeze(-1).expand_as(log_ratio)
     return torch.where(valid, value, 0.0)

@@ -49,9 +49,9 @@ def test_cumulative_at_last_valid_token_equals_sequence(batch):
 
 @settings(max_examples=60, deadline=None)
 @given(batches())
-def test_gspo_ratio_is_exp_mean_log_ratio(batch):
+def test_sequence_geomean_ratio_is_exp_mean_log_ratio(batch):
     ell, mask = batch
-    g = ratios.family_log_weight("gspo", ell, mask)
+    g = ratios.family_log_weight("sequence_geomean", ell, mask)
     for i in range(ell.shape[0]):
         valid = ell[i][mask[i]].numpy()
         if valid.size:

@@ -57,7 +57,7 @@ _ESTIMATOR_CONFIGS: dict[str, losses.LossConfig] = {
     "token": losses.LossConfig(name="token", ratio="token", **_UNCLIPPED),
     "cumulative": losses.LossConfig(name="cumulative", ratio="cumulative", **_UNCLIPPED),
     "sequence": losses.LossConfig(name="sequence", ratio="sequence", **_UNCLIPPED),
-    "gspo": losses.LossConfig(name="gspo", ratio="gspo", **_UNCLIPPED),
+    "gspo": losses.LossConfig(name="gspo", ratio="sequence_geomean", **_UNCLIPPED),
     "grpo": losses.resolve_config("grpo", aggregation="seq-mean-token-sum"),
     "gspo_clip": losses.resolve_config("gspo", name="gspo_clip", aggregation="seq-mean-token-sum"),
     "ctpo": losses.resolve_config("ctpo", aggregation="seq-mean-token-sum"),
