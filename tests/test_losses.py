@@ -166,7 +166,9 @@ def test_empty_batch_gives_zero_loss_and_zero_grad(name):
 
 
 # the bare cumulative and sequence weights e^{L} have no cap: e^{±1280} overflows by definition
-_BOUNDED = sorted(n for n, c in PRESETS.items() if c.max_log_weight is not None or c.ratio not in ("cumulative", "sequence"))
+_BOUNDED = sorted(
+    n for n, c in PRESETS.items() if c.max_log_weight is not None or c.ratio not in ("cumulative", "sequence")
+)
 
 
 @pytest.mark.parametrize("name", _BOUNDED)
