@@ -22,7 +22,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 from ctpo_lab import markov  # noqa: E402
-from ctpo_lab.markov import exact  # noqa: E402
+from ctpo_lab.markov import dp, exact  # noqa: E402
 
 
 def _time(fn, repeat: int = 1) -> float:
@@ -40,7 +40,7 @@ def bench_linear(quick: bool) -> None:
         times = {}
         for h in (T, 2 * T):
             mdp = markov.random_instance(V, h, k, seed=0, kl=0.01, automaton="count")
-            times[h] = _time(lambda mdp=mdp, sig=signal: markov.exact_moments(mdp, "cumulative", sig, 0.5,
+            times[h] = _time(lambda mdp=mdp, sig=signal: markov.exact_moments(mdp, "unclipped_cumulative", sig, 0.5,
                                                                   along_gradient=False), repeat=3)
         print(f"[1] mean + second moment, V={V}, k={k}, signal {signal} ({path} path): time(T={T}) = "
               f"{times[T]:.3f} s, time(2T) = {times[2 * T]:.3f} s, ratio = {times[2 * T] / times[T]:.2f} "
@@ -55,19 +55,19 @@ def bench_large(full: bool) -> None:
     print(f"[2] V={V}, k={k}, T={T}: {mdp.num_contexts} contexts, |Z|={mdp.num_states}, d={mdp.dim}; "
           f"instance built in {t_build:.2f} s")
     total = 0.0
-    for est in ("token", "cumulative", "sequence"):
+    for est in ("unclipped_token", "unclipped_cumulative", "unclipped_sequence"):
         t0 = time.perf_counter()
         m = markov.exact_moments(mdp, est, "reward", 0.5, along_gradient=False)
         dt = time.perf_counter() - t0
         total += dt
-        print(f"    {est:>10}: mean + trace cov {dt:.1f} s ({m.info.get('second_moment_path')} path), "
+        print(f"    {est:>20}: mean + trace cov {dt:.1f} s ({m.info.get('second_moment_path')} path), "
               f"tr Cov = {m.trace_cov:.4e}")
     print(f"    total for the three estimators: {total:.1f} s (target <= 30 s)")
     # the general forward DP (any per-token signal / position mask), O(T·|Z|·V·d): timed on a slice
-    tab = exact._tables(mdp)
-    feat = exact.score_feature(mdp)
+    tab = dp.transition_tables(mdp)
+    feat = dp.score_feature(mdp)
     u = mdp.state_reward - 0.5
-    a, b, c = exact.weight_tables("cumulative", tab, T, exact.EstimatorParams())
+    a, b, c = markov.chain_estimator("unclipped_cumulative").tables(tab.ell, T)
     if full:
         t0 = time.perf_counter()
         exact.run_moment_dp(mdp, a, b, c, feat, u)
@@ -75,7 +75,7 @@ def bench_large(full: bool) -> None:
         return
     nblk, steps = 64, 4
     inside = feat.blk < nblk
-    sub = exact._Feature(blk=np.where(inside, feat.blk, 0), hv=np.where(inside[:, None, None], feat.hv, 0.0),
+    sub = dp.BlockFeature(blk=np.where(inside, feat.blk, 0), hv=np.where(inside[:, None, None], feat.hv, 0.0),
                          d=nblk * V)
     t0 = time.perf_counter()
     exact.run_moment_dp(mdp.with_horizon(steps), a, b, c, sub, u)
@@ -89,7 +89,7 @@ def bench_feasible(V: int = 12) -> None:
     """A k=2, T=256 instance whose full trace of covariance fits the budget on this machine."""
     mdp = markov.random_instance(V, 256, 2, seed=0, kl=0.01, automaton="count")
     t0 = time.perf_counter()
-    for est in ("token", "cumulative", "sequence"):
+    for est in ("unclipped_token", "unclipped_cumulative", "unclipped_sequence"):
         markov.exact_moments(mdp, est, "reward", 0.5, along_gradient=False)
     dt = time.perf_counter() - t0
     print(f"[2b] V={V}, k=2 ({mdp.num_contexts} contexts, d={mdp.dim}), T=256: mean + trace cov for the three "
@@ -98,12 +98,12 @@ def bench_feasible(V: int = 12) -> None:
 
 def bench_enumeration() -> None:
     mdp = markov.random_instance(4, 10, 1, seed=0, kl=0.05, automaton="contains:0-1")
-    t_dp = _time(lambda: markov.exact_moments(mdp, "cumulative", "reward", 0.5), repeat=3)
+    t_dp = _time(lambda: markov.exact_moments(mdp, "unclipped_cumulative", "reward", 0.5), repeat=3)
     t0 = time.perf_counter()
-    en = markov.enumerate_moments(mdp, "cumulative", "reward", 0.5)
+    en = markov.enumerate_moments(mdp, "unclipped_cumulative", "reward", 0.5)
     t_en = time.perf_counter() - t0
-    dp = markov.exact_moments(mdp, "cumulative", "reward", 0.5)
-    err = np.abs(dp.second_moment_diag - en.second_moment_diag).max() / np.abs(en.second_moment_diag).max()
+    dpm = markov.exact_moments(mdp, "unclipped_cumulative", "reward", 0.5)
+    err = np.abs(dpm.second_moment_diag - en.second_moment_diag).max() / np.abs(en.second_moment_diag).max()
     print(f"[3] V=4, k=1, T=10 (4^10 = {4**10} sequences): DP {t_dp * 1e3:.1f} ms, enumeration {t_en:.2f} s, "
           f"speed ratio enumeration/DP = {t_en / t_dp:.0f}x (max rel. diff {err:.1e})")
 

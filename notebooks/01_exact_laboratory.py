@@ -46,7 +46,7 @@ from ctpo_lab.markov.exact import expected_score
 from ctpo_lab.style import estimator_color, estimator_label
 
 SMALL = os.environ.get("CI") == "true" or os.environ.get("CTPO_LAB_SMALL") == "1"
-ESTIMATORS = ("token", "cumulative", "sequence", "gspo")
+ESTIMATORS = ("unclipped_token", "unclipped_cumulative", "unclipped_sequence", "unclipped_sequence_geomean")
 pd.set_option("display.precision", 4)
 START = time.time()
 
@@ -123,7 +123,8 @@ table[["relative_bias", "cosine", "scale", "trace_cov", "var_along_grad", f"mse_
 
 # %%
 checks = []
-for est, signal in (("cumulative", "reward"), ("token", "adv_pi"), ("gspo", "reward")):
+for est, signal in (("unclipped_cumulative", "reward"), ("unclipped_token", "adv_pi"),
+                    ("unclipped_sequence_geomean", "reward")):
     baseline = J_mu if signal == "reward" else 0.0
     dp = moments[est, signal]
     en = markov.enumerate_moments(mdp, estimator=est, signal=signal, baseline=baseline)
@@ -137,9 +138,9 @@ pd.DataFrame(checks)
 # Monte Carlo agrees too, within its standard errors (per-coordinate z-scores against a Bonferroni threshold).
 
 # %%
-mc = markov.monte_carlo_moments(mdp, estimator="cumulative", signal="reward", baseline=J_mu,
+mc = markov.monte_carlo_moments(mdp, estimator="unclipped_cumulative", signal="reward", baseline=J_mu,
                                 n=20_000 if SMALL else 200_000, seed=0)
-print(mc.check(moments["cumulative", "reward"]))
+print(mc.check(moments["unclipped_cumulative", "reward"]))
 
 # %% [markdown]
 # ## 4 · Prop. 1 and where it stops
@@ -156,7 +157,7 @@ for t in range(1, mdp.horizon + 1):
     occ[t - 1] = pv.occupancy[t - 1]
     ref = expected_score(mdp, occ, pv.adv)  # E_π[ψ_t A^π_t], the t-th term of ∇J
     row = {"t": t}
-    for est in ("token", "cumulative"):
+    for est in ("unclipped_token", "unclipped_cumulative"):
         m = markov.exact_moments(mdp, est, "adv_pi", positions=[t], second_moment=False, along_gradient=False)
         row[f"{est}: ‖bias_t‖/‖term_t‖"] = np.linalg.norm(m.mean - ref) / np.linalg.norm(ref)
     per_pos.append(row)
@@ -180,8 +181,8 @@ dec = pd.DataFrame({
     "‖part‖/‖∇J‖": {k: np.linalg.norm(v) / gnorm for k, v in parts.items()},
 })
 print(dec)
-err_tok = np.abs(moments["token", "reward"].bias - parts["token_bias"]).max()
-err_cum = np.abs(moments["cumulative", "reward"].bias - parts["cumulative_bias"]).max()
+err_tok = np.abs(moments["unclipped_token", "reward"].bias - parts["token_bias"]).max()
+err_cum = np.abs(moments["unclipped_cumulative", "reward"].bias - parts["cumulative_bias"]).max()
 print(f"max |token bias − (state + continuation)| = {err_tok:.2e}")
 print(f"max |cumulative bias − continuation|      = {err_cum:.2e}")
 
@@ -197,8 +198,8 @@ draws = 200 if SMALL else 500
 ratios = np.empty(draws)
 for s in range(draws):
     inst = markov.random_instance(2, 5, 1, seed=s, kl=0.1)
-    cum = markov.exact_moments(inst, "cumulative", "adv_pi", along_gradient=False).trace_cov
-    seq = markov.exact_moments(inst, "sequence", "adv_pi", along_gradient=False).trace_cov
+    cum = markov.exact_moments(inst, "unclipped_cumulative", "adv_pi", along_gradient=False).trace_cov
+    seq = markov.exact_moments(inst, "unclipped_sequence", "adv_pi", along_gradient=False).trace_cov
     ratios[s] = cum / seq
 worst = int(np.argmax(ratios))
 print(f"{draws} draws: tr Cov(cum) > tr Cov(seq) in {np.mean(ratios > 1):.0%}; largest ratio {ratios.max():.3f} "
@@ -207,18 +208,19 @@ print(f"{draws} draws: tr Cov(cum) > tr Cov(seq) in {np.mean(ratios > 1):.0%}; l
 inst = markov.random_instance(2, 5, 1, seed=worst, kl=0.1)
 per_term = []
 for t in range(1, inst.horizon + 1):
-    vs = markov.exact_moments(inst, "sequence", "adv_pi", positions=[t], along_gradient=False).variance_diag
-    vc = markov.exact_moments(inst, "cumulative", "adv_pi", positions=[t], along_gradient=False).variance_diag
+    vs = markov.exact_moments(inst, "unclipped_sequence", "adv_pi", positions=[t], along_gradient=False).variance_diag
+    vc = markov.exact_moments(inst, "unclipped_cumulative", "adv_pi", positions=[t], along_gradient=False).variance_diag
     per_term.append({"t": t, "tr Var(seq term t)": vs.sum(), "tr Var(cum term t)": vc.sum(),
                      "min_j [Var seq − Var cum]": (vs - vc).min()})
 print("per-term variances on that instance (Prop. 2(i): every row has min_j ≥ 0; the terms coincide at t = T)")
 print(pd.DataFrame(per_term).set_index("t").to_string())
-tc = {e: markov.exact_moments(inst, e, "adv_pi", along_gradient=False).trace_cov for e in ("cumulative", "sequence")}
-print(f"whole estimator: tr Cov(cum) = {tc['cumulative']:.4g}, tr Cov(seq) = {tc['sequence']:.4g} "
+tc = {e: markov.exact_moments(inst, e, "adv_pi", along_gradient=False).trace_cov
+      for e in ("unclipped_cumulative", "unclipped_sequence")}
+print(f"whole estimator: tr Cov(cum) = {tc['unclipped_cumulative']:.4g}, tr Cov(seq) = {tc['unclipped_sequence']:.4g} "
       "(the cross-terms between positions decide the sum)")
 
 fig, ax = plt.subplots(figsize=(5, 3))
-ax.hist(ratios, bins=30, color=estimator_color("cumulative"), alpha=0.8)
+ax.hist(ratios, bins=30, color=estimator_color("unclipped_cumulative"), alpha=0.8)
 ax.axvline(1.0, color="k", lw=1, ls="--")
 ax.set(xlabel="tr Cov(cumulative) / tr Cov(sequence)  (one trajectory, signal A^π)", ylabel="number of instances",
        title="V=2, k=1, T=5, KL=0.1 per token")

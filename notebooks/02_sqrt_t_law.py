@@ -27,7 +27,7 @@
 #   persistent regime, or prompts of different difficulty pooled together), Var(K_t) grows like t² and the
 #   exponent of sd(L_t) moves from 1/2 towards 1.
 #
-# Tools: `markov.position_profile` (exact per-position moments), `markov.sample_trajectories` (simulated walks),
+# Tools: `markov.position_moments` (exact per-position moments), `markov.sample_trajectories` (simulated walks),
 # `stats.sqrt_t_fit` (the paper's fixed-exponent σ̂ and a free exponent with a cluster-bootstrap CI),
 # `stats.drift_profile`, `stats.clip_rate_profile`.
 
@@ -41,6 +41,7 @@ import pandas as pd
 from scipy.stats import norm
 
 from ctpo_lab import markov, stats
+from ctpo_lab.losses import PRESETS
 from ctpo_lab.markov import log_ratio_distribution_profile
 from ctpo_lab.style import estimator_color, estimator_label
 
@@ -63,7 +64,7 @@ IID, LATENT = "#1f77b4", "#ff7f0e"  # two chains, not estimators: colours of the
 # %%
 iid = markov.random_instance(4, T, 0, seed=0, kl=0.01)
 lat = markov.latent_mode_instance(horizon=T, kl_modes=(0.002, 0.03), seed=0)
-prof = {"i.i.d.": markov.position_profile(iid), "latent mode": markov.position_profile(lat)}
+prof = {"i.i.d.": markov.position_moments(iid), "latent mode": markov.position_moments(lat)}
 t = prof["i.i.d."]["t"]
 sigma2 = prof["i.i.d."]["sigma2"][0]
 err = np.max(np.abs(prof["i.i.d."]["var_L"] - t * sigma2) / (t * sigma2))
@@ -177,7 +178,8 @@ pd.DataFrame({name: {"free exponent": f.exponent, "CI low": f.exponent_ci[0], "C
 # quantiles.
 
 # %%
-EPS_LOW, EPS_HIGH = 0.025, 0.05
+# CTPO's window constants, read from the preset (ε_low√t, ε_high√t)
+EPS_LOW, EPS_HIGH = PRESETS["sqrt_t_window"].eps_low, PRESETS["sqrt_t_window"].eps_high
 sigma_fig1 = 0.035  # the paper's Figure-1 scale
 kappa = 0.0025 if SMALL else sigma_fig1**2 / 2
 t_star = (EPS_LOW / kappa) ** 2
@@ -195,7 +197,7 @@ t_cross = float(tt[stays[-1] + 1]) if stays.size and stays[-1] + 1 < len(tt) els
 emp_median = np.median(L_drift, axis=0)
 emp_stays = np.where(~(emp_median < -EPS_LOW * np.sqrt(tt)))[0]
 t_cross_emp = float(tt[emp_stays[-1] + 1]) if emp_stays.size and emp_stays[-1] + 1 < len(tt) else float("nan")
-pd.Series({"per-token KL κ": kappa, "σ per token (exact)": float(np.sqrt(markov.position_profile(walk_mdp)
+pd.Series({"per-token KL κ": kappa, "σ per token (exact)": float(np.sqrt(markov.position_moments(walk_mdp)
                                                                          ["sigma2"][0])),
            "drift per token (samples, slope of binned mean L_t)": drift.drift_per_token,
            "mean ℓ_t (samples)": drift.mean_log_ratio, "predicted t* = (ε_low/κ)²": t_star,
@@ -240,8 +242,8 @@ fit1 = stats.sqrt_t_fit(np.cumsum(ell, axis=1), m_fig1, n_boot=N_BOOT, seed=0)
 
 tt1 = np.arange(1, T_fig1 + 1, dtype=np.float64)
 mean_t, sd_t = -tt1 * sigma_fig1**2 / 2, sigma_fig1 * np.sqrt(tt1)
-bounds = {"fixed_window": (np.full_like(tt1, np.log(0.5)), np.full_like(tt1, np.log(5.0))),
-          "sqrt_t_window": (-EPS_LOW * np.sqrt(tt1), EPS_HIGH * np.sqrt(tt1))}
+# the windows' bounds from the presets themselves (ctpo_lab.clipping.clip_window, evaluated in NumPy)
+bounds = {w: markov.chain_estimator(w).window(tt1)[:2] for w in ("fixed_window", "sqrt_t_window")}
 closed = {}
 for w, (lo, hi) in bounds.items():
     p_low, p_high = norm.cdf((lo - mean_t) / sd_t), norm.sf((hi - mean_t) / sd_t)

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from ctpo_lab import markov
 from ctpo_lab.markov.augmented import log_ratio_distribution_profile
+from ctpo_lab.markov.dp import transition_tables
 
 INSTANCES = [
     # (V, T, k, automaton, kl, seed)
@@ -33,10 +34,10 @@ def test_dp_equals_enumeration_all_estimators_and_signals(inst):
     mdp = markov.random_instance(V, T, k, seed=seed, kl=kl, automaton=auto)
     np.testing.assert_allclose(markov.true_gradient(mdp), markov.enumerate_gradient(mdp), rtol=0, atol=1e-13)
     worst = 0.0
-    for est in markov.ESTIMATORS:
+    for est in markov.STUDY_ESTIMATORS:
         for sig in markov.SIGNALS:
-            if est == "gspo_clip" and sig != "reward":
-                continue
+            if est == "gspo" and sig != "reward":
+                continue  # sequence-level sign mask with a per-token signal: the DP refuses it (tested below)
             b = 0.37 if sig in ("reward", "q_pi", "q_mu") else 0.0
             dp = markov.exact_moments(mdp, est, sig, baseline=b)
             en = markov.enumerate_moments(mdp, est, sig, baseline=b)
@@ -54,8 +55,9 @@ def test_dp_equals_enumeration_all_estimators_and_signals(inst):
 def test_clip_masks_are_active_in_the_comparison():
     """The clipped estimators differ from their unclipped parents on these instances (masks do bite)."""
     mdp = markov.random_instance(3, 5, 1, seed=3, kl=0.1)
-    for clipped, plain in (("token_ppo", "token"), ("cumulative_ppo", "cumulative"), ("ctpo_la", "cumulative"),
-                           ("gspo_clip", "gspo")):
+    cumulative_ppo = markov.chain_estimator("grpo", name="cumulative_ppo", ratio="cumulative")
+    for clipped, plain in (("grpo", "unclipped_token"), (cumulative_ppo, "unclipped_cumulative"),
+                           ("ctpo", "unclipped_cumulative"), ("gspo", "unclipped_sequence_geomean")):
         a = markov.exact_moments(mdp, clipped, "reward", 0.3, along_gradient=False)
         b = markov.exact_moments(mdp, plain, "reward", 0.3, along_gradient=False)
         assert _rel(a.mean, b.mean) > 1e-3
@@ -63,12 +65,12 @@ def test_clip_masks_are_active_in_the_comparison():
 
 def test_positions_subset_sums_to_full():
     mdp = markov.random_instance(3, 5, 1, seed=1, kl=0.05)
-    full = markov.exact_moments(mdp, "cumulative", "reward", 0.2, along_gradient=False)
-    parts = sum(markov.exact_moments(mdp, "cumulative", "reward", 0.2, positions=[t], along_gradient=False).mean
-                for t in range(1, 6))
+    full = markov.exact_moments(mdp, "unclipped_cumulative", "reward", 0.2, along_gradient=False)
+    parts = sum(markov.exact_moments(mdp, "unclipped_cumulative", "reward", 0.2, positions=[t],
+                                     along_gradient=False).mean for t in range(1, 6))
     np.testing.assert_allclose(parts, full.mean, atol=1e-14)
-    en = markov.enumerate_moments(mdp, "cumulative", "reward", 0.2, positions=[2, 4])
-    dp = markov.exact_moments(mdp, "cumulative", "reward", 0.2, positions=[2, 4])
+    en = markov.enumerate_moments(mdp, "unclipped_cumulative", "reward", 0.2, positions=[2, 4])
+    dp = markov.exact_moments(mdp, "unclipped_cumulative", "reward", 0.2, positions=[2, 4])
     assert _rel(dp.second_moment_diag, en.second_moment_diag) < 1e-10
 
 
@@ -98,7 +100,8 @@ def test_gradient_matches_finite_differences(V, T, k, auto):
 
 def test_mean_only_path_matches_full_dp():
     mdp = markov.random_instance(4, 10, 2, seed=0, kl=0.02, automaton="contains:0-1")
-    for est in ("token", "cumulative", "sequence", "gspo", "token_ppo", "cispo"):
+    for est in ("unclipped_token", "unclipped_cumulative", "unclipped_sequence", "unclipped_sequence_geomean", "grpo",
+                "cispo"):
         a = markov.exact_moments(mdp, est, "reward", 0.4, along_gradient=False)
         b = markov.exact_moments(mdp, est, "reward", 0.4, second_moment=False, along_gradient=False)
         assert _rel(b.mean, a.mean) < 1e-12
@@ -107,7 +110,7 @@ def test_mean_only_path_matches_full_dp():
 
 def test_moments_helpers():
     mdp = markov.random_instance(3, 5, 1, seed=2, kl=0.05)
-    m = markov.exact_moments(mdp, "token", "reward", 0.3)
+    m = markov.exact_moments(mdp, "unclipped_token", "reward", 0.3)
     np.testing.assert_allclose(m.bias, m.mean - m.gradient)
     assert m.mse(10) == pytest.approx(m.bias_norm**2 + m.trace_cov / 10)
     assert m.mse(1) > m.mse(100) > m.bias_norm**2
@@ -119,18 +122,18 @@ def test_moments_helpers():
 
 def test_binned_augmented_converges_to_exact():
     mdp = markov.random_instance(3, 7, 1, seed=4, kl=0.05)
-    exact = markov.exact_moments(mdp, "ctpo_la", "reward", 0.3, along_gradient=False)
+    exact = markov.exact_moments(mdp, "ctpo", "reward", 0.3, along_gradient=False)
     errs = []
     for w in (0.05, 0.01, 0.002):
-        b = markov.exact_moments(mdp, "ctpo_la", "reward", 0.3, bin_width=w, along_gradient=False)
+        b = markov.exact_moments(mdp, "ctpo", "reward", 0.3, bin_width=w, along_gradient=False)
         errs.append(_rel(b.mean, exact.mean))
     assert errs[-1] < 0.05
     assert errs[-1] <= errs[0] + 1e-12
 
 
-def test_position_profile_matches_enumeration():
+def test_position_moments_match_enumeration():
     mdp = markov.random_instance(3, 6, 1, seed=8, kl=0.1, automaton="sum:3")
-    prof = markov.position_profile(mdp)
+    prof = markov.position_moments(mdp)
     tr = markov.enumerate_trajectories(mdp)
     L = np.cumsum(tr["ell"], axis=1)
     p = tr["p_mu"]
@@ -145,7 +148,8 @@ def test_position_profile_matches_enumeration():
 
 def test_exact_clip_rates_match_enumeration_and_binning_converges():
     mdp = markov.random_instance(3, 7, 1, seed=9, kl=0.05)
-    win = markov.default_windows(eps_low=0.05, eps_high=0.1)
+    win = {"adaptive": markov.chain_estimator("sqrt_t_window", eps_low=0.05, eps_high=0.1).config,
+           "fixed": "fixed_window", "ctpo": "ctpo"}
     ex = log_ratio_distribution_profile(mdp, win)
     tr = markov.enumerate_trajectories(mdp)
     L = np.cumsum(tr["ell"], axis=1)
@@ -156,6 +160,9 @@ def test_exact_clip_rates_match_enumeration_and_binning_converges():
     np.testing.assert_allclose(ex["adaptive_low"], lo, atol=1e-13)
     fixed_hi = (tr["p_mu"][:, None] * (L > np.log(5.0))).sum(0)
     np.testing.assert_allclose(ex["fixed_high"], fixed_hi, atol=1e-13)
+    # ctpo's dual bound e^{0.05√t} counts as a clip for A < 0
+    ctpo_lo = (tr["p_mu"][:, None] * ((L < -0.025 * np.sqrt(t)) | (L > 0.05 * np.sqrt(t)))).sum(0)
+    np.testing.assert_allclose(ex["ctpo_low"], ctpo_lo, atol=1e-13)
     errs = [np.abs(log_ratio_distribution_profile(mdp, win, bin_width=w)["adaptive_rate"] - ex["adaptive_rate"]).max()
             for w in (1e-2, 1e-4)]
     assert errs[1] < 0.02 and errs[1] <= errs[0]
@@ -163,12 +170,12 @@ def test_exact_clip_rates_match_enumeration_and_binning_converges():
 
 def test_monte_carlo_agrees_within_ci_on_a_larger_instance():
     mdp = markov.random_instance(4, 12, 1, seed=3, kl=0.02, automaton="frac:0")  # 4^12 = 1.7e7: not enumerable
-    for est, sig in (("cumulative", "reward"), ("token", "adv_pi"), ("ctpo_la", "reward")):
+    for est, sig in (("unclipped_cumulative", "reward"), ("unclipped_token", "adv_pi"), ("ctpo", "reward")):
         b = 0.25 if sig == "reward" else 0.0
         ex = markov.exact_moments(mdp, est, sig, baseline=b, along_gradient=False,
-                                  bin_width=1e-4 if est == "ctpo_la" else None)
+                                  bin_width=1e-4 if est == "ctpo" else None)
         mc = markov.monte_carlo_moments(mdp, est, sig, baseline=b, n=40_000, seed=1)
-        chk = mc.check(ex, alpha=1e-3) if est != "ctpo_la" else None
+        chk = mc.check(ex, alpha=1e-3) if est != "ctpo" else None
         if chk is not None:
             assert chk["holds"], chk
             lo, hi = mc.trace_cov_ci(0.999)
@@ -182,13 +189,13 @@ def test_monte_carlo_agrees_within_ci_on_a_larger_instance():
 def test_variable_length_dp_equals_enumeration(k):
     mdp = markov.random_instance(3, 5, k, seed=k, kl=0.1, done_token=1, done_logit=-0.5, automaton="frac:0")
     np.testing.assert_allclose(markov.true_gradient(mdp), markov.enumerate_gradient(mdp), atol=1e-13)
-    for est in ("token", "cumulative", "sequence", "truncated_cumulative", "token_ppo", "ctpo_la"):
+    for est in ("unclipped_token", "unclipped_cumulative", "unclipped_sequence", "cumulative_tis", "grpo", "ctpo"):
         for sig in ("reward", "adv_pi", "q_mu"):
             dp = markov.exact_moments(mdp, est, sig, baseline=0.2)
             en = markov.enumerate_moments(mdp, est, sig, baseline=0.2)
             assert _rel(dp.mean, en.mean) < 1e-10, (est, sig)
             assert _rel(dp.second_moment_diag, en.second_moment_diag) < 1e-10, (est, sig)
-    prof = markov.position_profile(mdp)
+    prof = markov.position_moments(mdp)
     tr = markov.enumerate_trajectories(mdp)
     p = tr["p_mu"]
     alive = p @ (np.cumsum(tr["seqs"] == 1, axis=1) - (tr["seqs"] == 1) == 0)
@@ -215,15 +222,15 @@ def test_variable_length_gradient_matches_finite_differences():
     assert np.all(g[live * 3 :] == 0)
 
 
-def test_ctpo_la_log_cap_and_dual_clip_match_enumeration():
+def test_ctpo_log_cap_and_dual_clip_match_enumeration():
     """Tight constants so that the dual bound and the log cap both bite."""
     mdp = markov.random_instance(3, 6, 1, seed=12, kl=0.2)
-    prm = markov.EstimatorParams(la_eps_low=0.2, la_eps_high=0.3, la_eps_dual=0.1, la_log_cap=0.4)
-    dp = markov.exact_moments(mdp, "ctpo_la", "adv_pi", params=prm)
-    en = markov.enumerate_moments(mdp, "ctpo_la", "adv_pi", params=prm)
+    tight = dict(eps_low=0.2, eps_high=0.3, dual_clip=0.1, max_log_weight=0.4)
+    dp = markov.exact_moments(mdp, "ctpo", "adv_pi", **tight)
+    en = markov.enumerate_moments(mdp, "ctpo", "adv_pi", **tight)
     assert _rel(dp.mean, en.mean) < 1e-10 and _rel(dp.second_moment_diag, en.second_moment_diag) < 1e-10
-    loose = markov.exact_moments(mdp, "ctpo_la", "adv_pi", params=markov.EstimatorParams(
-        la_eps_low=0.2, la_eps_high=0.3, la_eps_dual=None, la_log_cap=None))
+    loose = markov.exact_moments(mdp, "ctpo", "adv_pi", eps_low=0.2, eps_high=0.3, dual_clip=None,
+                                 max_log_weight=None)
     assert _rel(dp.mean, loose.mean) > 1e-3
 
 
@@ -232,14 +239,15 @@ def test_toeplitz_second_moment_equals_forward_dp(V, k, T, auto):
     from ctpo_lab.markov import exact
 
     mdp = markov.random_instance(V, T, k, seed=4, kl=0.05, automaton=auto)
-    tab = exact._tables(mdp)
+    tab = transition_tables(mdp)
     u = mdp.state_reward - 0.4
-    for est in ("token", "cumulative", "sequence", "gspo", "truncated_cumulative", "cispo"):
-        a, b, g = exact.weight_tables(est, tab, T, exact.EstimatorParams())
+    for est in ("unclipped_token", "unclipped_cumulative", "unclipped_sequence", "unclipped_sequence_geomean",
+                "cumulative_tis", "cispo"):
+        a, b, g = markov.chain_estimator(est).tables(tab.ell, T)
         _, fwd = exact.run_moment_dp(mdp, a, b, g, exact.score_feature(mdp), u)
         fast = exact.run_second_moment_toeplitz(mdp, a, b, g, u)
         assert np.max(np.abs(fast - fwd)) <= 1e-11 * np.max(np.abs(fwd)), est
-    m = markov.exact_moments(mdp, "cumulative", "reward", 0.4, along_gradient=False)
+    m = markov.exact_moments(mdp, "unclipped_cumulative", "reward", 0.4, along_gradient=False)
     assert m.info["second_moment_path"] == "toeplitz"
 
 
@@ -248,8 +256,8 @@ def test_toeplitz_handles_unreachable_start_block_states():
     from ctpo_lab.markov import exact
 
     mdp = markov.random_instance(3, 9, 1, seed=5, kl=0.1, automaton="count:0:3")
-    tab = exact._tables(mdp)
-    a, b, g = exact.weight_tables("sequence", tab, 9, exact.EstimatorParams())
+    tab = transition_tables(mdp)
+    a, b, g = markov.chain_estimator("unclipped_sequence").tables(tab.ell, 9)
     u = mdp.state_reward - 0.3
     _, fwd = exact.run_moment_dp(mdp, a, b, g, exact.score_feature(mdp), u)
     np.testing.assert_allclose(exact.run_second_moment_toeplitz(mdp, a, b, g, u), fwd, rtol=1e-11, atol=1e-15)
@@ -257,10 +265,10 @@ def test_toeplitz_handles_unreachable_start_block_states():
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(V=st.integers(2, 3), T=st.integers(1, 5), k=st.integers(0, 2), seed=st.integers(0, 10_000),
-       kl=st.sampled_from([0.0, 0.01, 0.2]), est=st.sampled_from(markov.ESTIMATORS),
+       kl=st.sampled_from([0.0, 0.01, 0.2]), est=st.sampled_from(markov.STUDY_ESTIMATORS),
        sig=st.sampled_from(["reward", "adv_pi", "q_mu"]), auto=st.sampled_from(["count", "sum:3", "contains:0-1"]))
 def test_property_dp_equals_enumeration(V, T, k, seed, kl, est, sig, auto):
-    if est == "gspo_clip" and sig != "reward":
+    if est == "gspo" and sig != "reward":
         return
     mdp = markov.random_instance(V, T, k, seed=seed, kl=kl, automaton=auto)
     dp = markov.exact_moments(mdp, est, sig, baseline=0.3)

@@ -131,17 +131,17 @@ def test_bad_shapes_and_types():
 def test_enumeration_too_large_points_to_dp():
     mdp = markov.random_instance(8, 12, 1, seed=0)
     with pytest.raises(ValueError, match="too large to enumerate.*exact_moments"):
-        markov.enumerate_moments(mdp, "cumulative", "reward")
+        markov.enumerate_moments(mdp, "unclipped_cumulative", "reward")
 
 
 def test_unknown_estimator_and_signal():
     mdp = markov.random_instance(2, 3, 1, seed=0)
-    with pytest.raises(ValueError, match="unknown estimator"):
+    with pytest.raises(ValueError, match="estimator: unknown preset .bogus."):
         markov.exact_moments(mdp, "bogus")
     with pytest.raises(ValueError, match="unknown signal"):
-        markov.exact_moments(mdp, "token", "bogus")
+        markov.exact_moments(mdp, "unclipped_token", "bogus")
     with pytest.raises(ValueError, match="1-based"):
-        markov.exact_moments(mdp, "token", positions=[0])
+        markov.exact_moments(mdp, "unclipped_token", positions=[0])
     with pytest.raises(TypeError):
         markov.exact_moments("not an mdp")
 
@@ -149,7 +149,7 @@ def test_unknown_estimator_and_signal():
 def test_augmented_guard_suggests_binning():
     mdp = markov.random_instance(3, 8, 1, seed=0, kl=0.05)
     with pytest.raises(ValueError, match="bin_width"):
-        markov.exact_moments(mdp, "ctpo_la", "reward", max_atoms=50)
+        markov.exact_moments(mdp, "ctpo", "reward", max_atoms=50)
 
 
 # ---------------------------------------------------------------------------------------- variable length

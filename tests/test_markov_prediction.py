@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from ctpo_lab import markov
-from ctpo_lab.markov.prediction import LLM_TO_CHAIN, matched_chain_prediction, summarize_prediction
+from ctpo_lab.markov.prediction import PREDICTION_ESTIMATORS, matched_chain_prediction, summarize_prediction
 
 
 @pytest.mark.parametrize("automaton", ["frac", "count"])
@@ -29,17 +29,16 @@ def test_kl0_instance_has_the_same_target_and_is_on_policy(automaton, seed):
 def test_rows_agree_with_enumeration():
     kl, T, V = 0.05, 4, 3
     df = matched_chain_prediction(kl, T, vocab_size=V, seeds=(0, 1), bin_width=None, batch_size=8)
-    assert len(df) == len(LLM_TO_CHAIN) * 2
+    assert len(df) == len(PREDICTION_ESTIMATORS) * 2
     assert set(df["method"]) == {"dp"}
     for seed in (0, 1):
         mdp = markov.random_instance(V, T, 1, seed, kl=kl, automaton="frac")
         mdp0 = markov.random_instance(V, T, 1, seed, kl=0.0, automaton="frac")
-        ref = markov.enumerate_moments(mdp0, "token", "reward", markov.performance(mdp0, "target"))
+        ref = markov.enumerate_moments(mdp0, "unclipped_token", "reward", markov.performance(mdp0, "target"))
         b = markov.performance(mdp, "behaviour")
-        for name, (chain_est, overrides) in LLM_TO_CHAIN.items():
-            e = markov.enumerate_moments(mdp, chain_est, "reward", b, params=markov.EstimatorParams(**overrides))
+        for name in PREDICTION_ESTIMATORS:
+            e = markov.enumerate_moments(mdp, name, "reward", b)
             row = df[(df["estimator"] == name) & (df["seed"] == seed)].iloc[0]
-            assert row["chain_estimator"] == chain_est
             assert row["horizon"] == T
             assert row["relative_bias"] == pytest.approx(e.relative_bias, rel=1e-9, abs=1e-12)
             assert row["var_ratio"] == pytest.approx(e.trace_cov / ref.trace_cov, rel=1e-9)
@@ -47,28 +46,28 @@ def test_rows_agree_with_enumeration():
             g2 = float(e.gradient @ e.gradient)
             assert row["rel_mse"] == pytest.approx(e.mse(8) / g2, rel=1e-9)
     # the full-sequence ratio is unbiased
-    assert df.loc[df["estimator"] == "sequence", "relative_bias"].max() < 1e-9
+    assert df.loc[df["estimator"] == "unclipped_sequence", "relative_bias"].max() < 1e-9
 
 
 def test_on_policy_is_unbiased_with_unit_variance_ratio():
     df = matched_chain_prediction(0.0, 6, seeds=(0, 2), clipped_max_horizon=6)
-    assert len(df) == len(LLM_TO_CHAIN) * 2
+    assert len(df) == len(PREDICTION_ESTIMATORS) * 2
     np.testing.assert_allclose(df["relative_bias"], 0.0, atol=1e-9)
     np.testing.assert_allclose(df["var_ratio"], 1.0, rtol=1e-9)
     np.testing.assert_allclose(df["cosine"], 1.0, rtol=1e-9)
 
 
 def test_clipped_horizon_substitution_is_recorded():
-    names = ("token", "grpo", "ctpo", "ctpo_fixed", "gspo_clip")
+    names = ("unclipped_token", "grpo", "ctpo", "ctpo_fixed", "gspo")
     df = matched_chain_prediction(0.01, 10, estimators=names, seeds=(1,), clipped_max_horizon=4)
     hz = dict(zip(df["estimator"], df["horizon"]))
-    assert hz == {"token": 10, "grpo": 10, "ctpo": 4, "ctpo_fixed": 4, "gspo_clip": 4}
+    assert hz == {"unclipped_token": 10, "grpo": 10, "ctpo": 4, "ctpo_fixed": 4, "gspo": 4}
     meth = dict(zip(df["estimator"], df["method"]))
-    assert meth["token"] == meth["grpo"] == "dp"
+    assert meth["unclipped_token"] == meth["grpo"] == "dp"
     assert meth["ctpo"] == "dp-binned(0.01)"
     # the substituted rows are those of the horizon-4 chain, with its own on-policy reference
-    short = matched_chain_prediction(0.01, 4, estimators=("ctpo", "gspo_clip"), seeds=(1,), clipped_max_horizon=4)
-    for name in ("ctpo", "gspo_clip"):
+    short = matched_chain_prediction(0.01, 4, estimators=("ctpo", "gspo"), seeds=(1,), clipped_max_horizon=4)
+    for name in ("ctpo", "gspo"):
         a = df[df["estimator"] == name].iloc[0]
         b = short[short["estimator"] == name].iloc[0]
         for col in ("relative_bias", "var_ratio", "trace_cov", "rel_mse"):
@@ -77,11 +76,11 @@ def test_clipped_horizon_substitution_is_recorded():
 
 def test_vanishing_gradient_warns():
     with pytest.warns(RuntimeWarning, match="meaningless"):
-        matched_chain_prediction(0.01, 64, estimators=("token",), seeds=(0,), automaton="count")
+        matched_chain_prediction(0.01, 64, estimators=("unclipped_token",), seeds=(0,), automaton="count")
 
 
 def test_progress_bar_runs():
-    df = matched_chain_prediction(0.01, 3, estimators=("token",), seeds=(0,), progress=True)
+    df = matched_chain_prediction(0.01, 3, estimators=("unclipped_token",), seeds=(0,), progress=True)
     assert len(df) == 1
 
 
@@ -93,7 +92,8 @@ def test_progress_bar_runs():
     ({"horizon": 0}, "horizon"),
     ({"horizon": 2.5}, "horizon"),
     ({"horizon": True}, "horizon"),
-    ({"estimators": ("token", "ppo")}, "valid estimators: .*ctpo_fixed"),
+    ({"estimators": ("unclipped_token", "ppo")}, "unknown preset 'ppo'.*ctpo_fixed"),
+    ({"estimators": ("ctpo", "ctpo")}, "distinct"),
     ({"estimators": ()}, "estimators"),
     ({"seeds": ()}, "seeds"),
     ({"clipped_max_horizon": 0}, "clipped_max_horizon"),
@@ -101,9 +101,19 @@ def test_progress_bar_runs():
     ({"bin_width": -0.01}, "bin_width"),
 ])
 def test_bad_inputs_raise(kwargs, match):
-    args = {"kl": 0.01, "horizon": 3, "seeds": (0,), "estimators": ("token",)} | kwargs
+    args = {"kl": 0.01, "horizon": 3, "seeds": (0,), "estimators": ("unclipped_token",)} | kwargs
     with pytest.raises(ValueError, match=match):
         matched_chain_prediction(args.pop("kl"), args.pop("horizon"), **args)
+
+
+def test_a_changed_preset_changes_the_prediction():
+    """The prediction is about the LossConfig itself: an override of the window changes the numbers."""
+    from ctpo_lab.losses import resolve_config
+
+    wide = resolve_config("ctpo", name="ctpo_wide", eps_low=0.5, eps_high=0.5, dual_clip=None)
+    df = matched_chain_prediction(0.05, 4, estimators=("ctpo", wide), seeds=(0,), bin_width=None)
+    a, b = (df[df["estimator"] == n].iloc[0] for n in ("ctpo", "ctpo_wide"))
+    assert abs(a["relative_bias"] - b["relative_bias"]) > 1e-3
 
 
 def test_summarize_prediction():

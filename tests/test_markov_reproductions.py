@@ -26,11 +26,11 @@ def test_prop1_cumulative_with_prefix_signal_is_unbiased(seed):
     mdp = markov.random_instance(3, 5, 1, seed=seed, kl=0.1, automaton="contains:0-1")
     g = markov.enumerate_gradient(mdp)
     for sig, b in (("adv_pi", 0.0), ("q_pi", 0.4)):
-        en = markov.enumerate_moments(mdp, "cumulative", sig, baseline=b)
-        dp = markov.exact_moments(mdp, "cumulative", sig, baseline=b, second_moment=False)
+        en = markov.enumerate_moments(mdp, "unclipped_cumulative", sig, baseline=b)
+        dp = markov.exact_moments(mdp, "unclipped_cumulative", sig, baseline=b, second_moment=False)
         assert _rel(en.mean, g) < 1e-12
         assert _rel(dp.mean, g) < 1e-12
-    tok = markov.enumerate_moments(mdp, "token", "adv_pi")
+    tok = markov.enumerate_moments(mdp, "unclipped_token", "adv_pi")
     assert _rel(tok.mean, g) > 1e-3
 
 
@@ -39,9 +39,9 @@ def test_token_bias_zero_at_first_position_nonzero_after():
     on = _on_policy(mdp)
     rel = []
     for t in range(1, 6):
-        ref = markov.enumerate_moments(on, "token", "adv_pi", positions=[t]).mean  # E_π[ψ_t A^π_t]
-        dp = markov.exact_moments(mdp, "token", "adv_pi", positions=[t], second_moment=False).mean
-        en = markov.enumerate_moments(mdp, "token", "adv_pi", positions=[t]).mean
+        ref = markov.enumerate_moments(on, "unclipped_token", "adv_pi", positions=[t]).mean  # E_π[ψ_t A^π_t]
+        dp = markov.exact_moments(mdp, "unclipped_token", "adv_pi", positions=[t], second_moment=False).mean
+        en = markov.enumerate_moments(mdp, "unclipped_token", "adv_pi", positions=[t]).mean
         assert _rel(dp, en) < 1e-10
         rel.append(_rel(dp, ref))
     assert rel[0] < 1e-12
@@ -51,13 +51,13 @@ def test_token_bias_zero_at_first_position_nonzero_after():
 def test_gspo_is_biased_and_sequence_is_not():
     mdp = markov.random_instance(3, 6, 1, seed=4, kl=0.05)
     g = markov.enumerate_gradient(mdp)
-    gs = markov.enumerate_moments(mdp, "gspo", "reward", baseline=0.5)
-    sq = markov.enumerate_moments(mdp, "sequence", "reward", baseline=0.5)
+    gs = markov.enumerate_moments(mdp, "unclipped_sequence_geomean", "reward", baseline=0.5)
+    sq = markov.enumerate_moments(mdp, "unclipped_sequence", "reward", baseline=0.5)
     assert _rel(sq.mean, g) < 1e-12
     assert _rel(gs.mean, g) > 1e-2
     cos = gs.mean @ g / np.linalg.norm(gs.mean) / np.linalg.norm(g)
     assert cos < 1 - 1e-4  # biased in direction, not only in scale
-    dp = markov.exact_moments(mdp, "gspo", "reward", baseline=0.5)
+    dp = markov.exact_moments(mdp, "unclipped_sequence_geomean", "reward", baseline=0.5)
     assert dp.cosine == pytest.approx(cos, abs=1e-12)
 
 
@@ -66,8 +66,8 @@ def test_prop2_i_per_term_ordering_holds_everywhere():
     for seed in range(3):
         mdp = markov.random_instance(3, 5, 1, seed=seed, kl=0.2, automaton="sum:3")
         for t in range(1, 6):
-            c = markov.enumerate_moments(mdp, "cumulative", "adv_pi", positions=[t])
-            s = markov.enumerate_moments(mdp, "sequence", "adv_pi", positions=[t])
+            c = markov.enumerate_moments(mdp, "unclipped_cumulative", "adv_pi", positions=[t])
+            s = markov.enumerate_moments(mdp, "unclipped_sequence", "adv_pi", positions=[t])
             assert np.all(s.variance_diag - c.variance_diag >= -1e-12)
             if t < 5:  # strict somewhere unless the suffix is on-policy
                 assert np.max(s.variance_diag - c.variance_diag) > 1e-8
@@ -93,7 +93,7 @@ def test_prop2_ii_iid_closed_forms():
         np.testing.assert_allclose(p @ rho**k, np.sum(mu * r**k) ** t, rtol=1e-11)
     ess = (p @ rho) ** 2 / (p @ rho**2)
     np.testing.assert_allclose(ess[-1], (1 + chi2) ** -7, rtol=1e-11)
-    prof = markov.position_profile(mdp)  # the DP against the same closed forms
+    prof = markov.position_moments(mdp)  # the DP against the same closed forms
     np.testing.assert_allclose(prof["var_rho"], (1 + chi2) ** t - 1, rtol=1e-11)
     np.testing.assert_allclose(prof["ess"][-1], (1 + chi2) ** -7, rtol=1e-11)
     np.testing.assert_allclose(prof["var_L"], t * sig2, rtol=1e-10)
@@ -106,10 +106,10 @@ def test_prop2_ii_ratio_limits():
     """((1+δ)^T − 1)/((1+δ)^t − 1) → T/t as δ → 0 and ≈ (1+δ)^{T−t} when δt is large."""
     T = 64
     small = markov.random_instance(3, T, 0, seed=0, chi2=1e-6)
-    pr = markov.position_profile(small)
+    pr = markov.position_moments(small)
     np.testing.assert_allclose(pr["var_rho"][-1] / pr["var_rho"], T / pr["t"], rtol=1e-3)
     big = markov.random_instance(3, T, 0, seed=0, chi2=0.5)
-    pb = markov.position_profile(big)
+    pb = markov.position_moments(big)
     # the approximation needs (1+δ)^t >> 1 too, not only δT large: at t = 1 the ratio is ((1+δ)^T − 1)/δ
     ratio = pb["var_rho"][-1] / pb["var_rho"]
     late = pb["t"] >= 20
@@ -140,8 +140,8 @@ def test_outcome_signal_bias_and_decomposition():
     mdp = markov.random_instance(3, 5, 1, seed=7, kl=0.1, automaton="contains:0-1")
     b = 0.3
     g = markov.enumerate_gradient(mdp)
-    cum = markov.enumerate_moments(mdp, "cumulative", "reward", baseline=b)
-    tok = markov.enumerate_moments(mdp, "token", "reward", baseline=b)
+    cum = markov.enumerate_moments(mdp, "unclipped_cumulative", "reward", baseline=b)
+    tok = markov.enumerate_moments(mdp, "unclipped_token", "reward", baseline=b)
     assert _rel(cum.mean, g) > 1e-3
     parts = markov.bias_decomposition(mdp, baseline=b)
     np.testing.assert_allclose(cum.mean - g, parts["continuation"], atol=1e-13)
@@ -170,8 +170,8 @@ def test_performance_difference_identity():
     tok_enum = tr["p_mu"] @ np.sum(np.exp(tr["ell"]) * adv, axis=1)
     diff = markov.enumerate_performance(mdp) - markov.enumerate_performance(mdp, mdp.behaviour)
     assert cum_enum == pytest.approx(diff, rel=1e-12)
-    assert markov.surrogate_value(mdp, "cumulative", "adv_mu") == pytest.approx(diff, rel=1e-12)
-    assert markov.surrogate_value(mdp, "token", "adv_mu") == pytest.approx(tok_enum, rel=1e-12)
+    assert markov.surrogate_value(mdp, "unclipped_cumulative", "adv_mu") == pytest.approx(diff, rel=1e-12)
+    assert markov.surrogate_value(mdp, "unclipped_token", "adv_mu") == pytest.approx(tok_enum, rel=1e-12)
     assert abs(tok_enum - diff) > 1e-6 * abs(diff)
 
 
@@ -189,7 +189,7 @@ def test_surrogate_gradient_without_stop_gradient_is_true_gradient():
             lg = logits.copy()
             lg[c, v] += s * h
             p = np.exp(lg) / np.exp(lg).sum(1, keepdims=True)
-            vals.append(markov.surrogate_value(mdp.with_policies(target=p), "cumulative", "adv_mu"))
+            vals.append(markov.surrogate_value(mdp.with_policies(target=p), "unclipped_cumulative", "adv_mu"))
         fd[idx] = (vals[0] - vals[1]) / (2 * h)
     np.testing.assert_allclose(fd, g, atol=1e-9)
 
@@ -199,15 +199,15 @@ def test_sum_ordering_counterexamples_exist_and_are_confirmed_by_enumeration():
     ratios, found = [], None
     for s in range(30):
         mdp = markov.random_instance(2, 5, 1, seed=s, kl=0.1)
-        a = markov.exact_moments(mdp, "cumulative", "adv_pi", along_gradient=False).trace_cov
-        b = markov.exact_moments(mdp, "sequence", "adv_pi", along_gradient=False).trace_cov
+        a = markov.exact_moments(mdp, "unclipped_cumulative", "adv_pi", along_gradient=False).trace_cov
+        b = markov.exact_moments(mdp, "unclipped_sequence", "adv_pi", along_gradient=False).trace_cov
         ratios.append(a / b)
         if a > b and found is None:
             found = mdp
     freq = np.mean(np.array(ratios) > 1)
     assert 0 < freq < 1
-    ec = markov.enumerate_moments(found, "cumulative", "adv_pi").trace_cov
-    es = markov.enumerate_moments(found, "sequence", "adv_pi").trace_cov
+    ec = markov.enumerate_moments(found, "unclipped_cumulative", "adv_pi").trace_cov
+    es = markov.enumerate_moments(found, "unclipped_sequence", "adv_pi").trace_cov
     assert ec > es
 
 
@@ -217,10 +217,10 @@ def test_var_L_is_t_sigma2_iid_and_latent_mode_departs():
     mu, pi = iid.behaviour[0], iid.target[0]
     ell = np.log(pi / mu)
     s2 = float(mu @ ell**2 - (mu @ ell) ** 2)
-    prof = markov.position_profile(iid)
+    prof = markov.position_moments(iid)
     np.testing.assert_allclose(prof["var_L"], prof["t"] * s2, rtol=1e-11)
     lat = markov.latent_mode_instance(horizon=60, kl_modes=(0.002, 0.03), seed=0)
-    pl = markov.position_profile(lat)
+    pl = markov.position_moments(lat)
     # closed form: mode fixed by token 1 (ℓ_1 = 0), then i.i.d. given the mode
     moments = []
     for m in (0, 1):
@@ -241,7 +241,7 @@ def test_var_L_is_t_sigma2_iid_and_latent_mode_departs():
     tr = markov.enumerate_trajectories(short)
     L = np.cumsum(np.where(np.isfinite(tr["ell"]), tr["ell"], 0.0), axis=1)
     p = tr["p_mu"]
-    np.testing.assert_allclose(markov.position_profile(short)["var_L"], p @ L**2 - (p @ L) ** 2, atol=1e-14)
+    np.testing.assert_allclose(markov.position_moments(short)["var_L"], p @ L**2 - (p @ L) ** 2, atol=1e-14)
 
 
 def test_drift_crossing_time_matches_eps_over_kappa_squared():
@@ -257,7 +257,7 @@ def test_drift_crossing_time_matches_eps_over_kappa_squared():
 
 def test_figure1_shape_fixed_window_rises():
     rows, dist = study.fact_clip_profiles(0, T=400, sigma=0.035)
-    fixed = dist["fixed_rate"]
+    fixed = dist["fixed_window_rate"]
     assert fixed[9] < 1e-3 and fixed[-1] > fixed[99] > fixed[9]
     # exact sd(L_t) is σ√t for the i.i.d. walk
     np.testing.assert_allclose(dist["sd_L"], dist["sd_L"][0] * np.sqrt(dist["t"]), rtol=1e-10)

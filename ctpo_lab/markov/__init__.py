@@ -5,31 +5,32 @@ Quick start::
     from ctpo_lab import markov
     mdp = markov.random_instance(vocab_size=3, horizon=5, order=1, seed=0, kl=0.05)
     g = markov.true_gradient(mdp)
-    m = markov.exact_moments(mdp, estimator="cumulative", signal="reward", baseline=0.0)
+    m = markov.exact_moments(mdp, estimator="unclipped_cumulative", signal="reward", baseline=0.0)
     m.mean, m.second_moment_diag, m.trace_cov, m.bias, m.mse(64), m.cosine
-    e = markov.enumerate_moments(mdp, estimator="cumulative", signal="reward")   # same fields
-    mc = markov.monte_carlo_moments(mdp, estimator="cumulative", n=100_000, seed=0)
+    e = markov.enumerate_moments(mdp, estimator="ctpo", signal="reward")   # same fields, by enumeration
+    mc = markov.monte_carlo_moments(mdp, estimator=PRESETS["ctpo"], n=100_000, seed=0, clip_exponent=0.0)
+
+An estimator is a loss configuration: a preset name of :data:`ctpo_lab.losses.PRESETS` or any
+:class:`ctpo_lab.losses.LossConfig` (keyword overrides apply), exactly what ``policy_loss`` trains with.
 """
 
-from .augmented import default_windows, log_ratio_distribution_profile
+from .augmented import FIGURE1_WINDOWS, log_ratio_distribution_profile
 from .enumerate import (
     enumerate_gradient,
     enumerate_moments,
     enumerate_performance,
     enumerate_trajectories,
 )
+from .estimator import ChainEstimator, chain_estimator, loss_token_coefficients
 from .exact import (
-    CLIPPED_ESTIMATORS,
-    ESTIMATORS,
     SIGNALS,
-    UNCLIPPED_ESTIMATORS,
-    EstimatorParams,
+    STUDY_ESTIMATORS,
     Moments,
     bias_decomposition,
     exact_moments,
     performance,
     policy_values,
-    position_profile,
+    position_moments,
     surrogate_value,
     true_gradient,
 )
@@ -45,25 +46,25 @@ from .model import (
     random_instance,
     sum_mod,
 )
-from .prediction import LLM_TO_CHAIN, matched_chain_prediction, summarize_prediction
+from .prediction import PREDICTION_ESTIMATORS, matched_chain_prediction, summarize_prediction
 from .sample import MonteCarloMoments, monte_carlo_moments, sample_trajectories
 
 __all__ = [
     "Automaton",
-    "CLIPPED_ESTIMATORS",
-    "ESTIMATORS",
-    "EstimatorParams",
-    "LLM_TO_CHAIN",
+    "ChainEstimator",
+    "FIGURE1_WINDOWS",
+    "PREDICTION_ESTIMATORS",
+    "STUDY_ESTIMATORS",
     "MarkovMDP",
     "Moments",
     "MonteCarloMoments",
     "SIGNALS",
-    "UNCLIPPED_ESTIMATORS",
+    "chain_estimator",
+    "loss_token_coefficients",
     "bias_decomposition",
     "contains_pattern",
     "count_fraction",
     "count_mod",
-    "default_windows",
     "enumerate_gradient",
     "enumerate_moments",
     "enumerate_performance",
@@ -77,7 +78,7 @@ __all__ = [
     "parity",
     "performance",
     "policy_values",
-    "position_profile",
+    "position_moments",
     "random_instance",
     "sample_trajectories",
     "sum_mod",

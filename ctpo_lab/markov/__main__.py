@@ -28,10 +28,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = study.StudyConfig.quick(args.seed) if args.quick else study.StudyConfig(seed=args.seed)
     t0 = time.time()
-    from .exact import NEEDS_L as aug
     n_sweep = len(cfg.kls) * sum(
-        1 for T in cfg.horizons for s in cfg.signals for e in cfg.estimators
-        if not (e == "gspo_clip" and s != "reward") and not (e in aug and T > cfg.clipped_max_T))
+        1 for T in cfg.horizons for s in cfg.signals for e in cfg.estimators if study.sweep_cell_applies(cfg, e, s, T))
     n_rep = len(study.REPRODUCTIONS) + 1
     with tqdm(total=n_sweep + n_rep + 2, desc="markov study", unit="step") as bar:
         def rep_progress(name: str) -> None:

@@ -1,11 +1,14 @@
-"""The augmented ``(z, L)`` dynamic programme for estimators whose mask depends on the cumulative log-ratio.
+"""The augmented ``(z, L)`` dynamic programme for estimators whose gradient mask or weight reads a running sum.
 
-State ``(z_t, L_{t-1})`` with ``L_t = Σ_{k≤t} ℓ_k``; the transition ``(z, L) --y--> (f(z,y), L + ℓ(z,y))`` is
-deterministic, so the moment recursions of :mod:`ctpo_lab.markov.exact` apply verbatim with the per-transition
-``β`` multiplied by the gradient mask ``keep(L_t, t, sign)`` (CTPO-LA, cumulative PPO clip) or the readout
-multiplied by ``keep(L_T, sign)`` (GSPO clip). Ratios still enter through the tilted tables ``α, β, γ``, so
-``L`` is used only for the masks — except for ``cumulative_geomean`` (weight ``e^{L_t/t}``), whose weight is
-read from the atom's ``L`` (exact with exact atoms; binned, the weight uses the bin's mean ``L``).
+State ``(z_t, L_{t-1})`` with ``L_t = Σ_{k≤t} inc_k`` the running sum of the estimator's per-token log-weight
+increment (ℓ, or min(ℓ, log c̄) for the truncated cumulative ratio; :mod:`ctpo_lab.markov.estimator`); the
+transition ``(z, L) --y--> (f(z,y), L + inc(z,y))`` is deterministic, so the moment recursions of
+:mod:`ctpo_lab.markov.exact` apply verbatim with the per-transition ``β`` multiplied by the loss's gradient mask
+``keep(X_t, t, sign)`` (prefix-level ratios: CTPO's window, a PPO clip on ρ_{1:t}, the cap) or the readout
+multiplied by ``keep(X_T, sign)`` (sequence-level ratios: GSPO's clip, the sequence PPO clip). Ratios still
+enter through the tilted tables ``α, β, γ``, so ``L`` is used only for the masks — except for weights that do
+not factor over transitions (``cumulative_geomean``: e^{L_t/t}; CISPO's clipped weight of a prefix or sequence
+ratio), which are read from the atom's ``L`` (exact with exact atoms; binned, from the bin's mean ``L``).
 
 Atoms with equal ``L`` are merged: exactly (key ``round(L / 1e-11)``; equal count vectors of
 (context, token) pairs give equal ``L``, so merging is exact up to float rounding) or approximately on a grid of
@@ -16,26 +19,23 @@ distribution (:func:`log_ratio_distribution_profile`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import sparse
 
-from .exact import (
-    EstimatorParams,
-    _Feature,
-    _gather_block,
-    _scatter,
-    _state_tables,
-    _tables,
-    clip_keep,
-)
+from ctpo_lab import losses
+
+from .dp import BlockFeature, gather_block, position_moments, scatter_blocks, state_policy_tables, transition_tables
+from .estimator import L_FLOOR, ChainEstimator, chain_estimator
 from .model import MarkovMDP
 
-__all__ = ["run_augmented_dp", "log_ratio_distribution_profile", "default_windows"]
+__all__ = ["run_augmented_dp", "log_ratio_distribution_profile", "FIGURE1_WINDOWS"]
+
+#: the two windows of the paper's Figure 1 (presets of :data:`ctpo_lab.losses.PRESETS`)
+FIGURE1_WINDOWS: tuple[str, ...] = ("fixed_window", "sqrt_t_window")
 
 _EXACT_KEY = 1e-11
-_L_FLOOR = -1e3  # stands in for L = −inf (π = 0 < μ); such atoms are far below every window
 
 
 def _merge(nz: np.ndarray, Lp: np.ndarray, valid: np.ndarray, width: float) -> tuple[np.ndarray, int]:
@@ -54,22 +54,21 @@ def _merge(nz: np.ndarray, Lp: np.ndarray, valid: np.ndarray, width: float) -> t
 
 def run_augmented_dp(
     mdp: MarkovMDP,
-    estimator: str,
+    estimator: ChainEstimator,
     alpha: np.ndarray,
     beta: np.ndarray,
     gamma: np.ndarray,
-    feature: _Feature,
+    feature: BlockFeature,
     signal_table: np.ndarray | None,
     reward_signal: np.ndarray,
     sign: float | None,
     positions: np.ndarray,
-    params: EstimatorParams,
     *,
     second: bool = True,
     bin_width: float | None = None,
     max_atoms: int = 2_000_000,
 ) -> tuple[np.ndarray, np.ndarray | None, dict]:
-    """Moments of a clipped estimator on the ``(z, L)`` state.
+    """Moments of an estimator whose mask or weight reads the running sum, on the ``(z, L)`` state.
 
     Parameters
     ----------
@@ -81,16 +80,15 @@ def run_augmented_dp(
     -------
     mean ``[d]``, diagonal second moment ``[d]`` (or None), info dict (``max_atoms``, ``bin_width``).
     """
-    if estimator == "gspo_clip" and signal_table is not None:
-        raise ValueError("gspo_clip is defined for the outcome signal 'reward' only (sequence-level advantage)")
+    est = estimator
     width = _EXACT_KEY if bin_width is None else float(bin_width)
     if width <= 0:
         raise ValueError("bin_width must be positive")
-    tab = _tables(mdp)
+    tab = transition_tables(mdp)
     T, V = mdp.horizon, mdp.vocab_size
     d, B = feature.d, feature.B
     mu = tab.mu
-    ell = np.where(np.isfinite(tab.ell), tab.ell, _L_FLOOR)
+    ell = est.increment(tab.ell)
     az = np.array([mdp.start_state])
     aL = np.zeros(1)
     mass = np.ones(1)
@@ -102,21 +100,24 @@ def run_augmented_dp(
         A = z.size
         p = mu[z]
         valid = p > 0
-        Lp = np.maximum(aL[:, None] + ell[z], _L_FLOOR)
+        Lp = np.maximum(aL[:, None] + ell[z], L_FLOOR)
         a_, g_ = alpha[z], gamma[z]
         b_ = beta[z] * float(positions[t])
         if signal_table is not None:
             b_ = b_ * signal_table[t][z]
-        if estimator == "cumulative_geomean":  # w_t = e^{L_t / t}, a function of the augmented state
-            b_ = b_ * np.exp(Lp / (t + 1))
-        if estimator in ("cumulative_ppo", "ctpo_la"):
-            sg = np.sign(signal_table[t][z]) if signal_table is not None else sign
-            b_ = b_ * clip_keep(estimator, Lp, t + 1, sg, params, T)
+        if est.level == "prefix":
+            x = est.value(Lp, t + 1, T)
+            if est.atom_weighted:  # the weight does not factor over transitions: read it from the atom
+                b_ = b_ * est.weight(x)
+            if est.has_mask:
+                sg = np.sign(signal_table[t][z]) if signal_table is not None else sign
+                b_ = b_ * est.keep(x, t + 1, sg)
         nz = mdp.next_state[z]
         dest, A2 = _merge(nz, Lp, valid, width)
         if A2 > max_atoms:
-            raise ValueError(f"augmented (z, L) state has {A2} atoms > max_atoms={max_atoms} at t={t + 1}; "
-                             "pass bin_width=... for the binned approximation")
+            raise ValueError(f"max_atoms: the augmented (z, L) state of {est.name!r} has {A2} atoms > max_atoms="
+                             f"{max_atoms} at t={t + 1} (horizon {T}); pass bin_width=... for the binned "
+                             "approximation, or use markov.monte_carlo_moments, which accepts every LossConfig")
         biggest = max(biggest, A2)
         rows = dest.ravel()
         cols = np.repeat(np.arange(A), V)
@@ -136,38 +137,59 @@ def run_augmented_dp(
         new_z[rows[valid.ravel()]] = nz.ravel()[valid.ravel()]
         blk, hv = feature.blk[z], feature.hv[z]
         pb = p * b_
-        Q1 = prop(p * g_) @ Q1 + _scatter(dest, blk, (pb * Q0[:, None])[:, :, None] * hv, A2, d)
+        Q1 = prop(p * g_) @ Q1 + scatter_blocks(dest, blk, (pb * Q0[:, None])[:, :, None] * hv, A2, d)
         if second:
-            h_p1 = _gather_block(P1, blk, B)
+            h_p1 = gather_block(P1, blk, B)
             P2 = (prop(p * g_**2) @ P2
-                  + _scatter(dest, blk, (2.0 * pb * g_)[:, :, None] * hv * h_p1[:, None, :], A2, d)
-                  + _scatter(dest, blk, (pb * b_ * P0[:, None])[:, :, None] * hv**2, A2, d))
-            P1 = prop(p * a_ * g_) @ P1 + _scatter(dest, blk, (pb * a_ * P0[:, None])[:, :, None] * hv, A2, d)
+                  + scatter_blocks(dest, blk, (2.0 * pb * g_)[:, :, None] * hv * h_p1[:, None, :], A2, d)
+                  + scatter_blocks(dest, blk, (pb * b_ * P0[:, None])[:, :, None] * hv**2, A2, d))
+            P1 = prop(p * a_ * g_) @ P1 + scatter_blocks(dest, blk, (pb * a_ * P0[:, None])[:, :, None] * hv, A2, d)
             P0 = prop(p * a_**2) @ P0
         Q0 = prop(p * a_) @ Q0
         az, aL, mass = new_z, new_L, new_mass
     u = np.ones(az.size) if signal_table is not None else reward_signal[az].astype(np.float64)
     if sign is not None:
         u = np.where(np.sign(u) == sign, u, 0.0)
-    if estimator == "gspo_clip":
-        u = u * clip_keep("gspo_clip", aL, T, sign, params, T)
+    if est.level == "sequence":
+        x = est.value(aL, T, T)
+        if est.atom_weighted:
+            u = u * est.weight(x)
+        if est.has_mask:
+            u = u * est.keep(x, T, sign if sign is not None else 1.0)
     mean = u @ Q1
     sec = (u**2) @ P2 if second else None
     return mean, sec, {"max_atoms": biggest, "bin_width": bin_width}
 
 
-Window = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+def _window_estimators(windows) -> dict[str, ChainEstimator]:
+    """Name → :class:`ChainEstimator` for windows given as preset names, LossConfigs or a name → config dict;
+    each must be a window on ``L_t`` (ratio family ``cumulative`` or ``cumulative_geomean``)."""
+    if windows is None:
+        windows = FIGURE1_WINDOWS
+    if isinstance(windows, (str, losses.LossConfig)):
+        windows = (windows,)
+    items = windows.items() if isinstance(windows, dict) else ((None, w) for w in windows)
+    out: dict[str, ChainEstimator] = {}
+    for key, w in items:
+        est = chain_estimator(w)
+        if est.config.ratio not in ("cumulative", "cumulative_geomean") or est.config.clip not in ("ppo", "log_window"):
+            raise ValueError(f"windows: {est.name!r} is not a clip window on L_t (needs ratio 'cumulative' or "
+                             f"'cumulative_geomean' and clip 'ppo' or 'log_window', got {est.config.ratio!r}, "
+                             f"{est.config.clip!r})")
+        out[key if key is not None else est.name] = est
+    return out
 
 
-def default_windows(eps_low: float = 0.025, eps_high: float = 0.05, power: float = 0.5,
-                    fixed: tuple[float, float] = (0.5, 5.0)) -> dict[str, Window]:
-    """Log-space windows on ``L_t``: ``fixed`` = ``[log w_lo, log w_hi]`` (Figure 1's ``[0.5, 5]``) and
-    ``adaptive`` = ``[−ε_low t^p, ε_high t^p]`` (CTPO)."""
-    lo_f, hi_f = float(np.log(fixed[0])), float(np.log(fixed[1]))
-    return {
-        "fixed": lambda t: (np.full_like(t, lo_f, dtype=np.float64), np.full_like(t, hi_f, dtype=np.float64)),
-        "adaptive": lambda t: (-eps_low * t**power, eps_high * t**power),
-    }
+def _clip_probabilities(est: ChainEstimator, t: int, L: np.ndarray, mass: np.ndarray) -> tuple[float, float]:
+    """(P(clipped | A > 0), P(clipped | A < 0)) at position t for atoms/grid points ``L`` with probabilities
+    ``mass``: A > 0 above the upper bound; A < 0 below the lower bound or above the dual bound."""
+    lo, hi, log_dual = est.window(t)
+    x = est.value(L, t, t)
+    high = float(mass[x > hi].sum())
+    low_mask = x < lo
+    if log_dual is not None:
+        low_mask |= x > log_dual
+    return high, float(mass[low_mask].sum())
 
 
 def _empty_profile(T: int, windows, quantiles, extra: str) -> dict[str, np.ndarray]:
@@ -185,7 +207,7 @@ def _empty_profile(T: int, windows, quantiles, extra: str) -> dict[str, np.ndarr
 
 def log_ratio_distribution_profile(
     mdp: MarkovMDP,
-    windows: dict[str, Window] | None = None,
+    windows: Sequence[str | losses.LossConfig] | dict[str, str | losses.LossConfig] | None = None,
     *,
     bin_width: float | None = None,
     max_atoms: int = 2_000_000,
@@ -199,25 +221,30 @@ def log_ratio_distribution_profile(
     ``E L ± 12 sd`` of the exact ``L_T`` moments, and the mass pushed off the grid is reported as
     ``"lost_mass"``.
 
-    Returns arrays ``[T]``: ``P(L_t > hi(t))`` as ``"{name}_high"``, ``P(L_t < lo(t))`` as ``"{name}_low"``,
+    ``windows``: preset names or LossConfigs of clip windows on ``L_t`` (default: the Figure-1 presets
+    ``fixed_window`` and ``sqrt_t_window``); the bounds come from :func:`ctpo_lab.clipping.clip_window`.
+
+    Returns arrays ``[T]``: ``P(X_t > upper_t)`` as ``"{name}_high"`` (clipped when A > 0),
+    ``P(X_t < lower_t or X_t > log d_t)`` as ``"{name}_low"`` (clipped when A < 0; d_t the dual bound),
     ``"{name}_rate" = ½(high + low)`` (advantage-aware clip rate when the advantage sign is a fair coin
-    independent of ``L_t``), quantiles ``"q{q}"`` of ``L_t``, ``mean_L`` and ``var_L`` (checks), and
+    independent of ``L_t``), with ``X_t`` the window's value of ``L_t``, quantiles ``"q{q}"`` of ``L_t``,
+    ``mean_L`` and ``var_L`` (checks), and
     ``atoms``.
     """
-    windows = default_windows() if windows is None else windows
+    windows = _window_estimators(windows)
     if bin_width is not None:
         return _grid_profile(mdp, windows, float(bin_width), quantiles)
     width = _EXACT_KEY
-    tab = _tables(mdp)
-    mu = _state_tables(mdp, mdp.behaviour)
-    ell = np.where(np.isfinite(tab.ell), tab.ell, _L_FLOOR)
+    tab = transition_tables(mdp)
+    mu = state_policy_tables(mdp, mdp.behaviour)
+    ell = np.where(np.isfinite(tab.ell), tab.ell, L_FLOOR)
     T = mdp.horizon
     out = _empty_profile(T, windows, quantiles, "atoms")
     az, aL, mass = np.array([mdp.start_state]), np.zeros(1), np.ones(1)
     for t in range(T):
         p = mu[az]
         valid = p > 0
-        Lp = np.maximum(aL[:, None] + ell[az], _L_FLOOR)
+        Lp = np.maximum(aL[:, None] + ell[az], L_FLOOR)
         nz = mdp.next_state[az]
         dest, A2 = _merge(nz, Lp, valid, width)
         if A2 > max_atoms:
@@ -232,11 +259,8 @@ def log_ratio_distribution_profile(
         new_z = np.zeros(A2, dtype=np.int64)
         new_z[rows[valid.ravel()]] = nz.ravel()[valid.ravel()]
         az, mass = new_z, new_mass
-        tt = np.array(float(t + 1))
         for name, win in windows.items():
-            lo, hi = win(tt)
-            h = float(mass[aL > hi].sum())
-            lw = float(mass[aL < lo].sum())
+            h, lw = _clip_probabilities(win, t + 1, aL, mass)
             out[f"{name}_high"][t], out[f"{name}_low"][t], out[f"{name}_rate"][t] = h, lw, 0.5 * (h + lw)
         order = np.argsort(aL, kind="stable")
         cm = np.cumsum(mass[order])
@@ -249,17 +273,15 @@ def log_ratio_distribution_profile(
     return out
 
 
-def _grid_profile(mdp: MarkovMDP, windows: dict[str, Window], width: float,
+def _grid_profile(mdp: MarkovMDP, windows: dict[str, ChainEstimator], width: float,
                   quantiles: tuple[float, ...]) -> dict[str, np.ndarray]:
-    from .exact import position_profile
-
     if width <= 0:
         raise ValueError("bin_width must be positive")
-    tab = _tables(mdp)
+    tab = transition_tables(mdp)
     mu = tab.mu
-    ell = np.where(np.isfinite(tab.ell), tab.ell, _L_FLOOR)
+    ell = np.where(np.isfinite(tab.ell), tab.ell, L_FLOOR)
     T, nZ = mdp.horizon, mdp.num_states
-    prof = position_profile(mdp)
+    prof = position_moments(mdp)
     sd = np.sqrt(np.maximum(prof["var_L"], 0.0))
     lo_edge = float(min(0.0, np.min(prof["mean_L"] - 12 * sd))) - 2 * width - float(np.abs(ell[mu > 0]).max())
     hi_edge = float(max(0.0, np.max(prof["mean_L"] + 12 * sd))) + 2 * width + float(np.abs(ell[mu > 0]).max())
@@ -292,10 +314,8 @@ def _grid_profile(mdp: MarkovMDP, windows: dict[str, Window], width: float,
                     lost += w * float(src[:-off].sum())
         m = new
         dist = m.sum(axis=0)
-        tt = np.array(float(t + 1))
         for name, win in windows.items():
-            lo, hi = win(tt)
-            h, lw = float(dist[grid > hi].sum()), float(dist[grid < lo].sum())
+            h, lw = _clip_probabilities(win, t + 1, grid, dist)
             out[f"{name}_high"][t], out[f"{name}_low"][t], out[f"{name}_rate"][t] = h, lw, 0.5 * (h + lw)
         cm = np.cumsum(dist)
         for q in quantiles:

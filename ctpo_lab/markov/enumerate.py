@@ -2,8 +2,9 @@
 
 Everything here is computed from the public model API (``context_index``, ``target``, ``behaviour``,
 ``reward``/``reward_batch``) on explicit token sequences: per-sequence probabilities, log-ratios, oracle values
-from the full prefix tree (``Q^π_t(y_{≤t}) = E_π[R | y_{≤t}]``), and the estimator of each sequence written
-directly from its definition (weights, masks). Moments are probability-weighted sums, accumulated in chunks.
+from the full prefix tree (``Q^π_t(y_{≤t}) = E_π[R | y_{≤t}]``), and the estimator of each sequence from the loss
+itself (the per-token coefficients −∂loss/∂log π_t of :func:`ctpo_lab.losses.policy_loss` by autograd, times the
+tabular score). Moments are probability-weighted sums, accumulated in chunks.
 """
 
 from __future__ import annotations
@@ -13,7 +14,11 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from .exact import ESTIMATORS, SIGNALS, EstimatorParams, Moments, _positions_mask
+from ctpo_lab import losses
+
+from .dp import positions_mask
+from .estimator import ChainEstimator, loss_token_coefficients
+from .exact import Moments, resolve_estimator
 from .model import MarkovMDP
 
 __all__ = [
@@ -135,83 +140,29 @@ def enumerate_trajectories(mdp: MarkovMDP, max_sequences: int = MAX_ENUMERATION)
             "p_pi": p_pi, "reward": mdp.reward_batch(seqs)}
 
 
-def _keep(name: str, x: np.ndarray, t: np.ndarray, sign: np.ndarray, prm: EstimatorParams, T: int) -> np.ndarray:
-    """Gradient mask written from the loss definitions (min(w A, clip(w) A), dual clip for A < 0)."""
-    if name in ("token_ppo", "cumulative_ppo"):
-        w = np.exp(x)
-        up = (sign > 0) & (w > 1 + prm.eps_high)
-        down = (sign < 0) & (w < 1 - prm.eps_low)
-        dual = (sign < 0) & (w > prm.dual_clip) if prm.dual_clip is not None else np.zeros_like(up)
-    elif name == "ctpo_la":
-        scale = np.maximum(t, 1.0) ** prm.la_power
-        up = (sign > 0) & (x > prm.la_eps_high * scale)
-        down = (sign < 0) & (x < -prm.la_eps_low * scale)
-        dual = (sign < 0) & (x > prm.la_eps_dual * scale) if prm.la_eps_dual is not None else np.zeros_like(up)
-        if prm.la_log_cap is not None:  # log w = min(L_t, cap): a capped token has no gradient
-            dual = dual | (x > prm.la_log_cap)
-    elif name == "gspo_clip":
-        s = np.exp(x / T)
-        up = (sign > 0) & (s > 1 + prm.gspo_eps_high)
-        down = (sign < 0) & (s < 1 - prm.gspo_eps_low)
-        dual = np.zeros_like(up)
-    else:
-        raise ValueError(name)
-    return ~(up | down | dual)
-
-
 def trajectory_estimates(
     mdp: MarkovMDP,
     seqs: np.ndarray,
     ctx: np.ndarray,
     ell: np.ndarray,
     signal: np.ndarray,
-    estimator: str,
-    params: EstimatorParams | None = None,
+    estimator: str | losses.LossConfig | ChainEstimator,
     positions: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The estimator ``X = Σ_t w_t S_t ψ(c_t, y_t)`` of each trajectory, ``[N, C·V]``.
+    """The estimator ``X = Σ_t c_t ψ(c_t, y_t)`` of each trajectory, ``[N, C·V]``.
 
     Parameters
     ----------
     seqs, ctx, ell : ``[N, T]`` tokens, contexts, log-ratios ``ℓ_t``.
     signal : ``[N, T]`` per-token signal ``S_t`` (the outcome signal broadcast: ``R − b`` on every token).
-    estimator : name; the weights are written out directly: token ``e^{ℓ_t}``, cumulative ``e^{L_t}``,
-        sequence ``e^{L_T}``, gspo ``e^{L_T/T}``, truncated ``Π_{k≤t} min(c̄, e^{ℓ_k})``, token_tis
-        ``min(e^{ℓ_t}, C)``, cispo ``clip(e^{ℓ_t}, 1−ε_l, 1+ε_h)``, cumulative_geomean ``e^{L_t/t}``; the clipped
-        ones times their masks.
+    estimator : preset name, LossConfig or ChainEstimator; ``c_t = −∂ loss / ∂ log π_t`` of the loss on each
+        trajectory with the signal as advantages (:func:`ctpo_lab.markov.estimator.loss_token_coefficients`).
+    positions : ``[T]`` 0/1, optional: keep only these positions' terms (the weights still see every token).
     """
-    prm = params or EstimatorParams()
+    est = estimator if isinstance(estimator, ChainEstimator) else resolve_estimator(estimator, "reward")
     N, T = seqs.shape
     V = mdp.vocab_size
-    L = np.cumsum(ell, axis=1)
-    r = np.exp(ell)
-    tpos = np.arange(1, T + 1, dtype=np.float64)[None, :]
-    sign = np.sign(signal)
-    if estimator in ("token", "token_ppo"):
-        w = r.copy()
-        if estimator == "token_ppo":
-            w = w * _keep(estimator, ell, tpos, sign, prm, T)
-    elif estimator in ("cumulative", "cumulative_ppo", "ctpo_la"):
-        w = np.exp(L)
-        if estimator != "cumulative":
-            w = w * _keep(estimator, L, tpos, sign, prm, T)
-    elif estimator == "sequence":
-        w = np.repeat(np.exp(L[:, -1:]), T, axis=1)
-    elif estimator in ("gspo", "gspo_clip"):
-        w = np.repeat(np.exp(L[:, -1:] / T), T, axis=1)
-        if estimator == "gspo_clip":
-            w = w * _keep(estimator, np.repeat(L[:, -1:], T, axis=1), tpos, sign, prm, T)
-    elif estimator == "cumulative_geomean":
-        w = np.exp(L / tpos)
-    elif estimator == "truncated_cumulative":
-        w = np.cumprod(np.minimum(r, prm.truncation), axis=1)
-    elif estimator == "token_tis":
-        w = np.minimum(r, prm.tis_cap)
-    elif estimator == "cispo":
-        w = np.clip(r, 1 - prm.eps_low, 1 + prm.eps_high)
-    else:
-        raise ValueError(f"unknown estimator {estimator!r}")
-    coef = w * signal
+    coef = loss_token_coefficients(ell, signal, est)
     if positions is not None:
         coef = coef * positions[None, :]
     X = np.zeros((N, mdp.dim))
@@ -236,7 +187,7 @@ def enumerate_gradient(mdp: MarkovMDP, max_sequences: int = MAX_ENUMERATION) -> 
     """``∇J = E_π[R Σ_t ψ_t]`` by enumeration, ``[C·V]``."""
     tr = enumerate_trajectories(mdp, max_sequences)
     X = trajectory_estimates(mdp, tr["seqs"], tr["ctx"], np.zeros_like(tr["ell"]),
-                             np.repeat(tr["reward"][:, None], mdp.horizon, axis=1), "token")
+                             np.repeat(tr["reward"][:, None], mdp.horizon, axis=1), "unclipped_token")
     return tr["p_pi"] @ X
 
 
@@ -252,14 +203,14 @@ def enumerate_performance(mdp: MarkovMDP, policy: np.ndarray | None = None,
 
 def enumerate_moments(
     mdp: MarkovMDP,
-    estimator: str = "cumulative",
+    estimator: str | losses.LossConfig | ChainEstimator = "unclipped_cumulative",
     signal: str = "reward",
     baseline: float = 0.0,
     *,
-    params: EstimatorParams | None = None,
     positions: Iterable[int] | np.ndarray | None = None,
     max_sequences: int = MAX_ENUMERATION,
     chunk_size: int = 50_000,
+    **overrides: object,
 ) -> Moments:
     """The same fields as :func:`ctpo_lab.markov.exact_moments`, by exact enumeration (``V^T`` sequences).
 
@@ -267,14 +218,9 @@ def enumerate_moments(
     ``Var(uᵀX)`` with ``u = ∇J/‖∇J‖``.
     """
     if not isinstance(mdp, MarkovMDP):
-        raise TypeError("mdp must be a MarkovMDP")
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {estimator!r}; choose from {ESTIMATORS}")
-    if signal not in SIGNALS:
-        raise ValueError(f"unknown signal {signal!r}; choose from {SIGNALS}")
-    if estimator == "gspo_clip" and signal != "reward":
-        raise ValueError("gspo_clip is defined for the outcome signal 'reward' only")
-    pos = _positions_mask(positions, mdp.horizon).astype(np.float64)
+        raise TypeError(f"mdp: expected a MarkovMDP, got {type(mdp).__name__}")
+    est = resolve_estimator(estimator, signal, overrides)
+    pos = positions_mask(positions, mdp.horizon).astype(np.float64)
     tr = enumerate_trajectories(mdp, max_sequences)
     S = _signal_matrix(mdp, tr, signal, float(baseline))
     grad = enumerate_gradient(mdp, max_sequences)
@@ -292,7 +238,7 @@ def enumerate_moments(
         if not keep.any():
             continue
         X = trajectory_estimates(mdp, tr["seqs"][sl][keep], tr["ctx"][sl][keep], tr["ell"][sl][keep],
-                                 S[sl][keep], estimator, params, pos)
+                                 S[sl][keep], est, pos)
         w = pm[keep]
         s1 += w @ X
         s2 += w @ X**2
@@ -300,4 +246,4 @@ def enumerate_moments(
         pu1 += float(w @ proj)
         pu2 += float(w @ proj**2)
     vag = pu2 - pu1**2 if gn > 0 else float("nan")
-    return Moments(estimator, signal, float(baseline), s1, s2, grad, vag, method="enumeration")
+    return Moments(est.name, signal, float(baseline), s1, s2, grad, vag, method="enumeration", config=est.config)

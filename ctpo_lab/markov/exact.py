@@ -1,4 +1,4 @@
-"""Exact on-policy quantities and exact estimator moments by dynamic programming (theory.md §2, §4).
+"""Exact on-policy quantities and exact estimator moments by dynamic programming (docs/theory.md).
 
 On-policy (one policy ``π``; the same code with ``μ``), cost ``O(T·|Z|·V)``::
 
@@ -6,7 +6,8 @@ On-policy (one policy ``π``; the same code with ``μ``), cost ``O(T·|Z|·V)``:
     d_1 = δ_{z_1};  d_{t+1}(z') = Σ_{f(z,y)=z'} d_t(z) π(y|z)
     J = V_1(z_1);  ∇J = Σ_t Σ_z d_t(z) Σ_y π(y|z) ψ(z,y) A_t(z,y)
 
-Estimator moments (one trajectory ``y ~ μ``): ``X = Σ_t w_t ψ_t S_t`` with the token-t weight written
+Estimator moments (one trajectory ``y ~ μ``; an estimator is a :class:`ctpo_lab.losses.LossConfig`, compiled by
+:mod:`ctpo_lab.markov.estimator`): ``X = Σ_t w_t ψ_t S_t`` with the token-t weight written
 ``w_t = (Π_{k<t} α_k) β_t (Π_{k>t} γ_k)`` over per-transition tables; with ``p = μ(y|z)`` and ``h`` the score
 coordinates, the forward recursions (summed over ``(z, y)`` with ``f(z,y) = z'``) are::
 
@@ -15,8 +16,8 @@ coordinates, the forward recursions (summed over ``(z, y)`` with ``f(z,y) = z'``
     P2' += p γ² P2 + 2 p γ β h P1 + p β² h² P0                      (diagonal second moment)
 
 ``E X_j = Σ_z u(z) Q1_{T+1}(z, j)``, ``E X_j² = Σ_z u(z)² P2_{T+1}(z, j)`` with ``u = R − b`` for the
-outcome signal (``u = 1`` and ``β ← β·S_t`` for per-token oracle signals). Estimators whose clip mask depends
-on the cumulative log-ratio ``L_t`` run the same recursions on the augmented state ``(z, L)``
+outcome signal (``u = 1`` and ``β ← β·S_t`` for per-token oracle signals). Estimators whose gradient mask (or
+weight) depends on a running sum of log-ratios run the same recursions on the augmented state ``(z, L)``
 (:mod:`ctpo_lab.markov.augmented`). Sign-dependent masks with the outcome signal are split on the sign of
 ``R − b``: the two pieces are disjoint, so first and second moments add.
 
@@ -34,149 +35,57 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import sparse
 
+from ctpo_lab import losses
+
+from .augmented import run_augmented_dp
+from .dp import (
+    BlockFeature,
+    PolicyValues,
+    gather_block,
+    policy_values,
+    position_moments,
+    positions_mask,
+    projected_feature,
+    scalar_feature,
+    scatter_blocks,
+    score_feature,
+    signal_tables,
+    state_policy_tables,
+    transition_tables,
+)
+from .estimator import ChainEstimator, chain_estimator
 from .model import MarkovMDP
 
 __all__ = [
-    "ESTIMATORS",
-    "UNCLIPPED_ESTIMATORS",
-    "CLIPPED_ESTIMATORS",
     "SIGNALS",
-    "EstimatorParams",
-    "PolicyValues",
+    "STUDY_ESTIMATORS",
     "Moments",
+    "PolicyValues",
     "policy_values",
     "performance",
     "true_gradient",
     "expected_score",
     "bias_decomposition",
+    "resolve_estimator",
+    "check_dp_support",
     "exact_moments",
-    "position_profile",
     "surrogate_value",
+    "position_moments",
+    "signal_tables",
+    "run_moment_dp",
+    "run_mean_fb",
+    "run_second_moment_toeplitz",
 ]
 
-UNCLIPPED_ESTIMATORS = ("token", "cumulative", "sequence", "gspo", "truncated_cumulative", "token_tis", "cispo",
-                        "cumulative_geomean")
-CLIPPED_ESTIMATORS = ("token_ppo", "cumulative_ppo", "ctpo_la", "gspo_clip")
-ESTIMATORS = UNCLIPPED_ESTIMATORS + CLIPPED_ESTIMATORS
-#: estimators whose mask depends on the cumulative log-ratio (need the augmented (z, L) state)
-NEEDS_L = ("cumulative_ppo", "ctpo_la", "gspo_clip", "cumulative_geomean")
-#: estimators whose mask depends on the sign of the signal
-SIGN_DEPENDENT = CLIPPED_ESTIMATORS
 SIGNALS = ("reward", "q_pi", "adv_pi", "q_mu", "adv_mu")
-
-
-@dataclass(frozen=True)
-class EstimatorParams:
-    """Clip / truncation constants of the named estimators.
-
-    Attributes
-    ----------
-    truncation : float
-        ``c̄`` of ``truncated_cumulative``: weight ``Π_{k≤t} min(c̄, r_k)``.
-    tis_cap : float
-        ``C`` of ``token_tis``: weight ``min(r_t, C)``.
-    eps_low, eps_high : float
-        Ratio window ``[1−ε_low, 1+ε_high]`` of ``token_ppo``, ``cumulative_ppo``, ``cispo``.
-    dual_clip : float
-        Dual-clip constant ``c`` (A < 0: no gradient when the weight exceeds ``c``); ``None`` disables.
-    la_eps_low, la_eps_high, la_eps_dual, la_power : float
-        CTPO-LA log window ``[−ε_low t^p, ε_high t^p]`` on ``L_t``, dual bound ``ε_c t^p`` for A < 0.
-    la_log_cap : float
-        The authors' ``log w_t = min(L_t, 10)``: no gradient where ``L_t`` exceeds the cap (``None``: off).
-    gspo_eps_low, gspo_eps_high : float
-        GSPO clip window on ``s = e^{L_T/T}``: ``[1−ε_low, 1+ε_high]``.
-    """
-
-    truncation: float = 1.0
-    tis_cap: float = 2.0
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    dual_clip: float | None = 3.0
-    la_eps_low: float = 0.025
-    la_eps_high: float = 0.05
-    la_eps_dual: float | None = 0.05
-    la_power: float = 0.5
-    la_log_cap: float | None = 10.0
-    gspo_eps_low: float = 3e-4
-    gspo_eps_high: float = 4e-4
-
-
-def clip_keep(name: str, log_w: np.ndarray, t: int, sign: np.ndarray | float, params: EstimatorParams,
-              horizon: int) -> np.ndarray:
-    """Gradient mask (1 = the token keeps its gradient) of the clipped estimators, PPO ``min`` semantics.
-
-    ``log_w`` is the log of the quantity the window is applied to: ``ℓ_t`` (token_ppo), ``L_t``
-    (cumulative_ppo, ctpo_la) or ``L_T`` (gspo_clip, window on ``e^{L_T/T}``). ``sign`` is the sign of the
-    advantage. A > 0: clipped above the upper bound. A < 0: clipped below the lower bound, or above the dual
-    bound. A = 0 contributes nothing either way (mask 1).
-    """
-    lw = np.asarray(log_w, dtype=np.float64)
-    sg = np.broadcast_to(np.asarray(sign, dtype=np.float64), lw.shape)
-    if name in ("token_ppo", "cumulative_ppo"):
-        hi, lo = np.log1p(params.eps_high), np.log1p(-params.eps_low)
-        du = np.log(params.dual_clip) if params.dual_clip is not None else np.inf
-    elif name == "ctpo_la":
-        s = max(t, 1) ** params.la_power
-        hi, lo = params.la_eps_high * s, -params.la_eps_low * s
-        du = params.la_eps_dual * s if params.la_eps_dual is not None else np.inf
-    elif name == "gspo_clip":
-        lw = lw / horizon
-        hi, lo, du = np.log1p(params.gspo_eps_high), np.log1p(-params.gspo_eps_low), np.inf
-    else:
-        raise ValueError(f"{name!r} has no clip mask")
-    clipped = ((sg > 0) & (lw > hi)) | ((sg < 0) & ((lw < lo) | (lw > du)))
-    if name == "ctpo_la" and params.la_log_cap is not None:
-        clipped |= lw > params.la_log_cap
-    return (~clipped).astype(np.float64)
+#: the estimators of the standard study and of the reproductions (preset names of :data:`ctpo_lab.losses.PRESETS`)
+STUDY_ESTIMATORS = (
+    "unclipped_token", "unclipped_cumulative", "unclipped_sequence", "unclipped_sequence_geomean", "cumulative_tis",
+    "tis", "cispo", "unclipped_cumulative_geomean", "grpo", "ctpo", "ctpo_fixed", "gspo",
+)
 
 
 # ------------------------------------------------------------------------------------------ on-policy
-@dataclass(eq=False)
-class PolicyValues:
-    """Exact on-policy tables for one policy.
-
-    Attributes
-    ----------
-    q : np.ndarray ``[T, |Z|, V]``  ``Q_t(z, y)`` (index ``t-1``).
-    v : np.ndarray ``[T+1, |Z|]``   ``V_t(z)``; ``v[T] = R``.
-    adv : np.ndarray ``[T, |Z|, V]`` ``A_t = Q_t − V_t``.
-    occupancy : np.ndarray ``[T+1, |Z|]`` ``d_t(z) = P(z_t = z)``.
-    J : float  ``V_1(z_1)``.
-    """
-
-    q: np.ndarray
-    v: np.ndarray
-    adv: np.ndarray
-    occupancy: np.ndarray
-    J: float
-
-
-def _state_tables(mdp: MarkovMDP, policy: np.ndarray) -> np.ndarray:
-    return np.asarray(policy, dtype=np.float64)[mdp.state_context]
-
-
-def policy_values(mdp: MarkovMDP, policy: np.ndarray | str = "target") -> PolicyValues:
-    """Backward values and forward occupancies of ``policy`` ("target", "behaviour" or a ``[C, V]`` table)."""
-    if isinstance(policy, str):
-        if policy not in ("target", "behaviour"):
-            raise ValueError("policy must be 'target', 'behaviour' or an array")
-        policy = mdp.target if policy == "target" else mdp.behaviour
-    pz = _state_tables(mdp, policy)
-    T, nZ, V = mdp.horizon, mdp.num_states, mdp.vocab_size
-    nxt = mdp.next_state
-    v = np.zeros((T + 1, nZ))
-    q = np.zeros((T, nZ, V))
-    v[T] = mdp.state_reward
-    for t in range(T - 1, -1, -1):
-        q[t] = v[t + 1][nxt]
-        v[t] = (pz * q[t]).sum(axis=1)
-    d = np.zeros((T + 1, nZ))
-    d[0, mdp.start_state] = 1.0
-    for t in range(T):
-        d[t + 1] = np.bincount(nxt.ravel(), (d[t][:, None] * pz).ravel(), minlength=nZ)
-    return PolicyValues(q=q, v=v, adv=q - v[:T, :, None], occupancy=d, J=float(v[0, mdp.start_state]))
-
-
 def performance(mdp: MarkovMDP, policy: np.ndarray | str = "target") -> float:
     """``J(policy) = E[R]``."""
     return policy_values(mdp, policy).J
@@ -189,7 +98,7 @@ def expected_score(mdp: MarkovMDP, occupancy: np.ndarray, weights: np.ndarray) -
     ``occupancy`` is ``[T(+1), |Z|]`` and ``weights`` ``[T, |Z|, V]``.
     """
     T = mdp.horizon
-    pz = _state_tables(mdp, mdp.target)
+    pz = state_policy_tables(mdp, mdp.target)
     W = np.asarray(weights, dtype=np.float64)
     d = np.asarray(occupancy, dtype=np.float64)[:T]
     centred = W - (pz[None] * W).sum(axis=2, keepdims=True)
@@ -240,6 +149,7 @@ class Moments:
     var_along_grad: float = float("nan")
     method: str = "dp"
     info: dict = field(default_factory=dict)
+    config: losses.LossConfig | None = None
 
     @property
     def variance_diag(self) -> np.ndarray:
@@ -299,136 +209,28 @@ class Moments:
         }
 
 
-def _check_names(estimator: str, signal: str) -> None:
-    if not isinstance(estimator, str) or estimator not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {estimator!r}; choose from {ESTIMATORS}")
+def resolve_estimator(estimator: str | losses.LossConfig | ChainEstimator, signal: str,
+                      overrides: dict | None = None) -> ChainEstimator:
+    """The :class:`ChainEstimator` of ``estimator`` (preset name or LossConfig, with overrides), signal checked."""
     if not isinstance(signal, str) or signal not in SIGNALS:
-        raise ValueError(f"unknown signal {signal!r}; choose from {SIGNALS}")
+        raise ValueError(f"signal: unknown signal {signal!r}; expected one of {SIGNALS}")
+    return chain_estimator(estimator, **(overrides or {}))
 
 
-def _positions_mask(positions: Iterable[int] | np.ndarray | None, T: int) -> np.ndarray:
-    if positions is None:
-        return np.ones(T, dtype=bool)
-    arr = np.asarray(list(positions) if not isinstance(positions, np.ndarray) else positions)
-    if arr.dtype == bool:
-        if arr.shape != (T,):
-            raise ValueError(f"boolean positions must have shape [{T}]")
-        return arr
-    m = np.zeros(T, dtype=bool)
-    if arr.size and (arr.min() < 1 or arr.max() > T):
-        raise ValueError(f"positions are 1-based and must lie in 1..{T}")
-    m[arr.astype(int) - 1] = True
-    return m
-
-
-def signal_tables(mdp: MarkovMDP, signal: str, baseline: float = 0.0) -> np.ndarray | None:
-    """Per-token oracle signal ``S_t(z, y)`` ``[T, |Z|, V]`` (``None`` for the outcome signal).
-
-    ``q_pi`` = ``Q^π − b``, ``adv_pi`` = ``A^π``, ``q_mu`` = ``Q^μ − b``, ``adv_mu`` = ``A^μ``.
-    """
-    if signal == "reward":
-        return None
-    pv = policy_values(mdp, "target" if signal.endswith("pi") else "behaviour")
-    return pv.q - baseline if signal.startswith("q_") else pv.adv
-
-
-@dataclass
-class _Tables:
-    """z-level tables shared by the DPs: μ, π, r, ℓ as ``[|Z|, V]``."""
-
-    mu: np.ndarray
-    pi: np.ndarray
-    r: np.ndarray
-    ell: np.ndarray
-
-
-def _tables(mdp: MarkovMDP) -> _Tables:
-    mu = _state_tables(mdp, mdp.behaviour)
-    pi = _state_tables(mdp, mdp.target)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = np.where(mu > 0, pi / np.where(mu > 0, mu, 1.0), 0.0)
-        ell = np.where((mu > 0) & (pi > 0), np.log(np.where(pi > 0, pi, 1.0)) - np.log(np.where(mu > 0, mu, 1.0)),
-                       -np.inf)
-    return _Tables(mu=mu, pi=pi, r=r, ell=ell)
-
-
-def weight_tables(name: str, tab: _Tables, horizon: int, params: EstimatorParams
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(α, β, γ)`` tables ``[|Z|, V]`` of the compact form (before masks and signals).
-
-    With a DONE token the GSPO exponent stays ``1/T`` (the horizon), not ``1/|y|``: the response length is
-    not part of the DP state."""
-    r = tab.r
-    one = np.ones_like(r)
-    if name in ("token", "token_ppo"):
-        return one, r, one
-    if name in ("cumulative", "cumulative_ppo", "ctpo_la"):
-        return r, r, one
-    if name == "sequence":
-        return r, r, r
-    if name in ("gspo", "gspo_clip"):
-        s = r ** (1.0 / horizon)
-        return s, s, s
-    if name == "truncated_cumulative":
-        c = np.minimum(r, params.truncation)
-        return c, c, one
-    if name == "token_tis":
-        return one, np.minimum(r, params.tis_cap), one
-    if name == "cispo":
-        return one, np.clip(r, 1.0 - params.eps_low, 1.0 + params.eps_high), one
-    if name == "cumulative_geomean":  # weight e^{L_t/t}: set from the augmented state's L
-        return one, one, one
-    raise ValueError(f"unknown estimator {name!r}")
-
-
-@dataclass
-class _Feature:
-    """Block-sparse features: the feature vector of transition (z, y) is ``hv[z, y, :]`` placed at columns
-    ``blk[z]*B .. blk[z]*B + B − 1`` of a ``d = nblocks·B`` vector."""
-
-    blk: np.ndarray
-    hv: np.ndarray
-    d: int
-    is_score: bool = False
-
-    @property
-    def B(self) -> int:
-        return int(self.hv.shape[2])
-
-
-def score_feature(mdp: MarkovMDP) -> _Feature:
-    """The score ``ψ(c, y) = e_c ⊗ (e_y − π(·|c))``: block = context, ``hv[z, y, v] = 1{y=v} − π(v|c)``."""
-    pi = _state_tables(mdp, mdp.target)
-    V = mdp.vocab_size
-    hv = np.eye(V)[None, :, :] - pi[:, None, :]
-    return _Feature(blk=mdp.state_context.copy(), hv=hv, d=mdp.dim, is_score=True)
-
-
-def projected_feature(mdp: MarkovMDP, u: np.ndarray) -> _Feature:
-    """Scalar feature ``uᵀψ(z, y)`` (one block of width 1)."""
-    pi = _state_tables(mdp, mdp.target)
-    U = np.asarray(u, dtype=np.float64).reshape(mdp.num_contexts, mdp.vocab_size)[mdp.state_context]
-    h = U - (U * pi).sum(axis=1, keepdims=True)
-    return _Feature(blk=np.zeros(mdp.num_states, dtype=np.int64), hv=h[:, :, None], d=1)
-
-
-def scalar_feature(mdp: MarkovMDP) -> _Feature:
-    """The constant feature 1 (for scalar surrogates such as ``Σ_t w_t S_t``)."""
-    return _Feature(blk=np.zeros(mdp.num_states, dtype=np.int64), hv=np.ones((mdp.num_states, mdp.vocab_size, 1)),
-                    d=1)
-
-
-def _scatter(dest: np.ndarray, blk: np.ndarray, vals: np.ndarray, n_out: int, d: int) -> np.ndarray:
-    """Sum ``vals[a, y, b]`` into ``out[dest[a, y], blk[a]*B + b]`` (``out`` is ``[n_out, d]``)."""
-    A, V, B = vals.shape
-    flat = (dest[:, :, None] * d + (blk[:, None, None] * B + np.arange(B)[None, None, :]))
-    return np.bincount(flat.ravel(), vals.ravel(), minlength=n_out * d).reshape(n_out, d)
-
-
-def _gather_block(X: np.ndarray, blk: np.ndarray, B: int) -> np.ndarray:
-    """``X[a, blk[a]*B + b]`` -> ``[A, B]``."""
-    cols = blk[:, None] * B + np.arange(B)[None, :]
-    return np.take_along_axis(X, cols, axis=1)
+def check_dp_support(est: ChainEstimator, signal: str) -> None:
+    """Raise ``ValueError`` for the configurations the dynamic programme cannot represent exactly."""
+    if est.level == "sequence" and est.has_mask:
+        if est.position_dependent_window:
+            raise ValueError(
+                f"estimator: {est.name!r} applies a position-dependent log window (clip_exponent="
+                f"{est.config.clip_exponent}) to a sequence-level ratio ({est.config.ratio}); the exact DP reads "
+                "sequence-level masks only at the end of the trajectory, where they cannot depend on t — use "
+                "markov.monte_carlo_moments (or enumerate_moments), which accept every LossConfig")
+        if signal != "reward" and est.sign_dependent:
+            raise ValueError(
+                f"estimator: {est.name!r} masks a sequence-level ratio by the sign of a per-token signal "
+                f"({signal!r}); the exact DP supports sequence-level sign masks for the outcome signal 'reward' "
+                "only — use markov.monte_carlo_moments (or enumerate_moments), which accept every LossConfig")
 
 
 def run_moment_dp(
@@ -436,7 +238,7 @@ def run_moment_dp(
     alpha: np.ndarray,
     beta: np.ndarray,
     gamma: np.ndarray,
-    feature: _Feature,
+    feature: BlockFeature,
     readout: np.ndarray,
     *,
     beta_t: np.ndarray | None = None,
@@ -451,7 +253,7 @@ def run_moment_dp(
     ----------
     alpha, beta, gamma : np.ndarray ``[|Z|, V]``
         Time-homogeneous weight tables (already multiplied by nothing: ``p = μ`` is applied here).
-    feature : _Feature
+    feature : BlockFeature
         Block-sparse features ``h``.
     readout : np.ndarray ``[|Z|]``
         ``u(z_{T+1})``.
@@ -473,7 +275,7 @@ def run_moment_dp(
         for b0 in range(0, nblocks, per):
             b1 = min(nblocks, b0 + per)
             inside = (feature.blk >= b0) & (feature.blk < b1)
-            sub = _Feature(blk=np.where(inside, feature.blk - b0, 0),
+            sub = BlockFeature(blk=np.where(inside, feature.blk - b0, 0),
                            hv=np.where(inside[:, None, None], feature.hv, 0.0), d=(b1 - b0) * feature.B)
             m, s2 = run_moment_dp(mdp, alpha, beta, gamma, sub, readout, beta_t=beta_t, second=second,
                                   max_block_floats=max_block_floats)
@@ -483,7 +285,7 @@ def run_moment_dp(
         return mean, sec
     T, V = mdp.horizon, mdp.vocab_size
     d, B = feature.d, feature.B
-    p = _state_tables(mdp, mdp.behaviour)
+    p = state_policy_tables(mdp, mdp.behaviour)
     dest = mdp.next_state
     rows = dest.ravel()
     cols = np.repeat(np.arange(nZ), V)
@@ -501,13 +303,13 @@ def run_moment_dp(
     for t in range(T):
         b = beta if beta_t is None else beta * beta_t[t]
         pb = p * b
-        Q1 = K_g @ Q1 + _scatter(dest, blk, (pb * Q0[:, None])[:, :, None] * hv, nZ, d)
+        Q1 = K_g @ Q1 + scatter_blocks(dest, blk, (pb * Q0[:, None])[:, :, None] * hv, nZ, d)
         if second:
-            h_p1 = _gather_block(P1, blk, B)  # [nZ, B]
+            h_p1 = gather_block(P1, blk, B)  # [nZ, B]
             P2 = (K_g2 @ P2
-                  + _scatter(dest, blk, (2.0 * pb * gamma)[:, :, None] * hv * h_p1[:, None, :], nZ, d)
-                  + _scatter(dest, blk, (pb * b * P0[:, None])[:, :, None] * hv**2, nZ, d))
-            P1 = K_ag @ P1 + _scatter(dest, blk, (pb * alpha * P0[:, None])[:, :, None] * hv, nZ, d)
+                  + scatter_blocks(dest, blk, (2.0 * pb * gamma)[:, :, None] * hv * h_p1[:, None, :], nZ, d)
+                  + scatter_blocks(dest, blk, (pb * b * P0[:, None])[:, :, None] * hv**2, nZ, d))
+            P1 = K_ag @ P1 + scatter_blocks(dest, blk, (pb * alpha * P0[:, None])[:, :, None] * hv, nZ, d)
             P0 = K_a2 @ P0
         Q0 = K_a @ Q0
     mean = readout @ Q1
@@ -517,12 +319,12 @@ def run_moment_dp(
     return mean, sec
 
 
-def run_mean_fb(mdp: MarkovMDP, alpha: np.ndarray, beta: np.ndarray, gamma: np.ndarray, feature: _Feature,
+def run_mean_fb(mdp: MarkovMDP, alpha: np.ndarray, beta: np.ndarray, gamma: np.ndarray, feature: BlockFeature,
                 readout: np.ndarray, *, beta_t: np.ndarray | None = None) -> np.ndarray:
     """First moment only, by forward (``α``-tilted occupancy) / backward (``γ``-tilted readout) passes:
     ``E X = Σ_t Σ_{z,y} F_t(z) μ(y|z) β_t(z,y) h(z,y) B_{t+1}(f(z,y))``. Cost ``O(T·|Z|·V)``."""
     T, nZ = mdp.horizon, mdp.num_states
-    p = _state_tables(mdp, mdp.behaviour)
+    p = state_policy_tables(mdp, mdp.behaviour)
     nxt = mdp.next_state
     F = np.zeros((T + 1, nZ))
     F[0, mdp.start_state] = 1.0
@@ -542,39 +344,35 @@ def run_mean_fb(mdp: MarkovMDP, alpha: np.ndarray, beta: np.ndarray, gamma: np.n
     return out
 
 
-def _estimate(mdp: MarkovMDP, estimator: str, signal: str, baseline: float, params: EstimatorParams,
-              feature: _Feature, pos: np.ndarray, second: bool, augment_bin: float | None,
+def _estimate(mdp: MarkovMDP, est: ChainEstimator, signal: str, baseline: float, feature: BlockFeature,
+              pos: np.ndarray, second: bool, augment_bin: float | None,
               max_atoms: int) -> tuple[np.ndarray, np.ndarray | None, dict]:
-    tab = _tables(mdp)
+    check_dp_support(est, signal)
+    tab = transition_tables(mdp)
     T = mdp.horizon
-    alpha, beta, gamma = weight_tables(estimator, tab, T, params)
+    alpha, beta, gamma = est.tables(tab.ell, T)
     S = signal_tables(mdp, signal, baseline)
     G = mdp.state_reward - baseline
-    signs = [1.0, -1.0] if (signal == "reward" and estimator in SIGN_DEPENDENT) else [None]
+    signs = [1.0, -1.0] if (signal == "reward" and est.sign_dependent) else [None]
     info: dict = {}
-    if estimator in NEEDS_L:
-        from .augmented import run_augmented_dp
-
-        mean = np.zeros(feature.d)
-        sec = np.zeros(feature.d) if second else None
+    mean = np.zeros(feature.d)
+    sec = np.zeros(feature.d) if second else None
+    if est.needs_augmented:
         for sg in signs:
-            m, s, inf = run_augmented_dp(mdp, estimator, alpha, beta, gamma, feature, S, G, sg, pos, params,
+            m, s, inf = run_augmented_dp(mdp, est, alpha, beta, gamma, feature, S, G, sg, pos,
                                          second=second, bin_width=augment_bin, max_atoms=max_atoms)
             mean += m
             if second:
                 sec += s
             info.update(inf)
         return mean, sec, info
-    mean = np.zeros(feature.d)
-    sec = np.zeros(feature.d) if second else None
+    x_token = est.increment(tab.ell) if est.level == "token" else None
     for sg in signs:
         bt = np.broadcast_to(pos[:, None, None].astype(np.float64), (T,) + alpha.shape).copy()
         if S is not None:
             bt = bt * S
-        if estimator in SIGN_DEPENDENT:
-            sign_tab = np.sign(S) if S is not None else sg
-            keep = np.stack([clip_keep(estimator, tab.ell, t + 1, sign_tab[t] if S is not None else sg, params, T)
-                             for t in range(T)])
+        if est.has_mask:  # token level: the mask is a per-(t, z, y) table
+            keep = np.stack([est.keep(x_token, t + 1, np.sign(S[t]) if S is not None else sg) for t in range(T)])
             bt = bt * keep
         u = np.ones(mdp.num_states) if S is not None else G.copy()
         if sg is not None:
@@ -595,30 +393,34 @@ def _estimate(mdp: MarkovMDP, estimator: str, signal: str, baseline: float, para
 
 def exact_moments(
     mdp: MarkovMDP,
-    estimator: str = "cumulative",
+    estimator: str | losses.LossConfig | ChainEstimator = "unclipped_cumulative",
     signal: str = "reward",
     baseline: float = 0.0,
     *,
-    params: EstimatorParams | None = None,
     positions: Iterable[int] | np.ndarray | None = None,
     second_moment: bool = True,
     along_gradient: bool = True,
     bin_width: float | None = None,
     max_atoms: int = 2_000_000,
+    **overrides: object,
 ) -> Moments:
-    """Exact moments of ``X = Σ_t w_t ψ_t S_t`` under ``y ~ μ`` by dynamic programming (never enumeration).
+    """Exact moments of the estimator ``X = Σ_t c_t ψ_t`` of a loss under ``y ~ μ`` by dynamic programming.
+
+    ``X(y)`` is the negative gradient, with respect to the tabular target logits, of
+    :func:`ctpo_lab.losses.policy_loss` on the single trajectory ``y`` with ``aggregation="seq-mean-token-sum"``
+    and the signal as advantages (:mod:`ctpo_lab.markov.estimator`); never enumeration.
 
     Parameters
     ----------
     mdp : MarkovMDP
-    estimator : str
-        One of :data:`ESTIMATORS`.
+    estimator : str or LossConfig
+        A preset name of :data:`ctpo_lab.losses.PRESETS` or any :class:`~ctpo_lab.losses.LossConfig`; its ratio
+        family, clip rule, window, dual clip, cap, truncation and log-ratio clamp all apply. Its aggregation
+        is ignored (the estimator is per trajectory).
     signal : str
         ``"reward"`` (``S_t = R − baseline``), ``"q_pi"``, ``"adv_pi"``, ``"q_mu"``, ``"adv_mu"``.
     baseline : float
         Subtracted from the reward (and from the ``q_*`` oracle values).
-    params : EstimatorParams, optional
-        Clip / truncation constants.
     positions : iterable of int (1-based) or bool mask ``[T]``, optional
         Keep only these token positions in the sum (per-position profiles, Prop. 2(i) per term).
     second_moment : bool
@@ -629,97 +431,57 @@ def exact_moments(
     bin_width : float, optional
         Augmented-state estimators only: bin width of ``L`` (``None`` = exact atoms).
     max_atoms : int
-        Augmented-state guard.
+        Augmented-state guard: beyond it a ``ValueError`` names the limit.
+    **overrides
+        :class:`~ctpo_lab.losses.LossConfig` fields applied to ``estimator`` (e.g. ``clip_exponent=0.0``).
 
     Returns
     -------
     Moments
+
+    Raises
+    ------
+    ValueError
+        Unknown estimator/signal, or a configuration the DP cannot represent (a sequence-level ratio with a
+        position-dependent window, or masked by the sign of a per-token signal; an augmented state beyond
+        ``max_atoms``): :func:`ctpo_lab.markov.monte_carlo_moments` accepts every LossConfig.
     """
     if not isinstance(mdp, MarkovMDP):
-        raise TypeError("mdp must be a MarkovMDP")
-    _check_names(estimator, signal)
+        raise TypeError(f"mdp: expected a MarkovMDP, got {type(mdp).__name__}")
+    est = resolve_estimator(estimator, signal, overrides)
     if not np.isfinite(baseline):
-        raise ValueError("baseline must be finite")
-    params = params or EstimatorParams()
-    pos = _positions_mask(positions, mdp.horizon)
+        raise ValueError(f"baseline: expected a finite number, got {baseline!r}")
+    pos = positions_mask(positions, mdp.horizon)
     grad = true_gradient(mdp)
     feat = score_feature(mdp)
-    mean, sec, info = _estimate(mdp, estimator, signal, float(baseline), params, feat, pos, second_moment,
-                                bin_width, max_atoms)
+    mean, sec, info = _estimate(mdp, est, signal, float(baseline), feat, pos, second_moment, bin_width, max_atoms)
     vag = float("nan")
     gn = np.linalg.norm(grad)
     if along_gradient and gn > 0 and second_moment:
         pf = projected_feature(mdp, grad / gn)
-        pm, ps, _ = _estimate(mdp, estimator, signal, float(baseline), params, pf, pos, True, bin_width, max_atoms)
+        pm, ps, _ = _estimate(mdp, est, signal, float(baseline), pf, pos, True, bin_width, max_atoms)
         vag = float(ps[0] - pm[0] ** 2)
     if sec is None:
         sec = np.full_like(mean, np.nan)
-    return Moments(estimator, signal, float(baseline), mean, sec, grad, vag,
-                   method="dp" if bin_width is None else f"dp-binned({bin_width})", info=info)
+    return Moments(est.name, signal, float(baseline), mean, sec, grad, vag,
+                   method="dp" if bin_width is None or not est.needs_augmented else f"dp-binned({bin_width})",
+                   info=info, config=est.config)
 
 
-def surrogate_value(mdp: MarkovMDP, estimator: str = "cumulative", signal: str = "adv_mu", baseline: float = 0.0,
-                    params: EstimatorParams | None = None) -> float:
-    """``E_μ[Σ_t w_t S_t]`` (no score): the value of the importance-weighted surrogate.
+def surrogate_value(mdp: MarkovMDP, estimator: str | losses.LossConfig | ChainEstimator = "unclipped_cumulative",
+                    signal: str = "adv_mu", baseline: float = 0.0, **overrides: object) -> float:
+    """``E_μ[Σ_t c_t]`` with the score replaced by 1: the value of the importance-weighted surrogate.
 
-    Performance-difference lemma: ``E_μ[Σ_t ρ_{1:t} A^μ_t] = J(π) − J(μ)`` exactly.
+    Performance-difference lemma: ``E_μ[Σ_t ρ_{1:t} A^μ_t] = J(π) − J(μ)`` exactly (``unclipped_cumulative``).
     """
-    _check_names(estimator, signal)
-    params = params or EstimatorParams()
+    est = resolve_estimator(estimator, signal, overrides)
     pos = np.ones(mdp.horizon, dtype=bool)
-    mean, _, _ = _estimate(mdp, estimator, signal, baseline, params, scalar_feature(mdp), pos, False, None,
-                           2_000_000)
+    mean, _, _ = _estimate(mdp, est, signal, baseline, scalar_feature(mdp), pos, False, None, 2_000_000)
     return float(mean[0])
 
 
-# ------------------------------------------------------------------------------------------ profiles
-def position_profile(mdp: MarkovMDP) -> dict[str, np.ndarray]:
-    """Exact per-position quantities under ``μ``, each ``[T]`` (index ``t-1``).
-
-    ``mean_L = E L_t``, ``var_L = Var L_t`` (``L_t = Σ_{k≤t} ℓ_k``), ``mean_rho = E ρ_{1:t}``,
-    ``var_rho = Var ρ_{1:t}`` (kernels ``π`` and ``π²/μ``), ``ess = (E ρ)²/E ρ²`` (ESS/N of ``ρ_{1:t}``),
-    ``kl = E KL(μ‖π)(z_t)``, ``sigma2 = E Var(ℓ_t | z_t)``, ``var_martingale = Σ_{k≤t} sigma2_k``,
-    ``alive = P(token t is generated before DONE)`` (1 without a DONE token; ``L`` is frozen after DONE, so
-    the other profiles are unconditional).
-    """
-    tab = _tables(mdp)
-    T, nZ = mdp.horizon, mdp.num_states
-    nxt = mdp.next_state.ravel()
-    mu = tab.mu
-    ell = np.where(mu > 0, tab.ell, 0.0)
-    m0 = np.zeros(nZ)
-    m0[mdp.start_state] = 1.0
-    m1, m2 = np.zeros(nZ), np.zeros(nZ)
-    e1, e2 = m0.copy(), m0.copy()
-    out = {k: np.zeros(T) for k in ("mean_L", "var_L", "mean_rho", "var_rho", "ess", "kl", "sigma2", "alive")}
-    live = np.ones(nZ, dtype=bool)
-    if mdp.done_token is not None:
-        live = mdp.state_context != mdp.num_contexts - 1
-    kl_z = -(mu * ell).sum(axis=1)
-    s2_z = (mu * ell**2).sum(axis=1) - kl_z**2
-    for t in range(T):
-        out["alive"][t] = m0[live].sum()
-        out["kl"][t] = m0 @ kl_z
-        out["sigma2"][t] = m0 @ s2_z
-        n1 = np.bincount(nxt, (mu * (m1[:, None] + ell * m0[:, None])).ravel(), minlength=nZ)
-        n2 = np.bincount(nxt, (mu * (m2[:, None] + 2 * ell * m1[:, None] + ell**2 * m0[:, None])).ravel(),
-                         minlength=nZ)
-        m0 = np.bincount(nxt, (mu * m0[:, None]).ravel(), minlength=nZ)
-        m1, m2 = n1, n2
-        e1 = np.bincount(nxt, (mu * tab.r * e1[:, None]).ravel(), minlength=nZ)
-        e2 = np.bincount(nxt, (mu * tab.r**2 * e2[:, None]).ravel(), minlength=nZ)
-        out["mean_L"][t] = m1.sum()
-        out["var_L"][t] = m2.sum() - m1.sum() ** 2
-        out["mean_rho"][t] = e1.sum()
-        out["var_rho"][t] = e2.sum() - e1.sum() ** 2
-        out["ess"][t] = e1.sum() ** 2 / e2.sum()
-    out["var_martingale"] = np.cumsum(out["sigma2"])
-    out["t"] = np.arange(1, T + 1, dtype=np.float64)
-    return out
-
-
 # ------------------------------------------------------------------------------------------ homogeneous fast path
-def _use_toeplitz(mdp: MarkovMDP, feature: _Feature, beta_t: np.ndarray, max_floats: float = 1e8) -> bool:
+def _use_toeplitz(mdp: MarkovMDP, feature: BlockFeature, beta_t: np.ndarray, max_floats: float = 1e8) -> bool:
     """Use :func:`run_second_moment_toeplitz` when it applies (score feature, ``β`` constant in time, T > 1)
     and is cheaper than the forward DP (``|Z| < 3d``) within memory (``2·T·|Z|·Q·V`` floats)."""
     if not feature.is_score or mdp.horizon < 2 or not np.all(beta_t == beta_t[:1]):
@@ -748,8 +510,8 @@ def run_second_moment_toeplitz(mdp: MarkovMDP, alpha: np.ndarray, beta: np.ndarr
     T, nZ, V = mdp.horizon, mdp.num_states, mdp.vocab_size
     C = mdp.num_contexts
     Q = nZ // C
-    p = _state_tables(mdp, mdp.behaviour)
-    pi = _state_tables(mdp, mdp.target)
+    p = state_policy_tables(mdp, mdp.behaviour)
+    pi = state_policy_tables(mdp, mdp.target)
     nxt = mdp.next_state
     rows = np.repeat(np.arange(nZ), V)
     cols = nxt.ravel()

@@ -7,29 +7,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-_ALIASES = {"token_ppo": "ppo_clip", "cumulative_ppo": "cumulative"}
-_FALLBACK_LABELS = {
-    "token_ppo": "token + PPO clip",
-    "cumulative_ppo": "cumulative + PPO clip",
-    "ctpo_la": "CTPO-LA (√t log window)",
-    "gspo_clip": "GSPO + clip",
-}
-
-
 def _style() -> tuple:
-    from ctpo_lab import style  # lazily: owned by another module
+    from ctpo_lab import style
 
-    base_color = getattr(style, "estimator_color", None) or (lambda n: style.ESTIMATOR_COLORS.get(n, "#333333"))
-    base_label = getattr(style, "estimator_label", None) or (lambda n: n)
-
-    def color(name: str) -> str:
-        return base_color(name) if name in style.ESTIMATOR_COLORS else base_color(_ALIASES.get(name, name))
-
-    def label(name: str) -> str:
-        lab = base_label(name)
-        return _FALLBACK_LABELS.get(name, lab) if lab == name else lab
-
-    return color, label
+    return style.estimator_color, style.estimator_label
 
 
 def _save(fig, out: Path, name: str) -> list[Path]:
@@ -39,7 +20,12 @@ def _save(fig, out: Path, name: str) -> list[Path]:
     return paths
 
 
-_DASHED = {"token_ppo", "cumulative_ppo", "ctpo_la", "gspo_clip"}
+def _clipped(name: str) -> bool:
+    """Drawn dashed: presets with a clip rule or a dual clip (the loss presets, not the bare IS weights)."""
+    from ctpo_lab.losses import PRESETS
+
+    cfg = PRESETS.get(name)
+    return cfg is not None and (cfg.clip != "none" or cfg.dual_clip is not None)
 
 
 def plot_bias_variance(sweep: pd.DataFrame, out: Path) -> list[Path]:
@@ -60,7 +46,7 @@ def plot_bias_variance(sweep: pd.DataFrame, out: Path) -> list[Path]:
         d = sweep[(sweep["kl"] == kl) & (sweep["signal"] == sig)]
         for est, g in d.groupby("estimator", sort=False):
             g = g.sort_values("T")
-            ls = "--" if est in _DASHED else "-"
+            ls = "--" if _clipped(est) else "-"
             kw = {"color": color(est), "ls": ls, "marker": "o", "ms": 3, "label": label(est)}
             (h,) = axes[0, j].plot(g["T"], np.maximum(g["relative_bias"], floor), **kw)
             axes[1, j].plot(g["T"], g["trace_cov"], **kw)
@@ -122,9 +108,9 @@ def plot_position_profiles(clip: pd.DataFrame, out: Path) -> list[Path]:
     a1.set(ylabel="L_t", title="Gaussian-like walk (i.i.d. chain): spread and drift of L_t")
     a1.legend(fontsize=8)
     a1.grid(alpha=0.3)
-    for name, key in (("fixed_window", "fixed"), ("sqrt_t_window", "adaptive")):
-        a2.plot(t, clip[f"{key}_rate"], color=color(name), lw=2, label=label(name))
-        a2.plot(t, clip[f"{key}_low"], color=color(name), ls=":", lw=1, label=f"{key}: P(L_t < lower)")
+    for name in ("fixed_window", "sqrt_t_window"):
+        a2.plot(t, clip[f"{name}_rate"], color=color(name), lw=2, label=label(name))
+        a2.plot(t, clip[f"{name}_low"], color=color(name), ls=":", lw=1, label=f"{name}: P(L_t < lower)")
     a2.set(xlabel="position t", ylabel="clip rate ½(P high + P low)", title="Exact clip rate by position")
     a2.legend(fontsize=8)
     a2.grid(alpha=0.3)

@@ -16,25 +16,22 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .exact import NEEDS_L, EstimatorParams, Moments, exact_moments, performance
+from ctpo_lab import losses
+
+from .estimator import ChainEstimator, chain_estimator
+from .exact import Moments, exact_moments, performance
 from .model import MarkovMDP, random_instance
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["LLM_TO_CHAIN", "matched_chain_prediction", "summarize_prediction"]
+__all__ = ["PREDICTION_ESTIMATORS", "matched_chain_prediction", "summarize_prediction"]
 
-#: LLM estimator name -> (markov estimator name, :class:`EstimatorParams` overrides)
-LLM_TO_CHAIN: dict[str, tuple[str, dict]] = {
-    "token": ("token", {}),
-    "cumulative": ("cumulative", {}),
-    "sequence": ("sequence", {}),
-    "gspo": ("gspo", {}),
-    "grpo": ("token_ppo", {}),  # ε 0.2/0.2, dual clip 3 (EstimatorParams defaults)
-    "gspo_clip": ("gspo_clip", {}),  # window 3e-4/4e-4 on e^{L_T/T} (defaults)
-    "ctpo": ("ctpo_la", {}),  # ε_low 0.025, ε_high 0.05, power 0.5, dual 0.05 (defaults)
-    "ctpo_fixed": ("ctpo_la", {"la_power": 0.0}),
-}
+#: the estimators the real-LLM bias measurement reports by default (preset names)
+PREDICTION_ESTIMATORS: tuple[str, ...] = (
+    "unclipped_token", "unclipped_cumulative", "unclipped_sequence", "unclipped_sequence_geomean",
+    "grpo", "gspo", "ctpo", "ctpo_fixed",
+)
 
 #: ‖∇J‖ below this makes the relative quantities meaningless (a warning is issued)
 _TINY_GRADIENT = 1e-6
@@ -48,16 +45,18 @@ def _check_pos_int(value: object, name: str) -> int:
     return int(value)
 
 
-def _check_estimators(estimators: Iterable[str]) -> tuple[str, ...]:
-    if isinstance(estimators, str):
+def _check_estimators(estimators: Iterable[str | losses.LossConfig] | str | losses.LossConfig
+                      ) -> tuple[ChainEstimator, ...]:
+    if isinstance(estimators, (str, losses.LossConfig)):
         estimators = (estimators,)
-    names = tuple(estimators)
-    if not names:
-        raise ValueError(f"estimators must not be empty; choose from {tuple(LLM_TO_CHAIN)}")
-    unknown = [n for n in names if not isinstance(n, str) or n not in LLM_TO_CHAIN]
-    if unknown:
-        raise ValueError(f"unknown estimators {unknown}; valid estimators: {tuple(LLM_TO_CHAIN)}")
-    return names
+    items = tuple(estimators)
+    if not items:
+        raise ValueError(f"estimators: expected at least one preset name or LossConfig, e.g. {PREDICTION_ESTIMATORS}")
+    out = tuple(chain_estimator(e) for e in items)
+    names = [e.name for e in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"estimators: names must be distinct (give derived LossConfigs their own name=), got {names}")
+    return out
 
 
 def _check_seeds(seeds: Iterable[int]) -> tuple[int, ...]:
@@ -74,7 +73,7 @@ def matched_chain_prediction(
     kl: float,
     horizon: int,
     *,
-    estimators: Sequence[str] = tuple(LLM_TO_CHAIN),
+    estimators: Sequence[str | losses.LossConfig] = PREDICTION_ESTIMATORS,
     seeds: Sequence[int] = (0, 1, 2, 3, 4),
     vocab_size: int = 4,
     order: int = 1,
@@ -103,12 +102,14 @@ def matched_chain_prediction(
 
     with ``∇J = ∇_θ J(π)`` for the tabular softmax target ``θ ∈ R^{C×V}``.
 
-    Estimators whose clip mask reads the cumulative log-ratio ``L_t`` (``ctpo``/``ctpo_fixed`` →
-    ``ctpo_la``, ``gspo_clip``) need the augmented ``(z, L)`` state, whose size grows quickly with the
-    horizon. When ``horizon > clipped_max_horizon`` they are computed on the chain with the same seed, KL and
-    policies but horizon ``clipped_max_horizon`` (with its own on-policy reference), and the ``horizon``
-    column records the horizon actually used. ``grpo`` (``token_ppo``: the per-token mask reads ``ℓ_t`` only)
-    and the unclipped estimators are always computed at ``horizon``.
+    Each estimator is the loss configuration itself (a preset name or a :class:`~ctpo_lab.losses.LossConfig`),
+    so the prediction is about exactly the loss that is trained and measured. Estimators whose gradient mask
+    reads a running sum of log-ratios (``ctpo``, ``ctpo_fixed``: the window on ``L_t``; ``gspo``: the clip on
+    ``e^{L_T/T}``) need the augmented ``(z, L)`` state, whose size grows quickly with the horizon. When
+    ``horizon > clipped_max_horizon`` they are computed on the chain with the same seed, KL and policies but
+    horizon ``clipped_max_horizon`` (with its own on-policy reference), and the ``horizon`` column records the
+    horizon actually used. Token-level estimators (``grpo``: the per-token mask reads ``ℓ_t`` only) and the
+    unclipped ones are always computed at ``horizon``.
 
     Parameters
     ----------
@@ -116,8 +117,8 @@ def matched_chain_prediction(
         Per-token ``KL(μ‖π)`` (the LLM's measured mean per-token KL), finite and ``≥ 0``.
     horizon : int
         Chain horizon ``T`` (e.g. the LLM's mean response length).
-    estimators : sequence of str
-        Keys of :data:`LLM_TO_CHAIN`.
+    estimators : sequence of str or LossConfig
+        Preset names of :data:`ctpo_lab.losses.PRESETS` or LossConfigs (distinct names).
     seeds : sequence of int
         Random instances.
     vocab_size, order : int
@@ -145,7 +146,7 @@ def matched_chain_prediction(
     Returns
     -------
     pandas.DataFrame
-        One row per (estimator, seed): ``estimator`` (LLM name), ``chain_estimator``, ``seed``, ``kl``,
+        One row per (estimator, seed): ``estimator`` (the config's name), ``seed``, ``kl``,
         ``horizon`` (the horizon used), ``vocab_size``, ``order``, ``relative_bias``, ``cosine``,
         ``trace_cov``, ``var_ratio``, ``rel_mse``, ``bias_to_noise``, ``method``, and ``grad_norm`` (``‖∇J‖``).
 
@@ -164,14 +165,14 @@ def matched_chain_prediction(
     clipped_max_horizon = _check_pos_int(clipped_max_horizon, "clipped_max_horizon")
     batch_size = _check_pos_int(batch_size, "batch_size")
     group_size = _check_pos_int(group_size, "group_size")
-    names = _check_estimators(estimators)
+    ests = _check_estimators(estimators)
     seed_list = _check_seeds(seeds)
     if bin_width is not None and not (math.isfinite(bin_width) and bin_width > 0):
         raise ValueError(f"bin_width must be a positive float or None, got {bin_width!r}")
 
     import pandas as pd  # lazily: importing ctpo_lab.markov stays light
 
-    jobs = [(s, n) for s in seed_list for n in names]
+    jobs = [(s, e) for s in seed_list for e in ests]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -183,19 +184,18 @@ def matched_chain_prediction(
         for seed in seed_list:
             # per horizon used: (off-policy chain, J(μ), on-policy reference moments)
             cache: dict[int, tuple[MarkovMDP, float, Moments]] = {}
-            for name in names:
-                chain_est, overrides = LLM_TO_CHAIN[name]
-                augmented = chain_est in NEEDS_L
+            for est in ests:
+                augmented = est.needs_augmented
                 T = min(horizon, clipped_max_horizon) if augmented else horizon
                 if T not in cache:
                     mdp = random_instance(vocab_size, T, order, seed, kl=kl, automaton=automaton)
                     mdp0 = random_instance(vocab_size, T, order, seed, kl=0.0, automaton=automaton)
-                    ref = exact_moments(mdp0, "token", signal="reward", baseline=performance(mdp0, "target"),
-                                        along_gradient=False)
+                    ref = exact_moments(mdp0, "unclipped_token", signal="reward",
+                                        baseline=performance(mdp0, "target"), along_gradient=False)
                     cache[T] = (mdp, performance(mdp, "behaviour"), ref)
                 mdp, b, ref = cache[T]
-                m = exact_moments(mdp, chain_est, signal="reward", baseline=b, params=EstimatorParams(**overrides),
-                                  along_gradient=False, bin_width=bin_width if augmented else None)
+                m = exact_moments(mdp, est, signal="reward", baseline=b, along_gradient=False,
+                                  bin_width=bin_width if augmented else None)
                 g2 = float(m.gradient @ m.gradient)
                 gn = math.sqrt(g2)
                 if gn < _TINY_GRADIENT and not warned:
@@ -205,8 +205,7 @@ def matched_chain_prediction(
                     warned = True
                 ref_tc = ref.trace_cov
                 rows.append({
-                    "estimator": name,
-                    "chain_estimator": chain_est,
+                    "estimator": est.name,
                     "seed": seed,
                     "kl": kl,
                     "horizon": T,

@@ -1,8 +1,9 @@
 """Vectorised Monte Carlo sampler with confidence intervals (an independent check of the exact DPs).
 
 Trajectories ``y ~ μ`` are drawn by inverse-CDF sampling on the DP state tables; the estimator of each
-trajectory is computed by :func:`ctpo_lab.markov.enumerate.trajectory_estimates` (written from the estimator
-definitions, not from the DP). Means get per-coordinate standard errors; a check against exact values uses
+trajectory is computed by :func:`ctpo_lab.markov.enumerate.trajectory_estimates` (the loss's own per-token
+coefficients by autograd, not the DP), so every :class:`ctpo_lab.losses.LossConfig` is accepted, including the
+configurations the exact DP refuses. Means get per-coordinate standard errors; a check against exact values uses
 z-scores with a Bonferroni threshold. Sample variances of heavy-tailed weights under-estimate, so the
 trace-of-covariance CI (batch means) should be trusted only when the exact fourth moment is moderate.
 """
@@ -14,8 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
+from ctpo_lab import losses
+
+from .dp import signal_tables
 from .enumerate import trajectory_estimates
-from .exact import ESTIMATORS, SIGNALS, EstimatorParams, Moments, signal_tables
+from .estimator import ChainEstimator
+from .exact import Moments, resolve_estimator
 from .model import MarkovMDP
 
 __all__ = ["sample_trajectories", "MonteCarloMoments", "monte_carlo_moments"]
@@ -96,22 +101,19 @@ class MonteCarloMoments:
 
 def monte_carlo_moments(
     mdp: MarkovMDP,
-    estimator: str = "cumulative",
+    estimator: str | losses.LossConfig | ChainEstimator = "unclipped_cumulative",
     signal: str = "reward",
     baseline: float = 0.0,
     *,
     n: int = 100_000,
     seed: int = 0,
-    params: EstimatorParams | None = None,
     chunk_size: int = 20_000,
     batches: int = 20,
+    **overrides: object,
 ) -> MonteCarloMoments:
     """Monte Carlo moments of ``X = Σ_t w_t ψ_t S_t`` from ``n`` trajectories of ``μ`` (oracle signals from
     the exact value tables)."""
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {estimator!r}; choose from {ESTIMATORS}")
-    if signal not in SIGNALS:
-        raise ValueError(f"unknown signal {signal!r}; choose from {SIGNALS}")
+    est = resolve_estimator(estimator, signal, overrides)
     S_tab = signal_tables(mdp, signal, baseline)
     d = mdp.dim
     rng_seeds = np.random.SeedSequence(seed).spawn(int(np.ceil(n / chunk_size)))
@@ -126,7 +128,7 @@ def monte_carlo_moments(
         else:
             tt = np.arange(mdp.horizon)[None, :]
             S = S_tab[tt, tr["states"][:, :-1], tr["seqs"]]
-        X = trajectory_estimates(mdp, tr["seqs"], tr["ctx"], tr["ell"], S, estimator, params)
+        X = trajectory_estimates(mdp, tr["seqs"], tr["ctx"], tr["ell"], S, est)
         X2 = X**2
         s1 += X.sum(0)
         s2 += X2.sum(0)
@@ -147,4 +149,4 @@ def monte_carlo_moments(
     okb = bn > 1
     btr = (b2[okb] / bn[okb, None] - (b1[okb] / bn[okb, None]) ** 2).sum(axis=1)
     trace_se = float(btr.std(ddof=1) / np.sqrt(okb.sum())) if okb.sum() > 1 else float("nan")
-    return MonteCarloMoments(estimator, signal, n, mean, mean_se, sec, sec_se, trace, trace_se)
+    return MonteCarloMoments(est.name, signal, n, mean, mean_se, sec, sec_se, trace, trace_se)

@@ -1,4 +1,4 @@
-"""The standard study: reproductions of theory.md §3, §5, §6 and sweeps over horizon and mismatch size.
+"""The standard study: reproductions of the exact-lab theory (docs/theory.md) and sweeps over horizon and mismatch.
 
 Every reproduction returns rows ``{"fact", "value", "expected", "holds", "detail"}`` (written to
 ``reproductions.csv``); the sweep returns a tidy table with one row per (instance, T, mismatch, estimator,
@@ -13,23 +13,23 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .augmented import default_windows, log_ratio_distribution_profile
+from .augmented import log_ratio_distribution_profile
+from .estimator import chain_estimator
 from .exact import (
-    ESTIMATORS,
-    NEEDS_L,
-    EstimatorParams,
+    STUDY_ESTIMATORS,
     bias_decomposition,
+    check_dp_support,
     exact_moments,
     expected_score,
     performance,
     policy_values,
-    position_profile,
+    position_moments,
     surrogate_value,
     true_gradient,
 )
 from .model import latent_mode_instance, random_instance
 
-__all__ = ["StudyConfig", "reproductions", "sweep", "profiles", "REPRODUCTIONS", "loglog_slope"]
+__all__ = ["StudyConfig", "reproductions", "sweep", "sweep_cell_applies", "profiles", "REPRODUCTIONS", "loglog_slope"]
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class StudyConfig:
     vocab_size: int = 3
     order: int = 1
     signals: tuple[str, ...] = ("reward", "adv_pi")
-    estimators: tuple[str, ...] = ESTIMATORS
+    estimators: tuple[str, ...] = STUDY_ESTIMATORS
     exact_atoms_max_T: int = 8
     clipped_max_T: int = 16
     bin_width: float = 2e-3
@@ -76,9 +76,9 @@ def fact_prop1(seed: int = 0) -> list[dict]:
     """Prop. 1: cumulative with ``A^π`` (and ``Q^π − b``) is unbiased for ∇J; token with ``A^π`` is not."""
     mdp = random_instance(3, 5, 1, seed=seed, kl=0.05)
     g = true_gradient(mdp)
-    c_adv = exact_moments(mdp, "cumulative", "adv_pi", along_gradient=False, second_moment=False)
-    c_q = exact_moments(mdp, "cumulative", "q_pi", baseline=0.3, along_gradient=False, second_moment=False)
-    tok = exact_moments(mdp, "token", "adv_pi", along_gradient=False, second_moment=False)
+    c_adv = exact_moments(mdp, "unclipped_cumulative", "adv_pi", along_gradient=False, second_moment=False)
+    c_q = exact_moments(mdp, "unclipped_cumulative", "q_pi", baseline=0.3, along_gradient=False, second_moment=False)
+    tok = exact_moments(mdp, "unclipped_token", "adv_pi", along_gradient=False, second_moment=False)
     e1, e2 = _rel(c_adv.mean, g), _rel(c_q.mean, g)
     return [
         _row("prop1_cumulative_adv_pi_unbiased", e1, "<= 1e-12 (relative)", e1 <= 1e-12, "V=3,k=1,T=5,kl=0.05"),
@@ -94,7 +94,7 @@ def fact_token_bias_by_position(seed: int = 0) -> list[dict]:
     rows = []
     rel = []
     for t in range(1, mdp.horizon + 1):
-        m = exact_moments(mdp, "token", "adv_pi", positions=[t], along_gradient=False, second_moment=False)
+        m = exact_moments(mdp, "unclipped_token", "adv_pi", positions=[t], along_gradient=False, second_moment=False)
         occ = np.zeros_like(pv.occupancy)
         occ[t - 1] = pv.occupancy[t - 1]
         ref = expected_score(mdp, occ, pv.adv)  # E_π[ψ_t A^π_t]
@@ -108,8 +108,9 @@ def fact_token_bias_by_position(seed: int = 0) -> list[dict]:
 def fact_gspo_biased(seed: int = 0) -> list[dict]:
     """GSPO's geometric-mean weight is not an IS correction: biased in direction and scale."""
     mdp = random_instance(3, 8, 1, seed=seed, kl=0.05)
-    m = exact_moments(mdp, "gspo", "reward", baseline=0.5, along_gradient=False, second_moment=False)
-    s = exact_moments(mdp, "sequence", "reward", baseline=0.5, along_gradient=False, second_moment=False)
+    m = exact_moments(mdp, "unclipped_sequence_geomean", "reward", baseline=0.5, along_gradient=False,
+                      second_moment=False)
+    s = exact_moments(mdp, "unclipped_sequence", "reward", baseline=0.5, along_gradient=False, second_moment=False)
     return [
         _row("gspo_biased", m.relative_bias, "> 1e-3 (relative bias; sequence IS is unbiased)",
              m.relative_bias > 1e-3 and s.relative_bias < 1e-12,
@@ -123,13 +124,13 @@ def fact_prop2(seed: int = 0) -> list[dict]:
     mdp = random_instance(3, 6, 1, seed=seed, kl=0.1)
     worst = np.inf
     for t in range(1, mdp.horizon + 1):
-        c = exact_moments(mdp, "cumulative", "adv_pi", positions=[t], along_gradient=False)
-        s = exact_moments(mdp, "sequence", "adv_pi", positions=[t], along_gradient=False)
+        c = exact_moments(mdp, "unclipped_cumulative", "adv_pi", positions=[t], along_gradient=False)
+        s = exact_moments(mdp, "unclipped_sequence", "adv_pi", positions=[t], along_gradient=False)
         worst = min(worst, float(np.min(s.variance_diag - c.variance_diag)))
     rows.append(_row("prop2i_per_term_ordering", worst, ">= -1e-12 (min over t, j of Var seq − Var cum)",
                      worst >= -1e-12, "V=3,k=1,T=6,kl=0.1, signal A^π"))
     iid = random_instance(4, 12, 0, seed=seed, kl=0.05)
-    prof = position_profile(iid)
+    prof = position_moments(iid)
     chi2 = float(iid.per_token_chi2()[0])
     kl = float(iid.per_token_kl()[0])
     t = prof["t"]
@@ -157,8 +158,8 @@ def fact_outcome_bias(seed: int = 0) -> list[dict]:
     mdp = random_instance(3, 6, 1, seed=seed, kl=0.05, automaton="contains:0-1")
     b = 0.3
     g = true_gradient(mdp)
-    cum = exact_moments(mdp, "cumulative", "reward", baseline=b, along_gradient=False, second_moment=False)
-    tok = exact_moments(mdp, "token", "reward", baseline=b, along_gradient=False, second_moment=False)
+    cum = exact_moments(mdp, "unclipped_cumulative", "reward", baseline=b, along_gradient=False, second_moment=False)
+    tok = exact_moments(mdp, "unclipped_token", "reward", baseline=b, along_gradient=False, second_moment=False)
     parts = bias_decomposition(mdp, baseline=b)
     e_cum = _rel(cum.mean - g, parts["continuation"])
     e_tok = _rel(tok.mean - g, parts["state"] + parts["continuation"])
@@ -176,8 +177,8 @@ def fact_performance_difference(seed: int = 0) -> list[dict]:
     """``E_μ[Σ_t ρ_{1:t} A^μ_t] = J(π) − J(μ)`` exactly; the token surrogate is only first order."""
     mdp = random_instance(3, 6, 1, seed=seed, kl=0.05)
     diff = performance(mdp, "target") - performance(mdp, "behaviour")
-    cum = surrogate_value(mdp, "cumulative", "adv_mu")
-    tok = surrogate_value(mdp, "token", "adv_mu")
+    cum = surrogate_value(mdp, "unclipped_cumulative", "adv_mu")
+    tok = surrogate_value(mdp, "unclipped_token", "adv_mu")
     err = abs(cum - diff) / abs(diff)
     return [
         _row("performance_difference_cumulative_exact", err, "<= 1e-10 relative", err <= 1e-10,
@@ -192,8 +193,8 @@ def fact_sum_ordering(seed: int = 0, draws: int = 200, kl: float = 0.1, signal: 
     ratios = []
     for s in range(draws):
         mdp = random_instance(2, 5, 1, seed=seed * 100_003 + s, kl=kl)
-        a = exact_moments(mdp, "cumulative", signal, along_gradient=False).trace_cov
-        b = exact_moments(mdp, "sequence", signal, along_gradient=False).trace_cov
+        a = exact_moments(mdp, "unclipped_cumulative", signal, along_gradient=False).trace_cov
+        b = exact_moments(mdp, "unclipped_sequence", signal, along_gradient=False).trace_cov
         ratios.append(a / b)
     r = np.asarray(ratios)
     freq = float((r > 1).mean())
@@ -208,12 +209,12 @@ def fact_sum_ordering(seed: int = 0, draws: int = 200, kl: float = 0.1, signal: 
 def fact_sqrt_t(seed: int = 0) -> list[dict]:
     """``Var L_t = tσ²`` exactly under i.i.d. increments; a latent-mode chain departs (exponent > 1/2)."""
     iid = random_instance(4, 200, 0, seed=seed, kl=0.01)
-    prof = position_profile(iid)
+    prof = position_moments(iid)
     s2 = float(prof["sigma2"][0])
     err = float(np.max(np.abs(prof["var_L"] - prof["t"] * s2) / (prof["t"] * s2)))
     slope_iid = loglog_slope(prof["t"][9:], np.sqrt(prof["var_L"][9:]))
     lat = latent_mode_instance(horizon=200, kl_modes=(0.002, 0.03), seed=seed)
-    pl = position_profile(lat)
+    pl = position_moments(lat)
     slope_lat = loglog_slope(pl["t"][9:], np.sqrt(pl["var_L"][9:]))
     mart = float(np.max(np.abs(pl["var_L"][1:] - pl["var_martingale"][1:]) / pl["var_L"][1:]))
     return [
@@ -230,7 +231,7 @@ def fact_drift_crossing(seed: int = 0, eps_low: float = 0.025, kl: float = 0.002
     t_star = (eps_low / kl) ** 2
     T = int(2.5 * t_star)
     mdp = random_instance(4, T, 0, seed=seed, kl=kl)
-    prof = position_profile(mdp)
+    prof = position_moments(mdp)
     t = prof["t"]
     mean_cross = float(t[np.argmax(prof["mean_L"] < -eps_low * np.sqrt(t))])
     dist = log_ratio_distribution_profile(mdp, {}, bin_width=bin_width)
@@ -251,15 +252,15 @@ def fact_clip_profiles(seed: int = 0, T: int = 5000, sigma: float = 0.035, bin_w
                        ) -> tuple[list[dict], dict[str, np.ndarray]]:
     """Figure-1 shape: clip rate of a fixed window [0.5, 5] rises with t, the √t window stays flat."""
     mdp = random_instance(4, T, 0, seed=seed, kl=sigma**2 / 2)
-    dist = log_ratio_distribution_profile(mdp, default_windows(), bin_width=bin_width)
-    prof = position_profile(mdp)
+    dist = log_ratio_distribution_profile(mdp, ("fixed_window", "sqrt_t_window"), bin_width=bin_width)
+    prof = position_moments(mdp)
     dist["sd_L"] = np.sqrt(prof["var_L"])
     dist["mean_L_exact"] = prof["mean_L"]
     dist["var_L_exact"] = prof["var_L"]
     sig = float(np.sqrt(prof["sigma2"][0]))
     pick = [t for t in (10, 100, 1000, T) if t <= T]
-    fixed = {t: dist["fixed_rate"][t - 1] for t in pick}
-    adapt = {t: dist["adaptive_rate"][t - 1] for t in pick}
+    fixed = {t: dist["fixed_window_rate"][t - 1] for t in pick}
+    adapt = {t: dist["sqrt_t_window_rate"][t - 1] for t in pick}
     rows = [
         _row("clip_rate_fixed_window_rises", fixed[pick[-1]] - fixed[pick[0]], "> 0 (rises from ~0)",
              fixed[pick[-1]] > fixed[pick[0]] + 0.01,
@@ -269,7 +270,7 @@ def fact_clip_profiles(seed: int = 0, T: int = 5000, sigma: float = 0.035, bin_w
              "adaptive: " + ", ".join(f"t={t}: {v:.3f}" for t, v in adapt.items())
              + "; i.i.d. walk with kappa = sigma^2/2 drift"),
     ]
-    above = np.where(dist["fixed_rate"] > dist["adaptive_rate"])[0]
+    above = np.where(dist["fixed_window_rate"] > dist["sqrt_t_window_rate"])[0]
     cross = float(dist["t"][above[0]]) if above.size else float("nan")
     meet = (np.log(2.0) / 0.025) ** 2
     rows.append(_row("clip_rate_fixed_exceeds_adaptive_from", cross,
@@ -281,14 +282,14 @@ def fact_clip_profiles(seed: int = 0, T: int = 5000, sigma: float = 0.035, bin_w
 def fact_binned_convergence(seed: int = 0) -> list[dict]:
     """The binned ``(z, L)`` approximation converges to the exact atoms as the bin width shrinks."""
     mdp = random_instance(3, 8, 1, seed=seed, kl=0.05)
-    ex = exact_moments(mdp, "ctpo_la", "reward", baseline=0.3, along_gradient=False)
+    ex = exact_moments(mdp, "ctpo", "reward", baseline=0.3, along_gradient=False)
     errs = {}
     for w in (0.05, 0.01, 0.002):
-        b = exact_moments(mdp, "ctpo_la", "reward", baseline=0.3, bin_width=w, along_gradient=False)
+        b = exact_moments(mdp, "ctpo", "reward", baseline=0.3, bin_width=w, along_gradient=False)
         errs[w] = _rel(b.mean, ex.mean)
     return [_row("augmented_binned_convergence", errs[0.002], "decreasing to < 0.05 as the bin shrinks",
                  errs[0.002] < 0.05 and errs[0.002] <= errs[0.05],
-                 "ctpo_la mean rel. error by bin width: " + ", ".join(f"{w}: {e:.2e}" for w, e in errs.items())
+                 "ctpo mean rel. error by bin width: " + ", ".join(f"{w}: {e:.2e}" for w, e in errs.items())
                  + f"; exact atoms {ex.info.get('max_atoms')}")]
 
 
@@ -327,13 +328,24 @@ def reproductions(config: StudyConfig, progress: Callable[[str], None] | None = 
     return pd.DataFrame(rows), dist
 
 
+def sweep_cell_applies(config: StudyConfig, estimator: str, signal: str, T: int) -> bool:
+    """Whether the sweep computes (estimator, signal) at horizon T: the exact DP must support the pair
+    (:func:`ctpo_lab.markov.exact.check_dp_support`) and augmented-state estimators stop at ``clipped_max_T``
+    (the (z, L) state grows with T × |Z|; use ``exact_moments(bin_width=...)`` directly beyond)."""
+    est = chain_estimator(estimator)
+    try:
+        check_dp_support(est, signal)
+    except ValueError:
+        return False
+    return not (est.needs_augmented and T > config.clipped_max_T)
+
+
 def sweep(config: StudyConfig, progress: Callable[[], None] | None = None) -> pd.DataFrame:
     """Exact bias / variance of every estimator and signal over horizons and per-token KL.
 
     Estimators that need the augmented ``(z, L)`` state are run up to ``clipped_max_T`` (exact atoms up to
     ``exact_atoms_max_T``, binned ``L`` beyond)."""
     rows = []
-    params = EstimatorParams()
     for kl in config.kls:
         for T in config.horizons:
             mdp = random_instance(config.vocab_size, T, config.order, seed=config.seed, kl=kl,
@@ -341,16 +353,12 @@ def sweep(config: StudyConfig, progress: Callable[[], None] | None = None) -> pd
             chi2 = float(np.mean(mdp.per_token_chi2()))
             for sig in config.signals:
                 for est in config.estimators:
-                    if est == "gspo_clip" and sig != "reward":
+                    if not sweep_cell_applies(config, est, sig, T):
                         continue
-                    if est in NEEDS_L and T > config.clipped_max_T:
-                        continue  # the (z, L) state grows with T x |Z|; use exact_moments(bin_width=...) directly
-                    bw = None
-                    if est in NEEDS_L and T > config.exact_atoms_max_T:
-                        bw = config.bin_width
+                    augmented = chain_estimator(est).needs_augmented
+                    bw = config.bin_width if augmented and T > config.exact_atoms_max_T else None
                     b = float(performance(mdp, "behaviour")) if sig == "reward" else 0.0
-                    m = exact_moments(mdp, est, sig, baseline=b,
-                                      params=params, bin_width=bw)
+                    m = exact_moments(mdp, est, sig, baseline=b, bin_width=bw)
                     row = {"T": T, "kl": kl, "chi2": chi2, "V": config.vocab_size, "k": config.order,
                            "seed": config.seed, "method": m.method}
                     row.update(m.summary(64))
@@ -367,7 +375,7 @@ def profiles(config: StudyConfig) -> pd.DataFrame:
         for kl in config.kls:
             T = max(config.horizons)
             mdp = random_instance(config.vocab_size, T, k, seed=config.seed, kl=kl)
-            p = position_profile(mdp)
+            p = position_moments(mdp)
             chi2 = float(np.mean(mdp.per_token_chi2()))
             df = pd.DataFrame({key: p[key] for key in ("t", "mean_L", "var_L", "mean_rho", "var_rho", "ess",
                                                        "kl", "sigma2")})
