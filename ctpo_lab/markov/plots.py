@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+
 def _style() -> tuple:
     from ctpo_lab import style
 
