@@ -5,7 +5,7 @@ All windows are expressed in log space as bounds [lower_t, upper_t] on log w_t:
 * ``ppo``        ratio-space asymmetric PPO clip: w ∈ [1 − ε_low, 1 + ε_high]
                  (bounds log(1 − ε_low), log(1 + ε_high); the clamp itself is done in ratio space, as verl).
 * ``log_window`` CTPO-LA: log w ∈ [−ε_low·s_t, ε_high·s_t], s_t = max(t, 1)^p (p = 0: a fixed log window).
-* ``cispo``      the weight is clipped to [1 − ε_low, 1 + ε_high] but its gradient is always kept
+* ``detached_clip`` (CISPO) the weight is clipped to [1 − ε_low, 1 + ε_high] but its gradient is always kept
                  (CISPO: loss = −A · sg(clip(w)) · log π_t; value reported as −A · clip(w)).
 * ``none``       no clip (plain importance-weighted policy gradient).
 
@@ -27,8 +27,8 @@ from torch import Tensor
 
 __all__ = ["CLIP_RULES", "ClipRule", "ClipOutput", "clip_window", "dual_clip_bound", "clipped_surrogate"]
 
-ClipRule = Literal["ppo", "log_window", "cispo", "none"]
-CLIP_RULES: tuple[str, ...] = ("ppo", "log_window", "cispo", "none")
+ClipRule = Literal["ppo", "log_window", "detached_clip", "none"]
+CLIP_RULES: tuple[str, ...] = ("ppo", "log_window", "detached_clip", "none")
 
 
 class ClipOutput(NamedTuple):
@@ -56,13 +56,13 @@ def clip_window(
     """Log-space bounds (lower_t, upper_t) of a clip rule, each broadcastable to [B, T].
 
     ``log_window``: (−ε_low·s_t, ε_high·s_t) with s_t = max(t,1)^exponent.
-    ``ppo``/``cispo``: (log(1−ε_low), log(1+ε_high)) (−inf when ε_low ≥ 1).  ``none``: (−inf, +inf).
+    ``ppo``/``detached_clip``: (log(1−ε_low), log(1+ε_high)) (−inf when ε_low ≥ 1).  ``none``: (−inf, +inf).
     """
     device = position.device
     if rule == "log_window":
         s = _scale(position, exponent, dtype)
         return -eps_low * s, eps_high * s
-    if rule in ("ppo", "cispo"):
+    if rule in ("ppo", "detached_clip"):
         lo = math.log(1.0 - eps_low) if eps_low < 1.0 else -math.inf
         return (
             torch.tensor(lo, dtype=dtype, device=device),
@@ -79,10 +79,10 @@ def dual_clip_bound(
 ) -> Tensor | None:
     """Ratio-space dual-clip bound d_t (A < 0: no gradient once w_t > d_t), broadcastable to [B, T].
 
-    ``log_window``: d_t = exp(ε_c·s_t), s_t = max(t,1)^exponent.  ``ppo``/``none``: d_t = c.  ``cispo`` has no
+    ``log_window``: d_t = exp(ε_c·s_t), s_t = max(t,1)^exponent.  ``ppo``/``none``: d_t = c.  ``detached_clip`` has no
     dual clip (None), nor has any rule with ``dual_clip=None``.
     """
-    if dual_clip is None or rule == "cispo":
+    if dual_clip is None or rule == "detached_clip":
         return None
     if rule == "log_window":
         return (dual_clip * _scale(position, exponent, dtype)).exp()
@@ -106,7 +106,7 @@ def clipped_surrogate(
 
     Parameters
     ----------
-    rule : {"ppo", "log_window", "cispo", "none"}
+    rule : {"ppo", "log_window", "detached_clip", "none"}
     log_weight : Tensor [B, T]
         Stop-gradient log-weight log w_t (value X_t, gradient through log π_t only).
     advantages : Tensor [B, T]
@@ -114,7 +114,7 @@ def clipped_surrogate(
     position : Tensor [B, T], int
         1-based valid-token positions t.
     eps_low, eps_high : float
-        Window half-widths (ratio space for ``ppo``/``cispo``, log space ×s_t for ``log_window``).
+        Window half-widths (ratio space for ``ppo``/``detached_clip``, log space ×s_t for ``log_window``).
     exponent : float
         p in s_t = max(t, 1)^p (``log_window`` only).
     dual_clip : float, optional
@@ -132,7 +132,7 @@ def clipped_surrogate(
         clipped = weight.clamp(1.0 - eps_low, 1.0 + eps_high)
     elif rule in ("log_window", "none"):
         clipped = torch.maximum(torch.minimum(log_weight, upper), lower).exp()
-    elif rule == "cispo":
+    elif rule == "detached_clip":
         # value clip(w), gradient clip(w)·∇log π: the clipped weight multiplies the score, never zeroes it
         clipped_value = weight.detach().clamp(1.0 - eps_low, 1.0 + eps_high)
         per_token_loss = -advantages * clipped_value * (log_weight - log_weight.detach()).exp()

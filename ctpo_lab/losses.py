@@ -58,7 +58,7 @@ class LossConfig:
     name : preset name (informational).
     ratio : ratio family, one of :data:`ctpo_lab.ratios.RATIO_FAMILIES`.
     clip : clip rule, one of :data:`ctpo_lab.clipping.CLIP_RULES`.
-    eps_low, eps_high : window half-widths (> 0); ratio space for ``ppo``/``cispo``, log space for
+    eps_low, eps_high : window half-widths (> 0); ratio space for ``ppo``/``detached_clip``, log space for
         ``log_window`` (multiplied by s_t = max(t,1)^clip_exponent).
     clip_exponent : p of the log window (0.5: CTPO-LA; 0: a fixed log window; −0.5: geometric mean).
     dual_clip : ``ppo``: ratio-space c > 1; ``log_window``: ε_c > 0 (bound exp(ε_c s_t)); None: off.
@@ -147,7 +147,7 @@ PRESETS: dict[str, LossConfig] = {
     "seq_is": LossConfig(
         name="seq_is", ratio="sequence", clip="ppo", eps_low=0.2, eps_high=0.2, dual_clip=3.0, max_log_weight=10.0
     ),
-    "cispo": LossConfig(name="cispo", ratio="token", clip="cispo", eps_low=1.0, eps_high=4.0, dual_clip=None),
+    "cispo": LossConfig(name="cispo", ratio="token", clip="detached_clip", eps_low=1.0, eps_high=4.0, dual_clip=None),
     "unclipped_token": LossConfig(name="unclipped_token", ratio="token", **_UNCLIPPED),
     "unclipped_cumulative": LossConfig(name="unclipped_cumulative", ratio="cumulative", **_UNCLIPPED),
     "unclipped_sequence": LossConfig(name="unclipped_sequence", ratio="sequence", **_UNCLIPPED),

@@ -67,7 +67,7 @@ def random_configs(n: int, seed: int = 0) -> list[LossConfig]:
                 "token_tis")
     out = []
     for i in range(n):
-        clip = str(rng.choice(["ppo", "log_window", "cispo", "none"]))
+        clip = str(rng.choice(["ppo", "log_window", "detached_clip", "none"]))
         ratio = str(rng.choice(families))
         p = float(rng.choice([0.0, 0.5, -0.5, 0.3]))
         if ratio in ("sequence", "sequence_geomean") and clip == "log_window":
@@ -78,7 +78,7 @@ def random_configs(n: int, seed: int = 0) -> list[LossConfig]:
         elif clip == "log_window":
             eps = dict(eps_low=float(rng.uniform(0.02, 0.3)), eps_high=float(rng.uniform(0.02, 0.3)))
             dual = float(rng.uniform(0.02, 0.3)) if rng.random() < 0.6 else None
-        elif clip == "cispo":
+        elif clip == "detached_clip":
             eps = dict(eps_low=float(rng.uniform(0.05, 1.0)), eps_high=float(rng.uniform(0.05, 0.5)))
             dual = None
         else:

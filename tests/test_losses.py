@@ -96,7 +96,7 @@ def _analytic_grad(cfg: LossConfig, lp, old, adv, mask) -> np.ndarray:
             if cfg.max_log_weight is not None and X[j] >= cfg.max_log_weight:
                 continue
             w = math.exp(X[j])
-            if cfg.clip == "cispo":
+            if cfg.clip == "detached_clip":
                 g = -a * min(max(w, 1 - cfg.eps_low), 1 + cfg.eps_high)
             else:
                 if cfg.clip == "ppo":

@@ -11,7 +11,7 @@ The contract (tested by enumerating every trajectory of small chains and differe
 
 with ``θ`` the tabular target logits, ``ψ_t = ∇_θ log π_θ(y_t|s_t)``, ``X_t`` the ratio family's log-weight
 value (:mod:`ctpo_lab.ratios`, on the per-token log-ratio clamped at ``log_ratio_clamp``), ``W(X) = e^X``
-(``cispo``: ``clip(e^X, 1−ε_low, 1+ε_high)``) and ``keep`` the loss's gradient mask:
+(rule ``detached_clip``, CISPO: ``clip(e^X, 1−ε_low, 1+ε_high)``) and ``keep`` the loss's gradient mask:
 
 * the cap: ``X_t > max_log_weight`` → 0;
 * ``ppo`` / ``log_window``: ``S > 0`` and ``X_t > upper_t``, or ``S < 0`` and ``X_t < lower_t`` → 0
@@ -90,7 +90,8 @@ class ChainEstimator:
     @property
     def atom_weighted(self) -> bool:
         """``W(X_t)`` is read from the augmented state's running sum (it does not factor over transitions)."""
-        return self.config.clip == "cispo" and self.level != "token" or self.config.ratio == "cumulative_geomean"
+        detached = self.config.clip == "detached_clip" and self.level != "token"
+        return detached or self.config.ratio == "cumulative_geomean"
 
     @property
     def needs_augmented(self) -> bool:
@@ -163,7 +164,7 @@ class ChainEstimator:
         c = self.config
         w = np.exp(np.minimum(np.asarray(x, dtype=np.float64), c.max_log_weight if c.max_log_weight is not None
                               else np.inf))
-        if c.clip == "cispo":
+        if c.clip == "detached_clip":
             w = np.clip(w, 1.0 - c.eps_low, 1.0 + c.eps_high)
         return w
 
