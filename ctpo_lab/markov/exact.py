@@ -115,7 +115,7 @@ def true_gradient(mdp: MarkovMDP) -> np.ndarray:
 
 
 def bias_decomposition(mdp: MarkovMDP, baseline: float = 0.0) -> dict[str, np.ndarray]:
-    """Outcome-signal bias parts (theory.md §3, identity 2), each ``[C·V]``.
+    """Outcome-signal bias parts (docs/theory.md, the bias decomposition), each ``[C·V]``.
 
     ``state = Σ_t Σ_z (d^μ_t − d^π_t)(z) Σ_y π ψ (Q^μ_t − b)``;
     ``continuation = Σ_t E_{d^π_t, π}[ψ (Q^μ_t − Q^π_t)]``; ``E g_tok − ∇J = state + continuation``;

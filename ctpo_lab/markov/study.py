@@ -200,9 +200,9 @@ def fact_sum_ordering(seed: int = 0, draws: int = 200, kl: float = 0.1, signal: 
     freq = float((r > 1).mean())
     sfx = "" if signal == "adv_pi" else f"_{signal}"
     return [
-        _row(f"sum_ordering_violation_frequency{sfx}", freq, "> 0 (theory.md quotes roughly 0.10-0.40)", freq > 0,
+        _row(f"sum_ordering_violation_frequency{sfx}", freq, "> 0 (docs/theory.md: roughly 0.10-0.40)", freq > 0,
              f"{draws} draws, V=2,k=1,T=5,kl={kl}, signal {signal}; max ratio {r.max():.3f}"),
-        _row(f"sum_ordering_max_ratio{sfx}", float(r.max()), "> 1 (theory.md quotes up to ~2.4)", r.max() > 1),
+        _row(f"sum_ordering_max_ratio{sfx}", float(r.max()), "> 1 (docs/theory.md: up to ~2.4)", r.max() > 1),
     ]
 
 
