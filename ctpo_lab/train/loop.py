@@ -53,7 +53,6 @@ __all__ = [
     "TrainResult",
     "NanLossError",
     "grpo_advantages",
-    "pick_device",
     "derived_seed",
     "train",
 ]
@@ -72,12 +71,6 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     final: dict[str, Any] = field(default_factory=dict)
     interrupted: bool = False
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def derived_seed(seed: int, step: int, purpose: int, rank: int = 0) -> int:
