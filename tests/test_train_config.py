@@ -2,10 +2,10 @@
 
 import pytest
 
-from ctpo_lab.train.config import PRESETS, TrainConfig, parse_overrides, resolve_train_config
+from ctpo_lab.train.config import TRAIN_PRESETS, TrainConfig, parse_overrides, resolve_train_config
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(TRAIN_PRESETS))
 def test_every_preset_validates(name):
     cfg = resolve_train_config(name)
     assert cfg.preset == name
@@ -105,7 +105,7 @@ def test_shipped_recipes_resolve():
     assert recipes
     for r in recipes:
         cfg = resolve_train_config(None, r)
-        assert cfg.preset in PRESETS
+        assert cfg.preset in TRAIN_PRESETS
 
 
 def test_cpu_preset_configuration_is_valid():

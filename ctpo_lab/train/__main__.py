@@ -21,7 +21,7 @@ import json
 import sys
 
 from ctpo_lab.losses import PRESETS as LOSS_PRESETS
-from ctpo_lab.train.config import PRESETS, resolve_train_config
+from ctpo_lab.train.config import TRAIN_PRESETS, resolve_train_config
 
 DEFAULT_PRESET = "cpu-smoke"
 
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--preset",
         default=None,
-        choices=sorted(PRESETS),
+        choices=sorted(TRAIN_PRESETS),
         help=f"named configuration (default {DEFAULT_PRESET!r} unless --config names one)",
     )
     p.add_argument("--loss", default=None, help=f"loss preset: {', '.join(LOSS_PRESETS)}")

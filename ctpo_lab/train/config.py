@@ -19,7 +19,7 @@ import yaml
 
 __all__ = [
     "TrainConfig",
-    "PRESETS",
+    "TRAIN_PRESETS",
     "BUILTIN_MODELS",
     "resolve_train_config",
     "parse_overrides",
@@ -196,13 +196,14 @@ def _check_type(name: str, value: Any, annotation: Any) -> None:
         raise TypeError(f"{name}: expected {ann}, got {value!r} ({type(value).__name__})")
 
 
-#: Named presets: overrides of the dataclass defaults. ``cpu-smoke`` (40 steps, 4 updates per rollout batch)
+#: Named trainer presets (``--preset``): overrides of the dataclass defaults (the loss presets are
+#: :data:`ctpo_lab.losses.PRESETS`, chosen with ``--loss``). ``cpu-smoke`` (40 steps, 4 updates per rollout batch)
 #: runs in ≈ 30–60 s on one core once the warm start is cached (the warm start itself, shared by every later
 #: run, seed and loss, takes ≈ 2 minutes once per machine);
 #: ``cpu-tiny`` is the test configuration; ``cpu`` is the run of the comparison grid ``python -m ctpo_lab.train``
 #: (12 runs, 2 in parallel, ≤ 30 minutes on 2 cores with the warm start); ``gpu`` the run of
 #: ``scripts/gpu_compare.sh`` (one H200, bf16).
-PRESETS: dict[str, dict[str, Any]] = {
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "cpu-tiny": dict(
         task="add",
         task_options={"digits": 1},
@@ -371,9 +372,9 @@ def resolve_train_config(
     name = preset if preset is not None else recipe_values.pop("preset", None)
     recipe_values.pop("preset", None)
     if name is not None:
-        if name not in PRESETS:
-            raise ValueError(f"preset: unknown preset {name!r}; expected one of {sorted(PRESETS)}")
-        _merge(values, PRESETS[name], f"preset {name!r}")
+        if name not in TRAIN_PRESETS:
+            raise ValueError(f"preset: unknown trainer preset {name!r}; expected one of {sorted(TRAIN_PRESETS)}")
+        _merge(values, TRAIN_PRESETS[name], f"preset {name!r}")
         values["preset"] = name
     _merge(values, recipe_values, f"config {str(recipe)!r}")
     if overrides:
