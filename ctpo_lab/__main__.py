@@ -1,19 +1,23 @@
-"""`python -m ctpo_lab`: compare every loss preset on one synthetic off-policy batch.
+"""`python -m ctpo_lab`: compare loss presets on one synthetic off-policy batch.
 
 Per-token log-ratios are drawn as a Gaussian random walk with drift, ℓ_t ~ N(−σ²/2, σ²) (the per-token KL is
 then σ²/2, the paper's Figure-1 regime for σ ≈ 0.035), responses have random lengths, advantages are ±1.
+``--loss NAME [NAME ...]`` chooses the estimators (any key of :data:`ctpo_lab.losses.PRESETS`, ``all`` for
+every one); the default is the training losses :data:`ctpo_lab.losses.TRAINING_PRESETS`.
 The table shows, per preset, the loss, the advantage-aware clip rates, the weight quantiles and the ESS;
-then the clip rate by position for the √t window (ctpo) and the fixed log window (ctpo_fixed).
+then the clip rate by position for the √t window (``ctpo``) and the fixed log window (``ctpo_fixed``),
+computed whether or not they are in the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
 from ctpo_lab.diagnostics import position_profile
-from ctpo_lab.losses import PRESETS, compute_policy_loss, metrics_to_host
+from ctpo_lab.losses import PRESETS, TRAINING_PRESETS, compute_policy_loss, metrics_to_host
 
 
 def synthetic_batch(batch: int, length: int, sigma: float, seed: int):
@@ -27,13 +31,23 @@ def synthetic_batch(batch: int, length: int, sigma: float, seed: int):
     return old + ell, old, adv, mask
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ctpo_lab", description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=128, help="responses in the batch (default 128)")
     ap.add_argument("--length", type=int, default=2048, help="maximum response length (default 2048)")
     ap.add_argument("--sigma", type=float, default=0.035, help="std of the per-token log-ratio (default 0.035)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--loss", nargs="+", default=None, metavar="NAME",
+                    help=f"estimators to tabulate: keys of ctpo_lab.losses.PRESETS or 'all' (default: the training "
+                         f"losses {' '.join(TRAINING_PRESETS)})")
     args = ap.parse_args(argv)
+    names = list(TRAINING_PRESETS) if args.loss is None else (
+        list(PRESETS) if args.loss == ["all"] else list(dict.fromkeys(args.loss)))
+    unknown = [n for n in names if n not in PRESETS]
+    if unknown:
+        print(f"error: --loss: unknown preset(s) {unknown}; expected keys of ctpo_lab.losses.PRESETS "
+              f"{sorted(PRESETS)} or 'all'", file=sys.stderr)
+        return 2
     for name in ("batch", "length"):
         if getattr(args, name) < 1:
             ap.error(f"--{name} must be ≥ 1")
@@ -47,17 +61,18 @@ def main(argv: list[str] | None = None) -> None:
             ("dual", "pg_update/clip/dual/rate"), ("w p50", "pg_update/is_ratio/p50"),
             ("w p99", "pg_update/is_ratio/p99"), ("w max", "pg_update/is_ratio/max"),
             ("ESS tok", "pg_update/ess/token")]
-    print(f"{'preset':<14}" + "".join(f"{c:>11}" for c, _ in cols))
+    print(f"{'preset':<{max(14, *(len(n) + 2 for n in names))}}" + "".join(f"{c:>11}" for c, _ in cols))
     outputs = {}
-    for name in PRESETS:
+    width = max(14, *(len(n) + 2 for n in names))
+    for name in names:
         out = compute_policy_loss(lp, old, adv, mask, preset=name)
         outputs[name] = out
         m = metrics_to_host(out.metrics, out.num_nonfinite)
-        print(f"{name:<14}" + "".join(f"{m[k]:>11.4g}" for _, k in cols))
+        print(f"{name:<{width}}" + "".join(f"{m.get(k, float('nan')):>11.4g}" for _, k in cols))
     print("\nclip rate by position (advantage-aware), √t window vs fixed log window:")
     profiles = {}
     for name in ("ctpo", "ctpo_fixed"):
-        o = outputs[name]
+        o = outputs[name] if name in outputs else compute_policy_loss(lp, old, adv, mask, preset=name)
         clipped = o.clip.clipped_high | o.clip.clipped_low | o.clip.clipped_dual
         cum = o.log_weight_value  # X_t = L_t for the cumulative family
         profiles[name] = position_profile(cum, o.mask, bin_width=max(1, args.length // 8), clipped=clipped)
@@ -69,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
         lo = int(p.bin_start[b])
         print(f"{f'{lo}-{lo + p.bin_width - 1}':>14}{p.std[b].item():>10.4f}{p.clip_rate[b].item():>10.3f}"
               f"{profiles['ctpo_fixed'].clip_rate[b].item():>12.3f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

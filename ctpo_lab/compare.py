@@ -1,7 +1,7 @@
 """Estimator comparison at scale: a grid of loss presets × seeds, run in parallel, resumable, aggregated.
 
     python -m ctpo_lab.train                      # the `cpu` grid: grpo, gspo, ctpo, ctpo_fixed × 3 seeds
-    python -m ctpo_lab.train compare --preset cpu --losses grpo ctpo --seeds 0 1 2 3 --out runs/cmp
+    python -m ctpo_lab.train compare --preset cpu --loss grpo ctpo --seeds 0 1 2 3 --out runs/cmp
 
 Each cell is an ordinary run of ``python -m ctpo_lab.train`` in ``OUT/runs/<loss>-seed<S>``; a finished run
 (its ``FINISHED`` marker present) is reused, an interrupted one is resumed with ``--resume``. Aggregation
@@ -50,6 +50,7 @@ __all__ = [
     "paired_comparison",
     "plot_curves",
     "aggregate",
+    "run_comparison",
     "main",
 ]
 
@@ -401,10 +402,26 @@ def aggregate(out: str | os.PathLike[str], *, reference: str = "ctpo", seed: int
     return result
 
 
+def run_comparison(spec: GridSpec, out: str | os.PathLike[str] | None = None, *, jobs: int | None = None,
+                   overwrite: bool = False, aggregate_only: bool = False, reference: str = "ctpo",
+                   progress: bool = True) -> dict[str, Any]:
+    """Run the grid (unless ``aggregate_only``) into ``out`` (default ``runs/compare-<trainer preset>``) and
+    aggregate it; returns the aggregate's tables plus ``out`` and ``seconds``. What ``python -m ctpo_lab.train
+    compare`` does; bad input raises ``ValueError`` naming the argument. The caller chooses the matplotlib
+    backend (the command line: Agg)."""
+    out = Path(out if out is not None else f"runs/compare-{spec.train_preset}")
+    start = time.time()
+    if not aggregate_only:
+        run_grid(spec, out, jobs=jobs, overwrite=overwrite, progress=progress)
+    result = aggregate(out, reference=reference)
+    return {**result, "out": out, "seconds": time.time() - start}
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m ctpo_lab.train compare", description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="cpu", help="trainer preset of every run (default: cpu)")
-    ap.add_argument("--losses", nargs="+", default=list(GridSpec.losses), help="loss presets to compare")
+    ap.add_argument("--loss", "--losses", nargs="+", dest="losses", default=list(GridSpec.losses), metavar="NAME",
+                    help="loss presets to compare (keys of ctpo_lab.losses.PRESETS)")
     ap.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default 0 1 2)")
     ap.add_argument("--seed", type=int, default=None, help="first seed; with --num-seeds gives seed..seed+n-1")
     ap.add_argument("--num-seeds", type=int, default=3)
@@ -419,17 +436,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ctpo_lab.train compare``: parse, :func:`run_comparison`, print the tables; bad input: one line
+    ``error: <argument>: <expected>`` on stderr and exit status 2."""
     import matplotlib
 
     matplotlib.use("Agg")  # a command-line run writes files only
     args = build_parser().parse_args(argv)
     seeds = args.seeds if args.seeds is not None else list(range(args.seed or 0, (args.seed or 0) + args.num_seeds))
-    spec = GridSpec(args.preset, tuple(args.losses), tuple(seeds), tuple(args.overrides), args.steps)
-    out = Path(args.out or f"runs/compare-{args.preset}")
-    start = time.time()
-    if not args.aggregate_only:
-        run_grid(spec, out, jobs=args.jobs, overwrite=args.overwrite)
-    result = aggregate(out, reference=args.reference)
+    try:
+        spec = GridSpec(args.preset, tuple(args.losses), tuple(seeds), tuple(args.overrides), args.steps)
+        result = run_comparison(spec, args.out, jobs=args.jobs, overwrite=args.overwrite,
+                                aggregate_only=args.aggregate_only, reference=args.reference)
+    except (ValueError, TypeError) as e:
+        print(f"error: {' '.join(str(e).splitlines())}", file=sys.stderr)
+        return 2
     shown = ["loss", "seeds", "initial accuracy", "final accuracy", "accuracy gain", "clip fraction",
              "KL after last update"]
     print(result["table2"][shown].to_markdown(index=False))
@@ -437,5 +457,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
         print(result["paired"][["loss", "reference", "paired seeds", "mean difference", "CI low", "CI high",
                                 "sign-flip p"]].to_markdown(index=False, floatfmt=".4g"))
-    print(f"\n[compare] wrote {out}/table2.md, paired.md, curves.csv, fig2.png in {time.time() - start:.0f} s")
+    print(f"\n[compare] wrote {result['out']}/table2.md, paired.md, curves.csv, fig2.png in {result['seconds']:.0f} s")
     return 0

@@ -104,7 +104,7 @@ if ! "$PYTHON" -m ctpo_lab.train --preset gpu --loss ctpo --out "$OUT_DIR/prefli
   exit 1
 fi
 # shellcheck disable=SC2086
-"$PYTHON" -m ctpo_lab.train compare --preset gpu --losses $LOSSES --seeds $SEEDS --jobs "$JOBS" \
+"$PYTHON" -m ctpo_lab.train compare --preset gpu --loss $LOSSES --seeds $SEEDS --jobs "$JOBS" \
   --out "$OUT_DIR/grid" "${EXTRA[@]}" 2>&1 | tee -a "$LOG"
 status=${PIPESTATUS[0]}
 end=$(date +%s)

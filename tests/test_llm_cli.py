@@ -21,6 +21,15 @@ def _run(out, *extra):
     return main(["--out", str(out), *SMALL, *extra])
 
 
+def _fails(capsys, argv, match):
+    """The CLI ends with exit status 2 and one line ``error: <argument>: ...`` on stderr."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
+    return err[0]
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("llm") / "run"
@@ -44,9 +53,8 @@ def test_end_to_end_outputs(run_dir):
     assert len(df) == 32 and (df["split"] == "eval").all() and df["kl"].notna().all()
 
 
-def test_same_seed_same_numbers_and_no_silent_overwrite(run_dir, tmp_path):
-    with pytest.raises(SystemExit, match="exists"):
-        _run(run_dir, "--seed", "0")
+def test_same_seed_same_numbers_and_no_silent_overwrite(run_dir, tmp_path, capsys):
+    assert _fails(capsys, ["--out", str(run_dir), *SMALL, "--seed", "0"], "exists").startswith("error: --out: ")
     other = tmp_path / "again"
     _run(other, "--seed", "0")
     a = json.loads((run_dir / "summary.json").read_text())
@@ -60,14 +68,13 @@ def test_same_seed_same_numbers_and_no_silent_overwrite(run_dir, tmp_path):
     after = pd.read_parquet(shard)
     assert before["token_ids"].map(list).tolist() == after["token_ids"].map(list).tolist()
     assert json.loads((other / "summary.json").read_text())["sigma_hat"] == a["sigma_hat"]
-    with pytest.raises(SystemExit, match="differs"):
-        _run(other, "--seed", "1", "--resume")
+    _fails(capsys, ["--out", str(other), *SMALL, "--seed", "1", "--resume"], "differs")
+    _fails(capsys, ["--out", str(other), *SMALL, "--resume", "--overwrite"], "exclude")
     _run(other, "--seed", "1", "--overwrite")
 
 
 def test_analyze_and_fit_subcommands(run_dir, capsys):
-    with pytest.raises(SystemExit, match="overwrite"):
-        main(["analyze", str(run_dir)])
+    _fails(capsys, ["analyze", str(run_dir)], "overwrite")
     assert main(["analyze", str(run_dir), "--overwrite"]) == 0
     assert main(["fit", str(run_dir / "targets" / "stale_k2.parquet"), "--bin-width", "8", "--min-count", "8",
                  "--n-boot", "50"]) == 0
@@ -84,17 +91,35 @@ def test_other_sources(tmp_path):
         assert s["source"] == source and s["targets"][s["primary_target"]]["kl_per_token"] >= 0
 
 
-def test_bad_input_fails_before_work(tmp_path):
-    with pytest.raises(SystemExit, match="no model folder"):
-        main(["--out", str(tmp_path / "a"), *SMALL[2:], "--model", str(tmp_path / "missing")])
+def test_bad_input_fails_before_work(tmp_path, capsys):
+    _fails(capsys, ["--out", str(tmp_path / "a"), *SMALL[2:], "--model", str(tmp_path / "missing")],
+           "--model: no model folder")
     pd.DataFrame({"prompt": []}).to_parquet(tmp_path / "empty.parquet")
-    with pytest.raises(SystemExit, match="no rows"):
-        main(["--out", str(tmp_path / "b"), *SMALL, "--prompts", str(tmp_path / "empty.parquet")])
-    with pytest.raises(SystemExit, match="context"):
-        main(["--out", str(tmp_path / "c"), *SMALL, "--max-new-tokens", "5000"])
-    with pytest.raises(SystemExit, match="target-model"):
-        main(["--out", str(tmp_path / "d"), *SMALL, "--source", "checkpoints"])
-    assert not any((tmp_path / n).exists() for n in "abcd")
+    _fails(capsys, ["--out", str(tmp_path / "b"), *SMALL, "--prompts", str(tmp_path / "empty.parquet")],
+           "--prompts: ")
+    _fails(capsys, ["--out", str(tmp_path / "c"), *SMALL, "--max-new-tokens", "5000"], "--max-new-tokens: ")
+    _fails(capsys, ["--out", str(tmp_path / "d"), *SMALL, "--source", "checkpoints"], "--target-model: ")
+    _fails(capsys, ["--out", str(tmp_path / "e"), *SMALL, "--loss", "ppo9"], "--loss: unknown preset")
+    _fails(capsys, ["--out", str(tmp_path / "e"), *SMALL, "--preset", "ppo9"], "--loss: unknown preset")  # former name
+    _fails(capsys, ["--out", str(tmp_path / "f"), *SMALL, "--group-size", "1"], "--group-size: ")
+    _fails(capsys, ["--out", str(tmp_path / "g"), *SMALL, "--source", "temperature"], "--temperature: ")
+    _fails(capsys, ["fit", str(tmp_path / "nothing.parquet")], "error: ")
+    _fails(capsys, ["analyze", str(tmp_path / "nothing")], "error: dir: ")
+    assert not any((tmp_path / n).exists() for n in "abcdefg")
+
+
+def test_library_functions_raise_value_errors(tmp_path):
+    from ctpo_lab.llm import pipeline
+
+    with pytest.raises(ValueError, match="^group_size: "):
+        pipeline.resolve_run_config(out=str(tmp_path / "x"), group_size=1)
+    with pytest.raises(ValueError, match="^loss: "):
+        pipeline.RunConfig(out=str(tmp_path / "x"), loss="nope").validate()
+    cfg = pipeline.resolve_run_config(out=str(tmp_path / "x"), quick=True, loss="grpo", k=[2])
+    assert (cfg.model, cfg.loss, cfg.k, cfg.lr) == ("tiny-random", "grpo", [2], pipeline.QUICK["lr"])
+    assert pipeline.resolve_run_config(out="x", quick=True, model="smollm2").lr == pipeline.RunConfig.lr
+    with pytest.raises(ValueError, match="^dir: "):
+        pipeline.analyze_run(tmp_path / "missing")
 
 
 def test_two_checkpoints_source(tmp_path):

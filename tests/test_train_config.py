@@ -2,10 +2,10 @@
 
 import pytest
 
-from ctpo_lab.train.config import PRESETS, TrainConfig, parse_overrides, resolve_train_config
+from ctpo_lab.train.config import TRAIN_PRESETS, TrainConfig, parse_overrides, resolve_train_config
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(TRAIN_PRESETS))
 def test_every_preset_validates(name):
     cfg = resolve_train_config(name)
     assert cfg.preset == name
@@ -105,7 +105,7 @@ def test_shipped_recipes_resolve():
     assert recipes
     for r in recipes:
         cfg = resolve_train_config(None, r)
-        assert cfg.preset in PRESETS
+        assert cfg.preset in TRAIN_PRESETS
 
 
 def test_cpu_preset_configuration_is_valid():
@@ -130,3 +130,28 @@ def test_cpu_preset_configuration_is_valid():
     spec = compare.GridSpec()
     assert spec.train_preset == "cpu" and len(spec.losses) == 4 and len(spec.seeds) >= 3
     assert compare.build_parser().parse_args([]).preset == "cpu"
+
+
+def test_loss_may_be_a_loss_config_or_its_field_dict(tmp_path):
+    import dataclasses
+
+    from ctpo_lab.losses import PRESETS, resolve_config
+
+    custom = resolve_config("ctpo", clip_exponent=0.25, name="ctpo_p025")
+    cfg = resolve_train_config("cpu-tiny", loss=custom, overrides=["loss_overrides.eps_low=0.03"])
+    assert cfg.loss == custom and cfg.loss_name == "ctpo_p025"
+    assert cfg.loss_config() == dataclasses.replace(custom, eps_low=0.03)
+    assert cfg.to_dict()["loss"] == dataclasses.asdict(custom)
+    assert TrainConfig.from_dict({**cfg.to_dict(), "resolved_loss": {}, "world_size": 1}) == cfg
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("preset: cpu-tiny\nloss: {name: seq, ratio: sequence, clip: ppo, eps_low: 0.1, eps_high: 0.1}\n")
+    cfg = resolve_train_config(None, recipe)
+    assert cfg.loss_config() == resolve_config("seq_is", name="seq", eps_low=0.1, eps_high=0.1, dual_clip=3.0,
+                                               max_log_weight=None)
+    assert resolve_train_config("cpu-tiny", loss="tis").loss_config() == PRESETS["tis"]
+    with pytest.raises(ValueError, match="loss: unknown LossConfig field"):
+        TrainConfig(loss={"ratio": "token", "epsilon": 0.2})
+    with pytest.raises(ValueError, match="^loss: unknown preset"):
+        resolve_train_config("cpu-tiny", loss="ppo9")
+    with pytest.raises(TypeError, match="loss"):
+        resolve_train_config("cpu-tiny", loss=3)

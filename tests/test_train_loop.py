@@ -259,3 +259,28 @@ def test_reusing_the_sampler_log_probs_skips_the_old_log_prob_forward(tmp_path, 
     assert math.isfinite(rec["entropy"]) and rec["entropy"] > 0 and "actor/ppo_kl" in rec
     assert not any(k.get("with_entropy") for k in calls)  # only the updates' and the KL forwards
     assert len(calls) == 2 + 1  # 2 mini-batch updates + the measured-KL forward
+
+
+def test_a_loss_config_trains_and_a_resume_rebuilds_it_from_config_yaml(tmp_path):
+    import yaml
+
+    from ctpo_lab.losses import resolve_config
+    from ctpo_lab.train.config import TrainConfig
+    from ctpo_lab.train.loop import train
+
+    custom = resolve_config("ctpo", clip_exponent=0.25, name="ctpo_p025")
+    trainer = Trainer(tiny(steps=2), tmp_path / "run", progress=False, loss=custom)
+    assert trainer.loss_config == custom and trainer.cfg.loss == custom
+    part = trainer.train(interrupt_after=1)
+    assert part.interrupted
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["loss"]["name"] == "ctpo_p025" and saved["resolved_loss"] == saved["loss"]
+    rebuilt = TrainConfig.from_dict(saved)
+    assert rebuilt.loss == custom
+    resumed = Trainer(rebuilt, tmp_path / "run", resume=True, progress=False)
+    assert resumed.start_step == 1 and resumed.loss_config == custom
+    assert resumed.train().final["step"] == 2
+    with pytest.raises(ValueError, match="resume.*loss"):  # the preset's own ctpo is another loss
+        Trainer(tiny(steps=2), tmp_path / "run", resume=True, progress=False)
+    result = train(tiny(steps=1), tmp_path / "fn", progress=False, loss=resolve_config("tis"))
+    assert result.final["step"] == 1

@@ -3,7 +3,10 @@
 >>> from ctpo_lab.integrations.trl import ctpo_grpo_trainer_class
 >>> Trainer = ctpo_grpo_trainer_class()
 >>> trainer = Trainer(model=..., reward_funcs=..., args=GRPOConfig(num_iterations=4, ...),
-...                   loss_preset="ctpo", loss_overrides={"clip_exponent": 0.5})
+...                   loss="ctpo", loss_overrides={"clip_exponent": 0.5})
+
+``loss`` is a key of :data:`ctpo_lab.losses.PRESETS` or any :class:`~ctpo_lab.losses.LossConfig`
+(``loss_preset`` is its former name); the loss used is ``losses.resolve_config(loss, **loss_overrides)``.
 
 The subclass replaces only the policy-loss computation of ``GRPOTrainer._compute_loss``: TRL still generates,
 scores and computes group advantages; the per-token log-probs of the current policy, the behaviour log-probs
@@ -24,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ctpo_lab.losses import compute_policy_loss, metrics_to_host, resolve_config
+from ctpo_lab.losses import LossConfig, compute_policy_loss, metrics_to_host, resolve_config
 
 __all__ = ["ctpo_grpo_trainer_class"]
 
@@ -34,7 +37,8 @@ _CLASS_CACHE: dict[str, type] = {}
 def ctpo_grpo_trainer_class() -> type:
     """Return a subclass of ``trl.GRPOTrainer`` whose policy loss is a ctpo_lab preset.
 
-    Extra constructor arguments: ``loss_preset`` (a key of :data:`ctpo_lab.losses.PRESETS`, default ``"ctpo"``)
+    Extra constructor arguments: ``loss`` (a key of :data:`ctpo_lab.losses.PRESETS` or a
+    :class:`~ctpo_lab.losses.LossConfig`, default ``"ctpo"``; ``loss_preset`` is accepted as its former name)
     and ``loss_overrides`` (a dict of :class:`ctpo_lab.losses.LossConfig` fields).  Raises ImportError with
     an install hint when ``trl`` is missing.
     """
@@ -48,9 +52,12 @@ def ctpo_grpo_trainer_class() -> type:
     class CTPOGRPOTrainer(GRPOTrainer):
         """``GRPOTrainer`` with the policy loss of a ctpo_lab preset (see the module docstring)."""
 
-        def __init__(self, *args: Any, loss_preset: str = "ctpo", loss_overrides: dict | None = None,
-                     **kwargs: Any) -> None:
-            self.ctpo_loss_config = resolve_config(loss_preset, **(loss_overrides or {}))
+        def __init__(self, *args: Any, loss: str | LossConfig | None = None, loss_preset: str | None = None,
+                     loss_overrides: dict | None = None, **kwargs: Any) -> None:
+            if loss is not None and loss_preset is not None:
+                raise ValueError("loss: give loss or its former name loss_preset, not both")
+            chosen = loss if loss is not None else (loss_preset if loss_preset is not None else "ctpo")
+            self.ctpo_loss_config = resolve_config(chosen, **(loss_overrides or {}))
             super().__init__(*args, **kwargs)
             if self.beta != 0.0:
                 raise ValueError("args.beta: CTPOGRPOTrainer does not apply a KL penalty; set beta=0.0")

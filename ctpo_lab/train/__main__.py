@@ -11,7 +11,10 @@ Examples::
 
 Data parallel: ``torchrun --nproc_per_node N -m ctpo_lab.train ...`` (see :mod:`ctpo_lab.train.distributed`).
 
-Exit status: 0 finished, 130 interrupted (checkpoint written), 3 stopped on repeated NaN losses, 2 bad input.
+The run itself is :func:`ctpo_lab.train.launch.launch`; this module only parses arguments.
+
+Exit status: 0 finished, 130 interrupted (checkpoint written), 3 stopped on repeated NaN losses, 2 bad input
+(one line ``error: <argument>: <expected>`` on stderr).
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ import json
 import sys
 
 from ctpo_lab.losses import PRESETS as LOSS_PRESETS
-from ctpo_lab.train.config import PRESETS, resolve_train_config
+from ctpo_lab.losses import TRAINING_PRESETS
+from ctpo_lab.train.config import TRAIN_PRESETS
+from ctpo_lab.train.launch import DEFAULT_TRAIN_PRESET
 
-DEFAULT_PRESET = "cpu-smoke"
+DEFAULT_PRESET = DEFAULT_TRAIN_PRESET
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,10 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--preset",
         default=None,
-        choices=sorted(PRESETS),
-        help=f"named configuration (default {DEFAULT_PRESET!r} unless --config names one)",
+        choices=sorted(TRAIN_PRESETS),
+        help=f"trainer preset (default {DEFAULT_PRESET!r} unless --config names one)",
     )
-    p.add_argument("--loss", default=None, help=f"loss preset: {', '.join(LOSS_PRESETS)}")
+    p.add_argument(
+        "--loss",
+        default=None,
+        help=f"loss preset: a key of ctpo_lab.losses.PRESETS (training losses: {', '.join(TRAINING_PRESETS)}; "
+        f"all: {', '.join(LOSS_PRESETS)})",
+    )
     p.add_argument("--seed", type=int, default=None, help="run seed (same seed, same numbers on CPU)")
     p.add_argument("--steps", type=int, default=None, help="number of rollout steps")
     p.add_argument("--out", default=None, help="run folder (default runs/<preset>-<loss>-s<seed>)")
@@ -59,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _error(e: Exception) -> int:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] == "compare":
@@ -66,55 +81,36 @@ def main(argv: list[str] | None = None) -> int:
 
         return compare.main(argv[1:])
     args = build_parser().parse_args(argv)
-    preset = args.preset if args.preset is not None or args.config is not None else DEFAULT_PRESET
+    from ctpo_lab.train.launch import launch
+    from ctpo_lab.train.loop import NanLossError
+
     try:
-        cfg = resolve_train_config(
-            preset,
+        run = launch(
+            args.preset,
             args.config,
             args.overrides,
+            out=args.out,
             loss=args.loss,
             seed=args.seed,
             steps=args.steps,
             track=True if args.track else None,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+            dry_run=args.print_config,
         )
     except (ValueError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(json.dumps(cfg.to_dict(), indent=1))
-        return 0
-    out = args.out or f"runs/{cfg.preset}-{cfg.loss}-s{cfg.seed}"
-    from ctpo_lab.train.loop import NanLossError, Trainer
-
-    try:
-        trainer = Trainer(
-            cfg, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
-        )
-    except (ValueError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        result = trainer.train()
+        return _error(e)
     except NanLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    if result.interrupted:
-        return 130
-    if not trainer.dist.is_main:
+    if args.print_config:
+        print(json.dumps(run.config.to_dict(), indent=1))
         return 0
-    f = result.final
-    print(
-        json.dumps(
-            {
-                "out": str(result.out),
-                "step": f.get("step"),
-                "reward_mean": f.get("reward_mean"),
-                "eval_accuracy": f.get("eval_accuracy"),
-                "offpolicy/kl": f.get("offpolicy/kl"),
-                "wall_time": f.get("wall_time"),
-            }
-        )
-    )
+    if run.interrupted:
+        return 130
+    if run.is_main:
+        print(json.dumps(run.summary))
     return 0
 
 

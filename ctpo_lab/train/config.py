@@ -3,6 +3,10 @@
 Precedence (later wins): dataclass defaults < preset < YAML recipe (``--config``) < ``key=value`` overrides <
 explicit flags (``--loss``, ``--seed``, ``--steps``).  Dotted keys reach into the dict-valued fields:
 ``loss_overrides.eps_high=0.28``, ``task_options.max_steps=20``, ``model_options.hidden_size=128``.
+The loss is ``loss`` (a key of :data:`ctpo_lab.losses.PRESETS` or a :class:`~ctpo_lab.losses.LossConfig`; in YAML
+a mapping of LossConfig fields) with ``loss_overrides`` applied by :func:`ctpo_lab.losses.resolve_config`
+(:meth:`TrainConfig.loss_config`); a LossConfig is stored in ``config.yaml`` as its field dict, and
+:meth:`TrainConfig.from_dict` rebuilds the identical LossConfig from it.
 Every key is checked: an unknown key, loss, task, model or a mini-batch size that does not divide the rollout
 batch raises ``ValueError`` naming it, before any work starts (:meth:`TrainConfig.validate`).
 """
@@ -17,13 +21,16 @@ from typing import Any
 
 import yaml
 
+from ctpo_lab.losses import LossConfig, resolve_config
+
 __all__ = [
     "TrainConfig",
-    "PRESETS",
+    "TRAIN_PRESETS",
     "BUILTIN_MODELS",
     "resolve_train_config",
     "parse_overrides",
     "load_recipe",
+    "loss_from_dict",
 ]
 
 #: Model names the trainer builds itself (LlamaForCausalLM from a config + cached supervised warm start).
@@ -44,8 +51,8 @@ class TrainConfig:
     preset: str = "custom"
     seed: int = 0
     steps: int = 20
-    # loss
-    loss: str = "ctpo"
+    # loss: a preset name or a LossConfig (a mapping of its fields is converted)
+    loss: str | LossConfig = "ctpo"
     loss_overrides: dict[str, Any] = field(default_factory=dict)
     # task
     task: str = "chain"
@@ -90,7 +97,28 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None
 
+    def __post_init__(self) -> None:
+        if isinstance(self.loss, dict):
+            self.loss = loss_from_dict(self.loss)
+
     # ------------------------------------------------------------------ derived
+    @property
+    def loss_name(self) -> str:
+        """The preset name, or the LossConfig's ``name`` (for folder names, logs and progress bars)."""
+        return self.loss if isinstance(self.loss, str) else self.loss.name
+
+    def loss_config(self) -> LossConfig:
+        """The loss of the run: ``losses.resolve_config(loss, **loss_overrides)`` (validated; errors name
+        ``loss`` or ``loss_overrides``)."""
+        try:
+            return resolve_config(self.loss, **self.loss_overrides)
+        except (ValueError, TypeError) as e:
+            arg, _, msg = str(e).partition(": ")
+            name = {"preset": "loss", "overrides": "loss_overrides"}.get(arg)
+            if name is None:  # a LossConfig field (eps_low, …): an override's value
+                name, msg = "loss_overrides", str(e)
+            raise type(e)(f"{name}: {msg}") from None
+
     @property
     def num_mini_batches(self) -> int:
         return self.batch_prompts // self.mini_batch_prompts
@@ -104,12 +132,21 @@ class TrainConfig:
         return self.batch_prompts * self.group_size
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain data (a LossConfig ``loss`` becomes its field dict), as written to ``config.yaml``."""
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """The config of :meth:`to_dict` or of a run folder's ``config.yaml`` (keys that are not fields, such as
+        ``resolved_loss`` or ``policy``, are ignored); not validated."""
+        if not isinstance(data, dict):
+            raise ValueError(f"config: expected a mapping, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> TrainConfig:
         """Check every field (types, ranges, names, model path); return ``self``. Raises ``ValueError``."""
-        from ctpo_lab.losses import resolve_config
         from ctpo_lab.train.tasks import make_task
 
         for f in dataclasses.fields(self):
@@ -151,7 +188,7 @@ class TrainConfig:
             raise ValueError(f"threads: expected ≥ 1 or None, got {self.threads!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"device: expected 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
-        resolve_config(self.loss, **self.loss_overrides)  # unknown loss / option → ValueError
+        self.loss_config()  # unknown loss / option → ValueError
         if self.task == "parquet" and "path" not in self.task_options:
             raise ValueError(
                 "task_options.path: task=parquet needs task_options.path=<parquet file or folder>"
@@ -188,6 +225,8 @@ def _check_type(name: str, value: Any, annotation: Any) -> None:
         ok = isinstance(value, bool)
     elif ann == "str":
         ok = isinstance(value, str)
+    elif ann == "str | LossConfig":
+        ok = isinstance(value, (str, LossConfig))
     elif ann.startswith("dict"):
         ok = isinstance(value, dict)
     elif ann == "int | None":
@@ -196,13 +235,26 @@ def _check_type(name: str, value: Any, annotation: Any) -> None:
         raise TypeError(f"{name}: expected {ann}, got {value!r} ({type(value).__name__})")
 
 
-#: Named presets: overrides of the dataclass defaults. ``cpu-smoke`` (40 steps, 4 updates per rollout batch)
+def loss_from_dict(data: dict[str, Any]) -> LossConfig:
+    """A :class:`~ctpo_lab.losses.LossConfig` from its field dict (``config.yaml``, a YAML recipe)."""
+    names = {f.name for f in dataclasses.fields(LossConfig)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"loss: unknown LossConfig field(s) {unknown}; valid fields are {sorted(names)}")
+    try:
+        return LossConfig(**data)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"loss: {e}") from None
+
+
+#: Named trainer presets (``--preset``): overrides of the dataclass defaults (the loss presets are
+#: :data:`ctpo_lab.losses.PRESETS`, chosen with ``--loss``). ``cpu-smoke`` (40 steps, 4 updates per rollout batch)
 #: runs in ≈ 30–60 s on one core once the warm start is cached (the warm start itself, shared by every later
 #: run, seed and loss, takes ≈ 2 minutes once per machine);
 #: ``cpu-tiny`` is the test configuration; ``cpu`` is the run of the comparison grid ``python -m ctpo_lab.train``
 #: (12 runs, 2 in parallel, ≤ 30 minutes on 2 cores with the warm start); ``gpu`` the run of
 #: ``scripts/gpu_compare.sh`` (one H200, bf16).
-PRESETS: dict[str, dict[str, Any]] = {
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "cpu-tiny": dict(
         task="add",
         task_options={"digits": 1},
@@ -371,9 +423,9 @@ def resolve_train_config(
     name = preset if preset is not None else recipe_values.pop("preset", None)
     recipe_values.pop("preset", None)
     if name is not None:
-        if name not in PRESETS:
-            raise ValueError(f"preset: unknown preset {name!r}; expected one of {sorted(PRESETS)}")
-        _merge(values, PRESETS[name], f"preset {name!r}")
+        if name not in TRAIN_PRESETS:
+            raise ValueError(f"preset: unknown trainer preset {name!r}; expected one of {sorted(TRAIN_PRESETS)}")
+        _merge(values, TRAIN_PRESETS[name], f"preset {name!r}")
         values["preset"] = name
     _merge(values, recipe_values, f"config {str(recipe)!r}")
     if overrides:

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from ctpo_lab.diagnostics import masked_mean
-from ctpo_lab.losses import compute_policy_loss, metrics_to_host, resolve_config
+from ctpo_lab.losses import LossConfig, compute_policy_loss, metrics_to_host
 from ctpo_lab.train.config import TrainConfig
 from ctpo_lab.train.distributed import init_distributed
 from ctpo_lab.train.policy import Policy, evaluate, load_policy
@@ -53,7 +53,6 @@ __all__ = [
     "TrainResult",
     "NanLossError",
     "grpo_advantages",
-    "pick_device",
     "derived_seed",
     "train",
 ]
@@ -72,12 +71,6 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     final: dict[str, Any] = field(default_factory=dict)
     interrupted: bool = False
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def derived_seed(seed: int, step: int, purpose: int, rank: int = 0) -> int:
@@ -101,7 +94,9 @@ class Trainer:
     """Builds everything from a validated config and runs :meth:`train`.
 
     Construction order guarantees that every error about the config or the run folder is raised before any
-    model is built or loaded.
+    model is built or loaded.  The loss is ``cfg.loss`` (a preset name or a :class:`~ctpo_lab.losses.LossConfig`)
+    or, when given, ``loss`` (the same kinds; it replaces ``cfg.loss``, ``cfg.loss_overrides`` still apply);
+    the loss trained with is always ``losses.resolve_config(loss, **cfg.loss_overrides)``.
     """
 
     def __init__(
@@ -113,9 +108,14 @@ class Trainer:
         overwrite: bool = False,
         progress: bool = True,
         log: Callable[[str], None] | None = None,
+        loss: str | LossConfig | None = None,
     ) -> None:
         if not isinstance(cfg, TrainConfig):
             raise TypeError(f"cfg: expected TrainConfig, got {type(cfg).__name__}")
+        if loss is not None:
+            if not isinstance(loss, (str, LossConfig)):
+                raise TypeError(f"loss: expected a preset name or a LossConfig, got {type(loss).__name__}")
+            cfg = dataclasses.replace(cfg, loss=loss)
         cfg.validate()
         if cfg.track:
             try:
@@ -145,7 +145,7 @@ class Trainer:
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         self.task = make_task(cfg.task, **cfg.task_options)
-        self.loss_config = resolve_config(cfg.loss, **cfg.loss_overrides)
+        self.loss_config: LossConfig = cfg.loss_config()
         self.max_new_tokens = cfg.max_new_tokens or self.task.max_response_tokens
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
@@ -201,7 +201,7 @@ class Trainer:
             f"{c.batch_prompts} prompts × {c.group_size} responses = {c.rollout_batch_size} responses, "
             f"mini-batches of {c.mini_batch_prompts} prompts "
             f"({c.mini_batch_prompts * c.group_size} responses) × {c.ppo_epochs} epoch(s); update 1 is "
-            f"on-policy, updates 2..{c.updates_per_step} are off-policy. loss={c.loss} device={self.device}"
+            f"on-policy, updates 2..{c.updates_per_step} are off-policy. loss={c.loss_name} device={self.device}"
             + (f" data-parallel ranks={self.dist.world}" if self.dist.active else "")
         )
 
@@ -454,7 +454,7 @@ class Trainer:
                 range(self.start_step + 1, cfg.steps + 1),
                 initial=self.start_step,
                 total=cfg.steps,
-                desc=f"{cfg.loss}",
+                desc=cfg.loss_name,
                 disable=not self.progress,
                 dynamic_ncols=True,
             )
@@ -551,7 +551,14 @@ def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig) -> None:
 
 
 def train(
-    cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False, progress: bool = True
+    cfg: TrainConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    loss: str | LossConfig | None = None,
 ) -> TrainResult:
-    """Build a :class:`Trainer` and run it (the programmatic twin of ``python -m ctpo_lab.train``)."""
-    return Trainer(cfg, out, resume=resume, overwrite=overwrite, progress=progress).train()
+    """Build a :class:`Trainer` and run it (the programmatic twin of ``python -m ctpo_lab.train``); ``loss``: a
+    preset name or a :class:`~ctpo_lab.losses.LossConfig` replacing ``cfg.loss``."""
+    return Trainer(cfg, out, resume=resume, overwrite=overwrite, progress=progress, loss=loss).train()

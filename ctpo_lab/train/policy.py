@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ctpo_lab.train.device import pick_device
 from ctpo_lab.train.rollout import autocast, response_log_probs, sample, score
-from ctpo_lab.train.tasks import Task
+from ctpo_lab.train.tasks import Task, make_task
 from ctpo_lab.train.tokenizer import CharTokenizer
 
 __all__ = [
@@ -363,8 +364,6 @@ def prepare_warm_start(cfg: Any, *, threads: int | None = None, progress: bool =
     """
     if cfg.model != "tiny-llama":
         return None
-    from ctpo_lab.train.loop import pick_device
-    from ctpo_lab.train.tasks import make_task
 
     previous = torch.get_num_threads()
     if threads is not None:
