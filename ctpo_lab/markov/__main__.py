@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -14,44 +13,30 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ctpo_lab.markov", description=__doc__)
     ap.add_argument("--out", default="outputs/markov_study", help="output folder (default outputs/markov_study)")
     ap.add_argument("--quick", action="store_true", help="small sweep (< 1 minute)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="instance seed, an int >= 0 (default 0)")
     ap.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty output folder")
     args = ap.parse_args(argv)
+    if args.seed < 0:
+        print(f"error: --seed: expected an int >= 0, got {args.seed}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        print(f"error: output folder {out} exists and is not empty; pass --overwrite", file=sys.stderr)
+        print(f"error: --out: output folder {out} exists and is not empty; pass --overwrite", file=sys.stderr)
         return 2
-    out.mkdir(parents=True, exist_ok=True)
-    from tqdm.auto import tqdm
-
-    from . import plots, study
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"error: --out: cannot create the output folder {out} ({e.strerror or e})", file=sys.stderr)
+        return 2
+    from . import study
 
     cfg = study.StudyConfig.quick(args.seed) if args.quick else study.StudyConfig(seed=args.seed)
-    t0 = time.time()
-    n_sweep = len(cfg.kls) * sum(
-        1 for T in cfg.horizons for s in cfg.signals for e in cfg.estimators if study.sweep_cell_applies(cfg, e, s, T))
-    n_rep = len(study.REPRODUCTIONS) + 1
-    with tqdm(total=n_sweep + n_rep + 2, desc="markov study", unit="step") as bar:
-        def rep_progress(name: str) -> None:
-            bar.set_postfix_str(name)
-            bar.update(1)
-
-        rep, clip = study.reproductions(cfg, rep_progress)
-        bar.set_postfix_str("sweep")
-        sw = study.sweep(cfg, lambda: bar.update(1))
-        bar.set_postfix_str("profiles")
-        prof = study.profiles(cfg)
-        bar.update(1)
-        clip_df = pd.DataFrame(clip)
-        rep.to_csv(out / "reproductions.csv", index=False)
-        sw.to_csv(out / "sweep.csv", index=False)
-        prof.to_csv(out / "profiles.csv", index=False)
-        clip_df.to_csv(out / "clip_profiles.csv", index=False)
-        bar.set_postfix_str("figures")
-        figs = plots.plot_bias_variance(sw, out) + plots.plot_variance_ratio(prof, out)
-        figs += plots.plot_position_profiles(clip_df, out)
-        bar.update(1)
-    elapsed = time.time() - t0
+    try:
+        res = study.run_study(cfg, out)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rep, sw = res.reproductions, res.sweep
     pd.set_option("display.width", 200)
     pd.set_option("display.max_colwidth", 60)
     kl = sorted(sw["kl"].unique())[len(sw["kl"].unique()) // 2]
@@ -64,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     print(rep[["fact", "value", "expected", "holds"]].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     checked = rep[rep["holds"].notna()]
     print(f"\n{int(checked['holds'].astype(bool).sum())}/{len(checked)} reproductions hold "
-          f"({len(rep) - len(checked)} informational rows); wrote {len(figs)} figure files and 4 CSVs "
-          f"to {out} in {elapsed:.1f} s")
+          f"({len(rep) - len(checked)} informational rows); wrote {len(res.files)} figure files and 4 CSVs "
+          f"to {out} in {res.elapsed_s:.1f} s")
     return 0
 
 

@@ -7,8 +7,11 @@ signal) (written to ``sweep.csv``); per-position profiles go to ``profiles.csv``
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -29,7 +32,10 @@ from .exact import (
 )
 from .model import latent_mode_instance, random_instance
 
-__all__ = ["StudyConfig", "reproductions", "sweep", "sweep_cell_applies", "profiles", "REPRODUCTIONS", "loglog_slope"]
+__all__ = [
+    "StudyConfig", "StudyResult", "run_study", "reproductions", "sweep", "sweep_cell_applies", "profiles",
+    "REPRODUCTIONS", "loglog_slope",
+]
 
 
 @dataclass(frozen=True)
@@ -385,3 +391,55 @@ def profiles(config: StudyConfig) -> pd.DataFrame:
             df["growth_closed_form"] = (1 + chi2) ** (T - p["t"])
             out.append(df)
     return pd.concat(out, ignore_index=True)
+
+
+@dataclass
+class StudyResult:
+    """Everything :func:`run_study` computed and wrote."""
+
+    reproductions: pd.DataFrame
+    sweep: pd.DataFrame
+    profiles: pd.DataFrame
+    clip_profiles: pd.DataFrame
+    files: list
+    elapsed_s: float
+
+
+def run_study(config: StudyConfig, out: str | os.PathLike[str], *, progress: bool = True) -> StudyResult:
+    """Run the standard study (reproductions, sweep, profiles) and write its CSVs and figures into ``out``.
+
+    ``out`` must be a folder the caller has cleared for writing (the CLI refuses a non-empty one without
+    ``--overwrite``). Writes ``reproductions.csv``, ``sweep.csv``, ``profiles.csv``, ``clip_profiles.csv`` and
+    the PNG/PDF figures of :mod:`ctpo_lab.markov.plots`.
+    """
+    from tqdm.auto import tqdm
+
+    from . import plots
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    n_sweep = len(config.kls) * sum(1 for T in config.horizons for s in config.signals for e in config.estimators
+                                    if sweep_cell_applies(config, e, s, T))
+    n_rep = len(REPRODUCTIONS) + 1
+    with tqdm(total=n_sweep + n_rep + 2, desc="markov study", unit="step", disable=not progress) as bar:
+        def rep_progress(name: str) -> None:
+            bar.set_postfix_str(name)
+            bar.update(1)
+
+        rep, clip = reproductions(config, rep_progress)
+        bar.set_postfix_str("sweep")
+        sw = sweep(config, lambda: bar.update(1))
+        bar.set_postfix_str("profiles")
+        prof = profiles(config)
+        bar.update(1)
+        clip_df = pd.DataFrame(clip)
+        rep.to_csv(out / "reproductions.csv", index=False)
+        sw.to_csv(out / "sweep.csv", index=False)
+        prof.to_csv(out / "profiles.csv", index=False)
+        clip_df.to_csv(out / "clip_profiles.csv", index=False)
+        bar.set_postfix_str("figures")
+        figs = plots.plot_bias_variance(sw, out) + plots.plot_variance_ratio(prof, out)
+        figs += plots.plot_position_profiles(clip_df, out)
+        bar.update(1)
+    return StudyResult(rep, sw, prof, clip_df, figs, time.time() - t0)
