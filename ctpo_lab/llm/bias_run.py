@@ -253,7 +253,7 @@ def run_bias(cfg: BiasConfig, *, overwrite: bool = False) -> dict[str, Any]:
     from ctpo_lab.llm.directions import ParameterDirections, token_directional_derivatives
     from ctpo_lab.llm.models import load_model
     from ctpo_lab.llm.prompts import load_prompts, render_prompts, reward
-    from ctpo_lab.llm.rollout import _plain_head, reference_cache, sample, score
+    from ctpo_lab.llm.rollout import plain_head, reference_cache, sample, score
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -283,7 +283,7 @@ def run_bias(cfg: BiasConfig, *, overwrite: bool = False) -> dict[str, Any]:
          f"sources {cfg.sources}; advantage {cfg.advantage}")
     eos = [t for t in {tok.eos_token_id, getattr(getattr(mu_model, "generation_config", None), "eos_token_id", None)}
            if isinstance(t, int)]
-    keep_hidden = _plain_head(mu_model)
+    keep_hidden = plain_head(mu_model)
 
     def draw(model, ids, temperature: float, seed_offset: int, desc: str):
         t = time.perf_counter()
