@@ -375,6 +375,21 @@ def test_bias_cli_end_to_end(tmp_path, capsys):
     prof = pd.read_csv(legacy / "ratio_profiles.csv")
     prof["weight"] = prof["weight"].replace({"sequence_geomean": "gspo"})
     prof.to_csv(legacy / "ratio_profiles.csv", index=False)
+    for f in ("table.csv", "prediction_summary.csv"):
+        df = pd.read_csv(legacy / f)
+        df["estimator"] = df["estimator"].map(to_old)
+        df.to_csv(legacy / f, index=False)
+    # the figures read it with the current names
+    from ctpo_lab.figures import llm_bias_figs
+
+    figs = tmp_path / "figs"
+    llm_bias_figs.make(figs, quick=True, seed=0, cache=tmp_path / "cache", command="test", bias_run=legacy)
+    shown = pd.read_csv(figs / "llm_bias_table.csv")
+    assert list(dict.fromkeys(shown["estimator"])) == list(bias.ESTIMATORS)
+    assert shown.loc[shown["estimator"] == "unclipped_sequence", "‖E(X − X_seq)‖² / tr Cov_ref (same μ samples)"
+                     ].eq("0 (itself)").all()
+    assert "chain: var ratio" in shown.columns and shown["chain: var ratio"].notna().all()
+    assert (figs / "llm_ratio_profiles.png").is_file()
     assert main(["bias", "--out", str(legacy), "--reanalyze", "--n-boot", "60", "--no-progress"]) == 0
     leg_table = pd.read_csv(legacy / "table.csv")
     assert list(leg_table["estimator"]) == list(re_table["estimator"])
