@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-#: Estimator (ratio family) and loss-preset name → matplotlib colour. Presets share their family's colour
-#: where they are the family's canonical loss.
+#: Ratio family, preset of :data:`ctpo_lab.losses.PRESETS` and Markov-laboratory estimator name → matplotlib
+#: colour. A bare-weight preset (``unclipped_*``, ``tis``, ``cumulative_tis``) has its family's colour, and so
+#: does the family's canonical clipped loss (``grpo`` token, ``ctpo`` cumulative, ``gspo`` sequence geo-mean,
+#: ``seq_is`` sequence): figures that show both tell them apart by marker.
 ESTIMATOR_COLORS: dict[str, str] = {
     "token": "#1f77b4",
     "grpo": "#1f77b4",
@@ -11,6 +13,7 @@ ESTIMATOR_COLORS: dict[str, str] = {
     "sequence": "#7f7f7f",
     "seq_is": "#7f7f7f",
     "gspo": "#2ca02c",
+    "sequence_geomean": "#2ca02c",
     "cumulative": "#d62728",
     "ctpo": "#d62728",
     "ctpo_fixed": "#ff9896",
@@ -26,6 +29,13 @@ ESTIMATOR_COLORS: dict[str, str] = {
     "gspo_clip": "#bcbd22",
     "fixed_window": "#1f77b4",
     "sqrt_t_window": "#d62728",
+    "unclipped_token": "#1f77b4",
+    "unclipped_cumulative": "#d62728",
+    "unclipped_sequence": "#7f7f7f",
+    "unclipped_sequence_geomean": "#2ca02c",
+    "unclipped_cumulative_geomean": "#9467bd",
+    "tis": "#8c564b",
+    "cumulative_tis": "#ff7f0e",
 }
 
 _LABELS: dict[str, str] = {
@@ -35,6 +45,7 @@ _LABELS: dict[str, str] = {
     "sequence": "sequence (full IS)",
     "seq_is": "sequence IS",
     "gspo": "GSPO",
+    "sequence_geomean": "sequence geo-mean",
     "cumulative": "cumulative (CTPO)",
     "ctpo": "CTPO (√t window)",
     "ctpo_fixed": "CTPO (fixed window)",
@@ -49,6 +60,13 @@ _LABELS: dict[str, str] = {
     "gspo_clip": "GSPO + clip",
     "fixed_window": "fixed window [0.5, 5]",
     "sqrt_t_window": "√t window (0.025/0.05)",
+    "unclipped_token": "token IS r_t (unclipped)",
+    "unclipped_cumulative": "cumulative IS ρ_1:t (unclipped)",
+    "unclipped_sequence": "sequence IS ρ_1:T (unclipped)",
+    "unclipped_sequence_geomean": "sequence geo-mean (unclipped)",
+    "unclipped_cumulative_geomean": "cumulative geo-mean (unclipped)",
+    "tis": "token TIS min(r_t, 2)",
+    "cumulative_tis": "cumulative TIS Π min(r_k, 1)",
 }
 
 

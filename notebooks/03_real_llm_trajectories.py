@@ -41,6 +41,7 @@ import pandas as pd
 import torch
 
 from ctpo_lab import ratios, stats
+from ctpo_lab.advantages import grpo_advantages
 from ctpo_lab.llm import offpolicy
 from ctpo_lab.llm.models import load_model
 from ctpo_lab.llm.prompts import arithmetic_prompts, render_prompts, reward
@@ -92,7 +93,7 @@ batch = sample(lm.model, prompt_ids, group_size=cfg["group_size"], max_new_token
 texts = [tok.decode(batch.tokens[i][batch.mask[i]], skip_special_tokens=True) for i in range(len(batch))]
 rewards = np.array([reward(txt, prompts[int(i)].answer, "lenient", finished=bool(f))
                     for txt, i, f in zip(texts, batch.prompt_index, batch.finished)])
-adv = offpolicy.grpo_advantages(rewards, batch.group_id.numpy())
+adv = grpo_advantages(rewards, batch.group_id.numpy())  # float64 [N], numpy in → numpy out
 print(f"sampled {len(batch)} responses in {time.time() - t0:.1f} s: {int(batch.mask.sum())} tokens, mean length "
       f"{batch.lengths.float().mean():.0f}, {batch.finished.float().mean():.0%} ended with EOS, "
       f"mean reward {rewards.mean():.3f}")
@@ -107,7 +108,7 @@ print("first response:", repr(texts[0][:160]))
 # %%
 is_train = (batch.prompt_index < cfg["train_prompts"]).numpy()
 train, held_out = batch.subset(np.nonzero(is_train)[0]), batch.subset(np.nonzero(~is_train)[0])
-adv_train, adv_eval = adv[torch.from_numpy(is_train)], adv[torch.from_numpy(~is_train)]
+adv_train, adv_eval = adv[is_train], adv[~is_train]
 ref = reference_cache(lm.model, held_out.hidden, temperature=1.0)
 
 scored, update_log = {}, []

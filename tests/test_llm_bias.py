@@ -6,12 +6,16 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from ctpo_lab.llm import bias, rollout
+from ctpo_lab import losses
+from ctpo_lab.advantages import group_advantages
+from ctpo_lab.llm import bias, bias_run, rollout
 from ctpo_lab.llm.directions import ParameterDirections, select_parameters, token_directional_derivatives
 from ctpo_lab.llm.models import tiny_random
 from ctpo_lab.llm.prompts import arithmetic_prompts, render_prompts
@@ -95,8 +99,9 @@ def test_estimator_weights_closed_forms_and_clip_masks():
     ell = torch.where(mask, lp - lq, 0.0).double()
     L = ell.cumsum(-1)
     A = torch.tensor(adv)[:, None]
-    expected = {"token": ell.exp() * A, "cumulative": L.exp() * A, "sequence": L[:, -1:].exp() * A,
-                "gspo": (L[:, -1:] / mask.sum(-1, keepdim=True)).exp() * A}
+    expected = {"unclipped_token": ell.exp() * A, "unclipped_cumulative": L.exp() * A,
+                "unclipped_sequence": L[:, -1:].exp() * A,
+                "unclipped_sequence_geomean": (L[:, -1:] / mask.sum(-1, keepdim=True)).exp() * A}
     for name, want in expected.items():
         c, dropped = bias.estimator_token_weights(name, lp, lq, adv, mask)
         assert torch.allclose(c, torch.where(mask, want, 0.0), atol=1e-12)
@@ -116,7 +121,7 @@ def test_estimator_weights_closed_forms_and_clip_masks():
     with pytest.raises(ValueError, match="estimator"):
         bias.estimator_token_weights("nope", lp, lq, adv, mask)
     with pytest.raises(ValueError, match="NaN"):
-        bias.estimator_token_weights("token", torch.where(mask, lp, lp).index_put_((torch.tensor([1]),
+        bias.estimator_token_weights("unclipped_token", torch.where(mask, lp, lp).index_put_((torch.tensor([1]),
                                      torch.tensor([1])), torch.tensor(float("nan"))), lq, adv, mask)
 
 
@@ -126,7 +131,7 @@ def test_pi_equal_mu_every_estimator_is_the_on_policy_one(lm):
     ell = torch.where(b.mask, s.logp - b.logp, 0.0)
     assert float(ell.abs().max()) < 1e-4  # every ratio is 1 (sampling and scoring agree)
     rewards = np.arange(len(b), dtype=float) % 3
-    adv = bias.advantages(rewards, b.group_id.numpy(), "grpo")
+    adv = group_advantages(rewards, b.group_id.numpy(), "grpo")
     dirs = ParameterDirections.for_model(model, 2, params="last", seed=0)
     d = token_directional_derivatives(model, b.prompt_ids, b.tokens, b.mask, dirs, pad_token_id=tok.pad_token_id)
     ref = bias.sequence_projections(torch.where(b.mask, torch.as_tensor(adv)[:, None], 0.0), d)
@@ -139,18 +144,73 @@ def test_pi_equal_mu_every_estimator_is_the_on_policy_one(lm):
     assert np.allclose(prof["mean"], 1.0, atol=1e-3) and np.allclose(prof["ess"], 1.0, atol=1e-6)
 
 
-def test_advantage_schemes():
-    r = np.array([1.0, 0.0, 0.0, 2.0, 5.0])
-    g = np.array([0, 0, 0, 1, 2])
-    grpo = bias.advantages(r, g, "grpo")
-    assert grpo[:3] == pytest.approx((r[:3] - r[:3].mean()) / (r[:3].std(ddof=1) + 1e-6))
-    assert grpo[3] == 0 == grpo[4]  # groups of one response get 0
-    assert bias.advantages(r, g, "rloo")[:3] == pytest.approx([1.0, -0.5, -0.5])
-    assert bias.advantages(r, g, "reward") == pytest.approx(r)
-    with pytest.raises(ValueError, match="advantage"):
-        bias.advantages(r, g, "ppo")
-    with pytest.raises(ValueError, match="rewards"):
-        bias.advantages(np.array([1.0, np.nan]), np.array([0, 0]), "grpo")
+def test_estimators_are_presets_or_loss_configs():
+    assert bias.ESTIMATORS == ("unclipped_token", "unclipped_cumulative", "unclipped_sequence",
+                               "unclipped_sequence_geomean", "grpo", "gspo", "ctpo", "ctpo_fixed")
+    for name in bias.ESTIMATORS:
+        cfg = bias.estimator_config(name)
+        assert cfg == losses.resolve_config(name, aggregation="seq-mean-token-sum") and cfg.name == name
+        assert bias.estimator_name(name) == name
+    # a LossConfig is an estimator too, labelled by its name; overrides apply, the aggregation stays the token sum
+    mine = losses.resolve_config("ctpo", name="ctpo_wide", eps_high=0.2, aggregation="token-mean")
+    cfg = bias.estimator_config(mine)
+    assert cfg.name == "ctpo_wide" and cfg.eps_high == 0.2 and cfg.aggregation == "seq-mean-token-sum"
+    assert bias.estimator_config("gspo", eps_high=1e-3).eps_high == 1e-3
+    with pytest.raises(ValueError, match="aggregation"):
+        bias.estimator_config("grpo", aggregation="token-mean")
+    with pytest.raises(ValueError, match="estimator"):
+        bias.estimator_config("token")  # the old name of unclipped_token is no preset
+    with pytest.raises(TypeError, match="preset"):
+        bias.estimator_config(3)
+    # a LossConfig gives the same weights as its preset name
+    g = torch.Generator().manual_seed(1)
+    lq = -torch.rand(4, 6, generator=g)
+    lp = lq + 0.2 * torch.randn(4, 6, generator=g)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    adv = np.array([1.0, -1.0, 0.5, 2.0])
+    c1, d1 = bias.estimator_token_weights("ctpo", lp, lq, adv, mask)
+    c2, d2 = bias.estimator_token_weights(losses.PRESETS["ctpo"], lp, lq, adv, mask)
+    assert torch.equal(c1, c2) and torch.equal(d1, d2)
+
+
+def test_ratio_position_profile_weight_families():
+    g = torch.Generator().manual_seed(2)
+    ell = 0.1 * torch.randn(8, 5, generator=g)
+    mask = torch.ones(8, 5, dtype=torch.bool)
+    mask[0, 3:] = False
+    prof = bias.ratio_position_profile(ell, mask, np.repeat(np.arange(4), 2), n_boot=0)
+    assert list(dict.fromkeys(prof["weight"])) == ["cumulative", "token", "sequence_geomean"]
+    L = torch.where(mask, ell, 0.0).double().cumsum(-1)
+    row = prof[(prof["weight"] == "sequence_geomean") & (prof["position"] == 5)].iloc[0]
+    lengths = mask.sum(-1).double()
+    assert row["mean"] == pytest.approx(float((L[:, -1] / lengths).exp().mean()))
+
+
+def _legacy_names(names):
+    """The old names of the current ones (from the one rename map)."""
+    inverse = {new: old for old, new in bias_run.LEGACY_NAMES["estimator"].items()}
+    return tuple(inverse.get(n, n) for n in names)
+
+
+def test_legacy_run_names_are_read_as_the_new_ones():
+    old = _legacy_names(bias.ESTIMATORS)
+    assert len(set(old)) == len(old) and old != bias.ESTIMATORS
+    info = pd.DataFrame({"source": "stale_k1", "estimator": list(old), "x": range(8)})
+    assert bias_run.is_legacy(info)
+    new = bias_run.rename_legacy(info)
+    assert tuple(new["estimator"]) == bias.ESTIMATORS and list(new["x"]) == list(range(8))
+    # a folder of the current names is left alone (its gspo is the clipped preset)
+    assert not bias_run.is_legacy(new)
+    assert bias_run.rename_legacy(new).equals(new)
+    assert bias_run.rename_legacy_key("stale_k1/gspo_clip", True) == "stale_k1/gspo"
+    assert bias_run.rename_legacy_key("stale_k1/gspo", True) == "stale_k1/unclipped_sequence_geomean"
+    assert bias_run.rename_legacy_key("stale_k1/gspo", False) == "stale_k1/gspo"
+    assert bias_run.rename_legacy_key("stale_k1/reference", True) == "stale_k1/reference"
+    prof = pd.DataFrame({"weight": ["cumulative", "token", "gspo"]})
+    assert list(bias_run.rename_legacy(prof)["weight"]) == ["cumulative", "token", "sequence_geomean"]
+    # a prediction read with a legacy table is renamed with it even if it held only shared names
+    pred = pd.DataFrame({"estimator": ["grpo", "gspo"]})
+    assert list(bias_run.rename_legacy(pred, True)["estimator"]) == ["grpo", "unclipped_sequence_geomean"]
 
 
 def test_compare_to_reference_recovers_known_bias_and_flags_bad_input():
@@ -245,21 +305,22 @@ def test_sequence_estimator_is_unbiased_on_an_enumerable_model():
     pb = rollout.sample(pi, [prompt] * P, seed=12, **kw)
     assert bool(mb.mask.all()) and bool(pb.mask.all())
     lp_pi_on_mu = rollout.score(pi, mb).logp
-    adv_mu = bias.advantages(_reward(mb.tokens), mb.group_id.numpy(), "rloo")
-    adv_pi = bias.advantages(_reward(pb.tokens), pb.group_id.numpy(), "rloo")
+    adv_mu = group_advantages(_reward(mb.tokens), mb.group_id.numpy(), "rloo")
+    adv_pi = group_advantages(_reward(pb.tokens), pb.group_id.numpy(), "rloo")
     d_mu = token_directional_derivatives(pi, mb.prompt_ids, mb.tokens, mb.mask, dirs, pad_token_id=0)
     d_pi = token_directional_derivatives(pi, pb.prompt_ids, pb.tokens, pb.mask, dirs, pad_token_id=0)
     _, ref = bias.group_means(bias.sequence_projections(torch.as_tensor(adv_pi)[:, None].expand(-1, T_RESP)
                                                         .contiguous(), d_pi), pb.group_id.numpy())
     units = {}
-    for name in ("sequence", "token"):
+    for name in ("unclipped_sequence", "unclipped_token"):
         c, _ = bias.estimator_token_weights(name, lp_pi_on_mu, mb.logp, adv_mu, mb.mask)
         _, units[name] = bias.group_means(bias.sequence_projections(c, d_mu), mb.group_id.numpy())
-    seq = bias.compare_to_reference(units["sequence"], ref, n_boot=500, seed=0)
+    seq = bias.compare_to_reference(units["unclipped_sequence"], ref, n_boot=500, seed=0)
     assert seq.ci["rel_bias"][0] == 0.0  # the CI of the sequence estimator's bias covers 0
     # each sampled mean agrees with its exact expectation within 4 standard errors, per direction
     se = lambda u: u.std(0, ddof=1) / np.sqrt(P)  # noqa: E731
-    for u, exact in ((ref, exact_grad), (units["sequence"], exact_grad), (units["token"], exact_token)):
+    for u, exact in ((ref, exact_grad), (units["unclipped_sequence"], exact_grad),
+                     (units["unclipped_token"], exact_token)):
         z = (u.mean(0) - exact.numpy()) / se(u)
         assert np.all(np.abs(z) < 4), z
     # the instance is off-policy enough for the token estimator's exact bias to be visible
@@ -282,11 +343,11 @@ def test_bias_cli_end_to_end(tmp_path, capsys):
               "projections.npz", "bias_variance.png", "bias_noise_variance.png", "ratio_profiles.png",
               "summary.json", "config.json", "estimator_info.csv", "sources.json"):
         assert (out / f).is_file(), f
-    import pandas as pd
-
     table = pd.read_csv(out / "table.csv")
     assert set(table["source"]) == {"dtype_bf16", "stale_k1"}
-    assert set(table["estimator"]) == set(bias.ESTIMATORS)
+    assert list(dict.fromkeys(table["estimator"])) == list(bias.ESTIMATORS)
+    pred = pd.read_csv(out / "prediction_summary.csv")  # the chain side measures the same presets
+    assert list(dict.fromkeys(pred["estimator"])) == list(bias.ESTIMATORS)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["sources"]["stale_k1"]["kl_per_token_exact"] > 0
     first = table.copy()
@@ -300,6 +361,39 @@ def test_bias_cli_end_to_end(tmp_path, capsys):
     re_table = pd.read_csv(out / "table.csv")
     assert np.allclose(re_table["rel_bias"].to_numpy(), first["rel_bias"].to_numpy(), equal_nan=True)
     assert json.loads((out / "summary.json").read_text())["n_boot"] == 60
+    # a folder written with the earlier estimator names: --reanalyze reads it and writes the current names
+    legacy = tmp_path / "legacy"
+    shutil.copytree(out, legacy)
+    info = pd.read_csv(legacy / "estimator_info.csv")
+    to_old = dict(zip(bias.ESTIMATORS, _legacy_names(bias.ESTIMATORS)))
+    info["estimator"] = info["estimator"].map(to_old)
+    info.to_csv(legacy / "estimator_info.csv", index=False)
+    with np.load(legacy / "projections.npz") as z:
+        arrays = {k.rsplit("/", 1)[0] + "/" + to_old.get(k.rsplit("/", 1)[1], k.rsplit("/", 1)[1]): z[k]
+                  for k in z.files}
+    np.savez_compressed(legacy / "projections.npz", **arrays)
+    prof = pd.read_csv(legacy / "ratio_profiles.csv")
+    prof["weight"] = prof["weight"].replace({"sequence_geomean": "gspo"})
+    prof.to_csv(legacy / "ratio_profiles.csv", index=False)
+    for f in ("table.csv", "prediction_summary.csv"):
+        df = pd.read_csv(legacy / f)
+        df["estimator"] = df["estimator"].map(to_old)
+        df.to_csv(legacy / f, index=False)
+    # the figures read it with the current names
+    from ctpo_lab.figures import llm_bias_figs
+
+    figs = tmp_path / "figs"
+    llm_bias_figs.make(figs, quick=True, seed=0, cache=tmp_path / "cache", command="test", bias_run=legacy)
+    shown = pd.read_csv(figs / "llm_bias_table.csv")
+    assert list(dict.fromkeys(shown["estimator"])) == list(bias.ESTIMATORS)
+    assert shown.loc[shown["estimator"] == "unclipped_sequence", "‖E(X − X_seq)‖² / tr Cov_ref (same μ samples)"
+                     ].eq("0 (itself)").all()
+    assert "chain: var ratio" in shown.columns and shown["chain: var ratio"].notna().all()
+    assert (figs / "llm_ratio_profiles.png").is_file()
+    assert main(["bias", "--out", str(legacy), "--reanalyze", "--n-boot", "60", "--no-progress"]) == 0
+    leg_table = pd.read_csv(legacy / "table.csv")
+    assert list(leg_table["estimator"]) == list(re_table["estimator"])
+    assert np.allclose(leg_table["rel_bias"].to_numpy(), re_table["rel_bias"].to_numpy(), equal_nan=True)
     with pytest.raises(SystemExit, match="lacks"):
         main(["bias", "--out", str(tmp_path), "--reanalyze"])
     with pytest.raises(SystemExit, match="sources"):

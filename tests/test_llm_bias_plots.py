@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ctpo_lab.llm.bias import ESTIMATORS
 from ctpo_lab.llm.bias_plots import estimator_marker, plot_bias_variance, plot_ratio_profiles
-from ctpo_lab.style import estimator_color
+from ctpo_lab.style import ESTIMATOR_COLORS, estimator_color, estimator_label
 
-ESTIMATORS = ("token", "cumulative", "sequence", "gspo", "grpo", "gspo_clip", "ctpo", "ctpo_fixed")
 SOURCES = ("stale_k1", "stale_k4", "stale_k15", "temperature", "dtype")
 
 
@@ -54,13 +54,13 @@ def test_bias_variance_with_prediction(tmp_path):
 
 def test_bias_variance_nan_rows_and_empty_panel(tmp_path):
     t = _table(sources=("stale_k1", "temperature", "dtype", "a", "b", "c"))  # two rows of panels
-    t.loc[t["estimator"] == "token", ["rel_bias_lo", "rel_bias_hi"]] = np.nan  # no vertical bar
-    t.loc[t["estimator"] == "gspo", ["var_ratio_lo", "var_ratio_hi"]] = np.nan  # no horizontal bar
-    t.loc[t["estimator"] == "sequence", "var_ratio_lo"] = 0.0  # interval touching 0 on the log axis
+    t.loc[t["estimator"] == "unclipped_token", ["rel_bias_lo", "rel_bias_hi"]] = np.nan  # no vertical bar
+    t.loc[t["estimator"] == "unclipped_sequence_geomean", ["var_ratio_lo", "var_ratio_hi"]] = np.nan  # no x bar
+    t.loc[t["estimator"] == "unclipped_sequence", "var_ratio_lo"] = 0.0  # interval touching 0 on the log axis
     t.loc[t["source"] == "dtype", ["rel_bias", "var_ratio"]] = np.nan  # an all-NaN panel: "no data"
     t.loc[t["source"] == "temperature", "mean_kl"] = np.nan
     p = _prediction(t)
-    p.loc[p["estimator"] == "cumulative", ["var_ratio_min", "var_ratio_max"]] = np.nan
+    p.loc[p["estimator"] == "unclipped_cumulative", ["var_ratio_min", "var_ratio_max"]] = np.nan
     paths = plot_bias_variance(t, p, tmp_path, name="nan_case")
     _check_files(paths, "nan_case")
     # without a prediction, and a table without the optional interval / KL columns
@@ -69,12 +69,25 @@ def test_bias_variance_nan_rows_and_empty_panel(tmp_path):
 
 
 def test_unknown_estimator_gets_fallback_style(tmp_path):
-    t = _table(sources=("stale_k1",), estimators=("token", "my_new_estimator"))
+    t = _table(sources=("stale_k1",), estimators=("unclipped_token", "my_new_estimator"))
     assert estimator_color("my_new_estimator") == "#333333"
     assert estimator_marker("my_new_estimator") == estimator_marker("my_new_estimator")
-    assert estimator_marker("token") != estimator_marker("grpo")  # same colour, different marker
-    assert estimator_marker("cumulative") != estimator_marker("ctpo")
+    # a bare weight and its canonical clipped loss: same colour, different marker
+    for bare, clipped in (("unclipped_token", "grpo"), ("unclipped_cumulative", "ctpo"),
+                          ("unclipped_sequence_geomean", "gspo")):
+        assert estimator_color(bare) == estimator_color(clipped)
+        assert estimator_marker(bare) != estimator_marker(clipped)
     _check_files(plot_bias_variance(t, None, tmp_path), "bias_variance")
+
+
+def test_every_default_estimator_and_profile_weight_has_a_style():
+    for est in ESTIMATORS:
+        assert est in ESTIMATOR_COLORS and estimator_label(est) != est, est
+    for w in ("cumulative", "token", "sequence_geomean"):
+        assert w in ESTIMATOR_COLORS, w
+    markers = [estimator_marker(e) for e in ESTIMATORS]
+    colours = [estimator_color(e) for e in ESTIMATORS]
+    assert len(set(zip(colours, markers))) == len(ESTIMATORS)  # every estimator is distinguishable
 
 
 def test_bias_variance_bad_inputs(tmp_path):
@@ -94,7 +107,7 @@ def test_bias_variance_bad_inputs(tmp_path):
 def _profile() -> pd.DataFrame:
     rows = []
     for src, kl in (("stale_k1", 0.001), ("temperature", 0.01)):
-        for w in ("cumulative", "token", "gspo"):
+        for w in ("cumulative", "token", "sequence_geomean"):
             for t in range(1, 65):
                 grow = math.exp(kl * t) if w == "cumulative" else 1.0 + kl
                 m = 1.0 + 0.01 * math.sin(t) * (t if w == "cumulative" else 1)
@@ -111,7 +124,7 @@ def test_ratio_profiles_nan_and_unknown_weight(tmp_path):
     p = _profile()
     p.loc[p["position"] > 40, ["mean_lo", "mean_hi"]] = np.nan
     p.loc[p["source"] == "temperature", ["mean", "ess"]] = np.nan  # all-NaN column: "no data"
-    p.loc[p["weight"] == "gspo", "weight"] = "other_weight"
+    p.loc[p["weight"] == "sequence_geomean", "weight"] = "other_weight"
     _check_files(plot_ratio_profiles(p.drop(columns=["var", "n"]), tmp_path, name="rp"), "rp")
     with pytest.raises(ValueError, match="profile lacks columns.*ess"):
         plot_ratio_profiles(p.drop(columns="ess"), tmp_path)

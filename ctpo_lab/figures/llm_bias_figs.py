@@ -1,7 +1,8 @@
-"""Real-LLM estimator bias family (``llm_bias_*``): bias and variance of the token, cumulative, sequence and
-GSPO estimators and of the clipped presets against an on-policy reference sampled from π itself, per source of
-off-policyness, with the exact laboratory's prediction for a chain of matching per-token KL
-(:mod:`ctpo_lab.llm.bias_run`)."""
+"""Real-LLM estimator bias family (``llm_bias_*``): bias and variance of the bare token, cumulative, sequence and
+sequence geo-mean weights (``unclipped_*`` presets) and of the clipped presets (grpo, gspo, ctpo, ctpo_fixed)
+against an on-policy reference sampled from π itself, per source of off-policyness, with the exact laboratory's
+prediction for a chain of matching per-token KL (:mod:`ctpo_lab.llm.bias_run`). Run folders written with the
+earlier estimator names are read through :data:`ctpo_lab.llm.bias_run.LEGACY_NAMES`."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from ctpo_lab.figures.common import cached, caption_text, save_table
-from ctpo_lab.llm.bias_run import display_table
+from ctpo_lab.llm.bias_run import display_table, is_legacy, rename_legacy
 
 FAMILY = "llm_bias"
 
@@ -61,9 +62,12 @@ def make(out: Path, *, quick: bool, seed: int, cache: Path, command: str, model:
         run_dir = _collect(model, quick, seed, cache)
     cfg = json.loads((run_dir / "config.json").read_text())
     table = pd.read_csv(run_dir / "table.csv")
+    legacy = is_legacy(table)  # a folder of the earlier estimator names: its prediction uses them too
+    table = rename_legacy(table, legacy)
     pred_path = run_dir / "prediction_summary.csv"
-    prediction = pd.read_csv(pred_path) if pred_path.is_file() and pred_path.stat().st_size > 1 else None
-    profiles = pd.read_csv(run_dir / "ratio_profiles.csv")
+    prediction = (rename_legacy(pd.read_csv(pred_path), legacy)
+                  if pred_path.is_file() and pred_path.stat().st_size > 1 else None)
+    profiles = rename_legacy(pd.read_csv(run_dir / "ratio_profiles.csv"))
     extra = {"model": model, "prompts": f"{cfg['eval_prompts']} × G={cfg['group_size']}",
              "directions": f"K={cfg['directions']} on {cfg['params']}", "advantage": cfg["advantage"]}
     files: list[Path] = []
@@ -82,8 +86,9 @@ def make(out: Path, *, quick: bool, seed: int, cache: Path, command: str, model:
         "llm_bias_variance": f"Relative bias ‖E X − g‖/‖g‖ against the variance ratio tr Cov/tr Cov_ref of each "
                              f"estimator on {model} (filled, 95% bootstrap CIs over prompts and directions) and "
                              f"the exact chain at the same per-token KL (hollow, range over instances).{note}",
-        "llm_ratio_profiles": f"E_μ of the cumulative, token and GSPO weights by position (prompt-cluster CIs; "
-                              f"E_μ ρ_1:t = 1 checks sampling and scoring) and their normalised ESS on {model}.{note}",
+        "llm_ratio_profiles": f"E_μ of the cumulative, token and sequence geo-mean (GSPO) weights by position "
+                              f"(prompt-cluster CIs; E_μ ρ_1:t = 1 checks sampling and scoring) and their normalised "
+                              f"ESS on {model}.{note}",
     }
     for name, finding in captions.items():
         cap = out / f"{name}.caption.txt"

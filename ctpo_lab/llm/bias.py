@@ -1,30 +1,36 @@
 """Bias and variance of policy-gradient estimators on real LLM trajectories, against an on-policy reference.
 
-Every estimator is a per-sequence weighted sum of score vectors, ``X_i = Σ_t c_{i,t} ∇log π(y_{i,t}|s_{i,t})``
-for ``y_i ~ μ``, where ``c_{i,t}`` is minus the derivative of the estimator's loss with respect to
-``log π(y_{i,t}|s_{i,t})`` (the losses of :mod:`ctpo_lab.losses`, summed over a sequence's tokens):
+An estimator is a :class:`ctpo_lab.losses.LossConfig` (or the name of a preset of :data:`ctpo_lab.losses.PRESETS`)
+and its label is the config's ``name``. Every estimator is a per-sequence weighted sum of score vectors,
+``X_i = Σ_t c_{i,t} ∇log π(y_{i,t}|s_{i,t})`` for ``y_i ~ μ``, where ``c_{i,t}`` is minus the derivative of the
+estimator's loss with respect to ``log π(y_{i,t}|s_{i,t})`` (the losses of :mod:`ctpo_lab.losses`, summed over a
+sequence's tokens). With ``ℓ_t = log π(y_t|s_t) − log μ(y_t|s_t)``, ``r_t = e^{ℓ_t}``, ``L_t = Σ_{k≤t} ℓ_k``,
+the default :data:`ESTIMATORS` are
 
-==============  ==================================================================  ========================
-estimator       c_{i,t}                                                             loss
-==============  ==================================================================  ========================
-token           r_t A_i                                                             token ratio, no clip
-cumulative      ρ_{1:t} A_i                                                         cumulative, no clip
-sequence        ρ_{1:T} A_i                                                         full-sequence IS
-gspo            s_i A_i,  s_i = exp(L_T / |y_i|)                                     GSPO weight, no clip
-grpo            r_t A_i · 1[not clipped]  (PPO window 0.2, dual clip 3)             preset ``grpo``
-gspo_clip       s_i A_i · 1[not clipped]  (window 3e-4 / 4e-4)                      preset ``gspo``
-ctpo            ρ_{1:t} A_i · 1[not clipped]  (log window 0.025/0.05 · √t, dual)     preset ``ctpo``
-ctpo_fixed      ρ_{1:t} A_i · 1[not clipped]  (fixed log window)                    preset ``ctpo_fixed``
-==============  ==================================================================  ========================
+==========================  ========================================================  =========================
+estimator (preset)          c_{i,t}                                                   clip
+==========================  ========================================================  =========================
+unclipped_token             r_t A_i                                                   none
+unclipped_cumulative        ρ_{1:t} A_i,  ρ_{1:t} = e^{L_t}                           none
+unclipped_sequence          ρ_{1:T} A_i  (full-sequence IS)                           none
+unclipped_sequence_geomean  s_i A_i,  s_i = e^{L_T / |y_i|}                           none
+grpo                        r_t A_i · 1[not clipped]                                  r_t ∈ [0.8, 1.2], dual 3
+gspo                        s_i A_i · 1[not clipped]                                  s_i ∈ [1 − 3e-4, 1 + 4e-4]
+ctpo                        ρ_{1:t} A_i · 1[not clipped]                              L_t ∈ [−0.025√t, 0.05√t],
+                                                                                      dual e^{0.05√t}
+ctpo_fixed                  ρ_{1:t} A_i · 1[not clipped]                              L_t ∈ [−0.025, 0.05], dual
+==========================  ========================================================  =========================
 
-The presets keep their ratio, clip rule and caps, with the aggregation replaced by a per-sequence token sum,
-so that every estimator targets ``∇J = E_π[A Σ_t ∇log π_t]`` on the same scale (the presets' own length
-normalisations rescale estimators and reference alike only when all lengths are equal).
+(the clipped presets keep their caps ``|log weight| ≤ 10``). :func:`estimator_config` replaces every preset's
+aggregation by the per-sequence token sum ``seq-mean-token-sum``, so that every estimator targets
+``∇J = E_π[A Σ_t ∇log π_t]`` on the same scale (the presets' own length normalisations rescale estimators and
+reference alike only when all lengths are equal).
 
 The on-policy reference is ``X^ref_i = A_i Σ_t ∇log π(y_{i,t}|s_{i,t})`` with ``y_i ~ π`` itself (every ratio
 is 1, every estimator coincides with it). Projected on K random directions (:mod:`ctpo_lab.llm.directions`)
 and averaged within prompt groups, each estimator gives a matrix ``U[p, k]`` (prompt group p, direction k);
 :func:`compare_to_reference` turns those into bias, covariance trace, MSE and cosine with bootstrap CIs.
+Advantages come from :mod:`ctpo_lab.advantages`.
 """
 
 from __future__ import annotations
@@ -41,83 +47,67 @@ from ctpo_lab import losses
 
 __all__ = [
     "ESTIMATORS",
-    "ADVANTAGES",
+    "Estimator",
     "estimator_config",
+    "estimator_name",
     "estimator_token_weights",
     "sequence_projections",
     "group_means",
-    "advantages",
     "ReferenceComparison",
     "compare_to_reference",
     "ratio_position_profile",
 ]
 
-_UNCLIPPED = dict(clip="none", dual_clip=None, aggregation="seq-mean-token-sum", max_log_weight=None)
-_ESTIMATOR_CONFIGS: dict[str, losses.LossConfig] = {
-    "token": losses.LossConfig(name="token", ratio="token", **_UNCLIPPED),
-    "cumulative": losses.LossConfig(name="cumulative", ratio="cumulative", **_UNCLIPPED),
-    "sequence": losses.LossConfig(name="sequence", ratio="sequence", **_UNCLIPPED),
-    "gspo": losses.LossConfig(name="gspo", ratio="sequence_geomean", **_UNCLIPPED),
-    "grpo": losses.resolve_config("grpo", aggregation="seq-mean-token-sum"),
-    "gspo_clip": losses.resolve_config("gspo", name="gspo_clip", aggregation="seq-mean-token-sum"),
-    "ctpo": losses.resolve_config("ctpo", aggregation="seq-mean-token-sum"),
-    "ctpo_fixed": losses.resolve_config("ctpo_fixed", aggregation="seq-mean-token-sum"),
-}
-#: Estimator names, unclipped families first, then the clipped loss presets.
-ESTIMATORS: tuple[str, ...] = tuple(_ESTIMATOR_CONFIGS)
-#: Advantage schemes: ``grpo`` (group mean and std, as training), ``rloo`` (leave-one-out mean: the sequence
-#: estimator is then exactly unbiased for ∇J), ``reward`` (the raw reward, no baseline).
-ADVANTAGES: tuple[str, ...] = ("grpo", "rloo", "reward")
+#: An estimator: the name of a preset of :data:`ctpo_lab.losses.PRESETS` or a :class:`ctpo_lab.losses.LossConfig`.
+Estimator = str | losses.LossConfig
+
+#: Default estimators: the bare importance weights (no clip, no cap) first, then the clipped loss presets.
+ESTIMATORS: tuple[str, ...] = (
+    "unclipped_token",
+    "unclipped_cumulative",
+    "unclipped_sequence",
+    "unclipped_sequence_geomean",
+    "grpo",
+    "gspo",
+    "ctpo",
+    "ctpo_fixed",
+)
 
 
-def estimator_config(name: str) -> losses.LossConfig:
-    """The :class:`ctpo_lab.losses.LossConfig` of an estimator of :data:`ESTIMATORS`."""
-    if name not in _ESTIMATOR_CONFIGS:
-        raise ValueError(f"estimator: unknown estimator {name!r}; expected one of {ESTIMATORS}")
-    return _ESTIMATOR_CONFIGS[name]
+def estimator_config(estimator: Estimator, **overrides: object) -> losses.LossConfig:
+    """The validated :class:`ctpo_lab.losses.LossConfig` an estimator is measured with.
 
-
-def advantages(rewards: np.ndarray | Tensor, group_id: np.ndarray | Tensor, scheme: str = "grpo") -> np.ndarray:
-    """Per-response advantages ``[N]`` (float64) from rewards ``[N]`` and prompt groups ``[N]``.
-
-    grpo: ``(R_i − mean_g R) / (std_g R + 1e-6)`` (unbiased std); rloo: ``R_i − mean_{j≠i, j∈g} R_j``;
-    reward: ``R_i``. Groups of one response get 0 under grpo and rloo.
+    ``estimator`` is a preset name or a LossConfig; ``overrides`` are LossConfig fields applied to it (e.g.
+    ``eps_high=0.28``). The aggregation is always the per-sequence token sum ``seq-mean-token-sum`` (loss =
+    mean over sequences of ``Σ_t`` per-token losses), which puts every estimator on the scale of ∇J.
     """
-    if scheme not in ADVANTAGES:
-        raise ValueError(f"advantage: expected one of {ADVANTAGES}, got {scheme!r}")
-    r = np.asarray(rewards, dtype=np.float64)
-    g = np.asarray(group_id)
-    if r.ndim != 1 or g.shape != r.shape:
-        raise ValueError(f"rewards/group_id: expected equal 1-D shapes, got {r.shape} and {g.shape}")
-    if not np.isfinite(r).all():
-        raise ValueError("rewards: NaN or inf value(s)")
-    if scheme == "reward":
-        return r.copy()
-    out = np.zeros_like(r)
-    for gid in np.unique(g):
-        sel = g == gid
-        n = int(sel.sum())
-        if n < 2:
-            continue
-        x = r[sel]
-        if scheme == "grpo":
-            out[sel] = (x - x.mean()) / (x.std(ddof=1) + 1e-6)
-        else:
-            out[sel] = x - (x.sum() - x) / (n - 1)
-    return out
+    agg = overrides.pop("aggregation", "seq-mean-token-sum")
+    if agg != "seq-mean-token-sum":
+        raise ValueError(f"aggregation: the bias study measures every estimator with 'seq-mean-token-sum', got {agg!r}")
+    try:
+        return losses.resolve_config(estimator, **overrides, aggregation="seq-mean-token-sum")
+    except ValueError as e:
+        raise ValueError(f"estimator: {e}") from None
+
+
+def estimator_name(estimator: Estimator) -> str:
+    """The label of an estimator: its config's ``name`` (the preset name for a preset)."""
+    return estimator_config(estimator).name
 
 
 def estimator_token_weights(
-    name: str, logp_target: Tensor, logp_behaviour: Tensor, adv: Tensor | np.ndarray, mask: Tensor
+    estimator: Estimator, logp_target: Tensor, logp_behaviour: Tensor, adv: Tensor | np.ndarray, mask: Tensor
 ) -> tuple[Tensor, Tensor]:
     """Per-token weights ``c_{i,t}`` of an estimator and the mask of tokens whose gradient its clip dropped.
 
     ``c = −∂ loss_i / ∂ log π(y_{i,t})`` for the estimator's loss of each sequence (token sum), computed by
     autograd through :func:`ctpo_lab.losses.compute_policy_loss` in float64.
 
+    ``estimator``: a preset name or a LossConfig (see :func:`estimator_config`).
     Shapes: logp_target, logp_behaviour, mask [N, T]; adv [N] → (c float64 [N, T], dropped bool [N, T]).
     """
-    cfg = estimator_config(name)
+    cfg = estimator_config(estimator)
+    name = cfg.name
     mask = mask.bool()
     lp = logp_target.detach().double().requires_grad_(True)
     adv_t = torch.as_tensor(np.asarray(adv), dtype=torch.float64)
@@ -317,12 +307,16 @@ def ratio_position_profile(
     seed: int = 0,
     level: float = 0.95,
 ) -> pd.DataFrame:
-    """Per-position moments of the importance weights under μ (theory.md §3).
+    """Per-position moments of the importance weights under μ, by weight family.
 
-    weights: ``cumulative`` ρ_{1:t} = exp(L_t), stopped at the end of the response (ρ_{1:t} = ρ_{1:|y|} for
-    t > |y|, so that E_μ[ρ_{1:t}] = 1 exactly for every t: a check of the sampling and scoring pipeline);
-    ``token`` r_t over responses still running at t (E_μ[r_t | s_t] = 1); ``gspo`` exp(L_t / min(t, |y|))
-    (stopped; no reason to have mean 1).
+    With ``ℓ_k = log π(y_k|s_k) − log μ(y_k|s_k)`` and ``L_t = Σ_{k≤t} ℓ_k``, the weights are
+
+    * ``cumulative``: ρ_{1:t} = exp(L_t), stopped at the end of the response (ρ_{1:t} = ρ_{1:|y|} for
+      t > |y|). It is a μ-martingale: E_μ[ρ_{1:t}] = Σ_{y_{1:t}} μ(y_{1:t}) π(y_{1:t}) / μ(y_{1:t}) = 1 exactly
+      for every t, a check of the sampling and scoring pipeline;
+    * ``token``: r_t = exp(ℓ_t) over the responses still running at t (E_μ[r_t | s_t] = Σ_y π(y|s_t) = 1);
+    * ``sequence_geomean``: exp(L_t / min(t, |y|)), the running geometric mean of the token ratios (GSPO's
+      weight at t = |y|; stopped; no reason to have mean 1).
 
     Returns a DataFrame with columns weight, position, n, mean, mean_lo, mean_hi (prompt-cluster bootstrap),
     var, ess (normalised effective sample size (Σw)² / (n Σw²)), max.
@@ -345,7 +339,7 @@ def ratio_position_profile(
     weights = {
         "cumulative": _stopped(L, mask).exp().numpy(),
         "token": lr.exp().numpy(),
-        "gspo": _stopped(L / torch.minimum(t_idx, lengths.clamp(min=1)), mask).exp().numpy(),
+        "sequence_geomean": _stopped(L / torch.minimum(t_idx, lengths.clamp(min=1)), mask).exp().numpy(),
     }
     valid_tok = mask.numpy()
     rng = np.random.default_rng(seed)

@@ -23,16 +23,17 @@ __all__ = ["plot_bias_variance", "plot_ratio_profiles", "estimator_marker"]
 _PROFILE_COLUMNS = ("source", "weight", "position", "mean", "ess")
 _PROFILE_OPTIONAL = ("mean_lo", "mean_hi")
 
-#: marker per estimator: estimators that share a colour (token/grpo, cumulative/ctpo) differ by marker
+#: marker per estimator: a clipped preset shares the colour of its bare weight (``ctpo_lab.style``) and differs
+#: by marker (unclipped: circle; its canonical clipped loss: square)
 _MARKERS: dict[str, str] = {
-    "token": "o",
+    "unclipped_token": "o",
     "grpo": "s",
-    "cumulative": "o",
+    "unclipped_cumulative": "o",
     "ctpo": "s",
     "ctpo_fixed": "D",
-    "sequence": "P",
-    "gspo": "o",
-    "gspo_clip": "s",
+    "unclipped_sequence": "P",
+    "unclipped_sequence_geomean": "o",
+    "gspo": "s",
 }
 _FALLBACK_MARKERS = ("^", "v", "<", ">", "h", "*", "X", "p")
 _PANELS_PER_ROW = 5
@@ -246,8 +247,8 @@ def plot_ratio_profiles(profile: pd.DataFrame, out_dir: Path | str, name: str = 
     Parameters
     ----------
     profile : pandas.DataFrame
-        Columns ``source``, ``weight`` (``"cumulative"``, ``"token"``, ``"gspo"``; other names are drawn in
-        grey), ``position`` (int), ``mean`` (``E_μ`` of the weight), ``mean_lo``/``mean_hi`` (95% interval,
+        Columns ``source``, ``weight`` (``"cumulative"``, ``"token"``, ``"sequence_geomean"``; other names are
+        drawn in grey), ``position`` (int), ``mean`` (``E_μ`` of the weight), ``mean_lo``/``mean_hi`` (95% interval,
         optional, NaN = no band), ``ess`` (normalized ESS ``(E w)² / E w²`` in ``(0, 1]``); ``var`` and
         ``n`` are ignored.
     out_dir : Path or str

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ctpo_lab import advantages
 from ctpo_lab.llm import bias
 
 SOURCES: tuple[str, ...] = ("temperature", "dtype", "stale")
@@ -72,6 +73,52 @@ class BiasConfig:
     progress: bool = True
 
 
+#: The estimator whose projections pair with every other one on the same μ samples (``rel_bias_vs_seq``): the
+#: full-sequence IS weight ρ_{1:T}, whose expectation under μ is the on-policy gradient.
+PAIRED_ESTIMATOR = "unclipped_sequence"
+
+#: Names in run folders written before the estimators were the presets of :mod:`ctpo_lab.losses` (old → new),
+#: per column: the ``estimator`` column of estimator_info/table/prediction CSVs (and the ``{source}/{estimator}``
+#: keys of projections.npz), and the ``weight`` column of ratio_profiles.csv. Used only when reading such a
+#: folder (``--reanalyze``, the ``llm_bias`` figures); names not listed (grpo, ctpo, ctpo_fixed) are unchanged.
+LEGACY_NAMES: dict[str, dict[str, str]] = {
+    "estimator": {"token": "unclipped_token", "cumulative": "unclipped_cumulative", "sequence": "unclipped_sequence",
+                  "gspo": "unclipped_sequence_geomean", "gspo_clip": "gspo"},
+    "weight": {"gspo": "sequence_geomean"},
+}
+
+
+def _legacy_only(column: str) -> set[str]:
+    """Old names of ``column`` that no current name equals (their presence marks an old folder)."""
+    m = LEGACY_NAMES[column]
+    return set(m) - set(m.values())
+
+
+def is_legacy(frame: pd.DataFrame, column: str = "estimator") -> bool:
+    """Whether ``frame[column]`` uses the old names of :data:`LEGACY_NAMES` (old ``gspo`` and new ``gspo`` are
+    different estimators, so a folder is renamed as a whole, never name by name)."""
+    return column in frame.columns and bool(set(frame[column].astype(str)) & _legacy_only(column))
+
+
+def rename_legacy(frame: pd.DataFrame, legacy: bool | None = None) -> pd.DataFrame:
+    """``frame`` with the old names of :data:`LEGACY_NAMES` replaced in each of its columns that uses them
+    (``legacy`` forces the decision for the ``estimator`` column, e.g. a prediction read with its table)."""
+    frame = frame.copy()
+    for column, mapping in LEGACY_NAMES.items():
+        old = is_legacy(frame, column) if legacy is None or column != "estimator" else legacy
+        if old and column in frame.columns:
+            frame[column] = frame[column].map(lambda v, m=mapping: m.get(v, v))
+    return frame
+
+
+def rename_legacy_key(key: str, legacy: bool) -> str:
+    """A ``{source}/{estimator}`` key of projections.npz with its estimator renamed in a legacy folder."""
+    if not legacy or "/" not in key:
+        return key
+    source, est = key.rsplit("/", 1)
+    return f"{source}/{LEGACY_NAMES['estimator'].get(est, est)}"
+
+
 QUICK: dict[str, Any] = dict(model="tiny-random", train_prompts=8, eval_prompts=16, group_size=4, max_new_tokens=48,
                              k=[1, 4, 8], lr=1e-3, minibatches=8, directions=16, params="last:2", n_boot=300,
                              chain_seeds=3, chain_max_horizon=16)
@@ -83,7 +130,7 @@ def _log(msg: str) -> None:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     d = BiasConfig()
-    b = sub.add_parser("bias", help="estimator bias/variance against an on-policy reference (issue 8)",
+    b = sub.add_parser("bias", help="estimator bias/variance against an on-policy reference",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--model", default=None, help="smollm2 | tiny-random | local folder | hub id")
     b.add_argument("--out", required=True, help="output directory")
@@ -92,7 +139,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     b.add_argument("--prompts", default=None, help="arithmetic | verl parquet file/dir | hf:NAME[:split]")
     b.add_argument("--reward", choices=("binary", "lenient"), default=None, help=f"reward ({d.reward})")
-    b.add_argument("--advantage", choices=bias.ADVANTAGES, default=None,
+    b.add_argument("--advantage", choices=advantages.SCHEMES, default=None,
                    help="grpo (group mean/std, as training; default) | rloo (leave-one-out) | reward")
     b.add_argument("--train-prompts", type=int, default=None, help=f"prompts of the stale updates ({d.train_prompts})")
     b.add_argument("--eval-prompts", type=int, default=None, help=f"held-out prompts measured ({d.eval_prompts})")
@@ -216,7 +263,7 @@ def display_table(table: pd.DataFrame, prediction: pd.DataFrame | None) -> pd.Da
         pred = prediction.set_index(["source", "estimator"])
     rows = []
     for _, r in table.iterrows():
-        vs_seq = "0 (itself)" if r["estimator"] == "sequence" else format_ci(
+        vs_seq = "0 (itself)" if r["estimator"] == PAIRED_ESTIMATOR else format_ci(
             r.get("bias_vs_seq_to_noise", math.nan), r.get("bias_vs_seq_to_noise_lo", math.nan),
             r.get("bias_vs_seq_to_noise_hi", math.nan))
         row = {
@@ -253,7 +300,7 @@ def run_bias(cfg: BiasConfig, *, overwrite: bool = False) -> dict[str, Any]:
     from ctpo_lab.llm.directions import ParameterDirections, token_directional_derivatives
     from ctpo_lab.llm.models import load_model
     from ctpo_lab.llm.prompts import load_prompts, render_prompts, reward
-    from ctpo_lab.llm.rollout import _plain_head, reference_cache, sample, score
+    from ctpo_lab.llm.rollout import plain_head, reference_cache, sample, score
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -283,7 +330,7 @@ def run_bias(cfg: BiasConfig, *, overwrite: bool = False) -> dict[str, Any]:
          f"sources {cfg.sources}; advantage {cfg.advantage}")
     eos = [t for t in {tok.eos_token_id, getattr(getattr(mu_model, "generation_config", None), "eos_token_id", None)}
            if isinstance(t, int)]
-    keep_hidden = _plain_head(mu_model)
+    keep_hidden = plain_head(mu_model)
 
     def draw(model, ids, temperature: float, seed_offset: int, desc: str):
         t = time.perf_counter()
@@ -330,8 +377,8 @@ def run_bias(cfg: BiasConfig, *, overwrite: bool = False) -> dict[str, Any]:
                                            seed=cfg.seed)
         prof.insert(0, "source", name)
         profiles.append(prof)
-        mu_adv = bias.advantages(mu_rewards, mu_batch.group_id.numpy(), cfg.advantage)
-        pi_adv = bias.advantages(pi_rewards, pi_batch.group_id.numpy(), cfg.advantage)
+        mu_adv = advantages.group_advantages(mu_rewards, mu_batch.group_id.numpy(), cfg.advantage)
+        pi_adv = advantages.group_advantages(pi_rewards, pi_batch.group_id.numpy(), cfg.advantage)
         d_mu = derivatives(deriv_model, mu_batch, f"jvp μ-samples ({name})")
         d_pi = derivatives(deriv_model, pi_batch, f"jvp π-samples ({name})")
         g_ref, ref_u = bias.group_means(
@@ -341,34 +388,37 @@ def run_bias(cfg: BiasConfig, *, overwrite: bool = False) -> dict[str, Any]:
         units: dict[str, np.ndarray] = {}
         dropped: dict[str, float] = {}
         informative = mask & torch.as_tensor(mu_adv != 0)[:, None]
-        for est in bias.ESTIMATORS:
-            c, drop = bias.estimator_token_weights(est, res.logp, mu_batch.logp, mu_adv, mask)
+        for spec in bias.ESTIMATORS:
+            est = bias.estimator_name(spec)
+            if est in units:
+                raise ValueError(f"estimators: two estimators named {est!r}")
+            c, drop = bias.estimator_token_weights(spec, res.logp, mu_batch.logp, mu_adv, mask)
             g_mu, u = bias.group_means(bias.sequence_projections(c, d_mu), mu_batch.group_id.numpy())
             if not np.array_equal(g_mu, g_ref):
                 raise RuntimeError("μ and π samples cover different prompt groups")
             units[est] = u
             dropped[est] = float(drop.sum() / max(int(informative.sum()), 1))
             npz[f"{name}/{est}"] = u
-        for est in bias.ESTIMATORS:
+        for est in units:
             info.append({"source": name, "estimator": est, "dropped_fraction": dropped[est],
                          "mean_kl": kl_exact if math.isfinite(kl_exact) else kl_k1, "kl_exact": kl_exact,
                          "kl_k1": kl_k1, "n_prompts": len(g_ref), "directions": cfg.directions,
                          "mean_len_mu": float(mu_batch.lengths.float().mean()),
                          "mean_len_pi": float(pi_batch.lengths.float().mean()),
                          "reward_mu": float(np.mean(mu_rewards)), "reward_pi": float(np.mean(pi_rewards))})
-        quick_look = {est: bias.compare_to_reference(units[est], ref_u, n_boot=0).values
-                      for est in ("token", "cumulative", "sequence")}
+        quick = ("unclipped_token", "unclipped_cumulative", "unclipped_sequence")
+        r = {est.removeprefix("unclipped_"): bias.compare_to_reference(units[est], ref_u, n_boot=0).values
+             for est in quick if est in units}
         L_T = log_ratio.sum(-1)
         meta[name] = {**extra, "kl_per_token_exact": kl_exact, "kl_per_token_k1": kl_k1,
                       "sd_log_seq_ratio": float(L_T.std()), "max_abs_log_seq_ratio": float(L_T.abs().max()),
                       "mean_len_mu": float(mu_batch.lengths.float().mean())}
-        r = quick_look
+        look = "".join(f"; unclipped {k}: bias²/noise² {v['bias_to_noise']:.3g}, var ratio {v['var_ratio']:.3g}"
+                       for k, v in r.items())
+        noise = next(iter(r.values()))["noise_scale"] if r else math.nan
         _log(f"[bias] {name}: KL/token {meta[name]['kl_per_token_exact']:.3g}, sd(log ρ_1:T) "
-             f"{meta[name]['sd_log_seq_ratio']:.3f}; gradient noise scale B = {r['token']['noise_scale']:.3g} "
-             f"prompt groups (P = {len(g_ref)}); bias²/noise² token {r['token']['bias_to_noise']:.3g}, cumulative "
-             f"{r['cumulative']['bias_to_noise']:.3g}, sequence {r['sequence']['bias_to_noise']:.3g}; var ratio "
-             f"token {r['token']['var_ratio']:.3g}, cumulative {r['cumulative']['var_ratio']:.3g}, sequence "
-             f"{r['sequence']['var_ratio']:.3g}")
+             f"{meta[name]['sd_log_seq_ratio']:.3f}; gradient noise scale B = {noise:.3g} prompt groups "
+             f"(P = {len(g_ref)}){look}")
 
     # --- μ's own held-out sample at τ = 1 (the behaviour of the stale and dtype sources, the on-policy
     # reference of the temperature source)
@@ -393,7 +443,7 @@ def run_bias(cfg: BiasConfig, *, overwrite: bool = False) -> dict[str, Any]:
     if "stale" in cfg.sources:
         train = draw(mu_model, train_ids, 1.0, 4, "μ samples (train split)")
         train_rewards = rewards_of(train, prompts[:n_train])
-        adv = offpolicy.grpo_advantages(train_rewards, train.group_id.numpy())
+        adv = advantages.grpo_advantages(train_rewards, train.group_id.numpy())
         snapshots: dict[int, dict[str, torch.Tensor]] = {}
         ks = set(cfg.k)
 
@@ -453,16 +503,19 @@ def analyze_bias(out: Path, *, n_boot: int | None = None, seed: int | None = Non
     chain_seeds = cfg["chain_seeds"] if chain_seeds is None else chain_seeds
     chain_max_horizon = cfg["chain_max_horizon"] if chain_max_horizon is None else chain_max_horizon
     timings = {} if timings is None else timings
-    proj = np.load(out / "projections.npz")
     info = pd.read_csv(out / "estimator_info.csv")
+    legacy = is_legacy(info)
+    info = rename_legacy(info, legacy)
+    with np.load(out / "projections.npz") as z:
+        proj = {rename_legacy_key(k, legacy): z[k] for k in z.files}
     meta = json.loads((out / "sources.json").read_text())
-    prof_df = pd.read_csv(out / "ratio_profiles.csv")
+    prof_df = rename_legacy(pd.read_csv(out / "ratio_profiles.csv"))
     t = time.perf_counter()
     rows, per_dir = [], []
     for _, inf in info.iterrows():
         name, est = inf["source"], inf["estimator"]
         units, ref_u = proj[f"{name}/{est}"], proj[f"{name}/reference"]
-        paired = None if est == "sequence" else proj[f"{name}/sequence"]
+        paired = None if est == PAIRED_ESTIMATOR else proj.get(f"{name}/{PAIRED_ESTIMATOR}")
         cmp = bias.compare_to_reference(units, ref_u, paired=paired, batch_size=batch_size, n_boot=n_boot, seed=seed)
         rows.append({"source": name, "estimator": est, **cmp.row(),
                      **{k: v for k, v in inf.items() if k not in ("source", "estimator")}})
@@ -475,11 +528,12 @@ def analyze_bias(out: Path, *, n_boot: int | None = None, seed: int | None = Non
     # --- the exact laboratory's prediction for chains with the same per-token KL
     t = time.perf_counter()
     preds = []
+    estimators = tuple(dict.fromkeys(info["estimator"].astype(str)))  # preset names, as measured
     for name, m in meta.items():
         kl = max(m["kl_per_token_exact"] if math.isfinite(m["kl_per_token_exact"]) else m["kl_per_token_k1"], 0.0)
         horizon = int(max(2, min(round(m["mean_len_mu"]), chain_max_horizon)))
-        p = matched_chain_prediction(kl, horizon, seeds=tuple(range(chain_seeds)), batch_size=batch_size,
-                                     group_size=int(cfg["group_size"]), progress=progress)
+        p = matched_chain_prediction(kl, horizon, estimators=estimators, seeds=tuple(range(chain_seeds)),
+                                     batch_size=batch_size, group_size=int(cfg["group_size"]), progress=progress)
         p.insert(0, "source", name)
         preds.append(p)
     prediction = pd.concat(preds, ignore_index=True) if preds else pd.DataFrame()

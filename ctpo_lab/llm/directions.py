@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ctpo_lab.llm.rollout import _iter_slices, _left_pad, _plain_head, token_log_probs
+from ctpo_lab.llm.rollout import iter_slices, left_pad, plain_head, token_log_probs
 
 __all__ = ["ParameterDirections", "select_parameters", "token_directional_derivatives"]
 
@@ -152,7 +152,7 @@ def _eager_attention(model: torch.nn.Module) -> Iterator[None]:
 
 
 def _uses_decoder_path(model: torch.nn.Module, names: tuple[str, ...]) -> bool:
-    if not _plain_head(model):
+    if not plain_head(model):
         return False
     head_w = model.get_output_embeddings().weight
     named = dict(model.named_parameters())
@@ -217,8 +217,8 @@ def token_directional_derivatives(
     out = torch.zeros((K, N, T), dtype=torch.float32)
     lengths = mask.sum(-1)
     order = torch.argsort(lengths, descending=True)
-    row_slices = [order[sl] for sl in _iter_slices(N, rows_per_chunk)]
-    k_blocks = [list(range(s.start, s.stop)) for s in _iter_slices(K, directions_per_pass)]
+    row_slices = [order[sl] for sl in iter_slices(N, rows_per_chunk)]
+    k_blocks = [list(range(s.start, s.stop)) for s in iter_slices(K, directions_per_pass)]
     jobs = [(r, kb) for kb in k_blocks for r in row_slices]
     bar = None
     if progress:
@@ -281,7 +281,7 @@ def _decoder_jvp(model, prompt_ids, tokens, mask, primals, tang, temperature, pa
 
     decoder = model.get_decoder()
     rename = _decoder_names(model, tuple(primals))
-    ids_p, attn_p = _left_pad(prompt_ids, pad_token_id)
+    ids_p, attn_p = left_pad(prompt_ids, pad_token_id)
     P, T = ids_p.shape[1], tokens.shape[1]
     ids = torch.cat([ids_p, torch.where(mask, tokens, pad_token_id)], 1)
     attn = torch.cat([attn_p, mask.long()], 1)
@@ -303,7 +303,7 @@ def _decoder_jvp(model, prompt_ids, tokens, mask, primals, tang, temperature, pa
     W = head.weight.float()
     bias = None if head.bias is None else head.bias.float()
     parts = []
-    for sl in _iter_slices(T, head_chunk):
+    for sl in iter_slices(T, head_chunk):
         p = torch.softmax(F.linear(h[:, sl], W, bias) / temperature, -1)  # [b, t, V]
         e = (W[tokens[:, sl]] - p @ W) / temperature  # [b, t, H] = d log π(y_t) / d h_t
         parts.append((dh[:, :, sl] * e).sum(-1))

@@ -15,7 +15,7 @@ source            π versus μ
 ================  =================================================================================
 
 Every source returns π's per-token log-probs on μ's responses and, with a :class:`ReferenceCache` of μ, the
-exact per-token KL(μ‖π)(s_t), whose prefix sums are the drift of L_t (theory.md §5).
+exact per-token KL(μ‖π)(s_t), whose prefix sums are the drift of L_t: E_μ[L_t] = −Σ_{k≤t} E_μ[KL(μ‖π)(s_k)].
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from ctpo_lab.llm.rollout import ReferenceCache, RolloutBatch, ScoreResult, scor
 
 __all__ = [
     "SOURCES",
-    "grpo_advantages",
     "split_minibatches",
     "StaleConfig",
     "UpdateRecord",
@@ -43,24 +42,6 @@ __all__ = [
 ]
 
 SOURCES: tuple[str, ...] = ("stale", "temperature", "dtype", "checkpoints")
-
-
-def grpo_advantages(rewards: Tensor | np.ndarray, group_id: Tensor | np.ndarray, eps: float = 1e-6) -> Tensor:
-    """GRPO advantage A_i = (R_i − mean_g R) / (std_g R + eps) within each prompt group (unbiased std, as
-    ``torch.std``); 0 for groups of one response.  Shapes: [N], [N] → float32 [N]."""
-    r = torch.as_tensor(np.asarray(rewards), dtype=torch.float64)
-    g = torch.as_tensor(np.asarray(group_id), dtype=torch.long)
-    if r.ndim != 1 or g.shape != r.shape:
-        raise ValueError(f"rewards/group_id: expected equal 1-D shapes, got {tuple(r.shape)} and {tuple(g.shape)}")
-    if not torch.isfinite(r).all():
-        raise ValueError("rewards: NaN or inf value(s)")
-    out = torch.zeros_like(r)
-    for gid in torch.unique(g):
-        sel = g == gid
-        if int(sel.sum()) > 1:
-            x = r[sel]
-            out[sel] = (x - x.mean()) / (x.std() + eps)
-    return out.float()
 
 
 def split_minibatches(group_id: Tensor | np.ndarray, num_minibatches: int, seed: int = 0) -> list[np.ndarray]:
@@ -147,7 +128,7 @@ def stale_updates(
     ----------
     model : the behaviour model μ, trained in place (put in train mode during the call, eval mode after)
     train : RolloutBatch sampled from μ (its ``logp`` are the old log-probs)
-    advantages : float [N] (see :func:`grpo_advantages`)
+    advantages : float [N] (e.g. :func:`ctpo_lab.advantages.grpo_advantages`)
     config : StaleConfig
     num_updates : k_max
     seed : minibatch shuffling

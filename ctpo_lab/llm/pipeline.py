@@ -184,6 +184,7 @@ def run_trajectories(cfg: RunConfig, *, overwrite: bool = False, resume: bool = 
     Every check of the input (the config, the model, the prompts, the output folder) runs before any sampling.
     """
     cfg.validate()
+    from ctpo_lab.advantages import grpo_advantages
     from ctpo_lab.llm import offpolicy, store
     from ctpo_lab.llm.models import load_model
     from ctpo_lab.llm.prompts import load_prompts, render_prompts, reward
@@ -234,7 +235,7 @@ def run_trajectories(cfg: RunConfig, *, overwrite: bool = False, resume: bool = 
         texts = texts_of(part)
         rewards = np.array([reward(t, prompts[int(i)].answer, cfg.reward, finished=bool(f))
                             for t, i, f in zip(texts, part.prompt_index, part.finished)])
-        adv = offpolicy.grpo_advantages(rewards, part.group_id.numpy()).numpy()
+        adv = grpo_advantages(rewards, part.group_id.numpy()).astype(np.float32)
         split = ["train" if int(i) < cfg.train_prompts else "eval" for i in part.prompt_index]
         df = store.batch_to_frame(part, prompt_ids=pid_list, rewards=rewards, advantages=adv, texts=texts,
                                   split=split, chunk=c)

@@ -24,7 +24,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["RolloutBatch", "ReferenceCache", "ScoreResult", "chunk_seed", "sample", "score", "token_log_probs"]
+__all__ = [
+    "RolloutBatch",
+    "ReferenceCache",
+    "ScoreResult",
+    "chunk_seed",
+    "sample",
+    "score",
+    "token_log_probs",
+    "left_pad",
+    "plain_head",
+    "iter_slices",
+]
 
 #: model types whose ``get_decoder()`` output feeds the LM head directly (no logit scaling or soft-capping).
 _PLAIN_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "granite_moe_shared", "smollm3"}
@@ -110,7 +121,12 @@ def _get_cache(out: object) -> object:
     return c if c is not None else getattr(out, "past_key_values", None)
 
 
-def _left_pad(prompts: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
+def left_pad(prompts: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
+    """Left-pad token-id lists into a batch: (ids int64 [B, P], attention mask int64 [B, P]).
+
+    ``P = max len``; row i holds ``pad`` in its first ``P − len(prompts[i])`` positions, then the prompt, and the
+    attention mask is 1 exactly on the prompt tokens.
+    """
     P = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), P), pad, dtype=torch.long)
     attn = torch.zeros((len(prompts), P), dtype=torch.long)
@@ -132,9 +148,9 @@ def _sample_chunk(
     pad: int, generator: torch.Generator, use_cache: bool, keep_hidden: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """Decode one chunk; finished rows leave the batch (their KV-cache rows are dropped)."""
-    ids, attn = _left_pad(prompts, pad)  # [B, P]
+    ids, attn = left_pad(prompts, pad)  # [B, P]
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    want_h = keep_hidden and _plain_head(model)
+    want_h = keep_hidden and plain_head(model)
     captured: list[Tensor] = []
     hook = None
     if want_h:  # the LM head's input is exactly the state that produced the logits
@@ -315,13 +331,17 @@ class ScoreResult:
     hidden: Tensor | None = None
 
 
-def _plain_head(model: torch.nn.Module) -> bool:
+def plain_head(model: torch.nn.Module) -> bool:
+    """Whether the model's ``get_decoder()`` output feeds a plain ``nn.Linear`` LM head (no logit scaling or
+    soft-capping; model types of ``_PLAIN_HEAD_TYPES``), so that log-probs can be computed from the final
+    hidden states with the head applied in slices, and μ's hidden states can be kept while sampling."""
     mtype = getattr(getattr(model, "config", None), "model_type", "")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return mtype in _PLAIN_HEAD_TYPES and isinstance(head, torch.nn.Linear) and hasattr(model, "get_decoder")
 
 
-def _iter_slices(n: int, size: int) -> Iterator[slice]:
+def iter_slices(n: int, size: int) -> Iterator[slice]:
+    """Consecutive slices ``[s, min(n, s + size))`` for ``s = 0, size, 2·size, …`` covering ``range(n)``."""
     for s in range(0, n, size):
         yield slice(s, min(n, s + size))
 
@@ -343,7 +363,7 @@ def token_log_probs(
     Shapes: prompt_ids list of b lists, tokens/mask [b, T] → logp [b, T] (float32, 0 where ``mask`` is 0).
     """
     temperature = _check_temperature(temperature)
-    ids_p, attn_p = _left_pad(prompt_ids, pad_token_id)
+    ids_p, attn_p = left_pad(prompt_ids, pad_token_id)
     P = ids_p.shape[1]
     T = tokens.shape[1]
     ids = torch.cat([ids_p, torch.where(mask, tokens, pad_token_id)], 1)
@@ -351,12 +371,12 @@ def token_log_probs(
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     kl = None
     hidden_out = None
-    if _plain_head(model):
+    if plain_head(model):
         hid = model.get_decoder()(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
         h = hid.last_hidden_state[:, P - 1:P + T - 1]  # [b, T, H]: the state that predicts token t
         head = model.get_output_embeddings()
         lps, kls = [], []
-        for sl in _iter_slices(T, head_chunk):
+        for sl in iter_slices(T, head_chunk):
             logits = F.linear(h[:, sl].float(), head.weight.float(),
                               None if head.bias is None else head.bias.float())
             lp_all = torch.log_softmax(logits / temperature, -1)
@@ -411,7 +431,7 @@ def score(
     kl = torch.zeros((N, T), dtype=torch.float32) if reference is not None else None
     hidden = None
     order = torch.argsort(batch.lengths, descending=True)  # similar lengths together: less padding
-    slices = list(_iter_slices(N, rows_per_chunk))
+    slices = list(iter_slices(N, rows_per_chunk))
     it = slices
     if progress:
         from tqdm.auto import tqdm

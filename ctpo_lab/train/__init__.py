@@ -10,8 +10,9 @@ Modules: :mod:`~ctpo_lab.train.tasks` (tasks and exact checkers), :mod:`~ctpo_la
 :mod:`~ctpo_lab.train.runfolder` (config, metrics, checkpoints, resume), :mod:`~ctpo_lab.train.config`.
 """
 
+from ctpo_lab.advantages import grpo_advantages
 from ctpo_lab.train.config import TRAIN_PRESETS, TrainConfig, parse_overrides, resolve_train_config
-from ctpo_lab.train.loop import NanLossError, Trainer, TrainResult, grpo_advantages, train
+from ctpo_lab.train.loop import NanLossError, Trainer, TrainResult, train
 from ctpo_lab.train.tasks import TASKS, Problem, make_task
 
 __all__ = [

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ctpo_lab.advantages import grpo_advantages
 from ctpo_lab.diagnostics import masked_mean
 from ctpo_lab.losses import LossConfig, compute_policy_loss, metrics_to_host
 from ctpo_lab.train.config import TrainConfig
@@ -52,7 +53,6 @@ __all__ = [
     "Trainer",
     "TrainResult",
     "NanLossError",
-    "grpo_advantages",
     "derived_seed",
     "train",
 ]
@@ -77,17 +77,6 @@ def derived_seed(seed: int, step: int, purpose: int, rank: int = 0) -> int:
     """A 63-bit seed for the generator of (run seed, step, purpose[, data-parallel rank > 0])."""
     entropy = [seed, step, purpose] + ([rank] if rank else [])
     return int(np.random.SeedSequence(entropy).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
-
-def grpo_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
-    """[N] rewards in consecutive groups of ``group_size`` → [N] (R − mean_g) / (std_g + eps), std unbiased
-    (verl's ``compute_grpo_outcome_advantage``)."""
-    if rewards.ndim != 1 or rewards.numel() % group_size:
-        raise ValueError(
-            f"rewards: expected [N] with N a multiple of group_size={group_size}, got {tuple(rewards.shape)}"
-        )
-    r = rewards.view(-1, group_size)
-    return ((r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True) + eps)).view(-1)
 
 
 class Trainer:
@@ -269,7 +258,7 @@ class Trainer:
 
         sc = score(self.task, self.policy.tokenizer, problems, batch)
         rewards = sc.rewards.to(device)  # [N]
-        adv = grpo_advantages(rewards, cfg.group_size)  # [N]
+        adv = grpo_advantages(rewards, cfg.group_size)  # [N], consecutive groups of G, on the device
         mask = batch.response_mask  # [N, R]
 
         t0 = time.perf_counter()
