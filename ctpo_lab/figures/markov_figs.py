@@ -83,8 +83,8 @@ def make(out: Path, *, quick: bool, seed: int, cache: Path, command: str) -> lis
     rep = data["reproductions"]
     held = rep["holds"].dropna()
     files += save_table(rep, out, "markov_reproductions",
-                        finding=f"Exact-laboratory reproductions of docs/theory.md §6: {int(held.sum())} of {len(held)} "
-                        "checked facts hold (value vs expected per row).", **common)
+                        finding=f"Exact-laboratory reproductions of docs/theory.md §6: {int(held.sum())} of "
+                        f"{len(held)} checked facts hold (value vs expected per row).", **common)
 
     # figures drawn by the markov module itself, renamed into the family and captioned
     with tempfile.TemporaryDirectory() as tmp:
