@@ -3,7 +3,7 @@
 Used by :func:`ctpo_lab.losses.policy_loss`, the trainer, the LLM module and the figures. All functions are
 device-side (no host synchronisation): they return 0-d tensors, and the caller moves them to the host once.
 
-Metric names follow the conventions users compare across tools (ecosystem.md):
+Metric names follow the conventions users compare across tools (docs/conventions.md §1):
 
 =================================  ===================================================================
 ``actor/ppo_kl``                   mean over valid tokens of −ℓ_t = log μ_t − log π_t (verl)

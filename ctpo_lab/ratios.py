@@ -1,6 +1,6 @@
 """Per-token log-ratios and the importance-ratio families, all in log space.
 
-Notation (paper.md): ℓ_t = log π(y_t|s_t) − log μ(y_t|s_t), L_t = Σ_{k≤t} ℓ_k over *valid* tokens,
+Notation (docs/theory.md §1.1): ℓ_t = log π(y_t|s_t) − log μ(y_t|s_t), L_t = Σ_{k≤t} ℓ_k over *valid* tokens,
 t = number of valid tokens up to and including the current one (1-based).
 
 Every family returns the *value* X_t of the log-weight of token t; the loss then uses the

@@ -165,7 +165,7 @@ pd.DataFrame(per_pos).set_index("t")
 
 # %% [markdown]
 # **The outcome-reward caveat.** GRPO broadcasts R − b to every token. That signal depends on how μ continues
-# after token t, so E[R − b | s_t, y_t] = Q^μ_t − b, not Q^π_t − b. The exact decomposition (theory.md §3):
+# after token t, so E[R − b | s_t, y_t] = Q^μ_t − b, not Q^π_t − b. The exact decomposition (docs/theory.md §3.3):
 #
 # * E g_tok − ∇J = **state part** Σ_t Σ_z (d^μ_t − d^π_t)(z) Σ_y π ψ (Q^μ_t − b) + **continuation part**
 #   Σ_t E_{d^π_t, π}[ψ (Q^μ_t − Q^π_t)];
@@ -268,7 +268,7 @@ sweep.pivot(index="T", columns="estimator", values=["relative_bias", "rel_trace_
 # weight sits in between on both axes. Which estimator has the smallest MSE depends on N and T, as the right
 # panel shows.
 #
-# More: `python -m ctpo_lab.markov` runs the standard study (every fact of theory.md §6 as a table, sweeps over
+# More: `python -m ctpo_lab.markov` runs the standard study (every fact of docs/theory.md §6 as a table, sweeps over
 # T and the mismatch), and `python -m ctpo_lab.figures` draws the `markov_*` figures from it.
 
 # %%

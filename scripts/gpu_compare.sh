@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The estimator comparison on one GPU (issue 6, preset `gpu`): grpo, gspo, ctpo, ctpo_fixed × seeds on the
+# The estimator comparison on one GPU: grpo, gspo, ctpo, ctpo_fixed × seeds on the
 # `gpu` trainer preset (bf16 autocast), everything generated locally (task, demonstrations, warm start; no
 # download), every output in ONE folder:
 #

@@ -229,7 +229,8 @@ def test_overrides_change_the_loss():
 
 
 def test_ctpo_paper_windows():
-    # paper.md: windows at p=0.5: t=1 [0.975, 1.051]; t=100 [0.779, 1.649]; t=1000 [0.454, 4.86]; t=8000 [0.107, 87.5]
+    # windows at p=0.5 (docs/estimators.md §2.4):
+    # t=1 [0.975, 1.051]; t=100 [0.779, 1.649]; t=1000 [0.454, 4.86]; t=8000 [0.107, 87.5]
     from ctpo_lab.clipping import clip_window
 
     c = PRESETS["ctpo"]

@@ -1,4 +1,4 @@
-"""Markov lab: the facts of theory.md §3, §5, §6, each checked against an independent derivation
+"""Markov lab: the facts of docs/theory.md §3, §5, §6, each checked against an independent derivation
 (enumeration, closed forms computed from the probability tables, or finite differences)."""
 
 from __future__ import annotations

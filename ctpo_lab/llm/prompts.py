@@ -6,7 +6,7 @@ spec string:
 * ``arithmetic`` — generated word problems with integer answers (no file needed; seeded);
 * a ``.parquet`` file or a directory of them in verl's layout (``prompt`` = list of {role, content},
   ``reward_model`` = {ground_truth, style}, ``data_source``, ``extra_info``), e.g.
-  ``../shared/data/math_benchmarks``;
+  ``path/to/math_benchmarks/``;
 * ``hf:<name or path>[:split]`` — an HF dataset (``datasets.load_from_disk`` for a folder, else
   ``load_dataset``) with a ``prompt`` column (a string or a list of messages) and optionally an answer column.
 

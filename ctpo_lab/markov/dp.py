@@ -1,6 +1,6 @@
 """Building blocks of the exact dynamic programmes: per-state policy tables, on-policy values and occupancies,
 per-transition log-ratio tables, block-sparse score features, oracle signal tables and exact per-position
-moments of L_t and ρ_{1:t} under μ (docs/theory.md §2).
+moments of L_t and ρ_{1:t} under μ (docs/theory.md §2, §5).
 
 States ``z`` of a :class:`~ctpo_lab.markov.model.MarkovMDP` carry their context ``c = state_context[z]``; the
 transition ``z --y--> next_state[z, y]`` is deterministic, so every expectation over trajectories is a sum over

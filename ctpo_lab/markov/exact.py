@@ -1,4 +1,4 @@
-"""Exact on-policy quantities and exact estimator moments by dynamic programming (docs/theory.md).
+"""Exact on-policy quantities and exact estimator moments by dynamic programming (docs/theory.md §2, §4).
 
 On-policy (one policy ``π``; the same code with ``μ``), cost ``O(T·|Z|·V)``::
 
@@ -115,7 +115,7 @@ def true_gradient(mdp: MarkovMDP) -> np.ndarray:
 
 
 def bias_decomposition(mdp: MarkovMDP, baseline: float = 0.0) -> dict[str, np.ndarray]:
-    """Outcome-signal bias parts (docs/theory.md, the bias decomposition), each ``[C·V]``.
+    """Outcome-signal bias parts (docs/theory.md §3.3), each ``[C·V]``.
 
     ``state = Σ_t Σ_z (d^μ_t − d^π_t)(z) Σ_y π ψ (Q^μ_t − b)``;
     ``continuation = Σ_t E_{d^π_t, π}[ψ (Q^μ_t − Q^π_t)]``; ``E g_tok − ∇J = state + continuation``;

@@ -1,6 +1,6 @@
 """Synthetic autoregressive Markov chains: contexts, reward automata, tabular policies, random instances.
 
-The model (docs/theory.md): tokens ``y ∈ {0..V-1}``, fixed horizon ``T``; the policy context at step ``t`` is the
+The model (docs/theory.md §1.2): tokens ``y ∈ {0..V-1}``, fixed horizon ``T``; the policy context at step ``t`` is the
 last ``k`` tokens of ``(BOS,)*k + y_<t`` (so there are ``Σ_{j=0..k} V^j`` reachable contexts); the terminal
 reward ``R = r(q_{T+1})`` is read from a finite automaton run over the token stream. The dynamic-programming
 state is ``z = (context c, automaton state q)`` flattened as ``z = c * Q + q``; its transition
