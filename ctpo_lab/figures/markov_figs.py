@@ -56,14 +56,14 @@ def _decomposition(quick: bool, seed: int, cache: Path) -> pd.DataFrame:
 def _drift(seed: int, cache: Path, eps_low: float = 0.025, kl: float = 0.0025) -> dict:
     from ctpo_lab.markov import random_instance
     from ctpo_lab.markov.augmented import log_ratio_distribution_profile
-    from ctpo_lab.markov.exact import position_profile
+    from ctpo_lab.markov.exact import position_moments
 
     t_star = (eps_low / kl) ** 2
     T = int(2.5 * t_star)
 
     def compute() -> dict:
         mdp = random_instance(4, T, 0, seed=seed, kl=kl)
-        prof = position_profile(mdp)
+        prof = position_moments(mdp)
         dist = log_ratio_distribution_profile(mdp, {}, bin_width=2e-3)
         return {"t": prof["t"], "mean_L": prof["mean_L"], "var_L": prof["var_L"], "median": dist["q0.5"],
                 "kl": float(np.mean(prof["kl"])), "t_star": t_star, "eps_low": eps_low}
