@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-#: Ratio family, preset of :data:`ctpo_lab.losses.PRESETS` and Markov-laboratory estimator name → matplotlib
-#: colour. A bare-weight preset (``unclipped_*``, ``tis``, ``cumulative_tis``) has its family's colour, and so
+#: Ratio family (:data:`ctpo_lab.ratios.RATIO_FAMILIES`, used for weight profiles) or estimator = preset of
+#: :data:`ctpo_lab.losses.PRESETS` → matplotlib colour. A bare-weight preset (``unclipped_*``, ``tis``, ``cumulative_tis``) has its family's colour, and so
 #: does the family's canonical clipped loss (``grpo`` token, ``ctpo`` cumulative, ``gspo`` sequence geo-mean,
 #: ``seq_is`` sequence): figures that show both tell them apart by marker.
 ESTIMATOR_COLORS: dict[str, str] = {
@@ -22,11 +22,6 @@ ESTIMATOR_COLORS: dict[str, str] = {
     "truncated_cumulative": "#ff7f0e",
     "token_tis": "#8c564b",
     "cispo": "#8c564b",
-    "ppo_clip": "#17becf",
-    "token_ppo": "#17becf",
-    "cumulative_ppo": "#e377c2",
-    "ctpo_la": "#b5179e",
-    "gspo_clip": "#bcbd22",
     "fixed_window": "#1f77b4",
     "sqrt_t_window": "#d62728",
     "unclipped_token": "#1f77b4",
@@ -39,14 +34,14 @@ ESTIMATOR_COLORS: dict[str, str] = {
 }
 
 _LABELS: dict[str, str] = {
-    "token": "token (PPO/GRPO)",
+    "token": "token ratio r_t",
     "grpo": "GRPO",
     "dapo": "DAPO",
-    "sequence": "sequence (full IS)",
+    "sequence": "sequence ratio ρ_1:T",
     "seq_is": "sequence IS",
     "gspo": "GSPO",
     "sequence_geomean": "sequence geo-mean",
-    "cumulative": "cumulative (CTPO)",
+    "cumulative": "cumulative ratio ρ_1:t",
     "ctpo": "CTPO (√t window)",
     "ctpo_fixed": "CTPO (fixed window)",
     "cumulative_geomean": "cumulative geo-mean",
@@ -54,10 +49,6 @@ _LABELS: dict[str, str] = {
     "truncated_cumulative": "truncated cumulative",
     "token_tis": "token TIS",
     "cispo": "CISPO",
-    "token_ppo": "token + PPO clip",
-    "cumulative_ppo": "cumulative + PPO clip",
-    "ctpo_la": "CTPO-LA (√t log window)",
-    "gspo_clip": "GSPO + clip",
     "fixed_window": "fixed window [0.5, 5]",
     "sqrt_t_window": "√t window (0.025/0.05)",
     "unclipped_token": "token IS r_t (unclipped)",
