@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from ctpo_lab import markov
+from ctpo_lab.losses import resolve_config
 from ctpo_lab.markov import study
 from ctpo_lab.markov.enumerate import tree_values
 
@@ -246,7 +247,7 @@ def test_var_L_is_t_sigma2_iid_and_latent_mode_departs():
 
 def test_drift_crossing_time_matches_eps_over_kappa_squared():
     eps, kappa = 0.025, 0.0025
-    rows = study.fact_drift_crossing(0, eps_low=eps, kl=kappa)
+    rows = study.fact_drift_crossing(0, resolve_config("sqrt_t_window", eps_low=eps), kl=kappa)
     t_star = (eps / kappa) ** 2
     mean_row = next(r for r in rows if r["fact"] == "drift_mean_crossing_time")
     med_row = next(r for r in rows if r["fact"] == "drift_median_crossing_time")

@@ -53,11 +53,13 @@ def _decomposition(quick: bool, seed: int, cache: Path) -> pd.DataFrame:
     return cached(cache, "markov_decomposition", config, compute)
 
 
-def _drift(seed: int, cache: Path, eps_low: float = 0.025, kl: float = 0.0025) -> dict:
+def _drift(seed: int, cache: Path, kl: float = 0.0025) -> dict:
+    from ctpo_lab.losses import PRESETS
     from ctpo_lab.markov import random_instance
     from ctpo_lab.markov.augmented import log_ratio_distribution_profile
     from ctpo_lab.markov.exact import position_moments
 
+    eps_low = PRESETS["sqrt_t_window"].eps_low
     t_star = (eps_low / kl) ** 2
     T = int(2.5 * t_star)
 

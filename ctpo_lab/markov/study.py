@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ctpo_lab.losses import PRESETS, LossConfig, resolve_config
+
 from .augmented import log_ratio_distribution_profile
 from .estimator import chain_estimator
 from .exact import (
@@ -231,9 +233,10 @@ def fact_sqrt_t(seed: int = 0) -> list[dict]:
     ]
 
 
-def fact_drift_crossing(seed: int = 0, eps_low: float = 0.025, kl: float = 0.0025, bin_width: float = 2e-3
-                        ) -> list[dict]:
-    """The median of ``L_t`` crosses ``−ε_low√t`` near ``t* = (ε_low/κ)²``."""
+def fact_drift_crossing(seed: int = 0, window: str | LossConfig = "sqrt_t_window", kl: float = 0.0025,
+                        bin_width: float = 2e-3) -> list[dict]:
+    """The median of ``L_t`` crosses ``−ε_low√t`` near ``t* = (ε_low/κ)²`` (ε_low of a √t-window preset)."""
+    eps_low = resolve_config(window).eps_low
     t_star = (eps_low / kl) ** 2
     T = int(2.5 * t_star)
     mdp = random_instance(4, T, 0, seed=seed, kl=kl)
@@ -278,9 +281,11 @@ def fact_clip_profiles(seed: int = 0, T: int = 5000, sigma: float = 0.035, bin_w
     ]
     above = np.where(dist["fixed_window_rate"] > dist["sqrt_t_window_rate"])[0]
     cross = float(dist["t"][above[0]]) if above.size else float("nan")
-    meet = (np.log(2.0) / 0.025) ** 2
+    # the lower bounds meet where ε_low(fixed) = ε_low(√t)·√t
+    fixed_lo, sqrt_lo = PRESETS["fixed_window"].eps_low, PRESETS["sqrt_t_window"].eps_low
+    meet = (fixed_lo / sqrt_lo) ** 2
     rows.append(_row("clip_rate_fixed_exceeds_adaptive_from", cross,
-                     f"exists, near where the lower bounds meet ((ln 2/0.025)^2 = {meet:.0f}) or earlier",
+                     f"exists, near where the lower bounds meet ((ln 2/{sqrt_lo})^2 = {meet:.0f}) or earlier",
                      bool(above.size) and 0.3 * meet <= cross <= 1.5 * meet, f"walk T = {T}"))
     return rows, dist
 
