@@ -4,8 +4,8 @@
     python -m ctpo_lab.train compare --preset cpu --losses grpo ctpo --seeds 0 1 2 3 --out runs/cmp
 
 Each cell is an ordinary run of ``python -m ctpo_lab.train`` in ``OUT/runs/<loss>-seed<S>``; a finished run
-(its ``FINISHED`` marker present) is reused, an interrupted one is resumed with ``--resume``. Aggregation
-reads every ``metrics.jsonl`` and writes into ``OUT/``:
+(its ``FINISHED`` marker present) is reused, an interrupted one is resumed with ``--resume``.
+:func:`summarize_grid` reads every ``metrics.jsonl`` and writes into ``OUT/``:
 
 * ``curves.csv``       mean and 95% bootstrap band over seeds of each metric vs step, per loss;
 * ``table2.csv/.md``   per loss: held-out accuracy at the start and at the end, its change, clip fraction,
@@ -49,7 +49,7 @@ __all__ = [
     "final_table",
     "paired_comparison",
     "plot_curves",
-    "aggregate",
+    "summarize_grid",
     "main",
 ]
 
@@ -262,7 +262,7 @@ def _ci_text(values: pd.Series, digits: int = 3, seed: int = 0) -> tuple[float, 
     if x.size == 0:
         return np.nan, np.nan, np.nan, "n/a"
     ci = stats.bootstrap_ci(x, n_boot=4000, seed=seed)
-    return ci.estimate, ci.low, ci.high, f"{ci.estimate:.{digits}f} [{ci.low:.{digits}f}, {ci.high:.{digits}f}]"
+    return ci.estimate, ci.low, ci.high, stats.format_ci(ci.estimate, ci.low, ci.high, digits, style="f")
 
 
 def final_table(df: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
@@ -358,7 +358,7 @@ def _write_md(df: pd.DataFrame, path: Path, note: str) -> None:
     path.write_text(df.to_markdown(index=False, floatfmt=".4g") + "\n\n" + note.strip() + "\n")
 
 
-def aggregate(out: str | os.PathLike[str], *, reference: str = "ctpo", seed: int = 0) -> dict[str, Any]:
+def summarize_grid(out: str | os.PathLike[str], *, reference: str = "ctpo", seed: int = 0) -> dict[str, Any]:
     """Write curves.csv, table2.*, paired.*, table3.* and fig2.* into ``out``; return the tables."""
     out = Path(out)
     df = load_grid(out)
@@ -413,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--jobs", type=int, default=None, help="parallel runs (default: number of cores)")
     ap.add_argument("--reference", default="ctpo", help="loss the others are compared with (paired seeds)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing, different grid folder")
-    ap.add_argument("--aggregate-only", action="store_true", help="only aggregate existing runs")
+    ap.add_argument("--summarize-only", "--aggregate-only", dest="summarize_only", action="store_true",
+                    help="only summarize existing runs (no training); --aggregate-only is the old spelling")
     ap.add_argument("overrides", nargs="*", help="key=value overrides passed to every run")
     return ap
 
@@ -427,9 +428,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec = GridSpec(args.preset, tuple(args.losses), tuple(seeds), tuple(args.overrides), args.steps)
     out = Path(args.out or f"runs/compare-{args.preset}")
     start = time.time()
-    if not args.aggregate_only:
+    if not args.summarize_only:
         run_grid(spec, out, jobs=args.jobs, overwrite=args.overwrite)
-    result = aggregate(out, reference=args.reference)
+    result = summarize_grid(out, reference=args.reference)
     shown = ["loss", "seeds", "initial accuracy", "final accuracy", "accuracy gain", "clip fraction",
              "KL after last update"]
     print(result["table2"][shown].to_markdown(index=False))

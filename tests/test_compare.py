@@ -58,16 +58,22 @@ def test_final_table_and_paired_comparison(tmp_path):
     assert paired.loc["grpo", "sign-flip p"] == pytest.approx(0.25)
 
 
-def test_aggregate_writes_every_output(tmp_path):
+def test_summarize_grid_writes_every_output(tmp_path):
     finals = {"grpo": {0: 0.3, 1: 0.4}, "ctpo": {0: 0.5, 1: 0.4}, "ctpo_fixed": {0: 0.45, 1: 0.35}}
     _fake_grid(tmp_path, finals)
-    result = compare.aggregate(tmp_path)
+    result = compare.summarize_grid(tmp_path)
     for name in ("curves.csv", "table2.csv", "table2.md", "paired.csv", "table3.csv", "table3.md", "fig2.png",
                  "fig2.pdf"):
         assert (tmp_path / name).is_file(), name
     assert set(result) == {"table2", "paired", "table3"}
     curves = compare.metric_curves(compare.load_grid(tmp_path), "eval_accuracy")
     np.testing.assert_allclose(curves["ctpo"].estimate, [0.2, 0.45])
+
+
+def test_summarize_only_flag_keeps_its_old_spelling():
+    assert compare.build_parser().parse_args(["--summarize-only"]).summarize_only
+    assert compare.build_parser().parse_args(["--aggregate-only"]).summarize_only
+    assert not compare.build_parser().parse_args([]).summarize_only
 
 
 def test_grid_spec_and_folder_protection(tmp_path):
