@@ -292,19 +292,6 @@ def final_table(df: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _sign_flip_p_value(diffs: np.ndarray) -> float:
-    """Exact two-sided p-value of the paired sign-flip permutation test of mean(diffs) = 0."""
-    n = diffs.size
-    observed = abs(diffs.mean())
-    if n > 20:  # 2^n sign patterns; Monte Carlo beyond a million
-        rng = np.random.default_rng(0)
-        signs = rng.choice([-1.0, 1.0], size=(200_000, n))
-    else:
-        signs = np.array(list(itertools.product([-1.0, 1.0], repeat=n)))
-    null = np.abs((signs * diffs).mean(axis=1))
-    return float((null >= observed - 1e-12).mean())
-
-
 def paired_comparison(df: pd.DataFrame, reference: str, others: Sequence[str] | None = None,
                       metric: str = "eval_accuracy", *, seed: int = 0) -> pd.DataFrame:
     """Paired-seed comparison of the final ``metric`` of each loss against ``reference``.
@@ -325,7 +312,7 @@ def paired_comparison(df: pd.DataFrame, reference: str, others: Sequence[str] | 
         ci = stats.bootstrap_ci(d, n_boot=4000, seed=seed)
         rows.append({"loss": loss, "reference": reference, "metric": metric, "paired seeds": len(common),
                      "mean difference": ci.estimate, "CI low": ci.low, "CI high": ci.high,
-                     "sign-flip p": _sign_flip_p_value(d), "test": "exact paired sign-flip permutation"})
+                     "sign-flip p": stats.sign_flip_p_value(d), "test": "exact paired sign-flip permutation"})
     return pd.DataFrame(rows)
 
 

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from ctpo_lab import compare
+from ctpo_lab import compare, stats
 
 
 def _fake_grid(tmp_path, finals):
@@ -34,11 +34,11 @@ def _fake_grid(tmp_path, finals):
 
 def test_sign_flip_p_value_is_exact():
     # all 3 differences positive: only the all-+ and all-− patterns are as extreme → 2/8
-    assert compare._sign_flip_p_value(np.array([0.1, 0.2, 0.3])) == pytest.approx(0.25)
+    assert stats.sign_flip_p_value(np.array([0.1, 0.2, 0.3])) == pytest.approx(0.25)
     # 5 equal positive differences → 2/32
-    assert compare._sign_flip_p_value(np.full(5, 0.1)) == pytest.approx(2 / 32)
+    assert stats.sign_flip_p_value(np.full(5, 0.1)) == pytest.approx(2 / 32)
     # symmetric differences: mean 0 → p = 1
-    assert compare._sign_flip_p_value(np.array([0.1, -0.1])) == pytest.approx(1.0)
+    assert stats.sign_flip_p_value(np.array([0.1, -0.1])) == pytest.approx(1.0)
 
 
 def test_final_table_and_paired_comparison(tmp_path):
