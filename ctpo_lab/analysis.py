@@ -3,23 +3,22 @@
 One function, :func:`trajectory_statistics`, turns per-token log-ratios into every number the paper's Figure 1
 and the README report: the fixed-exponent σ̂ (weighted least squares through the origin, the paper's fit), the
 free exponent with a cluster-bootstrap CI (pooled and centred within prompt groups), the drift E L_t against
-−Σ KL, advantage-aware clip rates by position for the fixed window [0.5, 5] and the √t window, and the ESS by
+−Σ KL, advantage-aware clip rates by position for any loss presets (by default the Figure-1 windows, the presets
+``fixed_window``, w_t = e^{L_t} ∈ [0.5, 5], and ``sqrt_t_window``, L_t ∈ [−0.025·√t, 0.05·√t]), and the ESS by
 position.  All the statistics themselves live in :mod:`ctpo_lab.stats`; this module only assembles them.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from ctpo_lab import stats
+from ctpo_lab import losses, stats
 
-__all__ = ["trajectory_statistics", "WINDOWS"]
-
-#: The two windows of the paper's Figure 1 (names as in :data:`ctpo_lab.stats.WINDOWS`).
-WINDOWS: tuple[str, ...] = ("fixed_window", "sqrt_t_window")
+__all__ = ["trajectory_statistics"]
 
 
 def _finite(x: Any) -> float | None:
@@ -46,6 +45,7 @@ def trajectory_statistics(
     min_sequences: int = 10,
     n_boot: int = 1000,
     seed: int = 0,
+    windows: Sequence[str | losses.LossConfig] = ("fixed_window", "sqrt_t_window"),
 ) -> dict[str, Any]:
     """All Figure-1 statistics of one batch of trajectories, as a JSON-ready dict.
 
@@ -63,6 +63,9 @@ def trajectory_statistics(
         Exact per-token KL(μ‖π) at each prefix, for the drift comparison E L_t vs −Σ KL.
     bin_width, min_count, min_sequences, n_boot, seed
         Binning and bootstrap settings of :func:`ctpo_lab.stats.sqrt_t_fit`.
+    windows : sequence of preset names or LossConfigs
+        The clip windows of ``clip_rates`` (:func:`ctpo_lab.stats.clip_rate_profile`), keyed by their config's
+        ``name``; default the two Figure-1 presets ``fixed_window`` and ``sqrt_t_window``.
 
     Returns
     -------
@@ -93,8 +96,11 @@ def trajectory_statistics(
             out["centered"] = {"error": str(e)}
     drift = stats.drift_profile(cum, mask, kl, bin_width=bin_width, min_count=min_count)
     clip: dict[str, Any] = {}
-    for window in WINDOWS:
-        variants = [(True, window), (False, f"{window}_outside")] if advantages is not None else [(False, window)]
+    for window in windows:
+        name = window.name if isinstance(window, losses.LossConfig) else window
+        if name in clip:
+            raise ValueError(f"windows: two windows named {name!r}")
+        variants = [(True, name), (False, f"{name}_outside")] if advantages is not None else [(False, name)]
         for aware, key in variants:
             prof = stats.clip_rate_profile(ell, mask, advantages if aware else None, window=window,
                                            bin_width=bin_width)

@@ -4,8 +4,8 @@
     python -m ctpo_lab.train compare --preset cpu --loss grpo ctpo --seeds 0 1 2 3 --out runs/cmp
 
 Each cell is an ordinary run of ``python -m ctpo_lab.train`` in ``OUT/runs/<loss>-seed<S>``; a finished run
-(its ``FINISHED`` marker present) is reused, an interrupted one is resumed with ``--resume``. Aggregation
-reads every ``metrics.jsonl`` and writes into ``OUT/``:
+(its ``FINISHED`` marker present) is reused, an interrupted one is resumed with ``--resume``.
+:func:`summarize_grid` reads every ``metrics.jsonl`` and writes into ``OUT/``:
 
 * ``curves.csv``       mean and 95% bootstrap band over seeds of each metric vs step, per loss;
 * ``table2.csv/.md``   per loss: held-out accuracy at the start and at the end, its change, clip fraction,
@@ -49,7 +49,7 @@ __all__ = [
     "final_table",
     "paired_comparison",
     "plot_curves",
-    "aggregate",
+    "summarize_grid",
     "run_comparison",
     "main",
 ]
@@ -263,7 +263,7 @@ def _ci_text(values: pd.Series, digits: int = 3, seed: int = 0) -> tuple[float, 
     if x.size == 0:
         return np.nan, np.nan, np.nan, "n/a"
     ci = stats.bootstrap_ci(x, n_boot=4000, seed=seed)
-    return ci.estimate, ci.low, ci.high, f"{ci.estimate:.{digits}f} [{ci.low:.{digits}f}, {ci.high:.{digits}f}]"
+    return ci.estimate, ci.low, ci.high, stats.format_ci(ci.estimate, ci.low, ci.high, digits, style="f")
 
 
 def final_table(df: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
@@ -293,19 +293,6 @@ def final_table(df: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _sign_flip_p_value(diffs: np.ndarray) -> float:
-    """Exact two-sided p-value of the paired sign-flip permutation test of mean(diffs) = 0."""
-    n = diffs.size
-    observed = abs(diffs.mean())
-    if n > 20:  # 2^n sign patterns; Monte Carlo beyond a million
-        rng = np.random.default_rng(0)
-        signs = rng.choice([-1.0, 1.0], size=(200_000, n))
-    else:
-        signs = np.array(list(itertools.product([-1.0, 1.0], repeat=n)))
-    null = np.abs((signs * diffs).mean(axis=1))
-    return float((null >= observed - 1e-12).mean())
-
-
 def paired_comparison(df: pd.DataFrame, reference: str, others: Sequence[str] | None = None,
                       metric: str = "eval_accuracy", *, seed: int = 0) -> pd.DataFrame:
     """Paired-seed comparison of the final ``metric`` of each loss against ``reference``.
@@ -326,7 +313,7 @@ def paired_comparison(df: pd.DataFrame, reference: str, others: Sequence[str] | 
         ci = stats.bootstrap_ci(d, n_boot=4000, seed=seed)
         rows.append({"loss": loss, "reference": reference, "metric": metric, "paired seeds": len(common),
                      "mean difference": ci.estimate, "CI low": ci.low, "CI high": ci.high,
-                     "sign-flip p": _sign_flip_p_value(d), "test": "exact paired sign-flip permutation"})
+                     "sign-flip p": stats.sign_flip_p_value(d), "test": "exact paired sign-flip permutation"})
     return pd.DataFrame(rows)
 
 
@@ -359,7 +346,7 @@ def _write_md(df: pd.DataFrame, path: Path, note: str) -> None:
     path.write_text(df.to_markdown(index=False, floatfmt=".4g") + "\n\n" + note.strip() + "\n")
 
 
-def aggregate(out: str | os.PathLike[str], *, reference: str = "ctpo", seed: int = 0) -> dict[str, Any]:
+def summarize_grid(out: str | os.PathLike[str], *, reference: str = "ctpo", seed: int = 0) -> dict[str, Any]:
     """Write curves.csv, table2.*, paired.*, table3.* and fig2.* into ``out``; return the tables."""
     out = Path(out)
     df = load_grid(out)
@@ -403,17 +390,17 @@ def aggregate(out: str | os.PathLike[str], *, reference: str = "ctpo", seed: int
 
 
 def run_comparison(spec: GridSpec, out: str | os.PathLike[str] | None = None, *, jobs: int | None = None,
-                   overwrite: bool = False, aggregate_only: bool = False, reference: str = "ctpo",
+                   overwrite: bool = False, summarize_only: bool = False, reference: str = "ctpo",
                    progress: bool = True) -> dict[str, Any]:
-    """Run the grid (unless ``aggregate_only``) into ``out`` (default ``runs/compare-<trainer preset>``) and
-    aggregate it; returns the aggregate's tables plus ``out`` and ``seconds``. What ``python -m ctpo_lab.train
+    """Run the grid (unless ``summarize_only``) into ``out`` (default ``runs/compare-<trainer preset>``) and
+    summarize it (:func:`summarize_grid`); returns its tables plus ``out`` and ``seconds``. What ``python -m ctpo_lab.train
     compare`` does; bad input raises ``ValueError`` naming the argument. The caller chooses the matplotlib
     backend (the command line: Agg)."""
     out = Path(out if out is not None else f"runs/compare-{spec.train_preset}")
     start = time.time()
-    if not aggregate_only:
+    if not summarize_only:
         run_grid(spec, out, jobs=jobs, overwrite=overwrite, progress=progress)
-    result = aggregate(out, reference=reference)
+    result = summarize_grid(out, reference=reference)
     return {**result, "out": out, "seconds": time.time() - start}
 
 
@@ -430,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--jobs", type=int, default=None, help="parallel runs (default: number of cores)")
     ap.add_argument("--reference", default="ctpo", help="loss the others are compared with (paired seeds)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing, different grid folder")
-    ap.add_argument("--aggregate-only", action="store_true", help="only aggregate existing runs")
+    ap.add_argument("--summarize-only", "--aggregate-only", dest="summarize_only", action="store_true",
+                    help="only summarize existing runs (no training); --aggregate-only is the old spelling")
     ap.add_argument("overrides", nargs="*", help="key=value overrides passed to every run")
     return ap
 
@@ -446,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         spec = GridSpec(args.preset, tuple(args.losses), tuple(seeds), tuple(args.overrides), args.steps)
         result = run_comparison(spec, args.out, jobs=args.jobs, overwrite=args.overwrite,
-                                aggregate_only=args.aggregate_only, reference=args.reference)
+                                summarize_only=args.summarize_only, reference=args.reference)
     except (ValueError, TypeError) as e:
         print(f"error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from ctpo_lab import compare
+from ctpo_lab import compare, stats
 
 
 def _fake_grid(tmp_path, finals):
@@ -34,11 +34,11 @@ def _fake_grid(tmp_path, finals):
 
 def test_sign_flip_p_value_is_exact():
     # all 3 differences positive: only the all-+ and all-− patterns are as extreme → 2/8
-    assert compare._sign_flip_p_value(np.array([0.1, 0.2, 0.3])) == pytest.approx(0.25)
+    assert stats.sign_flip_p_value(np.array([0.1, 0.2, 0.3])) == pytest.approx(0.25)
     # 5 equal positive differences → 2/32
-    assert compare._sign_flip_p_value(np.full(5, 0.1)) == pytest.approx(2 / 32)
+    assert stats.sign_flip_p_value(np.full(5, 0.1)) == pytest.approx(2 / 32)
     # symmetric differences: mean 0 → p = 1
-    assert compare._sign_flip_p_value(np.array([0.1, -0.1])) == pytest.approx(1.0)
+    assert stats.sign_flip_p_value(np.array([0.1, -0.1])) == pytest.approx(1.0)
 
 
 def test_final_table_and_paired_comparison(tmp_path):
@@ -58,16 +58,22 @@ def test_final_table_and_paired_comparison(tmp_path):
     assert paired.loc["grpo", "sign-flip p"] == pytest.approx(0.25)
 
 
-def test_aggregate_writes_every_output(tmp_path):
+def test_summarize_grid_writes_every_output(tmp_path):
     finals = {"grpo": {0: 0.3, 1: 0.4}, "ctpo": {0: 0.5, 1: 0.4}, "ctpo_fixed": {0: 0.45, 1: 0.35}}
     _fake_grid(tmp_path, finals)
-    result = compare.aggregate(tmp_path)
+    result = compare.summarize_grid(tmp_path)
     for name in ("curves.csv", "table2.csv", "table2.md", "paired.csv", "table3.csv", "table3.md", "fig2.png",
                  "fig2.pdf"):
         assert (tmp_path / name).is_file(), name
     assert set(result) == {"table2", "paired", "table3"}
     curves = compare.metric_curves(compare.load_grid(tmp_path), "eval_accuracy")
     np.testing.assert_allclose(curves["ctpo"].estimate, [0.2, 0.45])
+
+
+def test_summarize_only_flag_keeps_its_old_spelling():
+    assert compare.build_parser().parse_args(["--summarize-only"]).summarize_only
+    assert compare.build_parser().parse_args(["--aggregate-only"]).summarize_only
+    assert not compare.build_parser().parse_args([]).summarize_only
 
 
 def test_grid_spec_and_folder_protection(tmp_path):

@@ -20,7 +20,8 @@ def iid_walks(seed: int, n: int = 200, t: int = 256, sigma: float = 0.035, varia
 
 
 def latent_walks(seed: int, n: int = 200, t: int = 256, sigma: float = 0.035):
-    """A persistent latent mode: each sequence draws a regime with a different KL drift (theory.md §5)."""
+    """A persistent latent mode: each sequence draws a regime with a different KL drift κ ∈ {0, 0.02}, so
+    L_t = −κ t + σ W_t and sd(L_t)² = σ² t + Var(κ) t² grows faster than t (free exponent > 0.5)."""
     rng = np.random.default_rng(seed)
     kappa = np.where(rng.random(n) < 0.5, 0.0, 0.02)
     ell = -kappa[:, None] + sigma * rng.standard_normal((n, t))
@@ -188,3 +189,54 @@ def test_binned_profile_and_table():
     assert tab.to_dict()["bin_width"] == 25
     with pytest.raises(TypeError, match="profile"):
         stats.profile_table("x")
+
+
+def test_clip_rate_profile_takes_any_loss_config():
+    from ctpo_lab import losses
+
+    rng = np.random.default_rng(2)
+    ell = 0.08 * rng.standard_normal((32, 60))
+    m = np.ones_like(ell, dtype=bool)
+    adv = rng.choice([-1.0, 1.0], 32)
+    by_name = stats.clip_rate_profile(ell, m, adv, window="sqrt_t_window", bin_width=10)
+    by_cfg = stats.clip_rate_profile(ell, m, adv, window=losses.PRESETS["sqrt_t_window"], bin_width=10)
+    assert torch.equal(by_name.clipped, by_cfg.clipped)
+    wider = losses.resolve_config("sqrt_t_window", eps_low=0.25, eps_high=0.5)
+    assert int(stats.clip_rate_profile(ell, m, adv, window=wider).clipped.sum()) < int(by_name.clipped.sum())
+    with pytest.raises(TypeError, match="window"):
+        stats.clip_rate_profile(ell, m, adv, window=3)
+    assert not hasattr(stats, "WINDOWS") and not hasattr(stats, "window_config")
+
+
+def test_trajectory_statistics_windows_are_presets_or_configs():
+    from ctpo_lab import analysis, losses
+
+    L, m = iid_walks(0, n=60, t=120)
+    ell = np.where(m, np.diff(L, axis=1, prepend=0.0), 0.0)
+    adv = np.where(np.arange(60) % 2 == 0, 1.0, -1.0)
+    kw = dict(min_count=10, min_sequences=5, n_boot=50)
+    default = analysis.trajectory_statistics(ell, m, adv, **kw)
+    assert set(default["clip_rates"]) == {"fixed_window", "fixed_window_outside", "sqrt_t_window",
+                                          "sqrt_t_window_outside"}
+    cfg = losses.resolve_config("sqrt_t_window", name="narrow", eps_low=0.01, eps_high=0.01)
+    custom = analysis.trajectory_statistics(ell, m, None, windows=("sqrt_t_window", cfg), **kw)
+    assert set(custom["clip_rates"]) == {"sqrt_t_window", "narrow"}
+    assert custom["clip_rates"]["sqrt_t_window"] == default["clip_rates"]["sqrt_t_window_outside"]
+    assert custom["clip_rates"]["narrow"]["overall"] > custom["clip_rates"]["sqrt_t_window"]["overall"]
+    with pytest.raises(ValueError, match="windows"):
+        analysis.trajectory_statistics(ell, m, None, windows=("ctpo", "ctpo"), **kw)
+
+
+def test_percentile_interval_and_format_ci():
+    x = np.arange(101, dtype=float)
+    assert stats.percentile_interval(x, 0.9).tolist() == pytest.approx([5.0, 95.0])
+    x[3] = np.nan
+    assert stats.percentile_interval(np.stack([x, x], 1), 0.5, axis=0).shape == (2, 2)
+    with pytest.raises(ValueError, match="confidence"):
+        stats.percentile_interval(x, 95)
+    assert stats.format_ci(0.12345, 0.1, 0.2) == "0.12 [0.1, 0.2]"
+    assert stats.format_ci(0.5, 0.4, 0.6, 3, style="f") == "0.500 [0.400, 0.600]"
+    assert stats.format_ci(math.nan, 0.0, 1.0) == "n/a"
+    assert stats.format_ci(1.0, math.nan, 2.0) == "1"
+    with pytest.raises(ValueError, match="style"):
+        stats.format_ci(1.0, 0.0, 2.0, style="e")

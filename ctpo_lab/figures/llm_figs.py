@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from ctpo_lab.figures.common import cached, save_figure, save_table
+from ctpo_lab.stats import format_ci
 
 FAMILY = "llm"
 
@@ -78,8 +79,9 @@ def make(out: Path, *, quick: bool, seed: int, cache: Path, command: str, model:
                      "clip rate √t window": cr["sqrt_t_window"]["overall"], "sequences": r["n_sequences"]})
     table = pd.DataFrame(rows)
     if rows:
-        desc = "; ".join(f"{r['target']}: σ̂ = {r['sigma_hat']:.4f}, β = {r['exponent']:.2f} "
-                         f"[{r['exponent CI low']:.2f}, {r['exponent CI high']:.2f}]" for r in rows)
+        desc = "; ".join(f"{r['target']}: σ̂ = {r['sigma_hat']:.4f}, β = "
+                         + format_ci(r["exponent"], r["exponent CI low"], r["exponent CI high"], 2, style="f")
+                         for r in rows)
         files += save_table(table, out, "fig1_llm_summary",
                             finding=f"Figure-1 statistics of {model} after k stale updates: {desc}.{note}", **common)
         fig = figure1(results, bin_width, title=f"{model}: spread of $L_t$ and clip rate by position")

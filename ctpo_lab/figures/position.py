@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from ctpo_lab.stats import format_ci
+
 __all__ = ["figure1", "drift_figure"]
 
 
@@ -50,7 +52,7 @@ def figure1(results: dict[str, dict[str, Any]], bin_width: int, *, title: str | 
                 ax1.fill_between(tt, 0.8 * fit, 1.2 * fit, color=c, alpha=0.12, lw=0, label="σ̂√t ± 20%")
             lo, hi = r["exponent_ci"]
             ax1.plot(tt, r["prefactor"] * tt ** r["exponent"], ":", color=c, lw=1.4,
-                     label=f"free fit β = {r['exponent']:.2f} [{lo:.2f}, {hi:.2f}]")
+                     label=f"free fit β = {format_ci(r['exponent'], lo, hi, 2, style='f')}")
         for window in ("fixed_window", "sqrt_t_window"):
             rate = _arr(r["clip_rates"].get(window, {}).get("by_bin"))
             if rate.size:

@@ -13,6 +13,7 @@ import numpy as np
 
 from ctpo_lab import compare
 from ctpo_lab.figures.common import cached, save_figure, save_table
+from ctpo_lab.stats import format_ci
 
 FAMILY = "training"
 LOSSES = ("grpo", "gspo", "ctpo", "ctpo_fixed")
@@ -56,7 +57,7 @@ def _dump_matrices(run_dirs: list[Path]) -> dict[str, np.ndarray] | None:
 
 def make(out: Path, *, quick: bool, seed: int, cache: Path, command: str, grid_dir: Path | None = None
          ) -> list[Path]:
-    """Run or reuse the grid, aggregate it, and write the fig2/table2/table3/fig1_trainer files."""
+    """Run or reuse the grid, summarize it, and write the fig2/table2/table3/fig1_trainer files."""
     from ctpo_lab.analysis import trajectory_statistics
     from ctpo_lab.figures.position import figure1
 
@@ -64,7 +65,7 @@ def make(out: Path, *, quick: bool, seed: int, cache: Path, command: str, grid_d
     grid = grid_dir or (cache / "grid-quick" if quick else Path("runs/compare-cpu"))
     compare.run_grid(spec, grid)
     df = compare.load_grid(grid)
-    result = compare.aggregate(grid, reference="ctpo")
+    result = compare.summarize_grid(grid, reference="ctpo")
     seeds = list(spec.seeds)
     common = {"command": command, "seeds": seeds, "extra": {"grid": f"{grid} (preset {spec.train_preset})"}}
     files: list[Path] = []
@@ -118,8 +119,8 @@ def make(out: Path, *, quick: bool, seed: int, cache: Path, command: str, grid_d
     if ok:
         fig = figure1(ok, bin_width=10 if quick else 25,
                       title="Trainer ratio dumps (last mini-batch, second half of training)")
-        desc = "; ".join(f"{k}: σ̂ = {v['sigma_hat']:.4f}, free exponent {v['exponent']:.2f} "
-                         f"[{v['exponent_ci'][0]:.2f}, {v['exponent_ci'][1]:.2f}]" for k, v in ok.items())
+        desc = "; ".join(f"{k}: σ̂ = {v['sigma_hat']:.4f}, free exponent "
+                         + format_ci(v["exponent"], *v["exponent_ci"], 2, style="f") for k, v in ok.items())
         files += save_figure(fig, out, "fig1_trainer",
                              finding="Figure 1 analogue from the trainer's own ratio dumps (the most off-policy "
                              f"mini-batch of each step): {desc}.", **common)
