@@ -393,9 +393,9 @@ def run_comparison(spec: GridSpec, out: str | os.PathLike[str] | None = None, *,
                    overwrite: bool = False, summarize_only: bool = False, reference: str = "ctpo",
                    progress: bool = True) -> dict[str, Any]:
     """Run the grid (unless ``summarize_only``) into ``out`` (default ``runs/compare-<trainer preset>``) and
-    summarize it (:func:`summarize_grid`); returns its tables plus ``out`` and ``seconds``. What ``python -m ctpo_lab.train
-    compare`` does; bad input raises ``ValueError`` naming the argument. The caller chooses the matplotlib
-    backend (the command line: Agg)."""
+    summarize it (:func:`summarize_grid`); returns its tables plus ``out`` and ``seconds``. What
+    ``python -m ctpo_lab.train compare`` does; bad input raises ``ValueError`` naming the argument. The caller
+    chooses the matplotlib backend (the command line: Agg)."""
     out = Path(out if out is not None else f"runs/compare-{spec.train_preset}")
     start = time.time()
     if not summarize_only:

@@ -43,7 +43,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from ctpo_lab import losses
+from ctpo_lab import losses, stats
 
 __all__ = [
     "ESTIMATORS",
@@ -263,7 +263,6 @@ def compare_to_reference(
     point = {k: float(v) for k, v in _stats(e, r, pr, batch_size).items()}
     rng = np.random.default_rng(seed)
     ci: dict[str, tuple[float, float]] = {}
-    q = (100 * (1 - level) / 2, 100 * (1 + level) / 2)
     if n_boot > 0:
         chunks = []
         for start in range(0, n_boot, 200):
@@ -275,14 +274,15 @@ def compare_to_reference(
         boot = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
         for k, v in boot.items():
             fin = v[np.isfinite(v)]
-            ci[k] = tuple(float(x) for x in np.percentile(fin, q)) if fin.size > 0.5 * n_boot else (math.nan, math.nan)
+            ci[k] = (tuple(float(x) for x in stats.percentile_interval(fin, level)) if fin.size > 0.5 * n_boot
+                     else (math.nan, math.nan))
     # per-direction bias: prompts resampled, direction fixed
     b_dir = e.mean(0) - r.mean(0)
     lo = hi = np.full(K, np.nan)
     if n_boot > 0:
         ip = rng.integers(0, P, size=(n_boot, P))
         bd = e[ip].mean(1) - r[ip].mean(1)
-        lo, hi = np.percentile(bd, q, axis=0)
+        lo, hi = stats.percentile_interval(bd, level, axis=0)
     se = np.sqrt((e - r).var(0, ddof=1) / P)
     per_dir = pd.DataFrame({"direction": np.arange(K), "bias": b_dir, "bias_lo": lo, "bias_hi": hi, "se": se,
                             "estimate_mean": e.mean(0), "reference_mean": r.mean(0)})
@@ -344,7 +344,6 @@ def ratio_position_profile(
     valid_tok = mask.numpy()
     rng = np.random.default_rng(seed)
     boot_groups = rng.integers(0, len(groups), size=(n_boot, len(groups))) if n_boot > 0 else None
-    q = (100 * (1 - level) / 2, 100 * (1 + level) / 2)
     rows = []
     for wname, w in weights.items():
         for t in pos:
@@ -360,7 +359,7 @@ def ratio_position_profile(
                 c = np.bincount(gi, minlength=len(groups)).astype(float)
                 bs, bc = s[boot_groups].sum(1), c[boot_groups].sum(1)
                 ok = bc > 0
-                lo, hi = np.percentile(bs[ok] / bc[ok], q)
+                lo, hi = stats.percentile_interval(bs[ok] / bc[ok], level)
             rows.append({"weight": wname, "position": int(t), "n": int(keep.sum()), "mean": float(x.mean()),
                          "mean_lo": float(lo), "mean_hi": float(hi), "var": float(x.var(ddof=1)),
                          "ess": float(x.sum() ** 2 / (len(x) * (x**2).sum())), "max": float(x.max())})

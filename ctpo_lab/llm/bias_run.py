@@ -33,6 +33,7 @@ import torch
 
 from ctpo_lab import advantages
 from ctpo_lab.llm import bias
+from ctpo_lab.stats import format_ci
 
 SOURCES: tuple[str, ...] = ("temperature", "dtype", "stale")
 
@@ -242,16 +243,6 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, np.ndarray):
         return o.tolist()
     raise TypeError(type(o).__name__)
-
-
-def format_ci(v: float, lo: float, hi: float, digits: int = 2) -> str:
-    """``v [lo, hi]`` with ``digits`` significant digits (``n/a`` for a non-finite ``v``, no bracket for a
-    non-finite CI)."""
-    if not math.isfinite(v):
-        return "n/a"
-    f = f"{{:.{digits}g}}"
-    ci = f" [{f.format(lo)}, {f.format(hi)}]" if math.isfinite(lo) and math.isfinite(hi) else ""
-    return f.format(v) + ci
 
 
 def display_table(table: pd.DataFrame, prediction: pd.DataFrame | None) -> pd.DataFrame:

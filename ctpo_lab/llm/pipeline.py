@@ -485,8 +485,11 @@ def _one_line(name: str, r: dict[str, Any]) -> str:
     if "error" in r:
         return f"[llm] {name}: {r['error']}"
     cr = r["clip_rates"]
-    return (f"[llm] {name}: σ̂ = {r['sigma_hat']:.4f}, exponent = {r['exponent']:.3f} "
-            f"[{r['exponent_ci'][0]:.3f}, {r['exponent_ci'][1]:.3f}], drift/token = {r['drift_per_token']:.2e}, "
+    from ctpo_lab.stats import format_ci
+
+    exponent = format_ci(r["exponent"], *r["exponent_ci"], 3, style="f")
+    return (f"[llm] {name}: σ̂ = {r['sigma_hat']:.4f}, exponent = {exponent}, "
+            f"drift/token = {r['drift_per_token']:.2e}, "
             f"clip fixed {cr['fixed_window']['overall']:.2%} vs √t {cr['sqrt_t_window']['overall']:.2%}")
 
 
