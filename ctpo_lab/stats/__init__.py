@@ -23,7 +23,7 @@ Modules (everything public is re-exported here, so ``from ctpo_lab import stats;
 * :mod:`~ctpo_lab.stats.profiles` — :func:`drift_profile` (E L_t by position against −Σ KL) →
   :class:`DriftProfile`, :func:`clip_rate_profile` (advantage-aware clip rate by position for any loss preset
   or config, e.g. the Figure-1 presets ``fixed_window`` and ``sqrt_t_window``), :func:`ess_profile`.
-* ``_inputs`` — the input checks the modules share (internal).
+* ``inputs`` — the input checks the modules share.
 """
 
 from __future__ import annotations

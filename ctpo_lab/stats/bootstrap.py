@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ctpo_lab.stats._inputs import ArrayLike, check_confidence, check_positive_int, to_numpy
+from ctpo_lab.stats.inputs import ArrayLike, check_confidence, check_positive_int, to_numpy
 
 __all__ = [
     "BootstrapCI",

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ctpo_lab import diagnostics
-from ctpo_lab.stats._inputs import ArrayLike, check_positive_int, group_index, matrix_and_mask, to_numpy
+from ctpo_lab.stats.inputs import ArrayLike, check_positive_int, group_index, matrix_and_mask, to_numpy
 
 __all__ = [
     "PositionTable",

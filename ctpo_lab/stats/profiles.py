@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ctpo_lab import diagnostics, losses
-from ctpo_lab.stats._inputs import ArrayLike, check_positive_int, matrix_and_mask, to_numpy
+from ctpo_lab.stats.inputs import ArrayLike, check_positive_int, matrix_and_mask, to_numpy
 from ctpo_lab.stats.positions import binned_profile, profile_table
 
 __all__ = ["DriftProfile", "drift_profile", "clip_rate_profile", "ess_profile"]

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ctpo_lab import diagnostics
-from ctpo_lab.stats._inputs import ArrayLike, check_confidence, check_positive_int, group_index, matrix_and_mask
+from ctpo_lab.stats.inputs import ArrayLike, check_confidence, check_positive_int, group_index, matrix_and_mask
 from ctpo_lab.stats.bootstrap import percentile_interval
 from ctpo_lab.stats.positions import PositionTable, group_centering, profile_table
 
