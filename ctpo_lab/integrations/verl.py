@@ -72,6 +72,7 @@ __all__ = [
     "loss_config_from_verl",
     "make_policy_loss_fn",
     "register",
+    "install_dump_hook",
     "CtpoLabPolicyLossConfig",
 ]
 
@@ -228,8 +229,9 @@ def _stash_from_data(data: Any) -> dict[str, Any]:
     return info
 
 
-def _install_dump_hook() -> None:
-    """Wrap verl's ``ppo_loss`` so the dumps see the micro-batch's rollout log-probs, uids and step."""
+def install_dump_hook() -> None:
+    """Wrap verl's actor loss ``verl.workers.utils.losses.ppo_loss`` so that the dumps also see the micro-batch's
+    rollout log-probs, uids and step (done on import when ``CTPO_LAB_VERL_DUMP`` is set; idempotent)."""
     import sys
 
     import verl.workers.utils.losses as losses_mod
@@ -264,7 +266,7 @@ def register() -> list[str]:
         _REGISTERED[mode_name(preset)] = fn
         names.append(mode_name(preset))
     if os.environ.get(DUMP_ENV):
-        _install_dump_hook()
+        install_dump_hook()
     return names
 
 
@@ -288,7 +290,10 @@ def _policy_loss_config_class() -> type | None:
 def _verl_importable() -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("verl") is not None
+    try:
+        return importlib.util.find_spec("verl") is not None
+    except (ImportError, ValueError):  # e.g. sys.modules["verl"] = None
+        return False
 
 
 if _verl_importable():
