@@ -5,7 +5,7 @@ returns NumPy results; per-batch quantities are computed by :mod:`ctpo_lab.diagn
 and clip masks by :func:`ctpo_lab.clipping.clipped_surrogate` (through :func:`ctpo_lab.losses.compute_policy_loss`),
 never re-derived here.
 
-Notation (paper.md, theory.md §5): ℓ_t per-token log-ratio, L_t = Σ_{k≤t} ℓ_k over valid tokens, t the 1-based
+Notation (docs/theory.md §1 and §5): ℓ_t per-token log-ratio, L_t = Σ_{k≤t} ℓ_k over valid tokens, t the 1-based
 valid-token position.  Under μ, L_t = M_t − K_t (martingale + drift), E L_t = −Σ_{k≤t} E KL(μ‖π)(z_k).
 
 Public API
@@ -362,7 +362,7 @@ def _center(x: np.ndarray, m: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np
 def center_within_groups(cum_log_ratio: ArrayLike, mask: ArrayLike, groups: ArrayLike) -> np.ndarray:
     """L_t minus the mean of L_t over the members of the same group alive at position t.
 
-    Pooling heterogeneous prompts inflates Var(L_t) by the between-prompt spread of the drift (theory.md §5);
+    Pooling heterogeneous prompts inflates Var(L_t) by the between-prompt spread of the drift (docs/theory.md §5);
     centring within prompt groups removes it.  Shapes: cum_log_ratio, mask [N, T], groups [N] → [N, T]
     (0 on masked-out tokens; a group member alone at t gets 0).  The centred values have variance
     σ²·(n−1)/n for n members alive; :func:`sqrt_t_fit` corrects for that.
@@ -582,7 +582,7 @@ def sqrt_t_fit(
 ) -> SqrtTFit:
     """Test the √t law of the cumulative log-ratio: sd(L_t) ∝ t^β with β = 0.5 under i.i.d. increments.
 
-    Two fits on the same data (theory.md §5):
+    Two fits on the same data (docs/theory.md §5):
 
     * the paper's fixed-exponent fit σ̂ = Σ_b w_b √t_b y_b / Σ_b w_b t_b (y_b the std of L_t in bins of
       ``bin_width`` positions, w_b = √count_b, bins with < ``min_count`` tokens and centres > ``max_position``

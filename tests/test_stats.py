@@ -20,7 +20,7 @@ def iid_walks(seed: int, n: int = 200, t: int = 256, sigma: float = 0.035, varia
 
 
 def latent_walks(seed: int, n: int = 200, t: int = 256, sigma: float = 0.035):
-    """A persistent latent mode: each sequence draws a regime with a different KL drift (theory.md §5)."""
+    """A persistent latent mode: each sequence draws a regime with a different KL drift (docs/theory.md §5)."""
     rng = np.random.default_rng(seed)
     kappa = np.where(rng.random(n) < 0.5, 0.0, 0.02)
     ell = -kappa[:, None] + sigma * rng.standard_normal((n, t))
