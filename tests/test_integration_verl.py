@@ -310,6 +310,7 @@ def test_actor_update_through_verls_engine(engine_update):
     lp = _response_log_probs(initial, ref["inputs"], ref["responses"])
     loss, _ = policy_loss(lp, ref["old"], ref["adv"], ref["mask"], preset="ctpo")
     loss.backward()
+    assert sum(engine_update["out"]["loss"]) == pytest.approx(loss.item(), rel=1e-5)  # per-micro-batch losses
     grads = engine_update["grads"]
     assert len(grads) == len(list(initial.parameters()))
     for g, p in zip(grads, initial.parameters()):
