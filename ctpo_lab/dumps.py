@@ -16,19 +16,24 @@ key                        dtype, shape        meaning
 ``advantages``             float32 [B, T]      optional (read by the clip-rate script when present)
 =========================  ==================  ==========================================================
 
-ctpo_lab adds two optional keys, ignored by the authors' scripts:
+ctpo_lab adds optional keys, ignored by the authors' scripts:
 
-``cum_log_ratio``  float32 [B, T]  L_t itself, without the cap at 10 (lossless; 0 on padding)
-``group_ids``      int64 [B]       prompt-group id of each row
+``cum_log_ratio``     float32 [B, T]  L_t itself, without the cap at 10 (lossless; 0 on padding)
+``group_ids``         int64 [B]       prompt-group id of each row
+``group_ids_global``  int8 [1]        1: the ids are the same on every rank and file (not offset when merged)
+any further key       float32 [B, T]  per-token arrays passed as ``extra`` (e.g. ``log_prob``, ``old_log_prob``,
+                                      ``rollout_log_prob`` from the verl plugin), 0 on padding
 
-File names: ``step_{step:07d}_rank_{rank:04d}.npz`` in one directory (the authors' scripts also accept a
-``step_{step:07d}/`` sub-directory of ``*.npz``).
+File names: ``step_{step:07d}_rank_{rank:04d}.npz`` in one directory, or any ``*.npz`` in a
+``step_{step:07d}/`` sub-directory (accepted by the authors' scripts too; the verl plugin writes one file per
+micro-batch there).  Files are written to a temporary name and renamed; names starting with ``.`` or containing
+``.tmp`` are never read.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +67,8 @@ class RatioDump:
     cum_log_ratio : float64 [B, T]  stored L_t, else log of the weights (exact only below the cap of 10)
     group_ids : int64 [B] or None
     lossless : whether ``cum_log_ratio`` was stored rather than recovered from the capped weights
+    group_ids_global : whether the group ids are global (the same id on every rank and file)
+    extra : further per-token arrays of the file (float64 [B, T]), e.g. ``log_prob``
     """
 
     is_weights: np.ndarray
@@ -72,6 +79,8 @@ class RatioDump:
     cum_log_ratio: np.ndarray
     group_ids: np.ndarray | None
     lossless: bool
+    group_ids_global: bool = False
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _np(x: Tensor | np.ndarray, name: str) -> np.ndarray:
@@ -80,6 +89,15 @@ def _np(x: Tensor | np.ndarray, name: str) -> np.ndarray:
     if isinstance(x, np.ndarray):
         return x
     raise TypeError(f"{name}: expected a torch.Tensor or numpy array, got {type(x).__name__}")
+
+
+_LAYOUT_KEYS = frozenset({"pg_update_is_weights", "response_mask", "global_step", "rank", "advantages",
+                          "cum_log_ratio", "group_ids", "group_ids_global"})
+
+
+def _readable(f: Path) -> bool:
+    """Not a temporary file of an unfinished write."""
+    return not f.name.startswith(".") and ".tmp" not in f.name
 
 
 def write_ratio_dump(
@@ -93,6 +111,8 @@ def write_ratio_dump(
     group_ids: Tensor | np.ndarray | None = None,
     log_weight: Tensor | np.ndarray | None = None,
     overwrite: bool = False,
+    group_ids_global: bool = False,
+    extra: dict[str, Tensor | np.ndarray] | None = None,
 ) -> Path:
     """Write one dump in the authors' layout (plus the lossless ``cum_log_ratio``).
 
@@ -109,6 +129,11 @@ def write_ratio_dump(
         The log-weight whose capped exponential is stored as ``pg_update_is_weights`` (default: L_t).
     overwrite : bool
         Refuse to replace an existing file unless True.
+    group_ids_global : bool
+        The group ids are global across ranks and files (``read_step`` then does not offset them).
+    extra : dict of [B, T] arrays, optional
+        Further per-token arrays stored under their names (float32, 0 on padding; NaN/inf on valid tokens
+        raise).  Names of the layout above are refused.
 
     Returns
     -------
@@ -156,7 +181,18 @@ def write_ratio_dump(
         if g.shape[0] != x.shape[0]:
             raise ValueError(f"group_ids: expected {x.shape[0]} entries, got {g.shape[0]}")
         arrays["group_ids"] = g.astype(np.int64)
-    tmp = target.with_name(target.name + ".tmp.npz")
+        if group_ids_global:
+            arrays["group_ids_global"] = np.array([1], dtype=np.int8)
+    for key, value in (extra or {}).items():
+        if key in _LAYOUT_KEYS or not key.isidentifier():
+            raise ValueError(f"extra: {key!r} is not a free array name")
+        e = _np(value, f"extra[{key!r}]").astype(np.float64)
+        if e.shape != x.shape:
+            raise ValueError(f"extra: {key!r} has shape {e.shape}, expected {x.shape}")
+        if not np.isfinite(e[m]).all():
+            raise ValueError(f"extra: {key!r} has NaN or inf value(s) on valid tokens")
+        arrays[key] = np.where(m, e, 0.0).astype(np.float32)
+    tmp = target.with_name("." + target.name + ".tmp.npz")
     np.savez_compressed(tmp, **arrays)
     os.replace(tmp, target)
     return target
@@ -185,20 +221,31 @@ def read_ratio_dump(path: str | os.PathLike[str]) -> RatioDump:
             with np.errstate(divide="ignore"):
                 L = np.where(m, np.log(np.where(m, w, 1.0)), 0.0)
             lossless = False
+        global_ids = gid is not None and "group_ids_global" in z.files and bool(z["group_ids_global"].reshape(-1)[0])
+        extra = {k: z[k].astype(np.float64) for k in z.files
+                 if k not in _LAYOUT_KEYS and z[k].shape == w.shape}
     if not np.isfinite(L[m]).all():
         raise ValueError(f"path: {p} holds NaN/inf or zero weights on valid tokens")
-    return RatioDump(w, m, step, rank, adv, L, gid, lossless)
+    return RatioDump(w, m, step, rank, adv, L, gid, lossless, global_ids, extra)
 
 
 def list_steps(directory: str | os.PathLike[str]) -> list[int]:
-    """Sorted steps that have at least one ``step_XXXXXXX_rank_XXXX.npz`` file in ``directory``."""
+    """Sorted steps that have a ``step_XXXXXXX_rank_XXXX.npz`` file or a ``step_XXXXXXX/`` folder of ``*.npz``."""
     d = Path(directory)
     steps = set()
     for f in d.glob("step_*_rank_*.npz"):
+        if not _readable(f):
+            continue
         try:
             steps.add(int(f.name.split("_")[1]))
         except (IndexError, ValueError):
             continue
+    for sub in d.glob("step_*"):
+        if sub.is_dir() and any(_readable(f) for f in sub.glob("*.npz")):
+            try:
+                steps.add(int(sub.name.split("_")[1]))
+            except (IndexError, ValueError):
+                continue
     return sorted(steps)
 
 
@@ -209,10 +256,10 @@ def _pad(blocks: list[np.ndarray], width: int, fill: float | bool) -> np.ndarray
 def read_step(directory: str | os.PathLike[str], step: int) -> RatioDump:
     """Merge every rank shard of one step (rows stacked in rank order, padded to the widest)."""
     d = Path(directory)
-    files = sorted(d.glob(f"step_{step:07d}_rank_*.npz"))
+    files = sorted(f for f in d.glob(f"step_{step:07d}_rank_*.npz") if _readable(f))
     sub = d / f"step_{step:07d}"
     if not files and sub.is_dir():
-        files = sorted(sub.glob("*.npz"))
+        files = sorted(f for f in sub.glob("*.npz") if _readable(f))
     if not files:
         raise FileNotFoundError(f"directory: no dump files for step {step} under {d}")
     parts = [read_ratio_dump(f) for f in files]
@@ -221,7 +268,10 @@ def read_step(directory: str | os.PathLike[str], step: int) -> RatioDump:
     if all(p.advantages is not None for p in parts):
         adv = _pad([p.advantages for p in parts], width, 0.0)  # type: ignore[misc]
     gid = None
-    if all(p.group_ids is not None for p in parts):
+    global_ids = all(p.group_ids is not None and p.group_ids_global for p in parts)
+    if global_ids:
+        gid = np.concatenate([p.group_ids for p in parts])  # type: ignore[misc]
+    elif all(p.group_ids is not None for p in parts):
         offset, ids = 0, []
         for p in parts:  # group ids are rank-local: offset them so groups stay distinct
             g = p.group_ids
@@ -238,6 +288,9 @@ def read_step(directory: str | os.PathLike[str], step: int) -> RatioDump:
         _pad([p.cum_log_ratio for p in parts], width, 0.0),
         gid,
         all(p.lossless for p in parts),
+        global_ids,
+        {k: _pad([p.extra[k] for p in parts], width, 0.0) for k in parts[0].extra
+         if all(k in p.extra for p in parts)},
     )
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ctpo_lab.losses import PRESETS, resolve_config
+
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
@@ -65,3 +67,23 @@ def test_unknown_preset_is_rejected_before_training():
 
     with pytest.raises(ValueError, match="preset"):
         ctpo_grpo_trainer_class()(model=None, loss_preset="nope")
+
+
+@pytest.mark.parametrize("loss", [*PRESETS, "config"])
+def test_every_preset_and_any_loss_config_is_accepted(loss, monkeypatch):
+    """The subclass resolves any PRESETS key or LossConfig before TRL's constructor runs."""
+    from ctpo_lab.integrations.trl import ctpo_grpo_trainer_class
+
+    seen = {}
+
+    def stop(self, *args, **kwargs):
+        seen["config"] = self.ctpo_loss_config
+        raise RuntimeError("stop before TRL's constructor")
+
+    cls = ctpo_grpo_trainer_class()
+    monkeypatch.setattr(trl.GRPOTrainer, "__init__", stop)
+    chosen = resolve_config("ctpo", eps_high=0.07, aggregation="seq-mean-token-mean") if loss == "config" else loss
+    with pytest.raises(RuntimeError, match="stop"):
+        cls(model=None, loss=chosen, loss_overrides={"max_log_weight": 5.0})
+    expected = resolve_config(chosen, max_log_weight=5.0)
+    assert seen["config"] == expected

@@ -16,8 +16,8 @@ from typing import Any, Literal
 import numpy as np
 
 from ctpo_lab import diagnostics
-from ctpo_lab.stats.inputs import ArrayLike, check_confidence, check_positive_int, group_index, matrix_and_mask
 from ctpo_lab.stats.bootstrap import percentile_interval
+from ctpo_lab.stats.inputs import ArrayLike, check_confidence, check_positive_int, group_index, matrix_and_mask
 from ctpo_lab.stats.positions import PositionTable, group_centering, profile_table
 
 __all__ = ["SqrtTFit", "fixed_exponent_sigma", "sqrt_t_fit"]
