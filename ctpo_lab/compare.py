@@ -430,7 +430,7 @@ def aggregate(out: str | os.PathLike[str], *, reference: str = "ctpo", seed: int
     fig = plot_curves(df)
     for suffix in ("png", "pdf"):
         with atomic_path(out / f"fig2.{suffix}") as tmp:
-            fig.savefig(tmp, dpi=150)
+            fig.savefig(tmp, dpi=150, format=suffix)
     import matplotlib.pyplot as plt
 
     plt.close(fig)

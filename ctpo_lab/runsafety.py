@@ -218,10 +218,11 @@ def prepare_output(
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """``with atomic_path(p) as tmp: write(tmp)``: ``tmp`` is renamed onto ``p`` when the block succeeds and
-    removed when it fails. ``tmp`` keeps ``p``'s suffix (libraries that choose the format by it still work)."""
+    removed when it fails. ``tmp`` is a hidden ``.<name>.XXXX.tmp`` (no glob of the real files matches it; give
+    a format explicitly to writers that choose it by the suffix, e.g. ``savefig(tmp, format="png")``)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=p.parent, prefix=f".{p.stem}.", suffix=f".tmp{p.suffix}")
+    fd, name = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(name)
     try:

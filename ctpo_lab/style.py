@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 #: Ratio family (:data:`ctpo_lab.ratios.RATIO_FAMILIES`, used for weight profiles) or estimator = preset of
-#: :data:`ctpo_lab.losses.PRESETS` → matplotlib colour. A bare-weight preset (``unclipped_*``, ``tis``, ``cumulative_tis``) has its family's colour, and so
+#: :data:`ctpo_lab.losses.PRESETS` → matplotlib colour. A bare-weight preset (``unclipped_*``, ``tis``,
+#: ``cumulative_tis``) has its family's colour, and so
 #: does the family's canonical clipped loss (``grpo`` token, ``ctpo`` cumulative, ``gspo`` sequence geo-mean,
 #: ``seq_is`` sequence): figures that show both tell them apart by marker.
 ESTIMATOR_COLORS: dict[str, str] = {
