@@ -181,7 +181,7 @@ def prepare_output(
     of a dry run).  Returns whether the folder held files before.
     """
     if resume and overwrite:
-        raise ValueError("overwrite: --resume and --overwrite exclude each other")
+        raise ValueError("overwrite: --resume and --overwrite are mutually exclusive")
     p = Path(path)
     check_writable(p, name)
     nonempty = _nonempty(p)

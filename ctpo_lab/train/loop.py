@@ -46,7 +46,7 @@ from ctpo_lab.train.config import TrainConfig
 from ctpo_lab.train.distributed import init_distributed
 from ctpo_lab.train.policy import Policy, evaluate, load_policy
 from ctpo_lab.train.rollout import RolloutBatch, response_log_probs, sample, score
-from ctpo_lab.train.runfolder import RunFolder, set_rng_state
+from ctpo_lab.train.runfolder import FINISHED_FILE, RunFolder, set_rng_state
 from ctpo_lab.train.tasks import Problem, make_task
 
 __all__ = [
@@ -124,16 +124,24 @@ class Trainer:
         printer = log or (lambda s: print(s, file=sys.stderr, flush=True))
         self._print = printer if d.is_main else (lambda s: None)
         RunFolder.check(out, resume=resume, overwrite=overwrite)  # every rank, before anyone writes
-        #: the finished.json of a completed run given ``resume``: :meth:`train` then reports it and changes nothing
+        #: the finished.json of a run completed to ≥ cfg.steps given ``resume``: :meth:`train` then reports it and
+        #: changes nothing (a larger ``steps`` extends the run)
         self.finished = RunFolder.finished_summary(out) if resume else None
         if self.finished is not None:
-            self.run = RunFolder(out, writer=False)
-            return
+            saved = RunFolder(out, writer=False).read_config()
+            if saved is not None:
+                _check_resume_config(saved, cfg)
+            if int(self.finished.get("steps") or 0) >= cfg.steps:
+                self.run = RunFolder(out, writer=False)
+                return
         d.barrier()
         self.run = RunFolder(
             out, resume=resume, overwrite=overwrite, keep=cfg.keep_checkpoints, writer=d.is_main
         )
         ckpt_path = self.run.latest_checkpoint() if resume else None  # a corrupt newest one falls back on load
+        if self.finished is not None and d.is_main:  # extending a finished run: it is not finished any more
+            (self.run.path / FINISHED_FILE).unlink(missing_ok=True)
+        self.finished = None
         saved = self.run.read_config() if resume else None
         if saved is not None:
             _check_resume_config(saved, cfg)

@@ -28,7 +28,14 @@ import numpy as np
 import torch
 import yaml
 
-from ctpo_lab.runsafety import atomic_write_text, prepare_output, read_json, read_jsonl, read_yaml
+from ctpo_lab.runsafety import (
+    atomic_write_text,
+    prepare_output,
+    read_json,
+    read_jsonl,
+    read_yaml,
+    release_folder,
+)
 
 __all__ = ["RunFolder", "rng_state", "set_rng_state", "FINISHED_FILE"]
 
@@ -216,6 +223,7 @@ class RunFolder:
         atomic_write_text(self.path / FINISHED_FILE, json.dumps(summary, indent=1))
 
     def close(self) -> None:
+        """Close the loggers and release the folder's lock (the run is over; exiting would release it too)."""
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
@@ -223,3 +231,5 @@ class RunFolder:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+        if self.writer:
+            release_folder(self.path)
