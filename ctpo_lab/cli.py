@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 __all__ = ["ArgumentParser", "UsageError", "finite_float", "int_at_least", "error_line", "run", "EXIT_USAGE",
            "EXIT_INTERRUPTED"]
@@ -95,9 +95,10 @@ def int_at_least(lo: int) -> Callable[[str], int]:
     return parse
 
 
-def error_line(e: BaseException, flags: Iterable[str] = ()) -> str:
+def error_line(e: BaseException, flags: Iterable[str] | Mapping[str, str] = ()) -> str:
     """``error: <argument>: <expected>`` for an exception whose message starts with ``<argument>: ``; a name in
-    ``flags`` is shown as its flag."""
+    ``flags`` is shown as its flag (``max_new_tokens`` → ``--max-new-tokens``, or as ``flags[name]`` for a
+    mapping)."""
     if isinstance(e, (FileNotFoundError, FileExistsError, PermissionError)) and e.args and isinstance(e.args[0], str) \
             and len(e.args) == 1:
         msg = e.args[0]
@@ -107,12 +108,13 @@ def error_line(e: BaseException, flags: Iterable[str] = ()) -> str:
         msg = str(e)
     msg = " ".join(msg.split())
     name, sep, rest = msg.partition(": ")
-    if sep and name in set(flags):
-        msg = f"--{name.replace('_', '-')}: {rest}"
+    shown = dict(flags) if isinstance(flags, Mapping) else {f: f"--{f.replace('_', '-')}" for f in flags}
+    if sep and name in shown:
+        msg = f"{shown[name]}: {rest}"
     return f"error: {msg}"
 
 
-def run(body: Callable[[], int | None], *, flags: Iterable[str] = (), prog: str = "ctpo_lab",
+def run(body: Callable[[], int | None], *, flags: Iterable[str] | Mapping[str, str] = (), prog: str = "ctpo_lab",
         errors: tuple[type[BaseException], ...] = (ValueError, TypeError, OSError)) -> int:
     """Run a command's ``body`` under the contract; returns its exit status (``None`` → 0)."""
     _IN_RUN.append(True)

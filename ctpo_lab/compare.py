@@ -483,8 +483,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ``error: <argument>: <expected>`` on stderr and exit status 2."""
     from ctpo_lab import cli
 
-    return cli.run(lambda: _main(argv), flags=("out", "seeds", "seed", "steps", "jobs", "reference", "overwrite",
-                                                "preset", "losses", "num_seeds"),
+    flags = {name: f"--{name.replace('_', '-')}" for name in ("out", "seeds", "seed", "steps", "jobs", "reference",
+                                                            "overwrite", "preset", "num_seeds")}
+    return cli.run(lambda: _main(argv), flags={**flags, "losses": "--loss"},
                    prog="python -m ctpo_lab.train compare")
 
 

@@ -209,7 +209,7 @@ def prepare_output(
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
-    if not is_marked(p) and (not nonempty or overwrite or resume):
+    if not is_marked(p) and (not nonempty or overwrite):  # a resumed folder keeps what it is
         write_marker(p, command)
     return nonempty
 

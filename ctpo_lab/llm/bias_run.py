@@ -35,6 +35,9 @@ from ctpo_lab.cli import finite_float, int_at_least
 from ctpo_lab.llm import bias
 
 SOURCES: tuple[str, ...] = ("temperature", "dtype", "stale")
+#: The raw results of a run that ``--reanalyze`` reads.
+RAW_FILES: tuple[str, ...] = ("config.json", "projections.npz", "estimator_info.csv", "ratio_profiles.csv",
+                              "sources.json")
 
 
 @dataclass
@@ -227,7 +230,7 @@ def resolve(ns: argparse.Namespace) -> BiasConfig:
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
         raise ValueError(f"--seed: expected an int ≥ 0, got {cfg.seed!r}")
     if cfg.preset not in PRESETS:
-        raise ValueError(f"--preset: unknown preset {cfg.preset!r}; expected one of {sorted(PRESETS)}")
+        raise ValueError(f"--loss: unknown preset {cfg.preset!r}; expected one of {sorted(PRESETS)}")
     return cfg
 
 
@@ -498,7 +501,7 @@ def analyze_bias(out: Path, *, n_boot: int | None = None, seed: int | None = Non
     from ctpo_lab.markov.prediction import matched_chain_prediction, summarize_prediction
 
     out = Path(out)
-    needed = ("config.json", "projections.npz", "estimator_info.csv", "ratio_profiles.csv", "sources.json")
+    needed = RAW_FILES
     missing = [f for f in needed if not (out / f).is_file()]
     if missing:
         raise FileNotFoundError(f"out: {out} lacks {missing} (not a finished `python -m ctpo_lab.llm bias` folder)")
@@ -573,7 +576,7 @@ def analyze_bias(out: Path, *, n_boot: int | None = None, seed: int | None = Non
 def main_bias(ns: argparse.Namespace) -> int:
     if ns.reanalyze:
         out = Path(ns.out)
-        if out.is_dir():  # the derived files are replaced: one writer at a time
+        if out.is_dir() and all((out / f).is_file() for f in RAW_FILES):  # derived files replaced: one writer
             from ctpo_lab.runsafety import prepare_output
 
             prepare_output(out, command="python -m ctpo_lab.llm bias --reanalyze", resume=True, name="--out")

@@ -487,6 +487,10 @@ def analyze_run(out: str | Path, *, bin_width: int | None = None, n_boot: int | 
             raise ValueError(f"{name}: expected a positive int, got {v!r}")
     cfg_file = out / "config.json"
     saved = read_json(cfg_file, name="dir") if cfg_file.is_file() else {}
+    if not any((out / "targets").glob("*.parquet")):
+        raise ValueError(f"dir: {out}/targets holds no target parquet (run `python -m ctpo_lab.llm run` first)")
+    if not overwrite and any((out / f).exists() for f in ("figure1.png", "figure1.pdf", "summary.json")):
+        raise ValueError(f"overwrite: {out} already has plots/summary (use --overwrite)")
     prepare_output(out, command="python -m ctpo_lab.llm analyze", resume=True, name="dir")  # one writer
     return analyze(out, bin_width=bin_width or saved.get("bin_width", 50), min_count=saved.get("min_count", 30),
                    min_sequences=saved.get("min_sequences", 10), n_boot=n_boot or saved.get("n_boot", 1000),
