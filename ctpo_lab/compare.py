@@ -160,6 +160,7 @@ def run_grid(spec: GridSpec, out: str | os.PathLike[str], *, jobs: int | None = 
     for loss, seed in spec.cells():  # every run's configuration is valid before any work starts
         _train_config(spec, loss, seed)
     check_writable(out)
+    prepare_output(out, command="python -m ctpo_lab.train compare", resume=True, check_only=True)  # busy?
     spec_path = out / "grid.json"
     command = "python -m ctpo_lab.train compare"
     if out.is_dir() and any(e.name != ".ctpo_lab.lock" for e in out.iterdir()):

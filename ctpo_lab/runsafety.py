@@ -28,7 +28,6 @@ import shutil
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -184,6 +183,10 @@ def prepare_output(
         raise ValueError("overwrite: --resume and --overwrite are mutually exclusive")
     p = Path(path)
     check_writable(p, name)
+    pid = holder_pid(p) if p.is_dir() else None
+    if pid is not None and pid != os.getpid():  # first: a running writer is the one thing to know
+        raise FolderBusyError(f"{name}: {p} is in use by another ctpo_lab process (PID {pid}); wait for it to "
+                              "finish or stop it, or choose another folder")
     nonempty = _nonempty(p)
     if nonempty and not resume:
         if overwrite:
@@ -193,10 +196,6 @@ def prepare_output(
         elif existing == "refuse":
             raise ValueError(f"{name}: {p} already exists and is not empty; pass --resume to continue it or "
                              "--overwrite to replace it, or choose another folder")
-    pid = holder_pid(p)
-    if pid is not None and pid != os.getpid():
-        raise FolderBusyError(f"{name}: {p} is in use by another ctpo_lab process (PID {pid}); wait for it to "
-                              "finish or stop it, or choose another folder")
     if check_only:
         return nonempty
     p.mkdir(parents=True, exist_ok=True)
@@ -268,7 +267,7 @@ def read_json(path: str | os.PathLike[str], *, expect: type | None = dict, name:
 
 
 def read_jsonl(path: str | os.PathLike[str], *, name: str | None = None, warn: bool = True) -> list[dict[str, Any]]:
-    """Records of a JSON-lines log. A partial last line (a crash mid-append) is dropped with a warning; any other
+    """Records of a JSON-lines log. A partial last line (a crash mid-append) is dropped, saying so on stderr; any other
     bad line is a ``ValueError`` naming the file and the line."""
     p = Path(path)
     label = f"{name}: " if name else ""
@@ -289,7 +288,6 @@ def read_jsonl(path: str | os.PathLike[str], *, name: str | None = None, warn: b
             last = i == len(lines) - 1  # no newline after it: an interrupted append
             if last:
                 if warn:
-                    warnings.warn(f"{p}: dropped a partial last line (an interrupted write)", stacklevel=2)
                     print(f"[ctpo_lab] {p}: dropped a partial last line (an interrupted write)", file=sys.stderr)
                 break
             raise ValueError(f"{label}{p}: line {i + 1} is not a JSON record ({e}); the file is corrupt") from None
