@@ -1,4 +1,4 @@
-"""One command-line contract for every entry point (issue 19).
+"""One command-line contract for every entry point.
 
 Each bad input ends with exit status 2 and one line ``error: <argument>: <what was expected>`` on stderr that
 names the argument, prints no traceback and writes no file. The tables below are run in-process (fast); a few
@@ -362,7 +362,7 @@ def test_argparse_errors_use_the_shared_line(capsys):
 
 
 def case_counts() -> dict[str, int]:
-    """Bad-input cases per entry point (the closing note of issue 19 reports them)."""
+    """Bad-input cases per entry point (reported when the contract changes)."""
     llm = [c for c in LLM_CASES]
     return {"python -m ctpo_lab": len(MAIN_CASES), "ctpo_lab.train": len(TRAIN_CASES),
             "ctpo_lab.train compare": len(COMPARE_CASES), "ctpo_lab.llm (run/analyze/fit/bias)": len(llm),

@@ -1,4 +1,4 @@
-"""`policy_loss` edge cases (issue 19): masks exactly 0/1, NaN / non-positive hyperparameters, empty batches,
+"""`policy_loss` edge cases: masks exactly 0/1, NaN / non-positive hyperparameters, empty batches,
 extreme log-ratios — hypothesis over random masks and values."""
 
 from __future__ import annotations

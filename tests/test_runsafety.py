@@ -1,4 +1,4 @@
-"""Nothing lost (issue 19): one writer per folder, markers, atomic files, validated reads, checkpoints that fall
+"""Nothing lost: one writer per folder, markers, atomic files, validated reads, checkpoints that fall
 back, finished runs left alone, SIGTERM, and grid workers that stop with their parent."""
 
 from __future__ import annotations
