@@ -16,8 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from ctpo_lab import cli
-
 ROOT = Path(__file__).resolve().parents[1]
 GALLERY = ROOT / "paper_figures"
 
@@ -342,6 +340,8 @@ def test_real_processes_exit_2_with_one_line(tmp_path):
 
 
 def test_ctrl_c_is_one_line_and_exit_130(capsys):
+    from ctpo_lab import cli
+
     def body():
         raise KeyboardInterrupt
 
@@ -350,6 +350,8 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys):
 
 
 def test_argparse_errors_use_the_shared_line(capsys):
+    from ctpo_lab import cli
+
     p = cli.ArgumentParser(prog="x")
     p.add_argument("--n", type=cli.int_at_least(1), required=True)
     assert cli.run(lambda: p.parse_args(["--n", "0"]) and 0) == 2
