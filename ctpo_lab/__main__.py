@@ -11,11 +11,11 @@ computed whether or not they are in the table.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 
+from ctpo_lab.cli import ArgumentParser, finite_float, int_at_least, run
 from ctpo_lab.diagnostics import position_profile
 from ctpo_lab.losses import PRESETS, TRAINING_PRESETS, compute_policy_loss, metrics_to_host
 
@@ -31,28 +31,36 @@ def synthetic_batch(batch: int, length: int, sigma: float, seed: int):
     return old + ell, old, adv, mask
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ctpo_lab", description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=128, help="responses in the batch (default 128)")
-    ap.add_argument("--length", type=int, default=2048, help="maximum response length (default 2048)")
-    ap.add_argument("--sigma", type=float, default=0.035, help="std of the per-token log-ratio (default 0.035)")
-    ap.add_argument("--seed", type=int, default=0)
+def build_parser() -> ArgumentParser:
+    ap = ArgumentParser(prog="python -m ctpo_lab", description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int_at_least(1), default=128, help="responses in the batch (default 128)")
+    ap.add_argument("--length", type=int_at_least(1), default=2048, help="maximum response length (default 2048)")
+    ap.add_argument("--sigma", type=finite_float(0.0, 10.0), default=0.035,
+                    help="std of the per-token log-ratio, a finite number in [0, 10] (default 0.035)")
+    ap.add_argument("--seed", type=int_at_least(0), default=0)
     ap.add_argument("--loss", nargs="+", default=None, metavar="NAME",
                     help=f"estimators to tabulate: keys of ctpo_lab.losses.PRESETS or 'all' (default: the training "
                          f"losses {' '.join(TRAINING_PRESETS)})")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0, 2 bad input (one line ``error: <argument>: <expected>``), 130 interrupted."""
+    return run(lambda: _main(argv), prog="python -m ctpo_lab")
+
+
+def _main(argv: list[str] | None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     names = list(TRAINING_PRESETS) if args.loss is None else (
         list(PRESETS) if args.loss == ["all"] else list(dict.fromkeys(args.loss)))
     unknown = [n for n in names if n not in PRESETS]
     if unknown:
-        print(f"error: --loss: unknown preset(s) {unknown}; expected keys of ctpo_lab.losses.PRESETS "
-              f"{sorted(PRESETS)} or 'all'", file=sys.stderr)
-        return 2
-    for name in ("batch", "length"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name} must be ≥ 1")
-    if not args.sigma >= 0:
-        ap.error("--sigma must be ≥ 0")
+        raise ValueError(f"--loss: unknown preset(s) {unknown}; expected keys of ctpo_lab.losses.PRESETS "
+                         f"{sorted(PRESETS)} or 'all'")
+    if args.batch * args.length > 50_000_000:
+        raise ValueError(f"--batch/--length: {args.batch} × {args.length} tokens is more than the 5e7 this demo "
+                         "allows")
     lp, old, adv, mask = synthetic_batch(args.batch, args.length, args.sigma, args.seed)
     print(f"synthetic batch: {args.batch} responses, {int(mask.sum())} tokens, per-token log-ratio "
           f"N(−σ²/2, σ²) with σ = {args.sigma}, advantages ±1, seed {args.seed}\n")

@@ -37,7 +37,18 @@ import numpy as np
 import pandas as pd
 
 from ctpo_lab import stats
+from ctpo_lab.cli import ArgumentParser, int_at_least
 from ctpo_lab.losses import PRESETS as LOSS_PRESETS
+from ctpo_lab.runsafety import (
+    PARENT_ENV,
+    atomic_path,
+    atomic_write_text,
+    check_writable,
+    holder_pid,
+    prepare_output,
+    read_json,
+    read_jsonl,
+)
 from ctpo_lab.train.runfolder import FINISHED_FILE  # written by a run when it completes
 
 __all__ = [
@@ -81,8 +92,13 @@ class GridSpec:
             raise ValueError(f"losses: unknown loss preset(s) {unknown}; expected names from {sorted(LOSS_PRESETS)}")
         if not self.losses or not self.seeds:
             raise ValueError("losses/seeds: the grid needs at least one loss and one seed")
-        if len(set(self.seeds)) != len(self.seeds) or len(set(self.losses)) != len(self.losses):
-            raise ValueError("losses/seeds: duplicates in the grid")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: duplicate seeds in {list(self.seeds)}")
+        if len(set(self.losses)) != len(self.losses):
+            raise ValueError(f"losses: duplicate losses in {list(self.losses)}")
+        for s in self.seeds:
+            if not isinstance(s, int) or isinstance(s, bool) or s < 0:
+                raise ValueError(f"seeds: expected ints ≥ 0, got {s!r}")
         for o in self.overrides:
             if "=" not in o:
                 raise ValueError(f"overrides: expected key=value, got {o!r}")
@@ -143,18 +159,24 @@ def run_grid(spec: GridSpec, out: str | os.PathLike[str], *, jobs: int | None = 
     out = Path(out)
     for loss, seed in spec.cells():  # every run's configuration is valid before any work starts
         _train_config(spec, loss, seed)
+    check_writable(out)
+    prepare_output(out, command="python -m ctpo_lab.train compare", resume=True, check_only=True)  # busy?
     spec_path = out / "grid.json"
-    if out.exists() and any(out.iterdir()):
-        previous = json.loads(spec_path.read_text()) if spec_path.is_file() else None
+    command = "python -m ctpo_lab.train compare"
+    if out.is_dir() and any(e.name != ".ctpo_lab.lock" for e in out.iterdir()):
+        previous = read_json(spec_path, name="out") if spec_path.is_file() else None
         if previous != spec.to_dict():
             if not overwrite:
                 raise ValueError(
                     f"out: {out} holds another grid or other files (grid.json differs); pass --overwrite to "
                     "replace it, or choose another --out"
                 )
-            shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    spec_path.write_text(json.dumps(spec.to_dict(), indent=1))
+            prepare_output(out, command=command, overwrite=True)  # only a ctpo_lab folder nobody else holds
+        else:
+            prepare_output(out, command=command, resume=True)  # the same grid: finished runs are reused
+    else:
+        prepare_output(out, command=command)
+    atomic_write_text(spec_path, json.dumps(spec.to_dict(), indent=1))
     (out / "logs").mkdir(exist_ok=True)
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(spec.cells())))
     todo = []
@@ -173,10 +195,11 @@ def run_grid(spec: GridSpec, out: str | os.PathLike[str], *, jobs: int | None = 
         # oversubscription on a busy machine slowed it 30×
 
     def launch(loss: str, seed: int, path: Path, resume: bool) -> tuple[str, int, int, float]:
-        if path.exists() and not resume:
+        if path.exists() and not resume and holder_pid(path) is None:
             shutil.rmtree(path)  # a run that never wrote a checkpoint: nothing to keep
         log = out / "logs" / f"{loss}-seed{seed}.log"
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        # the worker checkpoints and stops when this process dies (ctpo_lab.runsafety.watch_parent)
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **{PARENT_ENV: str(os.getpid())})
         start = time.time()
         with log.open("a") as fh:
             rc = subprocess.run(_train_command(spec, loss, seed, path, resume), stdout=fh, stderr=subprocess.STDOUT,
@@ -211,13 +234,20 @@ def load_grid(out: str | os.PathLike[str]) -> pd.DataFrame:
     spec_path = out / "grid.json"
     if not spec_path.is_file():
         raise ValueError(f"out: {out} is not a grid folder (no grid.json)")
-    spec = json.loads(spec_path.read_text())
+    spec = read_json(spec_path, name="out")
+    if not (isinstance(spec.get("losses"), list) and isinstance(spec.get("seeds"), list)):
+        raise ValueError(f"out: {spec_path}: expected 'losses' and 'seeds' lists (not a grid.json of ctpo_lab)")
     frames = []
     for loss, seed in itertools.product(spec["losses"], spec["seeds"]):
         path = run_dir(out, loss, seed) / "metrics.jsonl"
         if not path.is_file():
             continue
-        df = pd.read_json(path, lines=True)
+        records = read_jsonl(path, name="out")
+        if not records:
+            continue
+        df = pd.DataFrame.from_records(records)
+        if "step" not in df:
+            raise ValueError(f"out: {path}: records without a 'step' field (not a ctpo_lab metrics log)")
         df.insert(0, "seed", seed)
         df.insert(0, "loss", loss)
         frames.append(df)
@@ -343,7 +373,12 @@ def plot_curves(df: pd.DataFrame, metrics: Sequence[str] | None = None, *, title
 
 
 def _write_md(df: pd.DataFrame, path: Path, note: str) -> None:
-    path.write_text(df.to_markdown(index=False, floatfmt=".4g") + "\n\n" + note.strip() + "\n")
+    atomic_write_text(path, df.to_markdown(index=False, floatfmt=".4g") + "\n\n" + note.strip() + "\n")
+
+
+def _csv(df: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
 
 
 def summarize_grid(out: str | os.PathLike[str], *, reference: str = "ctpo", seed: int = 0) -> dict[str, Any]:
@@ -357,17 +392,17 @@ def summarize_grid(out: str | os.PathLike[str], *, reference: str = "ctpo", seed
         for loss, band in metric_curves(df, metric, seed=seed).items():
             for x, e, lo, hi in zip(band.x, band.estimate, band.low, band.high):
                 curve_rows.append({"loss": loss, "metric": metric, "step": int(x), "mean": e, "low": lo, "high": hi})
-    pd.DataFrame(curve_rows).to_csv(out / "curves.csv", index=False)
+    _csv(pd.DataFrame(curve_rows), out / "curves.csv")
     table2 = final_table(df, seed=seed)
     shown = ["loss", "seeds", "initial accuracy", "final accuracy", "accuracy gain", "clip fraction",
              "KL after last update", "response length"]
-    table2.to_csv(out / "table2.csv", index=False)
+    _csv(table2, out / "table2.csv")
     _write_md(table2[shown], out / "table2.md",
               "Mean [95% percentile-bootstrap CI] over seeds. Accuracy: held-out, first and last evaluation.")
     result: dict[str, Any] = {"table2": table2}
     if reference in set(df["loss"]):
         paired = paired_comparison(df, reference, seed=seed)
-        paired.to_csv(out / "paired.csv", index=False)
+        _csv(paired, out / "paired.csv")
         _write_md(paired, out / "paired.md", f"Final held-out accuracy of each loss minus {reference}'s, paired by "
                   "seed; exact two-sided sign-flip permutation test.")
         result["paired"] = paired
@@ -376,13 +411,14 @@ def summarize_grid(out: str | os.PathLike[str], *, reference: str = "ctpo", seed
         table3 = pd.concat([table2[table2["loss"].isin(["ctpo", "ctpo_fixed"])][shown].reset_index(drop=True),
                             table3.drop(columns=["loss"]).rename(columns=lambda c: f"ctpo − ctpo_fixed: {c}")
                             .reindex([0, 0]).reset_index(drop=True)], axis=1)
-        table3.to_csv(out / "table3.csv", index=False)
+        _csv(table3, out / "table3.csv")
         _write_md(table3, out / "table3.md", "Table 3 analogue: CTPO with the √t (adaptive) window vs the fixed "
                   "window, paired by seed.")
         result["table3"] = table3
     fig = plot_curves(df)
-    fig.savefig(out / "fig2.png", dpi=150)
-    fig.savefig(out / "fig2.pdf")
+    for suffix in ("png", "pdf"):
+        with atomic_path(out / f"fig2.{suffix}") as tmp:
+            fig.savefig(tmp, dpi=150, format=suffix)
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -397,24 +433,32 @@ def run_comparison(spec: GridSpec, out: str | os.PathLike[str] | None = None, *,
     ``python -m ctpo_lab.train compare`` does; bad input raises ``ValueError`` naming the argument. The caller
     chooses the matplotlib backend (the command line: Agg)."""
     out = Path(out if out is not None else f"runs/compare-{spec.train_preset}")
+    if reference not in LOSS_PRESETS:
+        raise ValueError(f"reference: unknown loss preset {reference!r}; expected one of {sorted(LOSS_PRESETS)}")
+    if jobs is not None and (not isinstance(jobs, int) or jobs < 1):
+        raise ValueError(f"jobs: expected an int ≥ 1, got {jobs!r}")
     start = time.time()
-    if not summarize_only:
+    if summarize_only:
+        load_grid(out)  # a grid folder with readable logs, before anything is written
+        prepare_output(out, command="python -m ctpo_lab.train compare", resume=True)
+    else:
         run_grid(spec, out, jobs=jobs, overwrite=overwrite, progress=progress)
     result = summarize_grid(out, reference=reference)
     return {**result, "out": out, "seconds": time.time() - start}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m ctpo_lab.train compare", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m ctpo_lab.train compare", description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="cpu", help="trainer preset of every run (default: cpu)")
     ap.add_argument("--loss", "--losses", nargs="+", dest="losses", default=list(GridSpec.losses), metavar="NAME",
                     help="loss presets to compare (keys of ctpo_lab.losses.PRESETS)")
-    ap.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default 0 1 2)")
-    ap.add_argument("--seed", type=int, default=None, help="first seed; with --num-seeds gives seed..seed+n-1")
-    ap.add_argument("--num-seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=None, help="override the preset's number of steps")
+    ap.add_argument("--seeds", nargs="+", type=int_at_least(0), default=None, help="seeds (default 0 1 2)")
+    ap.add_argument("--seed", type=int_at_least(0), default=None,
+                    help="first seed; with --num-seeds gives seed..seed+n-1")
+    ap.add_argument("--num-seeds", type=int_at_least(1), default=3)
+    ap.add_argument("--steps", type=int_at_least(1), default=None, help="override the preset's number of steps")
     ap.add_argument("--out", default=None, help="grid folder (default runs/compare-<preset>)")
-    ap.add_argument("--jobs", type=int, default=None, help="parallel runs (default: number of cores)")
+    ap.add_argument("--jobs", type=int_at_least(1), default=None, help="parallel runs (default: number of cores)")
     ap.add_argument("--reference", default="ctpo", help="loss the others are compared with (paired seeds)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing, different grid folder")
     ap.add_argument("--summarize-only", "--aggregate-only", dest="summarize_only", action="store_true",
@@ -426,18 +470,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m ctpo_lab.train compare``: parse, :func:`run_comparison`, print the tables; bad input: one line
     ``error: <argument>: <expected>`` on stderr and exit status 2."""
+    from ctpo_lab import cli
+
+    flags = {name: f"--{name.replace('_', '-')}" for name in ("out", "seeds", "seed", "steps", "jobs", "reference",
+                                                            "overwrite", "preset", "num_seeds")}
+    return cli.run(lambda: _main(argv), flags={**flags, "losses": "--loss"},
+                   prog="python -m ctpo_lab.train compare")
+
+
+def _main(argv: Sequence[str] | None) -> int:
     import matplotlib
 
     matplotlib.use("Agg")  # a command-line run writes files only
     args = build_parser().parse_args(argv)
     seeds = args.seeds if args.seeds is not None else list(range(args.seed or 0, (args.seed or 0) + args.num_seeds))
+    spec = GridSpec(args.preset, tuple(args.losses), tuple(seeds), tuple(args.overrides), args.steps)
     try:
-        spec = GridSpec(args.preset, tuple(args.losses), tuple(seeds), tuple(args.overrides), args.steps)
         result = run_comparison(spec, args.out, jobs=args.jobs, overwrite=args.overwrite,
                                 summarize_only=args.summarize_only, reference=args.reference)
-    except (ValueError, TypeError) as e:
-        print(f"error: {' '.join(str(e).splitlines())}", file=sys.stderr)
-        return 2
+    except RuntimeError as e:  # a run of the grid failed: its log says why
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
     shown = ["loss", "seeds", "initial accuracy", "final accuracy", "accuracy gain", "clip fraction",
              "KL after last update"]
     print(result["table2"][shown].to_markdown(index=False))

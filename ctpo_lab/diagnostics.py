@@ -19,6 +19,10 @@ Metric names follow the conventions users compare across tools (docs/conventions
 ``pg_update/ess/sequence``         the same for the full-sequence weights ρ_{1:T} over rows with a token
 ``pg_update/num_tokens``           number of valid tokens
 =================================  ===================================================================
+
+Edge cases of :func:`loss_diagnostics`: an empty batch (B = 0, T = 0 or no valid token) gives 0 for every
+metric; finite inputs never give a NaN metric (a weight e^{X_t} beyond the dtype's range saturates at its
+largest finite value; the mean weight is computed in log space).
 """
 
 from __future__ import annotations
@@ -86,12 +90,14 @@ def masked_quantiles(values: Tensor, mask: Tensor, quantiles: tuple[float, ...] 
 def normalized_ess(log_weights: Tensor, mask: Tensor) -> Tensor:
     """Normalised effective sample size (Σ w)² / (n Σ w²) ∈ (0, 1], computed as exp(2·lse(X) − lse(2X)) / n.
 
-    Shapes: log_weights, mask [...] → 0-d. Never overflows; NaN for an empty mask.
+    Shapes: log_weights, mask [...] → 0-d. Never overflows; 0 for an empty mask.
     """
     x = torch.where(mask, log_weights, -math.inf).flatten()
+    x = torch.cat([x, x.new_full((1,), -math.inf)])  # defined for an empty tensor (B = 0 or T = 0)
     x = x - x.amax().clamp(min=-1e30).detach()  # shift by the max: exact in exact arithmetic, no float32 loss
     n = mask.sum().to(log_weights.dtype)
-    return (2 * torch.logsumexp(x, 0) - torch.logsumexp(2 * x, 0)).exp() / n
+    ess = (2 * torch.logsumexp(x, 0) - torch.logsumexp(2 * x, 0)).exp() / n.clamp(min=1)
+    return torch.where(n > 0, ess, 0.0)
 
 
 def loss_diagnostics(
@@ -118,7 +124,7 @@ def loss_diagnostics(
     lw = log_weight_value.detach()
     nf = n.clamp(min=1).to(lw.dtype)
     capped = lw if max_log_weight is None else lw.clamp(max=max_log_weight)
-    weight = capped.exp()
+    weight = capped.exp().clamp(max=torch.finfo(lw.dtype).max)  # saturates instead of inf (no inf − inf = NaN)
     high = clipped_high & mask
     low = clipped_low & mask
     dual = clipped_dual & mask
@@ -127,7 +133,15 @@ def loss_diagnostics(
     rate_low = low.count_nonzero() / nf
     rate_dual = dual.count_nonzero() / nf
     inf = torch.tensor(math.inf, dtype=lw.dtype, device=lw.device)
-    weight_valid = torch.where(mask, weight, 0.0)
+    nonempty = n > 0
+
+    def extreme(x: Tensor, fill: Tensor, largest: bool) -> Tensor:  # 0 for an empty batch, any shape
+        x = torch.cat([x.flatten(), fill.reshape(1)])
+        return torch.where(nonempty, x.amax() if largest else x.amin(), 0.0)
+
+    log_n = nf.log()
+    mean_weight = (torch.logsumexp(torch.cat([torch.where(mask, capped, -inf).flatten(), -inf.reshape(1)]), 0)
+                   - log_n).exp()  # in log space: no overflow to inf; 0 for an empty batch
     lw_valid = torch.where(mask, lw, 0.0)
     out = {
         "actor/ppo_kl": -torch.where(mask, log_ratio.detach(), 0.0).sum() / nf,
@@ -140,18 +154,18 @@ def loss_diagnostics(
         "pg_update/clip/low/rate": rate_low,
         "pg_update/clip/dual/rate": rate_dual,
         "pg_update/clip/total/rate": (region | dual).count_nonzero() / nf,
-        "pg_update/is_ratio/mean": weight_valid.sum() / nf,
-        "pg_update/is_ratio/min": torch.where(mask, weight, inf).amin(),
-        "pg_update/is_ratio/max": torch.where(mask, weight, -inf).amax(),
+        "pg_update/is_ratio/mean": mean_weight.clamp(max=torch.finfo(lw.dtype).max),
+        "pg_update/is_ratio/min": extreme(torch.where(mask, weight, inf), inf, False),
+        "pg_update/is_ratio/max": extreme(torch.where(mask, weight, -inf), -inf, True),
         "pg_update/log_weight/mean": lw_valid.sum() / nf,
-        "pg_update/log_weight/min": torch.where(mask, lw, inf).amin(),
-        "pg_update/log_weight/max": torch.where(mask, lw, -inf).amax(),
+        "pg_update/log_weight/min": extreme(torch.where(mask, lw, inf), inf, False),
+        "pg_update/log_weight/max": extreme(torch.where(mask, lw, -inf), -inf, True),
         "pg_update/ess/token": normalized_ess(capped, mask),
         "pg_update/ess/sequence": normalized_ess(torch.where(mask, log_ratio.detach(), 0.0).sum(-1), mask.any(-1)),
         "pg_update/num_tokens": n.to(lw.dtype),
     }
     for q, v in zip(RATIO_QUANTILES, masked_quantiles(weight, mask).unbind(0)):
-        out[f"pg_update/is_ratio/p{round(q * 100)}"] = v
+        out[f"pg_update/is_ratio/p{round(q * 100)}"] = torch.where(nonempty, v, 0.0)
     return out
 
 

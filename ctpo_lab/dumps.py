@@ -192,10 +192,16 @@ def write_ratio_dump(
         if not np.isfinite(e[m]).all():
             raise ValueError(f"extra: {key!r} has NaN or inf value(s) on valid tokens")
         arrays[key] = np.where(m, e, 0.0).astype(np.float32)
-    tmp = target.with_name("." + target.name + ".tmp.npz")
+    tmp = target.with_name("." + target.name + ".tmp.npz")  # hidden: no step_* glob sees a leftover
     np.savez_compressed(tmp, **arrays)
     os.replace(tmp, target)
     return target
+
+
+class _Arrays(dict):
+    @property
+    def files(self) -> list[str]:
+        return list(self)
 
 
 def read_ratio_dump(path: str | os.PathLike[str]) -> RatioDump:
@@ -203,27 +209,31 @@ def read_ratio_dump(path: str | os.PathLike[str]) -> RatioDump:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"path: no dump file at {p}")
-    with np.load(p) as z:
-        for key in ("pg_update_is_weights", "response_mask"):
-            if key not in z.files:
-                raise ValueError(f"path: {p} has no {key!r} array (keys: {z.files})")
-        w = z["pg_update_is_weights"].astype(np.float64)
-        m = z["response_mask"].astype(bool)
-        if w.ndim != 2 or m.shape != w.shape:
-            raise ValueError(f"path: {p}: weights {w.shape} and mask {m.shape} must be equal 2-D shapes")
-        step = int(z["global_step"].reshape(-1)[0]) if "global_step" in z.files else -1
-        rank = int(z["rank"].reshape(-1)[0]) if "rank" in z.files else -1
-        adv = z["advantages"].astype(np.float64) if "advantages" in z.files else None
-        gid = z["group_ids"].astype(np.int64) if "group_ids" in z.files else None
-        if "cum_log_ratio" in z.files:
-            L, lossless = z["cum_log_ratio"].astype(np.float64), True
-        else:
-            with np.errstate(divide="ignore"):
-                L = np.where(m, np.log(np.where(m, w, 1.0)), 0.0)
-            lossless = False
-        global_ids = gid is not None and "group_ids_global" in z.files and bool(z["group_ids_global"].reshape(-1)[0])
-        extra = {k: z[k].astype(np.float64) for k in z.files
-                 if k not in _LAYOUT_KEYS and z[k].shape == w.shape}
+    try:
+        with np.load(p) as loaded:
+            z = _Arrays({k: loaded[k] for k in loaded.files})  # every array read now: a truncation shows here
+    except Exception as e:  # BadZipFile, zlib.error, EOFError, a bad header: all mean "unreadable"
+        raise ValueError(f"path: {p} is not a readable npz file ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]}); it is corrupt or truncated") from None
+    for key in ("pg_update_is_weights", "response_mask"):
+        if key not in z.files:
+            raise ValueError(f"path: {p} has no {key!r} array (keys: {z.files})")
+    w = z["pg_update_is_weights"].astype(np.float64)
+    m = z["response_mask"].astype(bool)
+    if w.ndim != 2 or m.shape != w.shape:
+        raise ValueError(f"path: {p}: weights {w.shape} and mask {m.shape} must be equal 2-D shapes")
+    step = int(z["global_step"].reshape(-1)[0]) if "global_step" in z.files else -1
+    rank = int(z["rank"].reshape(-1)[0]) if "rank" in z.files else -1
+    adv = z["advantages"].astype(np.float64) if "advantages" in z.files else None
+    gid = z["group_ids"].astype(np.int64) if "group_ids" in z.files else None
+    if "cum_log_ratio" in z.files:
+        L, lossless = z["cum_log_ratio"].astype(np.float64), True
+    else:
+        with np.errstate(divide="ignore"):
+            L = np.where(m, np.log(np.where(m, w, 1.0)), 0.0)
+        lossless = False
+    global_ids = gid is not None and "group_ids_global" in z.files and bool(z["group_ids_global"].reshape(-1)[0])
+    extra = {k: z[k].astype(np.float64) for k in z.files if k not in _LAYOUT_KEYS and z[k].shape == w.shape}
     if not np.isfinite(L[m]).all():
         raise ValueError(f"path: {p} holds NaN/inf or zero weights on valid tokens")
     return RatioDump(w, m, step, rank, adv, L, gid, lossless, global_ids, extra)

@@ -104,6 +104,14 @@ class LossConfig:
                 raise ValueError(f"dual_clip: the log-window dual clip needs ε_c > 0, got {self.dual_clip!r}")
         if self.ratio in ("token_tis", "truncated_cumulative") and not (self.truncation or 0) > 0:
             raise ValueError(f"truncation: ratio {self.ratio!r} needs a truncation cap > 0, got {self.truncation!r}")
+        for field in ("log_ratio_clamp", "max_log_weight", "truncation", "dual_clip"):
+            v = getattr(self, field)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{field}: expected a finite number or None, got {v!r}")
+            if field == "log_ratio_clamp" and v <= 0:
+                raise ValueError(f"log_ratio_clamp: expected a clamp > 0 or None, got {v!r}")
         if self.norm_horizon is not None and not (isinstance(self.norm_horizon, int) and self.norm_horizon > 0):
             raise ValueError(f"norm_horizon: expected a positive int or None, got {self.norm_horizon!r}")
 
@@ -246,6 +254,10 @@ def _check_inputs(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, re
         )
     if response_mask.is_complex():
         raise TypeError(f"response_mask: expected bool or 0/1 integers/floats, got dtype {response_mask.dtype}")
+    if response_mask.dtype != torch.bool and response_mask.numel():  # one host check, only for non-bool masks
+        if not bool(((response_mask == 0) | (response_mask == 1)).all()):
+            bad = response_mask[(response_mask != 0) & (response_mask != 1)].flatten()[:3].tolist()
+            raise ValueError(f"response_mask: expected bool or exactly 0/1 values, got {bad}")
     if advantages.shape not in (log_prob.shape[:1], log_prob.shape):
         raise ValueError(
             f"advantages: expected shape [B] = {tuple(log_prob.shape[:1])} or [B, T] = {tuple(log_prob.shape)}, "
@@ -341,14 +353,20 @@ def policy_loss(
     Returns
     -------
     loss : Tensor, scalar
-        0 (with a zero gradient) when no token is valid.
+        0 (with a zero gradient) when no token is valid, including B = 0 or T = 0; every metric is then 0.
     metrics : dict[str, float]
         The diagnostics of :mod:`ctpo_lab.diagnostics` plus ``actor/pg_loss``.
 
     Raises
     ------
     ValueError / TypeError
-        Bad shapes or dtypes, unknown preset/option, invalid clip parameters, NaN/inf on valid tokens.
+        Bad shapes or dtypes, a mask with values other than 0/1, unknown preset/option, invalid (NaN, inf,
+        non-positive) clip parameters, NaN/inf on valid tokens, or finite inputs whose weights overflow the
+        dtype to an infinite loss (set ``max_log_weight``).
     """
     out = compute_policy_loss(log_prob, old_log_prob, advantages, response_mask, preset, **overrides)
-    return out.loss, metrics_to_host(out.metrics, out.num_nonfinite)
+    host = metrics_to_host(out.metrics, out.num_nonfinite)
+    if not math.isfinite(host["actor/pg_loss"]):  # finite inputs whose weights overflow the dtype
+        raise ValueError(f"max_log_weight: the {out.config.ratio} weights overflow {out.loss.dtype} on these inputs "
+                         f"(loss {host['actor/pg_loss']}); set max_log_weight (e.g. 10) or log_ratio_clamp")
+    return out.loss, host

@@ -351,8 +351,9 @@ def test_bias_cli_end_to_end(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["sources"]["stale_k1"]["kl_per_token_exact"] > 0
     first = table.copy()
-    with pytest.raises(SystemExit, match="not empty"):
-        main(args)
+    capsys.readouterr()
+    assert main(args) == 2  # user errors: one line, exit 2 (no SystemExit with status 1)
+    assert "not empty" in capsys.readouterr().err
     assert main([*args, "--overwrite"]) == 0  # the same seed gives the same numbers
     again = pd.read_csv(out / "table.csv")
     assert np.allclose(first["rel_bias"].to_numpy(), again["rel_bias"].to_numpy(), equal_nan=True)
@@ -394,9 +395,10 @@ def test_bias_cli_end_to_end(tmp_path, capsys):
     leg_table = pd.read_csv(legacy / "table.csv")
     assert list(leg_table["estimator"]) == list(re_table["estimator"])
     assert np.allclose(leg_table["rel_bias"].to_numpy(), re_table["rel_bias"].to_numpy(), equal_nan=True)
-    with pytest.raises(SystemExit, match="lacks"):
-        main(["bias", "--out", str(tmp_path), "--reanalyze"])
-    with pytest.raises(SystemExit, match="sources"):
-        main(["bias", "--out", str(tmp_path / "x"), "--sources", "stale,bogus"])
-    with pytest.raises(SystemExit, match="mu-temperature"):
-        main(["bias", "--out", str(tmp_path / "x"), "--mu-temperature", "1"])
+    capsys.readouterr()
+    for argv, match in ((["--out", str(tmp_path), "--reanalyze"], "lacks"),
+                        (["--out", str(tmp_path / "x"), "--sources", "stale,bogus"], "--sources"),
+                        (["--out", str(tmp_path / "x"), "--mu-temperature", "1"], "--mu-temperature")):
+        assert main(["bias", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], err

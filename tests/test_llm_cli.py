@@ -69,7 +69,7 @@ def test_same_seed_same_numbers_and_no_silent_overwrite(run_dir, tmp_path, capsy
     assert before["token_ids"].map(list).tolist() == after["token_ids"].map(list).tolist()
     assert json.loads((other / "summary.json").read_text())["sigma_hat"] == a["sigma_hat"]
     _fails(capsys, ["--out", str(other), *SMALL, "--seed", "1", "--resume"], "differs")
-    _fails(capsys, ["--out", str(other), *SMALL, "--resume", "--overwrite"], "exclude")
+    _fails(capsys, ["--out", str(other), *SMALL, "--resume", "--overwrite"], "mutually exclusive")
     _run(other, "--seed", "1", "--overwrite")
 
 

@@ -106,7 +106,10 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
 
 
 def test_overwrite_replaces_the_folder(tmp_path):
+    from ctpo_lab.runsafety import write_marker
+
     (tmp_path / "run").mkdir()
+    write_marker(tmp_path / "run", "test")  # a folder ctpo_lab created (only those are replaced)
     (tmp_path / "run" / "junk.txt").write_text("x")
     Trainer(tiny(steps=1), tmp_path / "run", overwrite=True, progress=False).train()
     assert not (tmp_path / "run" / "junk.txt").exists()

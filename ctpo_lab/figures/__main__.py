@@ -1,10 +1,17 @@
 """``python -m ctpo_lab.figures [--quick] [--out DIR] [--seed S] [--only FAMILY ...] [--refresh]``
 
-Regenerates every figure and table of ``paper_figures/`` (or ``--out``): the exact-laboratory family
-(``markov_*``), the real-LLM Figure 1 (``fig1_llm*``), the real-LLM estimator bias and variance against an
-on-policy reference (``llm_bias_*``, ``llm_ratio_profiles``), and the training families (``fig2_*``, ``table2_*``,
-``table3_*``, ``fig1_trainer*``).  Results whose inputs (configuration and ctpo_lab source) are unchanged are
-reused from ``<out>/.cache``; ``--refresh`` recomputes them.  ``--quick`` is the CI-sized run.
+Regenerates every figure and table of the committed gallery ``paper_figures/`` (or of ``--out``): the
+exact-laboratory family (``markov_*``), the real-LLM Figure 1 (``fig1_llm*``), the real-LLM estimator bias and
+variance against an on-policy reference (``llm_bias_*``, ``llm_ratio_profiles``), and the training families
+(``fig2_*``, ``table2_*``, ``table3_*``, ``fig1_trainer*``).  Results whose inputs (configuration and ctpo_lab
+source) are unchanged are reused from ``<out>/.cache``; ``--refresh`` recomputes them.
+
+``--quick`` is the CI-sized run; it writes to ``outputs/figures-quick`` unless ``--out`` says otherwise, and never
+into the gallery.  Writing the gallery needs the full inputs of the families asked for: ``--llm-run`` (a finished
+``python -m ctpo_lab.llm`` folder), ``--llm-bias`` (a finished ``python -m ctpo_lab.llm bias`` folder) and an
+existing grid (``--grid``, default ``runs/compare-cpu`` from ``python -m ctpo_lab.train``).  A ``--grid``,
+``--llm-run`` or ``--llm-bias`` path must exist and be what it claims before anything runs: a given ``--grid`` is
+aggregated as it is, never run.  The output folder is locked while the command runs.
 """
 
 from __future__ import annotations
@@ -16,15 +23,73 @@ import sys
 import time
 from pathlib import Path
 
+from ctpo_lab.cli import ArgumentParser, int_at_least, run
+
 FAMILIES = ("markov", "llm", "llm_bias", "training")
+#: The committed gallery (written only on purpose, with the full inputs).
+GALLERY = Path(__file__).resolve().parents[2] / "paper_figures"
+QUICK_OUT = "outputs/figures-quick"
+
+
+def _is_gallery(out: Path) -> bool:
+    return os.path.realpath(out) == os.path.realpath(GALLERY)
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Every input path exists and is what it claims, and the gallery gets full inputs; before any work."""
+    from ctpo_lab.runsafety import read_json
+
+    def folder(flag: str, value: str, files: tuple[str, ...], what: str) -> None:
+        p = Path(value)
+        if not p.is_dir():
+            raise ValueError(f"{flag}: {p} does not exist or is not a folder (expected {what})")
+        missing = [f for f in files if not (p / f).is_file()]
+        if missing:
+            raise ValueError(f"{flag}: {p} is not {what} (no {', '.join(missing)})")
+        for f in files:
+            if f.endswith(".json"):
+                read_json(p / f, name=flag)
+
+    if args.llm_run is not None:
+        folder("--llm-run", args.llm_run, ("summary.json", "config.json"),
+               "a finished `python -m ctpo_lab.llm` folder")
+    if args.llm_bias is not None:
+        folder("--llm-bias", args.llm_bias, ("table.csv", "config.json", "summary.json"),
+               "a finished `python -m ctpo_lab.llm bias` folder")
+    if args.grid is not None:
+        folder("--grid", args.grid, ("grid.json",), "a grid folder of `python -m ctpo_lab.train compare`")
+        spec = read_json(Path(args.grid) / "grid.json", name="--grid")
+        if not (isinstance(spec.get("losses"), list) and isinstance(spec.get("seeds"), list)):
+            raise ValueError(f"--grid: {Path(args.grid) / 'grid.json'}: expected 'losses' and 'seeds' lists")
+    out = Path(args.out)
+    if _is_gallery(out):
+        if args.quick:
+            raise ValueError(f"--out: {out} is the committed gallery; --quick results go to {QUICK_OUT} (the "
+                             "default) or another --out")
+        needs = {"llm": ("--llm-run", args.llm_run), "llm_bias": ("--llm-bias", args.llm_bias)}
+        for family, (flag, value) in needs.items():
+            if family in args.only and value is None:
+                raise ValueError(f"{flag}: regenerating the gallery {out} needs the full run's folder (see the "
+                                 "README's Reproduce section), or leave the family out with --only")
+        if "training" in args.only and args.grid is None:
+            default = Path("runs/compare-cpu")
+            if not (default / "grid.json").is_file():
+                raise ValueError(f"--grid: regenerating the gallery {out} needs a finished grid; {default} has none "
+                                 "(run `python -m ctpo_lab.train` first, or pass --grid)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ctpo_lab.figures", description=__doc__.splitlines()[0],
+    """Exit status: 0, 2 bad input (one line ``error: <argument>: <expected>``), 130 interrupted."""
+    return run(lambda: _main(argv), flags=("out", "seed", "grid", "llm_run", "llm_bias"),
+               prog="python -m ctpo_lab.figures")
+
+
+def _main(argv: list[str] | None) -> int:
+    ap = ArgumentParser(prog="python -m ctpo_lab.figures", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--quick", action="store_true", help="CI-sized run (tiny models, small grids)")
-    ap.add_argument("--out", default="paper_figures", help="output folder (default paper_figures)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help=f"output folder (default paper_figures, {QUICK_OUT} with --quick)")
+    ap.add_argument("--seed", type=int_at_least(0), default=0)
     ap.add_argument("--only", nargs="+", choices=FAMILIES, default=list(FAMILIES), help="families to make")
     ap.add_argument("--refresh", action="store_true", help="ignore cached results")
     ap.add_argument("--llm-model", default=None, help="model of the fig1_llm family (default smollm2, "
@@ -36,12 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grid", default=None, help="grid folder of the training family (default runs/compare-cpu, "
                     "the output of `python -m ctpo_lab.train`; a cached tiny grid with --quick)")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = QUICK_OUT if args.quick else str(GALLERY if GALLERY.is_dir() else "paper_figures")
+    check_inputs(args)
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     from ctpo_lab.figures.common import apply_style
+    from ctpo_lab.runsafety import prepare_output
 
     apply_style()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output(out, command="python -m ctpo_lab.figures", existing="update")  # one writer; files replaced
     cache = out / ".cache"
     if args.refresh and cache.exists():
         import shutil

@@ -81,22 +81,28 @@ def caption_text(finding: str, command: str, seeds: Any, extra: dict[str, Any] |
 def save_figure(fig: plt.Figure, out_dir: Path, name: str, *, finding: str, command: str, seeds: Any,
                 extra: dict[str, Any] | None = None) -> list[Path]:
     """Write ``name``.png/.pdf/.caption.txt into ``out_dir`` and close the figure; returns the paths."""
+    from ctpo_lab.runsafety import atomic_path, atomic_write_text
+
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf", out_dir / f"{name}.caption.txt"]
-    fig.savefig(paths[0])
-    fig.savefig(paths[1])
+    for path in paths[:2]:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=path.suffix[1:])
     plt.close(fig)
-    paths[2].write_text(caption_text(finding, command, seeds, extra))
+    atomic_write_text(paths[2], caption_text(finding, command, seeds, extra))
     return paths
 
 
 def save_table(df, out_dir: Path, name: str, *, finding: str, command: str, seeds: Any,
                extra: dict[str, Any] | None = None) -> list[Path]:
     """Write a pandas DataFrame as ``name``.csv and ``name``.md (with the caption below the table)."""
+    from ctpo_lab.runsafety import atomic_path, atomic_write_text
+
     out_dir.mkdir(parents=True, exist_ok=True)
     csv, md = out_dir / f"{name}.csv", out_dir / f"{name}.md"
-    df.to_csv(csv, index=False)
-    md.write_text(df.to_markdown(index=False) + "\n\n" + caption_text(finding, command, seeds, extra))
+    with atomic_path(csv) as tmp:
+        df.to_csv(tmp, index=False)
+    atomic_write_text(md, df.to_markdown(index=False) + "\n\n" + caption_text(finding, command, seeds, extra))
     return [csv, md]
 
 
@@ -118,9 +124,14 @@ def cached(cache_dir: Path, name: str, config: dict[str, Any], compute: Callable
                          + source_hash().encode()).hexdigest()[:16]
     path = cache_dir / f"{name}-{key}.pkl"
     if path.exists() and not refresh:
-        with path.open("rb") as fh:
+        try:
+            with path.open("rb") as fh:
+                result = pickle.load(fh)
             print(f"[figures] {name}: reusing cached result {path.name}", file=sys.stderr)
-            return pickle.load(fh)
+            return result
+        except Exception as e:  # a truncated or corrupt cache entry: recompute it
+            print(f"[figures] {name}: cached result {path.name} is unreadable ({type(e).__name__}); recomputing",
+                  file=sys.stderr)
     result = compute()
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

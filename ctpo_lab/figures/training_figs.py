@@ -61,10 +61,22 @@ def make(out: Path, *, quick: bool, seed: int, cache: Path, command: str, grid_d
     from ctpo_lab.analysis import trajectory_statistics
     from ctpo_lab.figures.position import figure1
 
-    spec = grid_spec(quick, seed)
-    grid = grid_dir or (cache / "grid-quick" if quick else Path("runs/compare-cpu"))
-    compare.run_grid(spec, grid)
-    df = compare.load_grid(grid)
+    if grid_dir is not None:  # a given grid is aggregated as it is: nothing is trained because of a path
+        from ctpo_lab.runsafety import prepare_output, read_json
+
+        grid = Path(grid_dir)
+        saved = read_json(grid / "grid.json", name="grid")
+        try:
+            spec = compare.GridSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+        except TypeError as e:
+            raise ValueError(f"grid: {grid / 'grid.json'} is not a grid specification ({e})") from None
+        df = compare.load_grid(grid)
+        prepare_output(grid, command="python -m ctpo_lab.figures", resume=True, name="grid")  # aggregate writes
+    else:
+        spec = grid_spec(quick, seed)
+        grid = cache / "grid-quick" if quick else Path("runs/compare-cpu")
+        compare.run_grid(spec, grid)
+        df = compare.load_grid(grid)
     result = compare.summarize_grid(grid, reference="ctpo")
     seeds = list(spec.seeds)
     common = {"command": command, "seeds": seeds, "extra": {"grid": f"{grid} (preset {spec.train_preset})"}}

@@ -31,6 +31,8 @@ import argparse
 import json
 import sys
 
+from ctpo_lab.cli import ArgumentParser, error_line, finite_float, int_at_least
+from ctpo_lab.cli import run as run_cli
 from ctpo_lab.llm.pipeline import OPTIONS, QUICK, SOURCES, RunConfig, json_default, run  # noqa: F401
 
 # (QUICK, RunConfig and run are re-exported for the callers of the former module layout)
@@ -51,14 +53,14 @@ def _parse_k(text: str) -> list[int]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ctpo_lab.llm", description=__doc__,
+    p = ArgumentParser(prog="python -m ctpo_lab.llm", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command")
     r = sub.add_parser("run", help="collect, perturb, analyse and plot (default)")
     d = RunConfig()
     r.add_argument("--model", default=None, help="smollm2 | tiny-random | local folder | hub id")
     r.add_argument("--out", required=True, help="output directory")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=int_at_least(0), default=0)
     r.add_argument("--quick", action="store_true", help="small budget (tiny-random unless --model is given)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     r.add_argument("--resume", action="store_true", help="continue an interrupted collection in --out")
@@ -69,14 +71,16 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--eval-prompts", type=int, default=None, help=f"held-out prompts measured ({d.eval_prompts})")
     r.add_argument("--group-size", type=int, default=None, help=f"responses per prompt G ({d.group_size})")
     r.add_argument("--max-new-tokens", type=int, default=None, help=f"response length limit ({d.max_new_tokens})")
-    r.add_argument("--temperature", type=float, default=None, help="sampling temperature of μ (1.0)")
+    r.add_argument("--temperature", type=finite_float(0.0, lo_open=True), default=None,
+                   help="sampling temperature of μ (1.0)")
     r.add_argument("--prompts-per-chunk", type=int, default=None, help="prompts per batched decode / shard (8)")
     r.add_argument("--source", choices=SOURCES, default="stale")
     r.add_argument("--k", type=_parse_k, default=None, help="stale updates to measure, e.g. 1,4,15")
     r.add_argument("--loss", default=None,
                    help="loss preset of the stale update (a key of ctpo_lab.losses.PRESETS; ctpo)")
     r.add_argument("--preset", dest="loss", default=None, help=argparse.SUPPRESS)  # the former name of --loss
-    r.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate of the stale update ({d.lr})")
+    r.add_argument("--lr", type=finite_float(0.0, lo_open=True), default=None,
+                   help=f"AdamW learning rate of the stale update ({d.lr})")
     r.add_argument("--minibatches", type=int, default=None, help="minibatches per rollout batch (16)")
     r.add_argument("--target-model", default=None, help="π for --source checkpoints")
     r.add_argument("--bin-width", type=int, default=None, help=f"positions per bin ({d.bin_width}; the paper: 50)")
@@ -89,15 +93,15 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("dir")
     a.add_argument("--bin-width", type=int, default=None)
     a.add_argument("--n-boot", type=int, default=None)
-    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--seed", type=int_at_least(0), default=0)
     a.add_argument("--overwrite", action="store_true", help="replace existing plots/summary")
     f = sub.add_parser("fit", help="√t fit of a trajectory parquet or a directory of authors' npz dumps")
     f.add_argument("path")
-    f.add_argument("--step", type=int, default=None, help="dump step (default: the last one)")
-    f.add_argument("--bin-width", type=int, default=50)
-    f.add_argument("--min-count", type=int, default=30)
-    f.add_argument("--n-boot", type=int, default=1000)
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--step", type=int_at_least(0), default=None, help="dump step (default: the last one)")
+    f.add_argument("--bin-width", type=int_at_least(1), default=50)
+    f.add_argument("--min-count", type=int_at_least(1), default=30)
+    f.add_argument("--n-boot", type=int_at_least(1), default=1000)
+    f.add_argument("--seed", type=int_at_least(0), default=0)
     f.add_argument("--center", action="store_true", help="centre L_t within prompt groups")
     from ctpo_lab.llm.bias_run import add_parser
 
@@ -112,15 +116,16 @@ _FLAG_NAMES = frozenset(OPTIONS) | {"out", "seed", "source", "threads", "resume"
 
 def _error(e: Exception) -> int:
     """One line ``error: <argument>: <expected>`` on stderr (an option name shown as its flag); status 2."""
-    msg = str(e.args[0]) if isinstance(e, (FileNotFoundError, FileExistsError)) and e.args else str(e)
-    name, sep, rest = msg.partition(": ")
-    if sep and name in _FLAG_NAMES:
-        msg = f"--{name.replace('_', '-')}: {rest}"
-    print(f"error: {' '.join(msg.splitlines())}", file=sys.stderr)
+    print(error_line(e, _FLAG_NAMES), file=sys.stderr)
     return 2
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0, 2 bad input (one line ``error: <argument>: <expected>``), 130 interrupted."""
+    return run_cli(lambda: _main(argv), flags=_FLAG_NAMES, prog="python -m ctpo_lab.llm")
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help"):
         argv = ["run", *argv]
@@ -132,28 +137,22 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command == "bias":
         from ctpo_lab.llm.bias_run import main_bias
 
-        try:
-            return main_bias(ns)
-        except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
-            return _error(e)
+        return main_bias(ns)
     from ctpo_lab.llm import pipeline
 
-    try:
-        if ns.command == "run":
-            cfg = pipeline.resolve_run_config(out=ns.out, seed=ns.seed, quick=ns.quick, source=ns.source,
-                                              threads=ns.threads, progress=not ns.no_progress,
-                                              **{name: getattr(ns, name) for name in OPTIONS})
-            summary = pipeline.run_trajectories(cfg, overwrite=ns.overwrite, resume=ns.resume)
-            print(json.dumps({k: summary[k] for k in SUMMARY_KEYS}, indent=2, default=json_default))
-        elif ns.command == "analyze":
-            pipeline.analyze_run(ns.dir, bin_width=ns.bin_width, n_boot=ns.n_boot, seed=ns.seed,
-                                 overwrite=ns.overwrite)
-        else:
-            res = pipeline.fit_dumps(ns.path, step=ns.step, bin_width=ns.bin_width, min_count=ns.min_count,
-                                     n_boot=ns.n_boot, seed=ns.seed, center=ns.center)
-            print(json.dumps(res, indent=2, default=json_default))
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
-        return _error(e)
+    if ns.command == "run":
+        cfg = pipeline.resolve_run_config(out=ns.out, seed=ns.seed, quick=ns.quick, source=ns.source,
+                                          threads=ns.threads, progress=not ns.no_progress,
+                                          **{name: getattr(ns, name) for name in OPTIONS})
+        summary = pipeline.run_trajectories(cfg, overwrite=ns.overwrite, resume=ns.resume)
+        print(json.dumps({k: summary[k] for k in SUMMARY_KEYS}, indent=2, default=json_default))
+    elif ns.command == "analyze":
+        pipeline.analyze_run(ns.dir, bin_width=ns.bin_width, n_boot=ns.n_boot, seed=ns.seed,
+                             overwrite=ns.overwrite)
+    else:
+        res = pipeline.fit_dumps(ns.path, step=ns.step, bin_width=ns.bin_width, min_count=ns.min_count,
+                                 n_boot=ns.n_boot, seed=ns.seed, center=ns.center)
+        print(json.dumps(res, indent=2, default=json_default))
     return 0
 
 

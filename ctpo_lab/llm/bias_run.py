@@ -20,7 +20,6 @@ import argparse
 import copy
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,10 +31,14 @@ import pandas as pd
 import torch
 
 from ctpo_lab import advantages
+from ctpo_lab.cli import finite_float, int_at_least
 from ctpo_lab.llm import bias
 from ctpo_lab.stats import format_ci
 
 SOURCES: tuple[str, ...] = ("temperature", "dtype", "stale")
+#: The raw results of a run that ``--reanalyze`` reads.
+RAW_FILES: tuple[str, ...] = ("config.json", "projections.npz", "estimator_info.csv", "ratio_profiles.csv",
+                              "sources.json")
 
 
 @dataclass
@@ -135,7 +138,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--model", default=None, help="smollm2 | tiny-random | local folder | hub id")
     b.add_argument("--out", required=True, help="output directory")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=int_at_least(0), default=0)
     b.add_argument("--quick", action="store_true", help="small budget on tiny-random (≤ 3 min)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     b.add_argument("--prompts", default=None, help="arithmetic | verl parquet file/dir | hf:NAME[:split]")
@@ -150,10 +153,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    f"({d.prompts_per_chunk})")
     b.add_argument("--sources", default=None, help="comma list of stale,temperature,dtype (all)")
     b.add_argument("--k", default=None, help="stale updates measured, e.g. 1,4,15")
-    b.add_argument("--preset", default=None, help=f"loss preset of the stale update ({d.preset})")
-    b.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate of the stale update ({d.lr})")
+    b.add_argument("--loss", "--preset", dest="preset", default=None,
+                   help=f"loss preset of the stale update ({d.preset}; --preset is its former name)")
+    b.add_argument("--lr", type=finite_float(0.0, lo_open=True), default=None,
+                   help=f"AdamW learning rate of the stale update ({d.lr})")
     b.add_argument("--minibatches", type=int, default=None, help=f"minibatches per rollout batch ({d.minibatches})")
-    b.add_argument("--mu-temperature", type=float, default=None,
+    b.add_argument("--mu-temperature", type=finite_float(0.0, lo_open=True), default=None,
                    help=f"sampling temperature of μ for the temperature source ({d.mu_temperature})")
     b.add_argument("--directions", type=int, default=None, help=f"random parameter directions K ({d.directions})")
     b.add_argument("--params", default=None, help="parameters of the directions: all | last | last:N | name "
@@ -175,14 +180,14 @@ def _int_list(text: str, name: str) -> list[int]:
     try:
         vals = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise SystemExit(f"error: --{name}: expected comma-separated integers, got {text!r}") from None
+        raise ValueError(f"--{name}: expected comma-separated integers, got {text!r}") from None
     if not vals or any(v < 1 for v in vals):
-        raise SystemExit(f"error: --{name}: expected positive integers, got {text!r}")
+        raise ValueError(f"--{name}: expected positive integers, got {text!r}")
     return sorted(set(vals))
 
 
 def resolve(ns: argparse.Namespace) -> BiasConfig:
-    """Command-line namespace → validated :class:`BiasConfig` (SystemExit with a message on bad input)."""
+    """Command-line namespace → validated :class:`BiasConfig` (``ValueError`` naming the flag on bad input)."""
     cfg = BiasConfig(out=ns.out, seed=ns.seed, quick=ns.quick)
     if ns.quick:
         for k, v in QUICK.items():
@@ -201,7 +206,7 @@ def resolve(ns: argparse.Namespace) -> BiasConfig:
         srcs = [s.strip() for s in ns.sources.split(",") if s.strip()]
         bad = [s for s in srcs if s not in SOURCES]
         if bad or not srcs:
-            raise SystemExit(f"error: --sources: expected a comma list of {SOURCES}, got {ns.sources!r}")
+            raise ValueError(f"--sources: expected a comma list of {SOURCES}, got {ns.sources!r}")
         cfg.sources = srcs
     if ns.k is not None:
         cfg.k = _int_list(ns.k, "k")
@@ -210,31 +215,34 @@ def resolve(ns: argparse.Namespace) -> BiasConfig:
                  "directions", "directions_per_pass", "batch_size", "chain_seeds", "threads"):
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')}: expected a positive int, got {v!r}")
+            raise ValueError(f"--{name.replace('_', '-')}: expected a positive int, got {v!r}")
     if cfg.group_size < 2:
-        raise SystemExit("error: --group-size: group baselines need at least 2 responses per prompt")
+        raise ValueError("--group-size: group baselines need at least 2 responses per prompt")
     if cfg.eval_prompts < 2:
-        raise SystemExit("error: --eval-prompts: the bootstrap needs at least 2 prompt groups")
+        raise ValueError("--eval-prompts: the bootstrap needs at least 2 prompt groups")
     if isinstance(cfg.n_boot, bool) or not isinstance(cfg.n_boot, int) or cfg.n_boot < 0:
-        raise SystemExit(f"error: --n-boot: expected an int ≥ 0, got {cfg.n_boot!r}")
+        raise ValueError(f"--n-boot: expected an int ≥ 0, got {cfg.n_boot!r}")
     if not (math.isfinite(cfg.mu_temperature) and cfg.mu_temperature > 0 and cfg.mu_temperature != 1.0):
-        raise SystemExit(f"error: --mu-temperature: expected a finite number > 0 and ≠ 1, got {cfg.mu_temperature}")
+        raise ValueError(f"--mu-temperature: expected a finite number > 0 and ≠ 1, got {cfg.mu_temperature}")
     from ctpo_lab.losses import PRESETS
 
+    if not (isinstance(cfg.lr, (int, float)) and math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise ValueError(f"--lr: expected a finite number > 0, got {cfg.lr}")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
+        raise ValueError(f"--seed: expected an int ≥ 0, got {cfg.seed!r}")
     if cfg.preset not in PRESETS:
-        raise SystemExit(f"error: --preset: unknown preset {cfg.preset!r}; expected one of {sorted(PRESETS)}")
+        raise ValueError(f"--loss: unknown preset {cfg.preset!r}; expected one of {sorted(PRESETS)}")
     return cfg
 
 
-def _prepare_out(out: Path, cfg: BiasConfig, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise SystemExit(f"error: --out: {out} is a file")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise SystemExit(f"error: --out: {out} exists and is not empty (use --overwrite to replace it)")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+def _prepare_out(out: Path, cfg: BiasConfig, overwrite: bool, *, check_only: bool = False) -> None:
+    """New or empty, or ``overwrite`` of a ctpo_lab folder nobody else holds; locked for this process."""
+    from ctpo_lab.runsafety import atomic_write_text, prepare_output
+
+    prepare_output(out, command="python -m ctpo_lab.llm bias", overwrite=overwrite, name="--out",
+                   check_only=check_only)
+    if not check_only:
+        atomic_write_text(out / "config.json", json.dumps(asdict(cfg), indent=2))
 
 
 def _json_default(o: Any) -> Any:
@@ -298,17 +306,18 @@ def run_bias(cfg: BiasConfig, *, overwrite: bool = False) -> dict[str, Any]:
     out = Path(cfg.out)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
+    _prepare_out(out, cfg, overwrite, check_only=True)  # a busy, foreign or unwritable folder: before any work
 
     lm = load_model(cfg.model, seed=cfg.seed, cache=cfg.cache, pad_token=cfg.pad_token)
     tok, mu_model = lm.tokenizer, lm.model
     n_train = cfg.train_prompts  # loaded even without the stale source: the held-out prompts stay the same
     prompts = load_prompts(cfg.prompts, n=n_train + cfg.eval_prompts, seed=cfg.seed)
     if len(prompts) < n_train + cfg.eval_prompts:
-        raise SystemExit(f"error: --prompts: {cfg.prompts} has {len(prompts)} prompts, "
+        raise ValueError(f"--prompts: {cfg.prompts} has {len(prompts)} prompts, "
                          f"{n_train + cfg.eval_prompts} needed")
     max_prompt = lm.context_length - cfg.max_new_tokens
     if max_prompt < 1:
-        raise SystemExit(f"error: --max-new-tokens: {cfg.max_new_tokens} ≥ the model context {lm.context_length}")
+        raise ValueError(f"--max-new-tokens: {cfg.max_new_tokens} ≥ the model context {lm.context_length}")
     prompt_ids = render_prompts(tok, prompts, max_prompt_tokens=max_prompt)
     train_ids, eval_ids = prompt_ids[:n_train], prompt_ids[n_train:]
     eval_prompts = prompts[n_train:]
@@ -448,7 +457,7 @@ def run_bias(cfg: BiasConfig, *, overwrite: bool = False) -> dict[str, Any]:
                 preset=cfg.preset, lr=cfg.lr, num_minibatches=cfg.minibatches), num_updates=max(cfg.k),
                 seed=cfg.seed, on_update=on_update, progress=cfg.progress)
         except ValueError as e:
-            raise SystemExit(f"error: stale updates: {e}") from e
+            raise ValueError(f"lr: the stale updates failed ({e})") from e
         timings["update_s"] = time.perf_counter() - t
         model_k = copy.deepcopy(mu_model).eval()
         for k in sorted(ks):
@@ -483,7 +492,7 @@ def analyze_bias(out: Path, *, n_boot: int | None = None, seed: int | None = Non
     from ctpo_lab.markov.prediction import matched_chain_prediction, summarize_prediction
 
     out = Path(out)
-    needed = ("config.json", "projections.npz", "estimator_info.csv", "ratio_profiles.csv", "sources.json")
+    needed = RAW_FILES
     missing = [f for f in needed if not (out / f).is_file()]
     if missing:
         raise FileNotFoundError(f"out: {out} lacks {missing} (not a finished `python -m ctpo_lab.llm bias` folder)")
@@ -558,11 +567,15 @@ def analyze_bias(out: Path, *, n_boot: int | None = None, seed: int | None = Non
 def main_bias(ns: argparse.Namespace) -> int:
     if ns.reanalyze:
         out = Path(ns.out)
+        if out.is_dir() and all((out / f).is_file() for f in RAW_FILES):  # derived files replaced: one writer
+            from ctpo_lab.runsafety import prepare_output
+
+            prepare_output(out, command="python -m ctpo_lab.llm bias --reanalyze", resume=True, name="--out")
         try:
             summary = analyze_bias(out, n_boot=ns.n_boot, seed=ns.seed if ns.seed != 0 else None,
                                    batch_size=ns.batch_size, chain_seeds=ns.chain_seeds, progress=not ns.no_progress)
-        except (ValueError, FileNotFoundError) as e:
-            raise SystemExit(f"error: {e}") from e
+        except FileNotFoundError as e:
+            raise ValueError(str(e.args[0] if e.args else e)) from None
         old = out / "summary.json"
         if old.is_file():
             prev = json.loads(old.read_text())
@@ -572,10 +585,7 @@ def main_bias(ns: argparse.Namespace) -> int:
         print((out / "table.md").read_text())
         return 0
     cfg = resolve(ns)
-    try:
-        summary = run_bias(cfg, overwrite=ns.overwrite)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
-        raise SystemExit(f"error: {e}") from e
+    summary = run_bias(cfg, overwrite=ns.overwrite)
     print((Path(cfg.out) / "table.md").read_text())
     print(json.dumps({"timings": summary["timings"]}, indent=2, default=_json_default))
     return 0

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ctpo_lab.runsafety import atomic_write_text
+
 __all__ = [
     "QUICK",
     "RunConfig",
@@ -96,6 +98,16 @@ class RunConfig:
             raise ValueError(f"source: expected one of {SOURCES}, got {self.source!r}")
         if not self.k or any(not isinstance(v, int) or v < 1 for v in self.k):
             raise ValueError(f"k: expected positive ints, got {self.k!r}")
+        if not (isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool) and math.isfinite(self.lr)
+                and self.lr > 0):
+            raise ValueError(f"lr: expected a finite number > 0, got {self.lr!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed: expected an int ≥ 0, got {self.seed!r}")
+        if not self.out:
+            raise ValueError("out: an output directory is required")
+        from ctpo_lab.runsafety import check_writable
+
+        check_writable(self.out)
         if self.source == "checkpoints" and not self.target_model:
             raise ValueError("target_model: --source checkpoints needs a target model")
         if self.source == "temperature" and self.temperature == 1.0:
@@ -146,27 +158,29 @@ def resolve_run_config(*, out: str, seed: int = 0, quick: bool = False, source: 
     return cfg.validate()
 
 
-def _prepare_out(out: Path, cfg: RunConfig, overwrite: bool, resume: bool) -> None:
-    if overwrite and resume:
-        raise ValueError("overwrite: --overwrite and --resume exclude each other")
-    if out.exists() and any(out.iterdir()):
-        if overwrite:
-            shutil.rmtree(out)
-        elif resume:
-            cfg_file = out / "config.json"
-            if not cfg_file.is_file():
-                raise ValueError(f"resume: {out} has no config.json")
-            old = json.loads(cfg_file.read_text())
-            new = cfg.collection_key()
-            diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
-            if diff:
-                raise ValueError(f"resume: the collection config differs from {cfg_file}: {diff}")
-            shutil.rmtree(out / "targets", ignore_errors=True)
-            shutil.rmtree(out / "dumps", ignore_errors=True)
-        else:
-            raise ValueError(f"out: {out} exists and is not empty (use --overwrite or --resume)")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+def _prepare_out(out: Path, cfg: RunConfig, overwrite: bool, resume: bool, *, check_only: bool = False) -> None:
+    """The output folder: new or empty, ``overwrite`` of a ctpo_lab folder (emptied), or ``resume`` of a
+    collection with the same config; locked for this process (:mod:`ctpo_lab.runsafety`)."""
+    from ctpo_lab.runsafety import atomic_write_text, prepare_output, read_json
+
+    nonempty = prepare_output(out, command="python -m ctpo_lab.llm", resume=resume, overwrite=overwrite,
+                              check_only=True)
+    if nonempty and resume:
+        cfg_file = out / "config.json"
+        if not cfg_file.is_file():
+            raise ValueError(f"resume: {out} has no config.json")
+        old = read_json(cfg_file, name="resume")
+        new = cfg.collection_key()
+        diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+        if diff:
+            raise ValueError(f"resume: the collection config differs from {cfg_file}: {diff}")
+    if check_only:
+        return
+    prepare_output(out, command="python -m ctpo_lab.llm", resume=resume, overwrite=overwrite)
+    if nonempty and resume:
+        shutil.rmtree(out / "targets", ignore_errors=True)
+        shutil.rmtree(out / "dumps", ignore_errors=True)
+    atomic_write_text(out / "config.json", json.dumps(asdict(cfg), indent=2))
 
 
 def _log(msg: str) -> None:
@@ -197,6 +211,7 @@ def run_trajectories(cfg: RunConfig, *, overwrite: bool = False, resume: bool = 
     t0 = time.perf_counter()
 
     # --- everything that can fail on bad input, before any work
+    _prepare_out(out, cfg, overwrite, resume, check_only=True)
     lm = load_model(cfg.model, seed=cfg.seed, cache=cfg.cache, pad_token=cfg.pad_token)
     tok = lm.tokenizer
     n_prompts = cfg.train_prompts + cfg.eval_prompts
@@ -345,7 +360,7 @@ def run_trajectories(cfg: RunConfig, *, overwrite: bool = False, resume: bool = 
             lm.model, train, adv, offpolicy.StaleConfig(preset=cfg.loss, lr=cfg.lr, num_minibatches=cfg.minibatches),
             num_updates=max(cfg.k), seed=cfg.seed, on_update=on_update, progress=cfg.progress,
         )
-        (out / "updates.json").write_text(json.dumps(update_metrics, indent=1))
+        atomic_write_text(out / "updates.json", json.dumps(update_metrics, indent=1))
         for v in targets.values():
             v.update(targets_meta_stale)
     else:
@@ -375,7 +390,7 @@ def run_trajectories(cfg: RunConfig, *, overwrite: bool = False, resume: bool = 
     timings["analyze_s"] = time.perf_counter() - t4
     timings["total_s"] = time.perf_counter() - t0
     summary["timings"] = timings
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=json_default))
     return summary
 
 
@@ -454,7 +469,7 @@ def analyze(
         "targets": results,
     }
     _plot(out, results, bin_width)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=json_default))
     return summary
 
 
@@ -462,11 +477,21 @@ def analyze_run(out: str | Path, *, bin_width: int | None = None, n_boot: int | 
                 overwrite: bool = False) -> dict[str, Any]:
     """Redo the statistics and plots of an existing run folder from ``out/targets``, with the settings of its
     ``config.json`` unless ``bin_width`` / ``n_boot`` are given."""
+    from ctpo_lab.runsafety import prepare_output, read_json
+
     out = Path(out)
     if not out.is_dir():
         raise ValueError(f"dir: {out} is not a directory")
+    for name, v in (("bin_width", bin_width), ("n_boot", n_boot)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{name}: expected a positive int, got {v!r}")
     cfg_file = out / "config.json"
-    saved = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    saved = read_json(cfg_file, name="dir") if cfg_file.is_file() else {}
+    if not any((out / "targets").glob("*.parquet")):
+        raise ValueError(f"dir: {out}/targets holds no target parquet (run `python -m ctpo_lab.llm run` first)")
+    if not overwrite and any((out / f).exists() for f in ("figure1.png", "figure1.pdf", "summary.json")):
+        raise ValueError(f"overwrite: {out} already has plots/summary (use --overwrite)")
+    prepare_output(out, command="python -m ctpo_lab.llm analyze", resume=True, name="dir")  # one writer
     return analyze(out, bin_width=bin_width or saved.get("bin_width", 50), min_count=saved.get("min_count", 30),
                    min_sequences=saved.get("min_sequences", 10), n_boot=n_boot or saved.get("n_boot", 1000),
                    seed=seed, overwrite=overwrite)
@@ -501,13 +526,15 @@ def _plot(out: Path, results: dict[str, dict[str, Any]], bin_width: int) -> None
     import matplotlib.pyplot as plt
 
     from ctpo_lab.figures.position import drift_figure, figure1
+    from ctpo_lab.runsafety import atomic_path
 
     if not any("error" not in v for v in results.values()):
         return
     for name, fig in (("figure1", figure1(results, bin_width)), ("drift", drift_figure(results))):
         fig.tight_layout()
         for suffix in ("png", "pdf"):
-            fig.savefig(out / f"{name}.{suffix}", dpi=150)
+            with atomic_path(out / f"{name}.{suffix}") as tmp:
+                fig.savefig(tmp, dpi=150, format=suffix)
         plt.close(fig)
 
 

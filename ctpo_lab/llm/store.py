@@ -53,6 +53,7 @@ __all__ = [
     "shard_path",
     "write_shard",
     "done_chunks",
+    "shard_is_complete",
     "read_shards",
     "padded",
 ]
@@ -167,23 +168,38 @@ def write_parquet(path: str | os.PathLike[str], df: pd.DataFrame, *, overwrite: 
         raise FileExistsError(f"path: {p} exists (pass overwrite=True to replace it)")
     p.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pandas(df[[f.name for f in SCHEMA]], schema=SCHEMA, preserve_index=False)
-    tmp = p.with_name(p.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, p)
+    from ctpo_lab.runsafety import atomic_path
+
+    with atomic_path(p) as tmp:
+        pq.write_table(table, tmp)
     return p
 
 
+def _read_table(f: Path) -> pd.DataFrame:
+    """One parquet file; ``ValueError`` naming it when it is truncated, corrupt or lacks the layout's columns."""
+    try:
+        df = pq.read_table(f).to_pandas()
+    except (OSError, pa.ArrowException) as e:
+        raise ValueError(f"path: {f} is not a readable parquet file ({' '.join(str(e).split())[:200]}); it is "
+                         "corrupt or truncated") from None
+    missing = [c for c in ("token_ids", "mask", "logp_behaviour") if c not in df]
+    if missing:
+        raise ValueError(f"path: {f} lacks the trajectory column(s) {missing} (not a ctpo_lab trajectory parquet)")
+    return df
+
+
 def read_parquet(path: str | os.PathLike[str]) -> pd.DataFrame:
-    """Read a trajectory parquet (a file, or a directory of shards concatenated in name order)."""
+    """Read a trajectory parquet (a file, or a directory of shards concatenated in name order).
+    A truncated or corrupt file raises ``ValueError`` naming it."""
     p = Path(path)
     if p.is_dir():
         files = sorted(p.glob("*.parquet"))
         if not files:
             raise FileNotFoundError(f"path: no parquet shard in {p}")
-        return pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True)
+        return pd.concat([_read_table(f) for f in files], ignore_index=True)
     if not p.is_file():
         raise FileNotFoundError(f"path: no parquet file at {p}")
-    return pq.read_table(p).to_pandas()
+    return _read_table(p)
 
 
 def shard_path(directory: str | os.PathLike[str], chunk: int) -> Path:
@@ -195,15 +211,36 @@ def write_shard(directory: str | os.PathLike[str], chunk: int, df: pd.DataFrame)
     return write_parquet(shard_path(directory, chunk), df, overwrite=True)
 
 
+def shard_is_complete(path: str | os.PathLike[str]) -> bool:
+    """The shard's parquet footer and every row group read back (a truncated file does not)."""
+    try:
+        pf = pq.ParquetFile(path)
+        for i in range(pf.num_row_groups):
+            pf.read_row_group(i, columns=["chunk"])
+        return pf.metadata.num_rows > 0
+    except (OSError, pa.ArrowException, KeyError):
+        return False
+
+
 def done_chunks(directory: str | os.PathLike[str]) -> set[int]:
-    """Chunks whose shard is complete in ``directory``."""
+    """Chunks whose shard is complete in ``directory``. An incomplete (truncated, corrupt) shard is reported on
+    stderr, renamed to ``*.corrupt`` and not counted: a resume samples that chunk again."""
+    import sys
+
     d = Path(directory)
     out = set()
-    for f in d.glob("shard_*.parquet"):
+    for f in sorted(d.glob("shard_*.parquet")):
         try:
-            out.add(int(f.stem.split("_")[1]))
+            chunk = int(f.stem.split("_")[1])
         except (IndexError, ValueError):
             continue
+        if not shard_is_complete(f):
+            bad = f.with_name(f.name + ".corrupt")
+            os.replace(f, bad)
+            print(f"[llm] {f} is incomplete or corrupt: moved to {bad.name}; chunk {chunk} is sampled again",
+                  file=sys.stderr, flush=True)
+            continue
+        out.add(chunk)
     return out
 
 

@@ -2,40 +2,35 @@
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 import pandas as pd
 
+from ctpo_lab.cli import ArgumentParser, int_at_least, run
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ctpo_lab.markov", description=__doc__)
+
+def build_parser() -> ArgumentParser:
+    ap = ArgumentParser(prog="python -m ctpo_lab.markov", description=__doc__)
     ap.add_argument("--out", default="outputs/markov_study", help="output folder (default outputs/markov_study)")
     ap.add_argument("--quick", action="store_true", help="small sweep (< 1 minute)")
-    ap.add_argument("--seed", type=int, default=0, help="instance seed, an int >= 0 (default 0)")
-    ap.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty output folder")
-    args = ap.parse_args(argv)
-    if args.seed < 0:
-        print(f"error: --seed: expected an int >= 0, got {args.seed}", file=sys.stderr)
-        return 2
+    ap.add_argument("--seed", type=int_at_least(0), default=0, help="instance seed, an int >= 0 (default 0)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace a non-empty output folder written by an earlier study")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0, 2 bad input (one line ``error: <argument>: <expected>``), 130 interrupted."""
+    return run(lambda: _main(argv), flags=("out", "seed", "overwrite"), prog="python -m ctpo_lab.markov")
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        print(f"error: --out: output folder {out} exists and is not empty; pass --overwrite", file=sys.stderr)
-        return 2
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        print(f"error: --out: cannot create the output folder {out} ({e.strerror or e})", file=sys.stderr)
-        return 2
     from . import study
 
     cfg = study.StudyConfig.quick(args.seed) if args.quick else study.StudyConfig(seed=args.seed)
-    try:
-        res = study.run_study(cfg, out)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    res = study.run_study(cfg, out, overwrite=args.overwrite)
     rep, sw = res.reproductions, res.sweep
     pd.set_option("display.width", 200)
     pd.set_option("display.max_colwidth", 60)

@@ -410,19 +410,28 @@ class StudyResult:
     elapsed_s: float
 
 
-def run_study(config: StudyConfig, out: str | os.PathLike[str], *, progress: bool = True) -> StudyResult:
+def run_study(config: StudyConfig, out: str | os.PathLike[str], *, overwrite: bool = False,
+              progress: bool = True) -> StudyResult:
     """Run the standard study (reproductions, sweep, profiles) and write its CSVs and figures into ``out``.
 
-    ``out`` must be a folder the caller has cleared for writing (the CLI refuses a non-empty one without
-    ``--overwrite``). Writes ``reproductions.csv``, ``sweep.csv``, ``profiles.csv``, ``clip_profiles.csv`` and
-    the PNG/PDF figures of :mod:`ctpo_lab.markov.plots`.
+    ``out`` must be new or empty unless ``overwrite`` (which empties a folder ctpo_lab created); it is locked
+    for this process (:func:`ctpo_lab.runsafety.prepare_output`), so a second study into it is refused.
+    Writes ``reproductions.csv``, ``sweep.csv``, ``profiles.csv``, ``clip_profiles.csv`` (atomically) and
+    the PNG/PDF figures of :mod:`ctpo_lab.markov.plots`.  Bad input raises ``ValueError`` before any file is
+    written.
     """
     from tqdm.auto import tqdm
 
+    from ctpo_lab.runsafety import atomic_path, prepare_output
+
     from . import plots
 
+    if not isinstance(config, StudyConfig):
+        raise TypeError(f"config: expected a StudyConfig, got {type(config).__name__}")
+    if not isinstance(config.seed, int) or isinstance(config.seed, bool) or config.seed < 0:
+        raise ValueError(f"seed: expected an int >= 0, got {config.seed!r}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output(out, command="python -m ctpo_lab.markov", overwrite=overwrite)
     t0 = time.time()
     n_sweep = len(config.kls) * sum(1 for T in config.horizons for s in config.signals for e in config.estimators
                                     if sweep_cell_applies(config, e, s, T))
@@ -439,10 +448,9 @@ def run_study(config: StudyConfig, out: str | os.PathLike[str], *, progress: boo
         prof = profiles(config)
         bar.update(1)
         clip_df = pd.DataFrame(clip)
-        rep.to_csv(out / "reproductions.csv", index=False)
-        sw.to_csv(out / "sweep.csv", index=False)
-        prof.to_csv(out / "profiles.csv", index=False)
-        clip_df.to_csv(out / "clip_profiles.csv", index=False)
+        for frame, name in ((rep, "reproductions"), (sw, "sweep"), (prof, "profiles"), (clip_df, "clip_profiles")):
+            with atomic_path(out / f"{name}.csv") as tmp:
+                frame.to_csv(tmp, index=False)
         bar.set_postfix_str("figures")
         figs = plots.plot_bias_variance(sw, out) + plots.plot_variance_ratio(prof, out)
         figs += plots.plot_position_profiles(clip_df, out)

@@ -13,8 +13,9 @@ Data parallel: ``torchrun --nproc_per_node N -m ctpo_lab.train ...`` (see :mod:`
 
 The run itself is :func:`ctpo_lab.train.launch.launch`; this module only parses arguments.
 
-Exit status: 0 finished, 130 interrupted (checkpoint written), 3 stopped on repeated NaN losses, 2 bad input
-(one line ``error: <argument>: <expected>`` on stderr).
+Exit status: 0 finished (``--resume`` of a finished run: reported, nothing changed), 130 interrupted by Ctrl-C
+or SIGTERM (checkpoint written), 3 stopped on repeated NaN losses, 2 bad input (one line
+``error: <argument>: <expected>`` on stderr; a run folder another process is writing counts as bad input).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import json
 import sys
 
+from ctpo_lab.cli import ArgumentParser, int_at_least, run
 from ctpo_lab.losses import PRESETS as LOSS_PRESETS
 from ctpo_lab.losses import TRAINING_PRESETS
 from ctpo_lab.train.config import TRAIN_PRESETS
@@ -32,7 +34,7 @@ DEFAULT_PRESET = DEFAULT_TRAIN_PRESET
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m ctpo_lab.train",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -49,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"loss preset: a key of ctpo_lab.losses.PRESETS (training losses: {', '.join(TRAINING_PRESETS)}; "
         f"all: {', '.join(LOSS_PRESETS)})",
     )
-    p.add_argument("--seed", type=int, default=None, help="run seed (same seed, same numbers on CPU)")
-    p.add_argument("--steps", type=int, default=None, help="number of rollout steps")
+    p.add_argument("--seed", type=int_at_least(0), default=None, help="run seed (same seed, same numbers on CPU)")
+    p.add_argument("--steps", type=int_at_least(1), default=None, help="number of rollout steps")
     p.add_argument("--out", default=None, help="run folder (default runs/<preset>-<loss>-s<seed>)")
     p.add_argument("--config", default=None, help="YAML recipe (config keys; may name a preset)")
     p.add_argument(
@@ -69,9 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _error(e: Exception) -> int:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+#: Argument names of library messages shown as flags.
+FLAGS = ("out", "seed", "steps", "loss", "preset", "config", "resume", "overwrite", "track")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,12 +81,19 @@ def main(argv: list[str] | None = None) -> int:
         from ctpo_lab import compare
 
         return compare.main(argv[1:])
+    from ctpo_lab.runsafety import watch_parent
+
+    watch_parent()  # a grid's worker stops (checkpointing) when its parent dies
+    return run(lambda: _main(argv), flags=FLAGS, prog="python -m ctpo_lab.train")
+
+
+def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from ctpo_lab.train.launch import launch
     from ctpo_lab.train.loop import NanLossError
 
     try:
-        run = launch(
+        result = launch(
             args.preset,
             args.config,
             args.overrides,
@@ -99,18 +107,16 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
             dry_run=args.print_config,
         )
-    except (ValueError, TypeError) as e:
-        return _error(e)
     except NanLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
     if args.print_config:
-        print(json.dumps(run.config.to_dict(), indent=1))
+        print(json.dumps(result.config.to_dict(), indent=1))
         return 0
-    if run.interrupted:
+    if result.interrupted:
         return 130
-    if run.is_main:
-        print(json.dumps(run.summary))
+    if result.is_main:
+        print(json.dumps(result.summary))
     return 0
 
 

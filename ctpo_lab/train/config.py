@@ -14,6 +14,7 @@ batch raises ``ValueError`` naming it, before any work starts (:meth:`TrainConfi
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,8 +170,15 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected ≥ 0, got {getattr(self, name)!r}")
         for name in ("lr", "temperature", "eval_temperature", "max_grad_norm", "warmstart_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}: expected > 0, got {getattr(self, name)!r}")
+            v = getattr(self, name)
+            if not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"{name}: expected a finite number > 0, got {v!r}")
+        for name in ("adam_beta1", "adam_beta2"):
+            v = getattr(self, name, 0.9)
+            if not 0 <= v < 1:
+                raise ValueError(f"{name}: expected a number in [0, 1), got {v!r}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"weight_decay: expected a finite number ≥ 0, got {self.weight_decay!r}")
         if not 0 <= self.warmstart_noise < 1:
             raise ValueError(f"warmstart_noise: expected in [0, 1), got {self.warmstart_noise!r}")
         if self.group_size < 2:
@@ -188,6 +196,18 @@ class TrainConfig:
             raise ValueError(f"threads: expected ≥ 1 or None, got {self.threads!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"device: expected 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.device.startswith("cuda"):
+            import torch
+
+            index = self.device.partition(":")[2]
+            if index and not index.isdigit():
+                raise ValueError(f"device: expected 'cuda' or 'cuda:N', got {self.device!r}")
+            if not torch.cuda.is_available():
+                raise ValueError(f"device: {self.device!r} requested but this machine has no CUDA device; use "
+                                 "device=cpu or device=auto")
+            if index and int(index) >= torch.cuda.device_count():
+                raise ValueError(f"device: {self.device!r} requested but only {torch.cuda.device_count()} CUDA "
+                                 "device(s) are available")
         self.loss_config()  # unknown loss / option → ValueError
         if self.task == "parquet" and "path" not in self.task_options:
             raise ValueError(
@@ -337,13 +357,12 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
 
 def load_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a YAML recipe (a mapping of config keys; may name a ``preset``)."""
+    from ctpo_lab.runsafety import read_yaml
+
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"config: recipe file {str(p)!r} does not exist")
-    data = yaml.safe_load(p.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"config: recipe {str(p)!r} must be a YAML mapping, got {type(data).__name__}")
-    return data
+    return read_yaml(p, name="config")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -358,7 +377,12 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             raise ValueError(f"overrides: expected key=value, got {item!r}")
         key, raw = item.split("=", 1)
         key = key.strip()
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        if not key.strip() or any(not part for part in key.strip().split(".")):
+            raise ValueError(f"overrides: expected key=value with a config key, got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            raise ValueError(f"overrides: {key.strip()}: cannot parse the value {raw!r}") from None
         if isinstance(value, str) and raw.strip():
             value = _number(raw.strip(), value)
         parts = key.split(".")

@@ -76,6 +76,9 @@ def launch(
     cfg = resolve_train_config(preset, recipe, overrides, loss=loss, seed=seed, steps=steps, track=track)
     if dry_run:
         return LaunchResult(cfg)
+    from ctpo_lab.runsafety import check_writable
+
+    check_writable(out if out is not None else default_run_dir(cfg))
     trainer = Trainer(cfg, out if out is not None else default_run_dir(cfg), resume=resume, overwrite=overwrite,
                       progress=progress)
     result = trainer.train()

@@ -46,7 +46,7 @@ from ctpo_lab.train.config import TrainConfig
 from ctpo_lab.train.distributed import init_distributed
 from ctpo_lab.train.policy import Policy, evaluate, load_policy
 from ctpo_lab.train.rollout import RolloutBatch, response_log_probs, sample, score
-from ctpo_lab.train.runfolder import RunFolder, set_rng_state
+from ctpo_lab.train.runfolder import FINISHED_FILE, RunFolder, set_rng_state
 from ctpo_lab.train.tasks import Problem, make_task
 
 __all__ = [
@@ -71,6 +71,7 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     final: dict[str, Any] = field(default_factory=dict)
     interrupted: bool = False
+    finished: bool = False  #: ``resume`` of an already finished run: nothing was run or written
 
 
 def derived_seed(seed: int, step: int, purpose: int, rank: int = 0) -> int:
@@ -123,11 +124,24 @@ class Trainer:
         printer = log or (lambda s: print(s, file=sys.stderr, flush=True))
         self._print = printer if d.is_main else (lambda s: None)
         RunFolder.check(out, resume=resume, overwrite=overwrite)  # every rank, before anyone writes
+        #: the finished.json of a run completed to ≥ cfg.steps given ``resume``: :meth:`train` then reports it and
+        #: changes nothing (a larger ``steps`` extends the run)
+        self.finished = RunFolder.finished_summary(out) if resume else None
+        if self.finished is not None:
+            saved = RunFolder(out, writer=False).read_config()
+            if saved is not None:
+                _check_resume_config(saved, cfg)
+            if int(self.finished.get("steps") or 0) >= cfg.steps:
+                self.run = RunFolder(out, writer=False)
+                return
         d.barrier()
         self.run = RunFolder(
             out, resume=resume, overwrite=overwrite, keep=cfg.keep_checkpoints, writer=d.is_main
         )
-        ckpt_path = self.run.latest_checkpoint() if resume else None
+        ckpt_path = self.run.latest_checkpoint() if resume else None  # a corrupt newest one falls back on load
+        if self.finished is not None and d.is_main:  # extending a finished run: it is not finished any more
+            (self.run.path / FINISHED_FILE).unlink(missing_ok=True)
+        self.finished = None
         saved = self.run.read_config() if resume else None
         if saved is not None:
             _check_resume_config(saved, cfg)
@@ -155,7 +169,7 @@ class Trainer:
         self.consecutive_nan = 0
         self.wall_offset = 0.0
         if ckpt_path is not None:
-            state = self.run.load_checkpoint(ckpt_path, map_location=self.device)
+            state = self.run.load_checkpoint(None, map_location=self.device)
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             set_rng_state(state["rng"])
@@ -415,6 +429,11 @@ class Trainer:
         cfg = self.cfg
         from tqdm.auto import tqdm
 
+        if self.finished is not None:
+            self._print(f"[ctpo_lab.train] {self.run.path} is a finished run (step {self.finished.get('steps')}); "
+                        "nothing to resume, nothing changed")
+            self.dist.close()
+            return TrainResult(out=self.run.path, final=dict(self.finished.get("final") or {}), finished=True)
         self._print(self.describe_batch_structure())
         self.run.open_loggers(
             start_step=self.start_step,
@@ -496,21 +515,30 @@ class Trainer:
         return result
 
     def _install_sigint(self) -> Callable[[], None]:
+        """SIGINT (Ctrl-C) and SIGTERM (what schedulers and a dying grid parent send): finish the current step,
+        write a checkpoint, return ``interrupted``; a second signal stops at once."""
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
-        previous = signal.getsignal(signal.SIGINT)
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
         def handler(signum: int, frame: Any) -> None:
-            if self._stop:  # second Ctrl-C: stop now
+            if self._stop:  # second signal: stop now
                 raise KeyboardInterrupt
             self._stop = True
+            name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
             self._print(
-                "\n[ctpo_lab.train] Ctrl-C: finishing the current step and writing a checkpoint "
-                "(press again to abort)"
+                f"\n[ctpo_lab.train] {name}: finishing the current step and writing a checkpoint "
+                "(send it again to abort)"
             )
 
-        signal.signal(signal.SIGINT, handler)
-        return lambda: signal.signal(signal.SIGINT, previous)
+        for sig in previous:
+            signal.signal(sig, handler)
+
+        def restore() -> None:
+            for sig, h in previous.items():
+                signal.signal(sig, h)
+
+        return restore
 
 
 _RESUME_FREE = {

@@ -1,7 +1,12 @@
 """The run folder: ``config.yaml``, ``metrics.jsonl``, ``tb/`` (TensorBoard), ``ckpt/``, ``ratios/``.
 
 * An existing, non-empty folder is never reused without ``resume=True`` or ``overwrite=True``
-  (``ValueError`` before any work).
+  (``ValueError`` before any work); ``overwrite`` empties only a folder ctpo_lab created (its ``.ctpo_lab``
+  marker), and the writer holds the folder's lock for its life, so a second trainer (or a ``--resume`` /
+  ``--overwrite`` of a running run) is refused naming the holder's PID (:mod:`ctpo_lab.runsafety`).
+* ``config.yaml``, ``finished.json`` and checkpoints are written atomically; ``metrics.jsonl`` one line per write
+  (a partial last line left by a crash is dropped on read).  A corrupt newest checkpoint falls back to the
+  previous readable one, saying so.
 * Checkpoints ``ckpt/step_XXXXXXX.pt`` hold the model, the optimizer, every RNG state (Python, NumPy,
   torch CPU and CUDA) and the trainer counters; they are written atomically and the newest ``keep`` are kept.
 * On resume, ``metrics.jsonl`` is truncated to the checkpoint's step and TensorBoard purges later events, so a
@@ -15,13 +20,22 @@ import json
 import math
 import os
 import random
-import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import yaml
+
+from ctpo_lab.runsafety import (
+    atomic_write_text,
+    prepare_output,
+    read_json,
+    read_jsonl,
+    read_yaml,
+    release_folder,
+)
 
 __all__ = ["RunFolder", "rng_state", "set_rng_state", "FINISHED_FILE"]
 
@@ -69,10 +83,7 @@ class RunFolder:
         self.path = Path(path)
         self.writer = writer
         if writer:
-            nonempty = self.check(path, resume=resume, overwrite=overwrite)
-            if nonempty and overwrite:
-                shutil.rmtree(self.path)
-            self.path.mkdir(parents=True, exist_ok=True)
+            prepare_output(self.path, command="python -m ctpo_lab.train", resume=resume, overwrite=overwrite)
         self.ckpt_dir = self.path / "ckpt"
         self.ratio_dir = self.path / "ratios"
         self.metrics_path = self.path / "metrics.jsonl"
@@ -84,18 +95,14 @@ class RunFolder:
     def check(path: str | os.PathLike[str], *, resume: bool = False, overwrite: bool = False) -> bool:
         """Read-only checks (raise ``ValueError``); returns whether the folder exists and is non-empty.
         A non-``writer`` RunFolder (data-parallel ranks > 0) never writes: its writing methods are no-ops."""
-        if resume and overwrite:
-            raise ValueError("overwrite: --resume and --overwrite are mutually exclusive")
-        p = Path(path)
-        if p.exists() and not p.is_dir():
-            raise ValueError(f"out: {str(p)!r} exists and is not a directory")
-        nonempty = p.is_dir() and any(p.iterdir())
-        if nonempty and not resume and not overwrite:
-            raise ValueError(
-                f"out: run folder {str(p)!r} already exists; pass --resume to continue it or "
-                "--overwrite to replace it"
-            )
-        return nonempty
+        return prepare_output(path, command="python -m ctpo_lab.train", resume=resume, overwrite=overwrite,
+                              check_only=True)
+
+    @staticmethod
+    def finished_summary(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+        """The ``finished.json`` of a completed run (validated), or None."""
+        f = Path(path) / FINISHED_FILE
+        return read_json(f, name="resume") if f.is_file() else None
 
     # ------------------------------------------------------------------ config
     @property
@@ -103,12 +110,12 @@ class RunFolder:
         return self.path / "config.yaml"
 
     def read_config(self) -> dict[str, Any] | None:
-        return yaml.safe_load(self.config_path.read_text()) if self.config_path.is_file() else None
+        return read_yaml(self.config_path, name="resume") if self.config_path.is_file() else None
 
     def write_config(self, config: dict[str, Any]) -> None:
         if not self.writer:
             return
-        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        atomic_write_text(self.config_path, yaml.safe_dump(config, sort_keys=False))
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoints(self) -> list[Path]:
@@ -133,10 +140,25 @@ class RunFolder:
     def load_checkpoint(
         self, path: Path | None = None, map_location: str | torch.device = "cpu"
     ) -> dict[str, Any]:
-        path = path or self.latest_checkpoint()
-        if path is None:
+        """The checkpoint ``path``, or (``None``) the newest readable one: a corrupt or truncated newer file is
+        reported on stderr and skipped.  ``ValueError`` naming the files when none is readable."""
+        candidates = [path] if path is not None else list(reversed(self.checkpoints()))
+        if not candidates:
             raise ValueError(f"resume: no checkpoint in {str(self.ckpt_dir)!r}")
-        return torch.load(path, map_location=map_location, weights_only=False)
+        problems = []
+        for i, p in enumerate(candidates):
+            try:
+                state = torch.load(p, map_location=map_location, weights_only=False)
+                if not isinstance(state, dict) or not {"model", "optimizer", "rng", "step"} <= set(state):
+                    raise ValueError("not a ctpo_lab checkpoint (model/optimizer/rng/step missing)")
+            except Exception as e:  # truncated zip, bad pickle, wrong content: all mean "unreadable"
+                problems.append(f"{p}: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
+                if i + 1 < len(candidates):
+                    print(f"[ctpo_lab.train] checkpoint {p} is unreadable ({problems[-1].split(': ', 1)[1]}); "
+                          f"falling back to {candidates[i + 1]}", file=sys.stderr, flush=True)
+                continue
+            return state
+        raise ValueError("resume: no readable checkpoint: " + "; ".join(problems))
 
     # ------------------------------------------------------------------ logging
     def open_loggers(
@@ -153,12 +175,9 @@ class RunFolder:
         if not self.writer:
             return
         if self.metrics_path.is_file():  # a fresh start (step 0) keeps nothing
-            kept = [
-                line
-                for line in self.metrics_path.read_text().splitlines()
-                if start_step > 0 and line.strip() and json.loads(line).get("step", 0) <= start_step
-            ]
-            self.metrics_path.write_text("".join(k + "\n" for k in kept))
+            kept = [r for r in read_jsonl(self.metrics_path, name="resume") if start_step > 0
+                    and r.get("step", 0) <= start_step] if start_step > 0 else []
+            atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -196,14 +215,15 @@ class RunFolder:
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.is_file():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        return read_jsonl(self.metrics_path)
 
     def mark_finished(self, summary: dict[str, Any]) -> None:
         if not self.writer:
             return
-        (self.path / FINISHED_FILE).write_text(json.dumps(summary, indent=1))
+        atomic_write_text(self.path / FINISHED_FILE, json.dumps(summary, indent=1))
 
     def close(self) -> None:
+        """Close the loggers and release the folder's lock (the run is over; exiting would release it too)."""
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
@@ -211,3 +231,5 @@ class RunFolder:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+        if self.writer:
+            release_folder(self.path)
