@@ -36,6 +36,8 @@ __all__ = [
     "masked_quantiles",
     "normalized_ess",
     "loss_diagnostics",
+    "basic_diagnostics",
+    "BASIC_METRICS",
     "PositionProfile",
     "position_profile",
 ]
@@ -92,6 +94,27 @@ def normalized_ess(log_weights: Tensor, mask: Tensor) -> Tensor:
     x = x - x.amax().clamp(min=-1e30).detach()  # shift by the max: exact in exact arithmetic, no float32 loss
     n = mask.sum().to(log_weights.dtype)
     return (2 * torch.logsumexp(x, 0) - torch.logsumexp(2 * x, 0)).exp() / n
+
+
+#: The metric set of ``diagnostics="basic"`` (what verl's policy losses compute, with verl's definitions).
+BASIC_METRICS: tuple[str, ...] = ("actor/pg_loss", "actor/pg_clipfrac", "actor/pg_clipfrac_lower", "actor/ppo_kl")
+
+
+def basic_diagnostics(
+    *, log_ratio_sum: Tensor, num_tokens: Tensor, num_term_active: Tensor, num_dual: Tensor
+) -> dict[str, Tensor]:
+    """verl's metric set (without ``actor/pg_loss``, which the loss adds), as 0-d device tensors.
+
+    ``log_ratio_sum`` = Σ ℓ_t over valid tokens, ``num_tokens`` = their number, ``num_term_active`` = number of
+    valid tokens with pg2 > pg1, ``num_dual`` = number with the dual clip active.  The values are those of
+    :func:`loss_diagnostics` for the same names.
+    """
+    nf = num_tokens.clamp(min=1).to(log_ratio_sum.dtype)
+    return {
+        "actor/ppo_kl": -log_ratio_sum / nf,
+        "actor/pg_clipfrac": num_term_active / nf,
+        "actor/pg_clipfrac_lower": num_dual / nf,
+    }
 
 
 def loss_diagnostics(
