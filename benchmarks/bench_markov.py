@@ -13,6 +13,11 @@ Usage: ``python benchmarks/bench_markov.py [--full] [--quick]``.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's ctpo_lab, not an installed one
+
 import argparse
 import os
 import time

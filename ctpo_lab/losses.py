@@ -476,6 +476,7 @@ def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, a
             x = x.unsqueeze(-1)
         else:
             x = ratios.family_log_weight(cfg.ratio, dm, mask, truncation=cfg.truncation)
+        cap_keep = cfg.max_log_weight is not None  # the cap's gradient mask x <= cap is needed
         lw = x if cfg.max_log_weight is None else x.clamp(max=cfg.max_log_weight)
         # advantages: sign masks and −A ([B, 1] for per-row advantages)
         if row_adv:
@@ -508,8 +509,19 @@ def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, a
                     s = position.clamp(min=1).to(dtype).pow(cfg.clip_exponent)
                 lower, upper = -cfg.eps_low * s, cfg.eps_high * s
                 top = pinf if cfg.dual_clip is None else cfg.dual_clip * s
-                lo_a = torch.where(neg, lower, ninf)
-                hi_a = torch.where(neg, top, torch.where(pos, upper, pinf))
+                # per-sign bounds as bound + offset (0 or ±inf per row): one broadcast add, no [B, T] where
+                zero = torch.zeros((), dtype=dtype, device=lp.device)
+                lo_a = lower + torch.where(neg, zero, ninf)
+                if cfg.dual_clip is None:
+                    hi_a = upper + torch.where(pos, zero, pinf)
+                else:
+                    base = upper if cfg.dual_clip == cfg.eps_high else torch.where(neg, top, upper)
+                    hi_a = base + torch.where(neg | pos, zero, pinf)
+                s_max = float(T) ** cfg.clip_exponent if cfg.clip_exponent > 0 else 1.0  # s_t <= T^p: no sync
+                top_max = max(cfg.eps_high, cfg.dual_clip or 0.0) * s_max
+                if cap_keep and top_max < cfg.max_log_weight * (1 - 1e-6):
+                    # the cap lies strictly above the window: it never binds where the window does not
+                    lw, cap_keep = x, False
                 z = lw.clamp(lo_a, hi_a)
                 v = z.exp()
                 keep = z == lw
@@ -547,7 +559,7 @@ def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, a
             ptl = ptl.expand(B, T)
         loss_value = aggregate(ptl, mask, cfg.aggregation, cfg.norm_horizon)
         keep_all = mask if keep is None else keep & mask
-        if cfg.max_log_weight is not None:
+        if cap_keep:
             keep_all = keep_all & (x <= cfg.max_log_weight)
         aggregation, norm_horizon = cfg.aggregation, cfg.norm_horizon
         if cfg.clip == "detached_clip":
