@@ -422,9 +422,9 @@ def _aggregate_grad(grad: Tensor, mode: str, n: Tensor, row_count: Tensor, norm_
     return grad / rows
 
 
-def _is_prefix(mask: Tensor, row_count: Tensor) -> bool:
-    """Every row's valid tokens are its first ``row_count`` columns (then t = column + 1 on valid tokens)."""
-    return torch.equal(mask, torch.arange(mask.shape[-1], device=mask.device)[None, :] < row_count[:, None])
+def _is_prefix(mask: Tensor) -> bool:
+    """Every row's valid tokens are its first columns (no invalid → valid step), so t = column + 1 on them."""
+    return not bool((mask[:, 1:] > mask[:, :-1]).any())
 
 
 def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor,
@@ -502,7 +502,7 @@ def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, a
             if cfg.clip == "log_window":
                 if cfg.clip_exponent == 0.0:
                     s = one
-                elif position is None and mask.device.type == "cpu" and _is_prefix(mask, row_count):
+                elif position is None and mask.device.type == "cpu" and _is_prefix(mask):
                     s = torch.arange(1, T + 1, device=lp.device).to(dtype).pow(cfg.clip_exponent)
                 else:
                     position = ratios.positions(mask) if position is None else position
