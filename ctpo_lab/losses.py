@@ -13,6 +13,13 @@ Reference semantics: verl's ``vanilla`` PPO/GRPO loss, GSPO, and the CTPO author
     loss    = aggregate(loss_t, mask)
 
 Every preset field can be overridden by keyword: ``policy_loss(..., preset="ctpo", clip_exponent=0.0)``.
+
+``diagnostics="basic"`` computes only verl's metric set (``actor/pg_loss``, ``actor/pg_clipfrac``,
+``actor/pg_clipfrac_lower``, ``actor/ppo_kl``, verl's definitions); ``"full"`` (default) every metric of
+:mod:`ctpo_lab.diagnostics`.  ``path="lean"`` (default) computes the values without autograd and forms the
+per-token gradient −A·w·keep·(aggregation weight) in one pass (a custom autograd function, the same operations
+in the same order as autograd's, so float32 results are bit-identical in practice); ``path="reference"`` is
+autograd through the max/min/where of :func:`ctpo_lab.clipping.clipped_surrogate` (tests compare the two).
 """
 
 from __future__ import annotations
