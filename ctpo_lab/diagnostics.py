@@ -47,7 +47,7 @@ RATIO_QUANTILES: tuple[float, ...] = (0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
 
 def masked_mean(values: Tensor, mask: Tensor, count: Tensor | None = None) -> Tensor:
     """Σ values·mask / max(Σ mask, 1) as a 0-d tensor (0 for an empty mask)."""
-    n = mask.sum() if count is None else count
+    n = mask.count_nonzero() if count is None else count
     return torch.where(mask, values, 0.0).sum() / n.clamp(min=1)
 
 
@@ -73,7 +73,7 @@ def masked_quantiles(values: Tensor, mask: Tensor, quantiles: tuple[float, ...] 
         out = np.where(frac == 0, part[lo], out)
         return torch.from_numpy(np.asarray(out, dtype=selected.dtype))
     flat = torch.where(mask, values, math.inf).flatten()
-    n = mask.sum()
+    n = mask.count_nonzero()
     ordered = flat.sort().values
     q = torch.tensor(quantiles, dtype=values.dtype, device=values.device)
     pos = q * (n - 1).clamp(min=0).to(values.dtype)
@@ -92,7 +92,7 @@ def normalized_ess(log_weights: Tensor, mask: Tensor) -> Tensor:
     """
     x = torch.where(mask, log_weights, -math.inf).flatten()
     x = x - x.amax().clamp(min=-1e30).detach()  # shift by the max: exact in exact arithmetic, no float32 loss
-    n = mask.sum().to(log_weights.dtype)
+    n = mask.count_nonzero().to(log_weights.dtype)
     return (2 * torch.logsumexp(x, 0) - torch.logsumexp(2 * x, 0)).exp() / n
 
 
@@ -137,7 +137,7 @@ def loss_diagnostics(
     clipped_* : masks from :class:`ctpo_lab.clipping.ClipOutput`
     max_log_weight : the safety cap applied to X_t before exponentiation (None: no cap)
     """
-    n = mask.sum()
+    n = mask.count_nonzero()
     lw = log_weight_value.detach()
     nf = n.clamp(min=1).to(lw.dtype)
     capped = lw if max_log_weight is None else lw.clamp(max=max_log_weight)

@@ -211,13 +211,26 @@ def aggregate(per_token_loss: Tensor, mask: Tensor, mode: str, norm_horizon: int
     mean.  seq-mean-token-sum: mean over those rows of the row's token sum.  seq-mean-token-sum-norm:
     Σ of row sums / norm_horizon (default T).  An empty mask gives 0 (with a zero gradient).
     """
-    masked = torch.where(mask, per_token_loss, 0.0)
+    return _aggregate(per_token_loss, mask, mode, norm_horizon)
+
+
+def _row_counts(mask: Tensor) -> Tensor:
+    """[B, T] bool → [B] int64 number of True per row, without an int64 [B, T] temporary (a bool ``sum`` or
+    ``count_nonzero(dim)`` converts the whole mask to int64 first: a fresh 8-byte-per-token buffer)."""
+    return mask.view(torch.uint8).sum(-1, dtype=torch.int32).to(torch.int64)
+
+
+def _aggregate(per_token_loss: Tensor, mask: Tensor, mode: str, norm_horizon: int | None,
+               row_count: Tensor | None = None, n: Tensor | None = None, masked: bool = False) -> Tensor:
+    """:func:`aggregate` with optional precomputed valid-token counts (``count_nonzero``: a bool ``sum``
+    first converts the whole mask to int64); ``masked``: the loss is already 0 on masked-out tokens."""
+    masked = per_token_loss if masked else torch.where(mask, per_token_loss, 0.0)
     if mode == "token-mean":
-        return masked.sum() / mask.sum().clamp(min=1)
+        return masked.sum() / (mask.count_nonzero() if n is None else n).clamp(min=1)
     row_sum = masked.sum(dim=-1)
     if mode == "seq-mean-token-sum-norm":
         return row_sum.sum() / float(norm_horizon or mask.shape[-1])
-    row_count = mask.sum(dim=-1)
+    row_count = _row_counts(mask) if row_count is None else row_count
     rows = (row_count > 0).sum().clamp(min=1)
     if mode == "seq-mean-token-mean":
         return (row_sum / row_count.clamp(min=1)).sum() / rows
@@ -323,7 +336,7 @@ def compute_policy_loss(
             )
         else:
             metrics = basic_diagnostics(
-                log_ratio_sum=torch.where(mask, log_ratio.detach(), 0.0).sum(), num_tokens=mask.sum(),
+                log_ratio_sum=torch.where(mask, log_ratio.detach(), 0.0).sum(), num_tokens=mask.count_nonzero(),
                 num_term_active=(clip.clipped_term_active & mask).count_nonzero(),
                 num_dual=(clip.clipped_dual & mask).count_nonzero(),
             )
@@ -456,9 +469,10 @@ def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, a
         old = old_log_prob.to(dtype)
         adv = advantages.to(dtype)
         row_adv = adv.ndim == 1
-        row_count = mask.sum(-1)
+        row_count = _row_counts(mask)
         n = row_count.sum()
-        dm = torch.where(mask, lp.detach() - old, 0.0)
+        outside = ~mask
+        dm = (lp.detach() - old).masked_fill_(outside, 0.0)  # in place on a fresh tensor: cheaper than where
         if row_adv:
             adv_bad = ((~torch.isfinite(adv)).to(torch.int64) * row_count).sum()
         else:
@@ -475,7 +489,7 @@ def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, a
         if cfg.ratio == "token":
             x = dm
         elif cfg.ratio == "cumulative":
-            x = torch.where(mask, dm.cumsum(-1), 0.0)
+            x = dm.cumsum(-1).masked_fill_(outside, 0.0)
         elif cfg.ratio in _ROW_FAMILIES:
             x = dm.sum(-1)
             if cfg.ratio == "sequence_geomean":
@@ -484,7 +498,14 @@ def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, a
         else:
             x = ratios.family_log_weight(cfg.ratio, dm, mask, truncation=cfg.truncation)
         cap_keep = cfg.max_log_weight is not None  # the cap's gradient mask x <= cap is needed
-        lw = x if cfg.max_log_weight is None else x.clamp(max=cfg.max_log_weight)
+        inert_cap = False  # set below when the log window lies strictly under the cap
+        if cfg.clip == "log_window" and cap_keep and cfg.dual_clip is not None:
+            s_max = float(T) ** cfg.clip_exponent if cfg.clip_exponent > 0 else 1.0  # s_t <= T^p: no sync
+            inert_cap = max(cfg.eps_high, cfg.dual_clip or 0.0) * s_max < cfg.max_log_weight * (1 - 1e-6)
+        if inert_cap:  # the cap never binds where the window does not: no cap, no cap mask
+            lw, cap_keep = x, False
+        else:
+            lw = x if cfg.max_log_weight is None else x.clamp(max=cfg.max_log_weight)
         # advantages: sign masks and −A ([B, 1] for per-row advantages)
         if row_adv:
             neg, pos, neg_adv = (adv < 0)[:, None], (adv > 0)[:, None], (-adv)[:, None]
@@ -523,12 +544,9 @@ def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, a
                     hi_a = upper + torch.where(pos, zero, pinf)
                 else:
                     base = upper if cfg.dual_clip == cfg.eps_high else torch.where(neg, top, upper)
-                    hi_a = base + torch.where(neg | pos, zero, pinf)
-                s_max = float(T) ** cfg.clip_exponent if cfg.clip_exponent > 0 else 1.0  # s_t <= T^p: no sync
-                top_max = max(cfg.eps_high, cfg.dual_clip or 0.0) * s_max
-                if cap_keep and top_max < cfg.max_log_weight * (1 - 1e-6):
-                    # the cap lies strictly above the window: it never binds where the window does not
-                    lw, cap_keep = x, False
+                    # A = 0 rows: no bound (never counted as clipped), unless the cap was dropped (inert_cap):
+                    # then they keep the upper bound, which keeps their (zero) loss finite, and are not counted
+                    hi_a = base if inert_cap else base + torch.where(neg | pos, zero, pinf)
                 z = lw.clamp(lo_a, hi_a)
                 v = z.exp()
                 keep = z == lw
@@ -553,30 +571,44 @@ def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, a
             if cfg.dual_clip is None:
                 dual_tok = None
                 num_dual = torch.zeros((), dtype=torch.int64, device=lp.device)
+            elif row_adv and not full:  # per-row counts: no [B, 1] & [B, T] broadcast
+                num_dual = (_row_counts((pre > top) & mask) * neg[:, 0]).sum()
+                dual_tok = None
             else:
                 dual_tok = neg & (pre > top)
                 num_dual = (dual_tok & mask).count_nonzero()
-            changed = ~keep
-            num_term = (changed & mask).count_nonzero() - num_dual
+            keep_m = keep & mask
+            if inert_cap:  # only rows with A != 0 count (A = 0 rows were bounded too)
+                if row_adv:
+                    num_term = ((row_count - _row_counts(keep_m)) * (neg | pos)[:, 0]).sum() - num_dual
+                else:
+                    num_term = (mask & ~keep & (neg | pos)).count_nonzero() - num_dual
+            else:
+                num_term = n - keep_m.count_nonzero() - num_dual
             if full:
+                changed = (~keep & (neg | pos)) if inert_cap else ~keep
                 high, low = pos & (lw > upper), neg & (lw < lower)
                 dual = torch.zeros((B, T), dtype=torch.bool, device=lp.device) if dual_tok is None else dual_tok
                 term = changed if dual_tok is None else changed & ~dual_tok
-        if ptl.shape != (B, T):
+        full_ptl = ptl.shape == (B, T)
+        if full_ptl:  # a fresh [B, T] tensor: zero it in place (= the reference's values, where A is 0)
+            ptl = ptl.masked_fill_(outside, 0.0)
+        else:  # one value per row (sequence families, per-row advantages)
             ptl = ptl.expand(B, T)
-        loss_value = aggregate(ptl, mask, cfg.aggregation, cfg.norm_horizon)
-        keep_all = mask if keep is None else keep & mask
+        loss_value = _aggregate(ptl, mask, cfg.aggregation, cfg.norm_horizon, row_count, n, masked=full_ptl)
+        keep_all = mask if keep is None else keep_m
         if cap_keep:
             keep_all = keep_all & (x <= cfg.max_log_weight)
         aggregation, norm_horizon = cfg.aggregation, cfg.norm_horizon
         if cfg.clip == "detached_clip":
             def backward_fn(grad: Tensor) -> Tensor:
                 g = _aggregate_grad(grad, aggregation, n, row_count, norm_horizon, T)
-                return torch.where(keep_all, g * grad_value, 0.0)
+                return (g * grad_value).expand(B, T).masked_fill(~keep_all, 0.0)
         else:
             def backward_fn(grad: Tensor) -> Tensor:
                 g = _aggregate_grad(grad, aggregation, n, row_count, norm_horizon, T)
-                return torch.where(keep_all, (g * neg_adv) * grad_value, 0.0)
+                c = (g * neg_adv) * grad_value
+                return c.masked_fill_(~keep_all, 0.0) if c.shape == (B, T) else torch.where(keep_all, c, 0.0)
         if x.shape != (B, T):
             x = torch.where(mask, x.expand(B, T), 0.0)
         if full:

@@ -359,3 +359,16 @@ def test_bad_diagnostics_and_path():
         policy_loss(lp, old, adv, mask, diagnostics="some")
     with pytest.raises(ValueError, match="path"):
         policy_loss(lp, old, adv, mask, path="fast")
+
+
+@pytest.mark.parametrize("name", ["ctpo", "ctpo_fixed", "ctpo_geomean", "sqrt_t_window", "fixed_window", "gspo"])
+@pytest.mark.parametrize("diagnostics", ["basic", "full"])
+def test_lean_path_zero_advantage_rows_and_the_cap(name, diagnostics):
+    """Rows with A = 0 and log-weights far beyond the cap (10): finite, and equal to the reference."""
+    old = -torch.rand(6, 50, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    lp = old + 3.0
+    adv = torch.tensor([0.0, 1.0, -1.0, 0.0, 2.0, -0.5], dtype=torch.float64)
+    (ro, rg, rm), (lo, lg, lm) = _both_paths(name, lp, old, adv, torch.ones(6, 50, dtype=torch.bool), diagnostics)
+    assert math.isfinite(lo.loss.item()) and lo.loss.item() == ro.loss.item()
+    assert torch.equal(lg, rg)
+    assert lm == rm
