@@ -9,7 +9,7 @@ verl's functions return their three metrics as Python floats, so every ctpo_lab 
 host transfer of its metrics (``metrics_to_host``).  Timing: ``--rounds`` interleaved rounds (each function once
 per round, in the same order), the median per function; the ratios are ratios of medians.
 
-Targets (issue 18): ``grpo``/``gspo`` with ``diagnostics="basic"`` ≤ 1.0× verl's vanilla / GSPO; ``ctpo``
+Targets: ``grpo``/``gspo`` with ``diagnostics="basic"`` ≤ 1.0× verl's vanilla / GSPO; ``ctpo``
 "basic" ≤ 1.0× ``grpo`` "basic"; ``"full"`` (every ctpo_lab metric) ≤ 1.5× verl's vanilla.
 """
 
