@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ctpo_lab import ratios
 from ctpo_lab.clipping import CLIP_RULES, ClipOutput, clip_window, clipped_surrogate
@@ -422,6 +423,7 @@ class _FusedLoss(torch.autograd.Function):
         return value.clone()
 
     @staticmethod
+    @once_differentiable  # the gradient is formed without a graph: double backward raises instead of lying
     def backward(ctx, grad: Tensor):  # noqa: ANN205
         return ctx.backward_fn(grad), None, None
 
