@@ -101,12 +101,12 @@ def bench_general(V: int = 12, forward: bool = False) -> None:
     """The general path (per-token signals, position masks) against the outcome signal on the same instance."""
     mdp = markov.random_instance(V, 256, 2, seed=0, kl=0.01, automaton="count")
     rounds = {"reward": [], "adv_pi": [], "positions": []}
-    for _ in range(3):  # interleaved rounds, medians
+    for _ in range(5):  # interleaved rounds, medians
         rounds["reward"].append(_three(mdp, "reward")[0])
         rounds["adv_pi"].append(_three(mdp, "adv_pi")[0])
         rounds["positions"].append(_three(mdp, "reward", positions=range(1, 129))[0])
     med = {k: float(np.median(v)) for k, v in rounds.items()}
-    print(f"[2c] V={V}, k=2 ({mdp.num_contexts} contexts, d={mdp.dim}), T=256, the three estimators, median of 3 "
+    print(f"[2c] V={V}, k=2 ({mdp.num_contexts} contexts, d={mdp.dim}), T=256, the three estimators, median of 5 "
           f"interleaved rounds: outcome signal {med['reward']:.2f} s, per-token adv_pi {med['adv_pi']:.2f} s "
           f"(ratio {med['adv_pi'] / med['reward']:.2f}), positions 1..128 {med['positions']:.2f} s "
           f"(ratio {med['positions'] / med['reward']:.2f}); target <= 3")
