@@ -1,14 +1,24 @@
-"""Forward+backward time and peak memory of every loss preset vs a plain token-level PPO loss.
+"""Forward+backward time (and peak memory) of the loss presets against verl's own functions, in one run.
 
-    python benchmarks/bench_losses.py [--batch 64] [--length 4096] [--repeats 30] [--device cpu] [--seed 0]
+    python benchmarks/bench_losses.py [--batch 64] [--length 4096] [--rounds 25] [--threads 1] [--device cpu]
 
-Both the preset (including all of its diagnostics and the single host transfer of the metrics) and the
-baseline are measured in the same run on the same inputs; the table prints median times and their ratio.
-Peak memory is the peak of live tensor allocations during one forward+backward (CUDA: the allocator's peak;
-CPU: the running sum of the profiler's per-op net allocations, in start order).
+Baselines, measured in the same run on the same inputs: verl's ``compute_policy_loss_vanilla`` (GRPO/PPO,
+dual clip 3) and ``compute_policy_loss_gspo`` when verl is installed (e.g. a separate venv with
+``pip install verl==0.9.1``; ctpo_lab never imports it), else the six-line plain PPO loss below for both.
+verl's functions return their three metrics as Python floats, so every ctpo_lab call includes the single
+host transfer of its metrics (``metrics_to_host``).  Timing: ``--rounds`` interleaved rounds (each function once
+per round, in the same order), the median per function; the ratios are ratios of medians.
+
+Targets: ``grpo``/``gspo`` with ``diagnostics="basic"`` ≤ 1.0× verl's vanilla / GSPO; ``ctpo``
+"basic" ≤ 1.0× ``grpo`` "basic"; ``"full"`` (every ctpo_lab metric) ≤ 1.5× verl's vanilla.
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's ctpo_lab, not an installed one
 
 import argparse
 import statistics
@@ -17,6 +27,12 @@ import time
 import torch
 
 from ctpo_lab.losses import PRESETS, compute_policy_loss, metrics_to_host
+
+try:  # verl is optional: the comparison falls back to the plain baseline
+    from verl.trainer.ppo import core_algos as _verl
+    from verl.workers.config import ActorConfig as _VerlActorConfig
+except Exception:  # noqa: BLE001 - any import failure means "not available"
+    _verl = None
 
 
 def plain_ppo_loss(log_prob, old_log_prob, advantages, mask):
@@ -38,13 +54,48 @@ def _run_plain(lp, old, adv, mask):
     return loss.item()
 
 
-def _run_preset(name):
+def _verl_runner(kind: str):
+    preset = PRESETS["grpo" if kind == "vanilla" else "gspo"]
+    cfg = _VerlActorConfig(strategy="fsdp", clip_ratio=preset.eps_low, clip_ratio_low=preset.eps_low,
+                           clip_ratio_high=preset.eps_high, ppo_micro_batch_size_per_gpu=1, use_dynamic_bsz=False,
+                           rollout_n=1, ppo_mini_batch_size=1)
+    fn = _verl.compute_policy_loss_vanilla if kind == "vanilla" else _verl.compute_policy_loss_gspo
+    agg = "token-mean" if kind == "vanilla" else "seq-mean-token-mean"
+
     def run(lp, old, adv, mask):
-        out = compute_policy_loss(lp, old, adv, mask, preset=name)
+        loss, metrics = fn(old, lp, adv[:, None].expand_as(lp), mask, loss_agg_mode=agg, config=cfg)
+        loss.backward()
+        return metrics
+
+    return run
+
+
+def _run_preset(name, diagnostics="full"):
+    def run(lp, old, adv, mask):
+        out = compute_policy_loss(lp, old, adv, mask, preset=name, diagnostics=diagnostics)
         out.loss.backward()
         return metrics_to_host(out.metrics, out.num_nonfinite)
 
     return run
+
+
+def time_interleaved(fns: dict, inputs, rounds: int, device: torch.device) -> dict[str, float]:
+    """Median time of each function over ``rounds`` rounds in which every function runs once."""
+    lp = inputs[0]
+    for fn in fns.values():  # warm-up
+        for _ in range(2):
+            lp.grad = None
+            fn(*inputs)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            lp.grad = None
+            _sync(device)
+            start = time.perf_counter()
+            fn(*inputs)
+            _sync(device)
+            times[k].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def time_it(fn, inputs, repeats: int, device: torch.device) -> float:
@@ -90,11 +141,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--length", type=int, default=4096)
-    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=25)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads on the CPU (the issue's setting: 1)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--presets", nargs="*", default=sorted(PRESETS))
+    ap.add_argument("--presets", nargs="*", default=["grpo", "gspo", "ctpo"],
+                    help="presets timed with both diagnostics sets (any key of PRESETS)")
+    ap.add_argument("--memory", action="store_true", help="also report the peak memory of each function")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     g = torch.Generator().manual_seed(args.seed)
     B, T = args.batch, args.length
@@ -104,17 +159,37 @@ def main() -> None:
     lengths = torch.randint(T // 4, T + 1, (B,), generator=g)
     mask = (torch.arange(T)[None, :] < lengths[:, None]).to(device)
     inputs = (lp, old, adv, mask)
-    print(f"device={device} batch=[{B}, {T}] float32, {int(mask.sum())} valid tokens, "
-          f"median of {args.repeats}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    t_plain = time_it(_run_plain, inputs, args.repeats, device)
-    m_plain = peak_memory(_run_plain, inputs, device)
-    print(f"{'loss':<14}{'fwd+bwd ms':>12}{'ratio':>8}{'peak MiB':>10}{'ratio':>8}")
-    print(f"{'plain PPO':<14}{t_plain * 1e3:>12.2f}{1.0:>8.2f}{m_plain / 2**20:>10.1f}{1.0:>8.2f}")
+    fns = {"plain PPO": _run_plain}
+    if _verl is not None:
+        fns["verl vanilla"] = _verl_runner("vanilla")
+        fns["verl gspo"] = _verl_runner("gspo")
+        base_v, base_g = "verl vanilla", "verl gspo"
+    else:
+        base_v = base_g = "plain PPO"
     for name in args.presets:
-        fn = _run_preset(name)
-        t = time_it(fn, inputs, args.repeats, device)
-        m = peak_memory(fn, inputs, device)
-        print(f"{name:<14}{t * 1e3:>12.2f}{t / t_plain:>8.2f}{m / 2**20:>10.1f}{m / max(m_plain, 1):>8.2f}")
+        for diag in ("basic", "full"):
+            fns[f"{name} {diag}"] = _run_preset(name, diag)
+    print(f"device={device} batch=[{B}, {T}] float32, {int(mask.sum())} valid tokens, median of {args.rounds} "
+          f"interleaved rounds, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"verl {'installed' if _verl is not None else 'NOT installed (baseline: plain PPO)'}")
+    t = time_interleaved(fns, inputs, args.rounds, device)
+    mem = {k: peak_memory(fn, inputs, device) for k, fn in fns.items()} if args.memory else {}
+    print(f"{'function':<16}{'fwd+bwd ms':>12}{'/plain':>8}" + (f"{'peak MiB':>10}" if mem else ""))
+    for k in fns:
+        print(f"{k:<16}{t[k] * 1e3:>12.2f}{t[k] / t['plain PPO']:>8.2f}"
+              + (f"{mem[k] / 2**20:>10.1f}" if mem else ""))
+    print("ratios (target):")
+
+    def line(label, num, den, target):
+        if num in t and den in t:
+            r = t[num] / t[den]
+            print(f"  {label:<44}{r:>6.2f}x  (<= {target}: {'met' if r <= target else 'NOT met'})")
+
+    line(f"grpo basic / {base_v}", "grpo basic", base_v, 1.0)
+    line(f"gspo basic / {base_g}", "gspo basic", base_g, 1.0)
+    line("ctpo basic / grpo basic", "ctpo basic", "grpo basic", 1.0)
+    for name in args.presets:
+        line(f"{name} full / {base_v}", f"{name} full", base_v, 1.5)
 
 
 if __name__ == "__main__":

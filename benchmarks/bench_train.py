@@ -16,6 +16,11 @@ TRL is optional (``pip install -e .[trl]``); without it only ctpo_lab is measure
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's ctpo_lab, not an installed one
+
 import argparse
 import copy
 import dataclasses

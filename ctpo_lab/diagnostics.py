@@ -40,6 +40,8 @@ __all__ = [
     "masked_quantiles",
     "normalized_ess",
     "loss_diagnostics",
+    "basic_diagnostics",
+    "BASIC_METRICS",
     "PositionProfile",
     "position_profile",
 ]
@@ -49,7 +51,7 @@ RATIO_QUANTILES: tuple[float, ...] = (0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
 
 def masked_mean(values: Tensor, mask: Tensor, count: Tensor | None = None) -> Tensor:
     """Σ values·mask / max(Σ mask, 1) as a 0-d tensor (0 for an empty mask)."""
-    n = mask.sum() if count is None else count
+    n = mask.count_nonzero() if count is None else count
     return torch.where(mask, values, 0.0).sum() / n.clamp(min=1)
 
 
@@ -75,7 +77,7 @@ def masked_quantiles(values: Tensor, mask: Tensor, quantiles: tuple[float, ...] 
         out = np.where(frac == 0, part[lo], out)
         return torch.from_numpy(np.asarray(out, dtype=selected.dtype))
     flat = torch.where(mask, values, math.inf).flatten()
-    n = mask.sum()
+    n = mask.count_nonzero()
     ordered = flat.sort().values
     q = torch.tensor(quantiles, dtype=values.dtype, device=values.device)
     pos = q * (n - 1).clamp(min=0).to(values.dtype)
@@ -95,9 +97,30 @@ def normalized_ess(log_weights: Tensor, mask: Tensor) -> Tensor:
     x = torch.where(mask, log_weights, -math.inf).flatten()
     x = torch.cat([x, x.new_full((1,), -math.inf)])  # defined for an empty tensor (B = 0 or T = 0)
     x = x - x.amax().clamp(min=-1e30).detach()  # shift by the max: exact in exact arithmetic, no float32 loss
-    n = mask.sum().to(log_weights.dtype)
+    n = mask.count_nonzero().to(log_weights.dtype)
     ess = (2 * torch.logsumexp(x, 0) - torch.logsumexp(2 * x, 0)).exp() / n.clamp(min=1)
     return torch.where(n > 0, ess, 0.0)
+
+
+#: The metric set of ``diagnostics="basic"`` (what verl's policy losses compute, with verl's definitions).
+BASIC_METRICS: tuple[str, ...] = ("actor/pg_loss", "actor/pg_clipfrac", "actor/pg_clipfrac_lower", "actor/ppo_kl")
+
+
+def basic_diagnostics(
+    *, log_ratio_sum: Tensor, num_tokens: Tensor, num_term_active: Tensor, num_dual: Tensor
+) -> dict[str, Tensor]:
+    """verl's metric set (without ``actor/pg_loss``, which the loss adds), as 0-d device tensors.
+
+    ``log_ratio_sum`` = Σ ℓ_t over valid tokens, ``num_tokens`` = their number, ``num_term_active`` = number of
+    valid tokens with pg2 > pg1, ``num_dual`` = number with the dual clip active.  The values are those of
+    :func:`loss_diagnostics` for the same names.
+    """
+    nf = num_tokens.clamp(min=1).to(log_ratio_sum.dtype)
+    return {
+        "actor/ppo_kl": -log_ratio_sum / nf,
+        "actor/pg_clipfrac": num_term_active / nf,
+        "actor/pg_clipfrac_lower": num_dual / nf,
+    }
 
 
 def loss_diagnostics(
@@ -120,7 +143,7 @@ def loss_diagnostics(
     clipped_* : masks from :class:`ctpo_lab.clipping.ClipOutput`
     max_log_weight : the safety cap applied to X_t before exponentiation (None: no cap)
     """
-    n = mask.sum()
+    n = mask.count_nonzero()
     lw = log_weight_value.detach()
     nf = n.clamp(min=1).to(lw.dtype)
     capped = lw if max_log_weight is None else lw.clamp(max=max_log_weight)

@@ -13,6 +13,13 @@ Reference semantics: verl's ``vanilla`` PPO/GRPO loss, GSPO, and the CTPO author
     loss    = aggregate(loss_t, mask)
 
 Every preset field can be overridden by keyword: ``policy_loss(..., preset="ctpo", clip_exponent=0.0)``.
+
+``diagnostics="basic"`` computes only verl's metric set (``actor/pg_loss``, ``actor/pg_clipfrac``,
+``actor/pg_clipfrac_lower``, ``actor/ppo_kl``, verl's definitions); ``"full"`` (default) every metric of
+:mod:`ctpo_lab.diagnostics`.  ``path="lean"`` (default) computes the values without autograd and forms the
+per-token gradient −A·w·keep·(aggregation weight) in one pass (a custom autograd function, the same operations
+in the same order as autograd's, so float32 results are bit-identical in practice); ``path="reference"`` is
+autograd through the max/min/where of :func:`ctpo_lab.clipping.clipped_surrogate` (tests compare the two).
 """
 
 from __future__ import annotations
@@ -24,10 +31,11 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ctpo_lab import ratios
-from ctpo_lab.clipping import CLIP_RULES, ClipOutput, clipped_surrogate
-from ctpo_lab.diagnostics import loss_diagnostics
+from ctpo_lab.clipping import CLIP_RULES, ClipOutput, clip_window, clipped_surrogate
+from ctpo_lab.diagnostics import basic_diagnostics, loss_diagnostics
 
 __all__ = [
     "AGGREGATIONS",
@@ -35,6 +43,8 @@ __all__ = [
     "PRESETS",
     "TRAINING_PRESETS",
     "PolicyLossOutput",
+    "DIAGNOSTICS",
+    "PATHS",
     "resolve_config",
     "aggregate",
     "compute_policy_loss",
@@ -47,6 +57,11 @@ AGGREGATIONS: tuple[str, ...] = (
     "seq-mean-token-sum",
     "seq-mean-token-sum-norm",
 )
+#: ``diagnostics=`` of :func:`compute_policy_loss`: ``"basic"`` = the metrics verl computes (``actor/pg_loss``,
+#: ``actor/pg_clipfrac``, ``actor/pg_clipfrac_lower``, ``actor/ppo_kl``); ``"full"`` = :mod:`ctpo_lab.diagnostics`.
+DIAGNOSTICS: tuple[str, ...] = ("basic", "full")
+#: ``path=`` of :func:`compute_policy_loss`: the fused one-pass gradient or autograd through the clip rule.
+PATHS: tuple[str, ...] = ("lean", "reference")
 
 
 @dataclass(frozen=True)
@@ -205,13 +220,26 @@ def aggregate(per_token_loss: Tensor, mask: Tensor, mode: str, norm_horizon: int
     mean.  seq-mean-token-sum: mean over those rows of the row's token sum.  seq-mean-token-sum-norm:
     Σ of row sums / norm_horizon (default T).  An empty mask gives 0 (with a zero gradient).
     """
-    masked = torch.where(mask, per_token_loss, 0.0)
+    return _aggregate(per_token_loss, mask, mode, norm_horizon)
+
+
+def _row_counts(mask: Tensor) -> Tensor:
+    """[B, T] bool → [B] int64 number of True per row, without an int64 [B, T] temporary (a bool ``sum`` or
+    ``count_nonzero(dim)`` converts the whole mask to int64 first: a fresh 8-byte-per-token buffer)."""
+    return mask.view(torch.uint8).sum(-1, dtype=torch.int32).to(torch.int64)
+
+
+def _aggregate(per_token_loss: Tensor, mask: Tensor, mode: str, norm_horizon: int | None,
+               row_count: Tensor | None = None, n: Tensor | None = None, masked: bool = False) -> Tensor:
+    """:func:`aggregate` with optional precomputed valid-token counts (``count_nonzero``: a bool ``sum``
+    first converts the whole mask to int64); ``masked``: the loss is already 0 on masked-out tokens."""
+    masked = per_token_loss if masked else torch.where(mask, per_token_loss, 0.0)
     if mode == "token-mean":
-        return masked.sum() / mask.sum().clamp(min=1)
+        return masked.sum() / (mask.count_nonzero() if n is None else n).clamp(min=1)
     row_sum = masked.sum(dim=-1)
     if mode == "seq-mean-token-sum-norm":
         return row_sum.sum() / float(norm_horizon or mask.shape[-1])
-    row_count = mask.sum(dim=-1)
+    row_count = _row_counts(mask) if row_count is None else row_count
     rows = (row_count > 0).sum().clamp(min=1)
     if mode == "seq-mean-token-mean":
         return (row_sum / row_count.clamp(min=1)).sum() / rows
@@ -271,14 +299,27 @@ def compute_policy_loss(
     advantages: Tensor,
     response_mask: Tensor,
     preset: str | LossConfig = "grpo",
+    *,
+    diagnostics: str = "full",
+    path: str = "lean",
     **overrides: object,
 ) -> PolicyLossOutput:
     """Device-side policy loss with all intermediate quantities (see :func:`policy_loss` for the arguments).
 
     Does not check for NaN/inf (that needs a host sync): read ``num_nonfinite`` together with the metrics.
+    ``path="lean"`` (default) forms the per-token gradient in one pass (:class:`_FusedLoss`); ``"reference"``
+    is autograd through the clip rule of :func:`ctpo_lab.clipping.clipped_surrogate` (the same values and
+    gradients; the tests compare the two).  With ``diagnostics="basic"`` the lean path leaves
+    ``position`` and the clip masks of ``clip`` as ``None`` (they are not computed).
     """
     cfg = resolve_config(preset, **overrides)
+    if diagnostics not in DIAGNOSTICS:
+        raise ValueError(f"diagnostics: expected one of {DIAGNOSTICS}, got {diagnostics!r}")
+    if path not in PATHS:
+        raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
     _check_inputs(log_prob, old_log_prob, advantages, response_mask)
+    if path == "lean":
+        return _lean_policy_loss(cfg, log_prob, old_log_prob, advantages, response_mask, diagnostics)
     dtype = ratios.compute_dtype(log_prob.dtype)
     mask = response_mask.bool()
     lp = log_prob.to(dtype)
@@ -300,11 +341,18 @@ def compute_policy_loss(
     )
     loss = aggregate(clip.per_token_loss, mask, cfg.aggregation, cfg.norm_horizon)
     with torch.no_grad():
-        metrics = loss_diagnostics(
-            log_ratio=log_ratio, log_weight_value=x, mask=mask, clipped_high=clip.clipped_high,
-            clipped_low=clip.clipped_low, clipped_dual=clip.clipped_dual,
-            clipped_term_active=clip.clipped_term_active, max_log_weight=cfg.max_log_weight,
-        )
+        if diagnostics == "full":
+            metrics = loss_diagnostics(
+                log_ratio=log_ratio, log_weight_value=x, mask=mask, clipped_high=clip.clipped_high,
+                clipped_low=clip.clipped_low, clipped_dual=clip.clipped_dual,
+                clipped_term_active=clip.clipped_term_active, max_log_weight=cfg.max_log_weight,
+            )
+        else:
+            metrics = basic_diagnostics(
+                log_ratio_sum=torch.where(mask, log_ratio.detach(), 0.0).sum(), num_tokens=mask.count_nonzero(),
+                num_term_active=(clip.clipped_term_active & mask).count_nonzero(),
+                num_dual=(clip.clipped_dual & mask).count_nonzero(),
+            )
         metrics["actor/pg_loss"] = loss.detach()
     return PolicyLossOutput(loss, log_ratio, x, position, clip, mask, metrics, num_nonfinite, cfg)
 
@@ -328,6 +376,9 @@ def policy_loss(
     advantages: Tensor,
     response_mask: Tensor,
     preset: str | LossConfig = "grpo",
+    *,
+    diagnostics: str = "full",
+    path: str = "lean",
     **overrides: object,
 ) -> tuple[Tensor, dict[str, float]]:
     """Importance-weighted clipped policy-gradient loss of a named preset.
@@ -347,6 +398,12 @@ def policy_loss(
         A key of :data:`PRESETS` (``grpo``, ``dapo``, ``gspo``, ``ctpo``, ``ctpo_fixed``, ``ctpo_geomean``,
         ``seq_is``, ``cispo``, the ``unclipped_*`` weights, ``tis``, ``cumulative_tis``, the Figure-1 windows)
         or a :class:`LossConfig`.
+    diagnostics : {"full", "basic"}
+        ``"full"``: every metric of :mod:`ctpo_lab.diagnostics`; ``"basic"``: only the metrics verl computes
+        (``actor/pg_loss``, ``actor/pg_clipfrac``, ``actor/pg_clipfrac_lower``, ``actor/ppo_kl``).
+    path : {"lean", "reference"}
+        ``"lean"``: values and the per-token gradient −A·w·keep formed in one pass by a custom autograd
+        function; ``"reference"``: autograd through max/min/where (same values and gradients).
     **overrides
         Any :class:`LossConfig` field, e.g. ``eps_high=0.28`` or ``aggregation="seq-mean-token-mean"``.
 
@@ -364,9 +421,228 @@ def policy_loss(
         non-positive) clip parameters, NaN/inf on valid tokens, or finite inputs whose weights overflow the
         dtype to an infinite loss (set ``max_log_weight``).
     """
-    out = compute_policy_loss(log_prob, old_log_prob, advantages, response_mask, preset, **overrides)
+    out = compute_policy_loss(log_prob, old_log_prob, advantages, response_mask, preset, diagnostics=diagnostics,
+                              path=path, **overrides)
     host = metrics_to_host(out.metrics, out.num_nonfinite)
     if not math.isfinite(host["actor/pg_loss"]):  # finite inputs whose weights overflow the dtype
         raise ValueError(f"max_log_weight: the {out.config.ratio} weights overflow {out.loss.dtype} on these inputs "
                          f"(loss {host['actor/pg_loss']}); set max_log_weight (e.g. 10) or log_ratio_clamp")
     return out.loss, host
+
+
+# ------------------------------------------------------------------------------------------ the lean path
+class _FusedLoss(torch.autograd.Function):
+    """The loss value computed outside autograd; the backward is ``backward_fn(grad)``: the per-token gradient
+    formed in one pass (no graph through max/min/where)."""
+
+    @staticmethod
+    def forward(ctx, log_prob: Tensor, value: Tensor, backward_fn) -> Tensor:  # noqa: ANN001
+        ctx.backward_fn = backward_fn
+        return value.clone()
+
+    @staticmethod
+    @once_differentiable  # the gradient is formed without a graph: double backward raises instead of lying
+    def backward(ctx, grad: Tensor):  # noqa: ANN205
+        return ctx.backward_fn(grad), None, None
+
+
+_ROW_FAMILIES = ("sequence", "sequence_geomean")
+
+
+def _aggregate_grad(grad: Tensor, mode: str, n: Tensor, row_count: Tensor, norm_horizon: int | None,
+                    T: int) -> Tensor:
+    """d loss / d loss_t of :func:`aggregate` on valid tokens, in autograd's order of operations (0-d or [B, 1])."""
+    if mode == "token-mean":
+        return grad / n.clamp(min=1)
+    if mode == "seq-mean-token-sum-norm":
+        return grad / float(norm_horizon or T)
+    rows = (row_count > 0).sum().clamp(min=1)
+    if mode == "seq-mean-token-mean":
+        return ((grad / rows) / row_count.clamp(min=1)).unsqueeze(-1)
+    return grad / rows
+
+
+def _is_prefix(mask: Tensor) -> bool:
+    """Every row's valid tokens are its first columns (no invalid → valid step), so t = column + 1 on them."""
+    return not bool((mask[:, 1:] > mask[:, :-1]).any())
+
+
+def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor,
+                      response_mask: Tensor, diagnostics: str) -> PolicyLossOutput:
+    """The values of the reference path; the gradient −A·w·keep·(aggregation weight) formed in one pass.
+
+    For token t with value v_t of the clipped weight (loss_t = −A·v_t), the clip rules reduce to one clamp:
+    PPO: v = clamp(w, lo_A, hi_A) with (lo_A, hi_A) = (−∞, 1+ε_high) for A > 0 and (1−ε_low, c) for A < 0
+    (c = ∞ without the dual clip); log window: v = exp(clamp(log w, lo_A, hi_A)) with (−∞, ε_high·s_t) for
+    A > 0 and (−ε_low·s_t, ε_c·s_t) for A < 0.  The gradient of loss_t in log π_t is −A·w where the clamp does
+    not bind (and the log-weight cap does not), 0 elsewhere.  (At exact ties on a window boundary autograd
+    splits the gradient in halves; the lean path takes the one-sided value.)  The sequence families are
+    computed per row.
+    """
+    dtype = ratios.compute_dtype(log_prob.dtype)
+    mask = response_mask.bool()
+    lp = log_prob.to(dtype)
+    full = diagnostics == "full"
+    B, T = lp.shape
+    inf = math.inf
+    with torch.no_grad():
+        old = old_log_prob.to(dtype)
+        adv = advantages.to(dtype)
+        row_adv = adv.ndim == 1
+        row_count = _row_counts(mask)
+        n = row_count.sum()
+        outside = ~mask
+        dm = (lp.detach() - old).masked_fill_(outside, 0.0)  # in place on a fresh tensor: cheaper than where
+        if row_adv:
+            adv_bad = ((~torch.isfinite(adv)).to(torch.int64) * row_count).sum()
+        else:
+            adv_bad = (~torch.isfinite(adv) & mask).sum()
+        # NaN/inf on valid tokens: on the CPU one sum tells whether the exact count is needed
+        if dm.device.type == "cpu" and bool(torch.isfinite(dm.sum())):
+            num_nonfinite = adv_bad
+        else:
+            num_nonfinite = (~torch.isfinite(dm) & mask).sum() + adv_bad
+        if cfg.log_ratio_clamp is not None:
+            dm.clamp_(-cfg.log_ratio_clamp, cfg.log_ratio_clamp)
+        log_ratio = dm
+        # X_t (per row [B, 1] for the sequence families)
+        if cfg.ratio == "token":
+            x = dm
+        elif cfg.ratio == "cumulative":
+            x = dm.cumsum(-1).masked_fill_(outside, 0.0)
+        elif cfg.ratio in _ROW_FAMILIES:
+            x = dm.sum(-1)
+            if cfg.ratio == "sequence_geomean":
+                x = x / row_count.clamp(min=1).to(dtype)
+            x = x.unsqueeze(-1)
+        else:
+            x = ratios.family_log_weight(cfg.ratio, dm, mask, truncation=cfg.truncation)
+        cap_keep = cfg.max_log_weight is not None  # the cap's gradient mask x <= cap is needed
+        inert_cap = False  # set below when the log window lies strictly under the cap
+        if cfg.clip == "log_window" and cap_keep and cfg.dual_clip is not None:
+            s_max = float(T) ** cfg.clip_exponent if cfg.clip_exponent > 0 else 1.0  # s_t <= T^p: no sync
+            inert_cap = max(cfg.eps_high, cfg.dual_clip or 0.0) * s_max < cfg.max_log_weight * (1 - 1e-6)
+        if inert_cap:  # the cap never binds where the window does not: no cap, no cap mask
+            lw, cap_keep = x, False
+        else:
+            lw = x if cfg.max_log_weight is None else x.clamp(max=cfg.max_log_weight)
+        # advantages: sign masks and −A ([B, 1] for per-row advantages)
+        if row_adv:
+            neg, pos, neg_adv = (adv < 0)[:, None], (adv > 0)[:, None], (-adv)[:, None]
+        else:
+            neg_adv = -torch.where(mask, adv, 0.0)
+            neg, pos = neg_adv > 0, neg_adv < 0
+        position = ratios.positions(mask) if full else None
+        one = torch.ones((), dtype=dtype, device=lp.device)
+        ninf, pinf = -inf * one, inf * one
+        keep = None
+        dual = term = high = low = None
+        if cfg.clip == "detached_clip":
+            lower, upper = clip_window("detached_clip", one, cfg.eps_low, cfg.eps_high, 0.0, dtype)
+            cv = lw.exp().clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
+            ptl = neg_adv * cv
+            grad_value = ptl  # d loss_t / d log π_t = −A·clip(w) (the clipped weight multiplies the score)
+            high, low = pos & (lw > upper), neg & (lw < lower)
+            term = high | low
+            dual = torch.zeros_like(term)
+            num_term, num_dual = (term & mask).count_nonzero(), torch.zeros((), dtype=torch.int64)
+        else:
+            if cfg.clip == "log_window":
+                if cfg.clip_exponent == 0.0:
+                    s = one
+                elif position is None and mask.device.type == "cpu" and _is_prefix(mask):
+                    s = torch.arange(1, T + 1, device=lp.device).to(dtype).pow(cfg.clip_exponent)
+                else:
+                    position = ratios.positions(mask) if position is None else position
+                    s = position.clamp(min=1).to(dtype).pow(cfg.clip_exponent)
+                lower, upper = -cfg.eps_low * s, cfg.eps_high * s
+                top = pinf if cfg.dual_clip is None else cfg.dual_clip * s
+                # per-sign bounds as bound + offset (0 or ±inf per row): one broadcast add, no [B, T] where
+                zero = torch.zeros((), dtype=dtype, device=lp.device)
+                lo_a = lower + torch.where(neg, zero, ninf)
+                if cfg.dual_clip is None:
+                    hi_a = upper + torch.where(pos, zero, pinf)
+                else:
+                    base = upper if cfg.dual_clip == cfg.eps_high else torch.where(neg, top, upper)
+                    # A = 0 rows: no bound (never counted as clipped), unless the cap was dropped (inert_cap):
+                    # then they keep the upper bound, which keeps their (zero) loss finite, and are not counted
+                    hi_a = base if inert_cap else base + torch.where(neg | pos, zero, pinf)
+                z = lw.clamp(lo_a, hi_a)
+                v = z.exp()
+                keep = z == lw
+                pre = lw
+            else:  # ppo / none: the clamp in ratio space
+                if cfg.clip == "ppo":
+                    lo, hi = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
+                    lower, upper = clip_window("ppo", one, cfg.eps_low, cfg.eps_high, 0.0, dtype)
+                else:
+                    lo, hi = -inf, inf
+                    lower, upper = ninf, pinf
+                top = pinf if cfg.dual_clip is None else cfg.dual_clip * one
+                lo_a = torch.where(neg, lo * one, ninf)
+                hi_a = torch.where(neg, top, torch.where(pos, hi * one, pinf))
+                w = lw.exp()
+                v = w.clamp(lo_a, hi_a)
+                keep = v == w
+                pre = w
+            ptl = neg_adv * v
+            grad_value = v  # where the clamp does not bind, v = w
+            # counts: the clamp binds on pg2 > pg1 (A > 0 above the window, A < 0 below) or on the dual clip
+            if cfg.dual_clip is None:
+                dual_tok = None
+                num_dual = torch.zeros((), dtype=torch.int64, device=lp.device)
+            elif row_adv and not full:  # per-row counts: no [B, 1] & [B, T] broadcast
+                num_dual = (_row_counts((pre > top) & mask) * neg[:, 0]).sum()
+                dual_tok = None
+            else:
+                dual_tok = neg & (pre > top)
+                num_dual = (dual_tok & mask).count_nonzero()
+            keep_m = keep & mask
+            if inert_cap:  # only rows with A != 0 count (A = 0 rows were bounded too)
+                if row_adv:
+                    num_term = ((row_count - _row_counts(keep_m)) * (neg | pos)[:, 0]).sum() - num_dual
+                else:
+                    num_term = (mask & ~keep & (neg | pos)).count_nonzero() - num_dual
+            else:
+                num_term = n - keep_m.count_nonzero() - num_dual
+            if full:
+                changed = (~keep & (neg | pos)) if inert_cap else ~keep
+                high, low = pos & (lw > upper), neg & (lw < lower)
+                dual = torch.zeros((B, T), dtype=torch.bool, device=lp.device) if dual_tok is None else dual_tok
+                term = changed if dual_tok is None else changed & ~dual_tok
+        full_ptl = ptl.shape == (B, T)
+        if full_ptl:  # a fresh [B, T] tensor: zero it in place (= the reference's values, where A is 0)
+            ptl = ptl.masked_fill_(outside, 0.0)
+        else:  # one value per row (sequence families, per-row advantages)
+            ptl = ptl.expand(B, T)
+        loss_value = _aggregate(ptl, mask, cfg.aggregation, cfg.norm_horizon, row_count, n, masked=full_ptl)
+        keep_all = mask if keep is None else keep_m
+        if cap_keep:
+            keep_all = keep_all & (x <= cfg.max_log_weight)
+        aggregation, norm_horizon = cfg.aggregation, cfg.norm_horizon
+        if cfg.clip == "detached_clip":
+            def backward_fn(grad: Tensor) -> Tensor:
+                g = _aggregate_grad(grad, aggregation, n, row_count, norm_horizon, T)
+                return (g * grad_value).expand(B, T).masked_fill(~keep_all, 0.0)
+        else:
+            def backward_fn(grad: Tensor) -> Tensor:
+                g = _aggregate_grad(grad, aggregation, n, row_count, norm_horizon, T)
+                c = (g * neg_adv) * grad_value
+                return c.masked_fill_(~keep_all, 0.0) if c.shape == (B, T) else torch.where(keep_all, c, 0.0)
+        if x.shape != (B, T):
+            x = torch.where(mask, x.expand(B, T), 0.0)
+        if full:
+            metrics = loss_diagnostics(
+                log_ratio=log_ratio, log_weight_value=x, mask=mask, clipped_high=high.expand(B, T),
+                clipped_low=low.expand(B, T), clipped_dual=dual.expand(B, T),
+                clipped_term_active=term.expand(B, T), max_log_weight=cfg.max_log_weight,
+            )
+            clip = ClipOutput(ptl, lower, upper, high.expand(B, T), low.expand(B, T), dual.expand(B, T),
+                              term.expand(B, T))
+        else:
+            metrics = basic_diagnostics(log_ratio_sum=dm.sum(), num_tokens=n, num_term_active=num_term,
+                                        num_dual=num_dual)
+            clip = ClipOutput(ptl, lower, upper, None, None, None, None)
+        metrics["actor/pg_loss"] = loss_value
+    loss = _FusedLoss.apply(lp, loss_value, backward_fn)
+    return PolicyLossOutput(loss, log_ratio, x, position, clip, mask, metrics, num_nonfinite, cfg)

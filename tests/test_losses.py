@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from ctpo_lab.losses import PRESETS, LossConfig, aggregate, compute_policy_loss, policy_loss, resolve_config
+from ctpo_lab.losses import (
+    PRESETS,
+    LossConfig,
+    aggregate,
+    compute_policy_loss,
+    metrics_to_host,
+    policy_loss,
+    resolve_config,
+)
 
 
 def _batch(seed: int = 0, B: int = 5, T: int = 9, scale: float = 0.3, dtype=torch.float64):
@@ -285,3 +293,82 @@ def test_bad_tensors():
     bad_adv[0] = torch.inf
     with pytest.raises(ValueError, match="NaN or inf"):
         policy_loss(lp, old, bad_adv, mask)
+
+
+# ---------------------------------------------------------------- the lean path equals the reference path
+
+def _both_paths(name, lp, old, adv, mask, diagnostics, **kw):
+    out = {}
+    for path in ("reference", "lean"):
+        x = lp.clone().requires_grad_()
+        o = compute_policy_loss(x, old, adv, mask, preset=name, path=path, diagnostics=diagnostics, **kw)
+        o.loss.backward()
+        out[path] = (o, x.grad, metrics_to_host(o.metrics, o.num_nonfinite))
+    return out["reference"], out["lean"]
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("diagnostics", ["basic", "full"])
+@pytest.mark.parametrize("scale", [0.05, 0.5])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_lean_path_equals_reference(name, diagnostics, scale, per_token):
+    lp, old, adv, mask = _batch(seed=11, B=7, T=13, scale=scale)
+    adv[3] = 0.0  # a zero-advantage row (GRPO groups with equal rewards)
+    if per_token:
+        adv = adv[:, None] * (1 + torch.rand(lp.shape, generator=torch.Generator().manual_seed(1), dtype=lp.dtype))
+    (ro, rg, rm), (lo, lg, lm) = _both_paths(name, lp, old, adv, mask, diagnostics)
+    assert set(rm) == set(lm)
+    if diagnostics == "basic":
+        assert set(lm) == {"actor/pg_loss", "actor/pg_clipfrac", "actor/pg_clipfrac_lower", "actor/ppo_kl"}
+    for k in rm:
+        assert lm[k] == pytest.approx(rm[k], rel=1e-12, abs=1e-12), k
+    torch.testing.assert_close(lo.loss, ro.loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lg, rg, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(lo.log_weight_value, ro.log_weight_value, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(lo.clip.per_token_loss[mask], ro.clip.per_token_loss.detach()[mask], rtol=1e-12,
+                               atol=1e-14)
+    if diagnostics == "full":
+        for f in ("clipped_high", "clipped_low", "clipped_dual", "clipped_term_active"):
+            assert torch.equal(getattr(lo.clip, f) & mask, getattr(ro.clip, f) & mask), f
+        assert torch.equal(lo.position, ro.position)
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                                         "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("name", ["grpo", "gspo", "ctpo", "cispo", "seq_is"])
+def test_lean_path_equals_reference_every_aggregation_float32(aggregation, name):
+    """float32, a large batch: the lean gradient reproduces autograd's operations (bit-identical here)."""
+    g = torch.Generator().manual_seed(4)
+    B, T = 16, 300
+    old = -torch.rand(B, T, generator=g) * 3
+    lp = old + torch.randn(B, T, generator=g) * 0.2
+    adv = torch.randn(B, generator=g)
+    adv[:3] = 0.0
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    mask[5] = False
+    (ro, rg, rm), (lo, lg, lm) = _both_paths(name, lp, old, adv, mask, "full", aggregation=aggregation)
+    assert lo.loss.item() == ro.loss.item()
+    torch.testing.assert_close(lg, rg, rtol=2e-7, atol=0)
+    assert lm == rm
+
+
+def test_bad_diagnostics_and_path():
+    lp, old, adv, mask = _batch()
+    with pytest.raises(ValueError, match="diagnostics"):
+        policy_loss(lp, old, adv, mask, diagnostics="some")
+    with pytest.raises(ValueError, match="path"):
+        policy_loss(lp, old, adv, mask, path="fast")
+
+
+@pytest.mark.parametrize("name", ["ctpo", "ctpo_fixed", "ctpo_geomean", "sqrt_t_window", "fixed_window", "gspo"])
+@pytest.mark.parametrize("diagnostics", ["basic", "full"])
+def test_lean_path_zero_advantage_rows_and_the_cap(name, diagnostics):
+    """Rows with A = 0 and log-weights far beyond the cap (10): finite, and equal to the reference."""
+    old = -torch.rand(6, 50, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    lp = old + 3.0
+    adv = torch.tensor([0.0, 1.0, -1.0, 0.0, 2.0, -0.5], dtype=torch.float64)
+    (ro, rg, rm), (lo, lg, lm) = _both_paths(name, lp, old, adv, torch.ones(6, 50, dtype=torch.bool), diagnostics)
+    assert math.isfinite(lo.loss.item()) and lo.loss.item() == ro.loss.item()
+    assert torch.equal(lg, rg)
+    assert lm == rm

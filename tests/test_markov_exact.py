@@ -277,3 +277,38 @@ def test_property_dp_equals_enumeration(V, T, k, seed, kl, est, sig, auto):
     assert np.abs(dp.mean - en.mean).max() <= 1e-10 * scale + 1e-15
     assert np.abs(dp.second_moment_diag - en.second_moment_diag).max() <= 1e-10 * max(
         en.second_moment_diag.max(), 1e-300) + 1e-15
+
+
+@pytest.mark.parametrize("V,k,T,auto", [(5, 2, 30, "count"), (4, 1, 40, "contains:0-1"), (3, 3, 12, "sum:3"),
+                                        (3, 1, 9, "count:0:3")])
+def test_time_dependent_toeplitz_equals_forward_dp(V, k, T, auto):
+    """The general path (per-token signals, position and sign masks: β_t depends on t) on the fast path."""
+    from ctpo_lab.markov import exact
+
+    mdp = markov.random_instance(V, T, k, seed=6, kl=0.05, automaton=auto)
+    tab = transition_tables(mdp)
+    rng = np.random.default_rng(0)
+    feat = exact.score_feature(mdp)
+    for est in ("unclipped_token", "unclipped_cumulative", "unclipped_sequence", "cumulative_tis", "grpo"):
+        a, b, g = markov.chain_estimator(est).tables(tab.ell, T)
+        for sig in ("adv_pi", "q_mu", "reward"):
+            S = exact.signal_tables(mdp, sig, 0.3)
+            keep = rng.random(T) > 0.3
+            bt = rng.random((T,) + a.shape) if S is None else S * keep[:, None, None]
+            u = mdp.state_reward - 0.3 if S is None else np.ones(mdp.num_states)
+            _, fwd = exact.run_moment_dp(mdp, a, b, g, feat, u, beta_t=bt)
+            fast = exact.run_second_moment_toeplitz(mdp, a, b, g, u, beta_t=bt)
+            assert np.max(np.abs(fast - fwd)) <= 1e-10 * np.max(np.abs(fwd)), (est, sig)
+
+
+@pytest.mark.parametrize("est", ["unclipped_token", "unclipped_cumulative", "unclipped_sequence", "grpo", "ctpo"])
+@pytest.mark.parametrize("sig", ["adv_pi", "q_pi", "reward"])
+def test_general_path_exact_moments_equal_enumeration(est, sig):
+    """exact_moments with per-token signals and a position mask takes the fast path and equals enumeration."""
+    mdp = markov.random_instance(3, 6, 1, seed=2, kl=0.1, automaton="count")
+    pos = [1, 3, 4, 6]
+    dpm = markov.exact_moments(mdp, est, sig, 0.2, positions=pos)
+    en = markov.enumerate_moments(mdp, est, sig, 0.2, positions=pos)
+    assert _rel(dpm.mean, en.mean) < 1e-10 and _rel(dpm.second_moment_diag, en.second_moment_diag) < 1e-10
+    if est.startswith("unclipped") or est == "grpo":
+        assert dpm.info["second_moment_path"] == "toeplitz"

@@ -377,9 +377,12 @@ def _estimate(mdp: MarkovMDP, est: ChainEstimator, signal: str, baseline: float,
         u = np.ones(mdp.num_states) if S is not None else G.copy()
         if sg is not None:
             u = np.where(np.sign(u) == sg, u, 0.0)
-        if second and _use_toeplitz(mdp, feature, bt):
+        if second and _use_toeplitz(mdp, feature):
             m = run_mean_fb(mdp, alpha, beta, gamma, feature, u, beta_t=bt)
-            sec += run_second_moment_toeplitz(mdp, alpha, beta * bt[0], gamma, u)
+            if np.all(bt == bt[:1]):
+                sec += run_second_moment_toeplitz(mdp, alpha, beta * bt[0], gamma, u)
+            else:  # per-token signals, position masks, time-dependent masks
+                sec += run_second_moment_toeplitz(mdp, alpha, beta, gamma, u, beta_t=bt)
             info["second_moment_path"] = "toeplitz"
         elif second:
             m, s = run_moment_dp(mdp, alpha, beta, gamma, feature, u, beta_t=bt, second=True)
@@ -481,10 +484,10 @@ def surrogate_value(mdp: MarkovMDP, estimator: str | losses.LossConfig | ChainEs
 
 
 # ------------------------------------------------------------------------------------------ homogeneous fast path
-def _use_toeplitz(mdp: MarkovMDP, feature: BlockFeature, beta_t: np.ndarray, max_floats: float = 1e8) -> bool:
-    """Use :func:`run_second_moment_toeplitz` when it applies (score feature, ``β`` constant in time, T > 1)
+def _use_toeplitz(mdp: MarkovMDP, feature: BlockFeature, max_floats: float = 1e8) -> bool:
+    """Use :func:`run_second_moment_toeplitz` when it applies (score feature, T > 1; ``β`` may depend on time)
     and is cheaper than the forward DP (``|Z| < 3d``) within memory (``2·T·|Z|·Q·V`` floats)."""
-    if not feature.is_score or mdp.horizon < 2 or not np.all(beta_t == beta_t[:1]):
+    if not feature.is_score or mdp.horizon < 2:
         return False
     nZ, C = mdp.num_states, mdp.num_contexts
     Q = nZ // C
@@ -492,7 +495,8 @@ def _use_toeplitz(mdp: MarkovMDP, feature: BlockFeature, beta_t: np.ndarray, max
 
 
 def run_second_moment_toeplitz(mdp: MarkovMDP, alpha: np.ndarray, beta: np.ndarray, gamma: np.ndarray,
-                               readout: np.ndarray, *, chunk: int = 64) -> np.ndarray:
+                               readout: np.ndarray, *, beta_t: np.ndarray | None = None,
+                               chunk: int = 64) -> np.ndarray:
     """Diagonal second moment of the score estimator for time-homogeneous tables, ``[C·V]``.
 
     Unrolling the ``P`` recursions: with ``F_s = E[Π_{k<s} α_k²; z_s]`` (forward, kernel ``pα²``),
@@ -505,7 +509,13 @@ def run_second_moment_toeplitz(mdp: MarkovMDP, alpha: np.ndarray, beta: np.ndarr
     Because ``K`` does not depend on time, the double sum is ``Σ_n K^n(f(z,y), z'') corr_n(z, f(z'',y''))`` with
     ``corr_n(z, w) = Σ_s F_s(z) B_{s+n+1}(w)`` (FFT correlation). The cost is ``O(T·|Z|²·V)`` for the powers of
     ``K`` instead of ``O(T·|Z|·V·d)``: a factor ``≈ 3V/Q`` less for k-gram contexts. Requires the score
-    feature, states numbered ``z = c·Q + q`` (true for :class:`MarkovMDP`) and ``β`` constant in time.
+    feature, states numbered ``z = c·Q + q`` (true for :class:`MarkovMDP`).
+
+    Time-dependent ``β_t = β·beta_t[t]`` (per-token oracle signals, position and sign masks; ``α``, ``γ`` and so
+    ``K`` stay time-homogeneous): the multipliers move into the two end points of each pair,
+    ``X_s(z,y) = F_s(z) beta_t[s](z,y)`` and ``Y_t(z'',y'') = beta_t[t](z'',y'') B_t(f(z'',y''))``, and the double
+    sum becomes ``Σ_t U_t(z,y,z'') Y_t(z'',y'')`` with the causal convolution
+    ``U_t = Σ_{s<t} X_s K^{t−s−1}(f(z,y), z'')`` (FFT over time): the same ``O(T·|Z|²·V)`` as the constant case.
     """
     T, nZ, V = mdp.horizon, mdp.num_states, mdp.vocab_size
     C = mdp.num_contexts
@@ -527,7 +537,11 @@ def run_second_moment_toeplitz(mdp: MarkovMDP, alpha: np.ndarray, beta: np.ndarr
         Bn[t - 1] = (p * gamma**2 * Bn[t][nxt]).sum(axis=1)
     hv = np.eye(V)[None, :, :] - pi[:, None, :]  # [nZ, y, v]
     # diagonal terms
-    W2 = np.einsum("tz,tzy->zy", F, Bn[:, nxt])
+    if beta_t is None:
+        W2 = np.einsum("tz,tzy->zy", F, Bn[:, nxt])
+    else:
+        beta_t = np.asarray(beta_t, dtype=np.float64)
+        W2 = np.einsum("tz,tzy->zy", F, beta_t**2 * Bn[:, nxt])
     D = np.einsum("zy,zyv->zv", p * beta**2 * W2, hv**2)
     sec = np.zeros((C, V))
     np.add.at(sec, mdp.state_context, D)
@@ -538,17 +552,18 @@ def run_second_moment_toeplitz(mdp: MarkovMDP, alpha: np.ndarray, beta: np.ndarr
     a = a.reshape(C, Q, V, V)
     b = b.reshape(C, Q, V, V)
     nxt_c = nxt.reshape(C, Q, V)
-    # corr_n(z, w) for z in block c, w = f(z'', y'') with z'' in block c: [n, C, Q, Q'', V'']
     L = 2 * T
-    Ff = np.fft.rfft(F.reshape(T, C, Q), n=L, axis=0)  # [L/2+1, C, Q]
-    Bsel = Bn[:, nxt_c]  # [T, C, Q'', V'']
-    Bf = np.fft.rfft(Bsel, n=L, axis=0)
-    corr = np.empty((T - 1, C, Q, Q, V))
-    for c0 in range(0, C, chunk):
-        c1 = min(C, c0 + chunk)
-        prod = np.conj(Ff[:, c0:c1, :, None, None]) * Bf[:, c0:c1, None, :, :]
-        full = np.fft.irfft(prod, n=L, axis=0)  # full[m] = Σ_s F_s B_{s+m}
-        corr[:, c0:c1] = full[1:T]  # m = n + 1, n = 0..T-2
+    if beta_t is None:
+        # corr_n(z, w) for z in block c, w = f(z'', y'') with z'' in block c: [n, C, Q, Q'', V'']
+        Ff = np.fft.rfft(F.reshape(T, C, Q), n=L, axis=0)  # [L/2+1, C, Q]
+        Bsel = Bn[:, nxt_c]  # [T, C, Q'', V'']
+        Bf = np.fft.rfft(Bsel, n=L, axis=0)
+        corr = np.empty((T - 1, C, Q, Q, V))
+        for c0 in range(0, C, chunk):
+            c1 = min(C, c0 + chunk)
+            prod = np.conj(Ff[:, c0:c1, :, None, None]) * Bf[:, c0:c1, None, :, :]
+            full = np.fft.irfft(prod, n=L, axis=0)  # full[m] = Σ_s F_s B_{s+m}
+            corr[:, c0:c1] = full[1:T]  # m = n + 1, n = 0..T-2
     # G[c, q, y, q'', y''] = Σ_n K^n(f(z,y), z'') corr_n(z, f(z'',y'')); powers of K kept transposed
     # (KnT = (K^n)ᵀ) and advanced by grouped dense products over destinations sharing a predecessor set
     Kw = sparse.csr_matrix(((p * alpha * gamma).ravel(), (rows, cols)), shape=(nZ, nZ))
@@ -575,10 +590,24 @@ def run_second_moment_toeplitz(mdp: MarkovMDP, alpha: np.ndarray, beta: np.ndarr
                 np.matmul(W, cur[prow], out=nxt_buf[sl])
             cur, nxt_buf = nxt_buf, cur
             nxt_buf[start:] = 0.0  # rows of states without predecessors (K^n = 0 there for n >= 1)
-    # batched over (c, q, q''): G[y, y''] = Σ_n R[n, y] corr[n, y'']
-    Rm = np.ascontiguousarray(R.transpose(1, 2, 3, 4, 0))  # [C, Q, Q'', V, n]
-    Cm = np.ascontiguousarray(corr.transpose(1, 2, 3, 0, 4))  # [C, Q, Q'', n, V'']
-    G = np.matmul(Rm, Cm).transpose(0, 1, 3, 2, 4)  # [C, Q, V, Q'', V'']
+    if beta_t is None:
+        # batched over (c, q, q''): G[y, y''] = Σ_n R[n, y] corr[n, y'']
+        Rm = np.ascontiguousarray(R.transpose(1, 2, 3, 4, 0))  # [C, Q, Q'', V, n]
+        Cm = np.ascontiguousarray(corr.transpose(1, 2, 3, 0, 4))  # [C, Q, Q'', n, V'']
+        G = np.matmul(Rm, Cm).transpose(0, 1, 3, 2, 4)  # [C, Q, V, Q'', V'']
+    else:
+        X = (F[:, :, None] * beta_t).reshape(T, C, Q, V)  # X_s(z, y) = F_s(z) β_s(z, y)
+        Y = (beta_t * Bn[:, nxt]).reshape(T, C, Q, V)  # Y_t(z'', y'') = β_t(z'', y'') B_t(f(z'', y''))
+        G = np.empty((C, Q, V, Q, V))
+        for c0 in range(0, C, chunk):
+            c1 = min(C, c0 + chunk)
+            Xf = np.fft.rfft(X[:, c0:c1], n=L, axis=0)  # [L/2+1, c, Q, V]
+            Rf = np.fft.rfft(R[:, c0:c1], n=L, axis=0)  # [L/2+1, c, Q, Q'', V]
+            # conv[k] = Σ_{s+m=k} X_s R_m, so U_t = conv[t−1] (t = 1..T−1)
+            conv = np.fft.irfft(Xf[:, :, :, None, :] * Rf, n=L, axis=0)[: T - 1]  # [k, c, q, q'', y]
+            Cm = conv.transpose(1, 3, 2, 4, 0).reshape(c1 - c0, Q, Q * V, T - 1)  # [c, q'', (q, y), k]
+            Ym = Y[1:, c0:c1].transpose(1, 2, 0, 3)  # [c, q'', k, y'']
+            G[c0:c1] = np.matmul(Cm, Ym).reshape(c1 - c0, Q, Q, V, V).transpose(0, 2, 3, 1, 4)
     cross = np.einsum("cqyv,cpwv,cqypw->cv", a, b, G)
     sec += 2.0 * cross
     return sec.ravel()
