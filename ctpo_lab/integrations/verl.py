@@ -183,7 +183,7 @@ def make_policy_loss_fn(preset: str | LossConfig) -> Callable[..., tuple[Tensor,
         from verl.trainer.ppo.core_algos import agg_loss
 
         cfg = loss_config_from_verl(preset, config, loss_agg_mode)
-        out = compute_policy_loss(log_prob, old_log_prob, advantages, response_mask, cfg)
+        out = compute_policy_loss(log_prob, old_log_prob, advantages, response_mask, cfg, path="reference")
         per_token = out.clip.per_token_loss
         if rollout_is_weights is not None:
             per_token = per_token * rollout_is_weights.to(per_token.dtype)
