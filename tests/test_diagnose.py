@@ -228,3 +228,16 @@ def test_cli_bad_inputs(tmp_path, capsys, argv, name):
     assert rc == 2, err
     assert len(lines) == 1 and lines[0].startswith(f"error: {name}"), lines
     assert not (tmp_path / "rep").exists()
+
+
+def test_known_sigma_drift_and_exponent_recovered():
+    from ctpo_lab.diagnose.pipeline import summarize
+
+    ell, mask, adv, gid = _walk(400, 200, 1)
+    s = summarize(readers.Trajectories(ell, mask, adv, gid, None, "parquet"), n_boot=200)
+    assert s["sigma_hat_ci"][0] <= SIGMA <= s["sigma_hat_ci"][1], s["sigma_hat_ci"]
+    assert s["exponent_ci"][0] <= 0.5 <= s["exponent_ci"][1], s["exponent_ci"]
+    kl = SIGMA**2 / 2  # E[e^ℓ − 1 − ℓ] = e^{−σ²/2 + σ²/2} − 1 + σ²/2 for ℓ ~ N(−σ²/2, σ²)
+    se = SIGMA / np.sqrt(mask.sum())
+    assert abs(s["drift_per_token"] + kl) < 4 * se
+    assert abs(s["kl_per_token"] - kl) < 0.1 * kl

@@ -117,8 +117,8 @@ def read_parquet_trajectories(path: str | os.PathLike[str]) -> Trajectories:
         mu = [np.asarray(v, dtype=np.float64) for v in df["logp_behaviour"]]
         pi = [np.asarray(v, dtype=np.float64) for v in df["logp_target"]]
         mk = [np.asarray(v, dtype=np.float64).astype(bool) for v in df["mask"]]
-        adv = np.asarray(df["advantage"], dtype=np.float64)
-        gid = np.asarray(df["group_id"], dtype=np.int64)
+        adv = np.array(df["advantage"], dtype=np.float64)
+        gid = np.array(df["group_id"], dtype=np.int64)
     except (TypeError, ValueError) as e:
         raise ValueError(f"path: {p} has a column of the wrong type ({e})") from None
     for i, (a, b, m) in enumerate(zip(mu, pi, mk)):
