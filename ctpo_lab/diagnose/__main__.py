@@ -2,7 +2,7 @@
 
 PATH is a ctpo_lab trajectory parquet (a file or a directory of shards) or importance-weight npz dumps (a file,
 or a directory of step_XXXXXXX_rank_XXXX.npz files or step_XXXXXXX/ folders) as written by ctpo_lab's trainer,
-its verl plugin, its TRL subclass or the CTPO authors' verl fork (--dump-mode says which loss wrote weights-only
+its verl plugin or the CTPO authors' verl fork (--dump-mode says which loss wrote weights-only
 dumps). Writes DIR/summary.json, DIR/report.md, PNG figures and a self-contained DIR/report.html.
 """
 

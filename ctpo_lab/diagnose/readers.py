@@ -7,7 +7,7 @@ Formats (:data:`FORMATS`):
              ``kl`` (the exact per-token KL) when it is present on every row.
 ``npz``      the importance-weight dumps of :mod:`ctpo_lab.dumps` (one ``.npz`` file, or a directory of
              ``step_XXXXXXX_rank_XXXX.npz`` files or of ``step_XXXXXXX/`` sub-directories), written by ctpo_lab's
-             trainer, its verl plugin and its TRL subclass (lossless: L_t is stored) or by the CTPO authors' verl
+             trainer and its verl plugin (lossless: L_t is stored) or by the CTPO authors' verl
              fork (only the weights, capped at e^10; ``dump_mode`` says which loss wrote them, see
              :data:`DUMP_MODES`).  All steps and ranks are pooled unless ``steps`` selects some.
 
