@@ -41,7 +41,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "RatioDump", "dump_filename", "write_ratio_dump", "read_ratio_dump", "read_step", "list_steps", "to_tensors",
+    "RatioDump", "dump_filename", "write_ratio_dump", "read_ratio_dump", "read_step", "list_steps", "step_files",
+    "to_tensors",
 ]
 
 #: Safety cap on the log-weight used by the authors' code before exponentiation.
@@ -263,8 +264,8 @@ def _pad(blocks: list[np.ndarray], width: int, fill: float | bool) -> np.ndarray
     return np.vstack([np.pad(b, ((0, 0), (0, width - b.shape[1])), constant_values=fill) for b in blocks])
 
 
-def read_step(directory: str | os.PathLike[str], step: int) -> RatioDump:
-    """Merge every rank shard of one step (rows stacked in rank order, padded to the widest)."""
+def step_files(directory: str | os.PathLike[str], step: int) -> list[Path]:
+    """The dump files of one step, sorted: ``step_XXXXXXX_rank_*.npz``, else the ``*.npz`` of ``step_XXXXXXX/``."""
     d = Path(directory)
     files = sorted(f for f in d.glob(f"step_{step:07d}_rank_*.npz") if _readable(f))
     sub = d / f"step_{step:07d}"
@@ -272,7 +273,12 @@ def read_step(directory: str | os.PathLike[str], step: int) -> RatioDump:
         files = sorted(f for f in sub.glob("*.npz") if _readable(f))
     if not files:
         raise FileNotFoundError(f"directory: no dump files for step {step} under {d}")
-    parts = [read_ratio_dump(f) for f in files]
+    return files
+
+
+def read_step(directory: str | os.PathLike[str], step: int) -> RatioDump:
+    """Merge every rank shard of one step (rows stacked in rank order, padded to the widest)."""
+    parts = [read_ratio_dump(f) for f in step_files(directory, step)]
     width = max(p.mask.shape[1] for p in parts)
     adv = None
     if all(p.advantages is not None for p in parts):

@@ -3,6 +3,7 @@
 ``figure1(results)``: top, std of L_t by position bin with the paper's σ̂√t fit (solid, ±20% band for the
 first series) and the free-exponent fit (dotted); bottom, advantage-aware clip rate by position for the fixed
 window [0.5, 5] and the √t window.  ``drift_figure(results)``: mean L_t against −Σ KL by position.
+``clip_ess_figure(result, presets)``: the clip rate of each preset by position, and the ESS by position.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 
 from ctpo_lab.stats import format_ci
 
-__all__ = ["figure1", "drift_figure"]
+__all__ = ["figure1", "drift_figure", "clip_ess_figure"]
 
 
 def _arr(values: list[float | None] | None) -> np.ndarray:
@@ -88,4 +89,26 @@ def drift_figure(results: dict[str, dict[str, Any]], *, title: str | None = None
     ax.axhline(0, color="k", lw=0.6)
     ax.set(xlabel="token position t", ylabel="$L_t$ (nats)", title=title or "Drift of the cumulative log-ratio")
     ax.legend(fontsize=7)
+    return fig
+
+
+def clip_ess_figure(result: dict[str, Any], presets: list[str], *, title: str | None = None):
+    """Top: clip rate by position of each preset in ``presets`` (keys of ``result["clip_rates"]``); bottom: the
+    normalised ESS of the cumulative weights by position."""
+    import matplotlib.pyplot as plt
+
+    from ctpo_lab.style import estimator_color, estimator_label
+
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    t = _arr(result["bin_center"])
+    for name in presets:
+        rate = _arr(result["clip_rates"].get(name, {}).get("by_bin"))
+        if rate.size:
+            ax1.plot(t[: rate.size], 100 * rate, "o-", ms=3, color=estimator_color(name), label=estimator_label(name))
+    ax1.set(ylabel="clip rate (%)", title=title or "Clip rate of each preset by position")
+    ax1.legend(fontsize=7)
+    ess = _arr(result.get("ess_by_bin"))
+    te = _arr(result.get("ess_bin_center"))
+    ax2.plot(te[: ess.size], ess, "o-", ms=3, color=estimator_color("cumulative"))
+    ax2.set(xlabel="token position t", ylabel="normalised ESS of $e^{L_t}$", ylim=(0, 1.05))
     return fig

@@ -1,0 +1,68 @@
+"""`python -m ctpo_lab.diagnose PATH [--out DIR] [--steps ...]`: diagnose your own run.
+
+PATH is a ctpo_lab trajectory parquet (a file or a directory of shards) or importance-weight npz dumps (a file,
+or a directory of step_XXXXXXX_rank_XXXX.npz files or step_XXXXXXX/ folders) as written by ctpo_lab's trainer,
+its verl plugin or the CTPO authors' verl fork (--dump-mode says which loss wrote weights-only
+dumps). Writes DIR/summary.json, DIR/report.md, PNG figures and a self-contained DIR/report.html.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ctpo_lab.cli import ArgumentParser, int_at_least, run
+from ctpo_lab.diagnose.pipeline import diagnose
+from ctpo_lab.diagnose.readers import DUMP_MODES
+
+
+def _steps(text: str) -> list[int]:
+    """``5`` or ``10-20`` (inclusive)."""
+    lo, sep, hi = text.partition("-")
+    try:
+        a = int(lo)
+        b = int(hi) if sep else a
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a step (an int ≥ 0) or a range A-B, got {text!r}") from None
+    if a < 0 or b < a:
+        raise argparse.ArgumentTypeError(f"expected a step ≥ 0 or a range A-B with A ≤ B, got {text!r}")
+    return list(range(a, b + 1))
+
+
+def build_parser() -> ArgumentParser:
+    ap = ArgumentParser(prog="python -m ctpo_lab.diagnose", description=__doc__.splitlines()[0])
+    ap.add_argument("path", help="trajectory parquet, npz dump file or dump directory")
+    ap.add_argument("--out", default="outputs/diagnose", help="output folder (default outputs/diagnose)")
+    ap.add_argument("--steps", nargs="+", type=_steps, default=None, metavar="STEP",
+                    help="dump steps to pool (ints or ranges A-B; default every step)")
+    ap.add_argument("--dump-mode", choices=DUMP_MODES, default="cumprod",
+                    help="loss mode that wrote weights-only dumps (default cumprod; ctpo_lab's dumps store L_t "
+                         "and ignore it; gspo is refused)")
+    ap.add_argument("--bin-width", type=int_at_least(1), default=50, help="position bin width (default 50)")
+    ap.add_argument("--n-boot", type=int_at_least(10), default=1000, help="bootstrap resamples (default 1000)")
+    ap.add_argument("--seed", type=int_at_least(0), default=0)
+    ap.add_argument("--overwrite", action="store_true", help="replace DIR if ctpo_lab created it")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0, 2 bad input (one line ``error: <argument>: <expected>``), 130 interrupted."""
+    return run(lambda: _main(argv), prog="python -m ctpo_lab.diagnose",
+               flags=("out", "steps", "dump_mode", "bin_width", "n_boot", "seed"))
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    steps = None if args.steps is None else sorted({s for group in args.steps for s in group})
+    s = diagnose(args.path, args.out, steps=steps, seed=args.seed, dump_mode=args.dump_mode,
+                 overwrite=args.overwrite, bin_width=args.bin_width, n_boot=args.n_boot)
+    lo, hi = s["exponent_ci"]
+    print(f"{s['format']}: {s['num_sequences']} sequences, {s['num_tokens']} tokens; KL/token (k3) "
+          f"{s['kl_per_token']:.3g}, σ̂ {s['sigma_hat']:.4g}, exponent {s['exponent']:.3f} [{lo:.3f}, {hi:.3f}]"
+          + ("; LOSSY input (weights at the cap e^10)" if s["lossy"] else ""))
+    print(f"report: {args.out}/report.html")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
