@@ -18,10 +18,11 @@ import numpy as np
 
 from ctpo_lab import losses, stats
 
-__all__ = ["trajectory_statistics"]
+__all__ = ["trajectory_statistics", "finite_or_none"]
 
 
-def _finite(x: Any) -> float | None:
+def finite_or_none(x: Any) -> float | None:
+    """``float(x)`` when it is a finite number, else None (JSON-ready)."""
     try:
         v = float(x)
     except (TypeError, ValueError):
@@ -30,7 +31,7 @@ def _finite(x: Any) -> float | None:
 
 
 def _list(a: Any) -> list[float | None]:
-    return [_finite(v) for v in np.asarray(a, dtype=np.float64).reshape(-1)]
+    return [finite_or_none(v) for v in np.asarray(a, dtype=np.float64).reshape(-1)]
 
 
 def trajectory_statistics(
@@ -45,7 +46,7 @@ def trajectory_statistics(
     min_sequences: int = 10,
     n_boot: int = 1000,
     seed: int = 0,
-    windows: Sequence[str | losses.LossConfig] = ("fixed_window", "sqrt_t_window"),
+    windows: Sequence[str | losses.LossConfig] = losses.FIGURE1_WINDOWS,
 ) -> dict[str, Any]:
     """All Figure-1 statistics of one batch of trajectories, as a JSON-ready dict.
 
@@ -109,7 +110,7 @@ def trajectory_statistics(
                          "by_bin": _list(tab.clip_rate)}
     centers, ess = stats.ess_profile(cum, mask, bin_width=bin_width, min_count=min_count)
     out.update({
-        "drift_per_token": drift.drift_per_token, "kl_per_token": _finite(drift.kl_per_token),
+        "drift_per_token": drift.drift_per_token, "kl_per_token": finite_or_none(drift.kl_per_token),
         "mean_log_ratio": drift.mean_log_ratio, "clip_rates": clip,
         "bin_center": _list(fit.bin_center), "bin_std": _list(fit.bin_std), "bin_count": _list(fit.bin_count),
         "bin_mean": _list(drift.mean), "bin_neg_cum_kl": _list(drift.neg_cum_kl),

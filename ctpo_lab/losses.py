@@ -42,6 +42,7 @@ __all__ = [
     "LossConfig",
     "PRESETS",
     "TRAINING_PRESETS",
+    "FIGURE1_WINDOWS",
     "PolicyLossOutput",
     "DIAGNOSTICS",
     "PATHS",
@@ -191,6 +192,9 @@ PRESETS: dict[str, LossConfig] = {
         clip_exponent=0.5, dual_clip=None, max_log_weight=10.0,
     ),
 }
+
+#: The two clip windows on L_t of the paper's Figure 1 (presets above).
+FIGURE1_WINDOWS: tuple[str, ...] = ("fixed_window", "sqrt_t_window")
 
 #: The presets that are losses one trains with (the rest are measurement estimators and windows).
 TRAINING_PRESETS: tuple[str, ...] = ("grpo", "dapo", "gspo", "ctpo", "ctpo_fixed", "ctpo_geomean", "seq_is", "cispo")

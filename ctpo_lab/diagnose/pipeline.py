@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,26 +19,19 @@ from typing import Any
 import numpy as np
 
 from ctpo_lab import analysis, stats
+from ctpo_lab.analysis import finite_or_none
 from ctpo_lab.diagnose import readers
+from ctpo_lab.losses import FIGURE1_WINDOWS
 from ctpo_lab.runsafety import atomic_path, atomic_write_text, prepare_output
 
-__all__ = ["CLIP_PRESETS", "WINDOWS", "diagnose", "summarize"]
+__all__ = ["CLIP_PRESETS", "diagnose", "summarize"]
 
 #: training losses whose clip rates the report gives (keys of ``losses.PRESETS``)
 CLIP_PRESETS = ("grpo", "gspo", "ctpo")
-#: the Figure-1 windows
-WINDOWS = ("fixed_window", "sqrt_t_window")
 
 KL_ESTIMATOR = ("k3: mean over valid tokens of e^ℓ − 1 − ℓ, ℓ = log π − log μ (unbiased for KL(μ‖π) under μ "
                 "and never negative)")
 
-
-def _finite(x: Any) -> float | None:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
 
 
 def summarize(traj: readers.Trajectories, *, seed: int = 0, bin_width: int = 50, n_boot: int = 1000,
@@ -53,12 +45,12 @@ def summarize(traj: readers.Trajectories, *, seed: int = 0, bin_width: int = 50,
         st = analysis.trajectory_statistics(
             ell, m, traj.advantages, traj.groups, traj.kl, bin_width=bin_width, min_count=min_count,
             min_sequences=min(10, max(2, int(m.shape[0]) // 2)), n_boot=n_boot, seed=seed,
-            windows=WINDOWS + CLIP_PRESETS)
+            windows=FIGURE1_WINDOWS + CLIP_PRESETS)
     except ValueError as e:
         raise ValueError(f"path: too little data for the √t fit ({e})") from None
     clip: dict[str, Any] = {}
     aware = traj.advantages is not None
-    for name in WINDOWS + CLIP_PRESETS:
+    for name in FIGURE1_WINDOWS + CLIP_PRESETS:
         if aware:
             clip[name] = st["clip_rates"][name]["overall"]
         else:  # per sign of the advantage: A = +1 and A = −1 on every token
@@ -77,11 +69,11 @@ def summarize(traj: readers.Trajectories, *, seed: int = 0, bin_width: int = 50,
         "num_sequences": int(m.any(axis=1).sum()),
         "num_tokens": int(m.sum()),
         "mean_length": float(m.sum() / max(1, int(m.any(axis=1).sum()))),
-        "kl_per_token": _finite(k3),
+        "kl_per_token": finite_or_none(k3),
         "kl_estimator": KL_ESTIMATOR,
-        "kl_per_token_k1": _finite(-v.mean()),
+        "kl_per_token_k1": finite_or_none(-v.mean()),
         "kl_per_token_exact": st["kl_per_token"],
-        "drift_per_token": _finite(v.mean()),
+        "drift_per_token": finite_or_none(v.mean()),
         "drift_slope": st["drift_per_token"],
         "sigma_hat": st["sigma_hat"],
         "sigma_hat_ci": st["sigma_hat_ci"],
@@ -116,7 +108,7 @@ def _figures(out: Path, summary: dict[str, Any]) -> list[tuple[str, str]]:
 
     st = summary["_stats"]
     name = "run"
-    presets = list(WINDOWS + CLIP_PRESETS)
+    presets = list(FIGURE1_WINDOWS + CLIP_PRESETS)
     figs = [
         ("figure1.png", "sd(L_t) by position against σ̂√t and the free fit; Figure-1 window clip rates",
          figure1({name: st}, summary["bin_width"])),

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ctpo_lab.losses import FIGURE1_WINDOWS
 from ctpo_lab.stats import format_ci
 
 __all__ = ["figure1", "drift_figure", "clip_ess_figure"]
@@ -54,7 +55,7 @@ def figure1(results: dict[str, dict[str, Any]], bin_width: int, *, title: str | 
             lo, hi = r["exponent_ci"]
             ax1.plot(tt, r["prefactor"] * tt ** r["exponent"], ":", color=c, lw=1.4,
                      label=f"free fit β = {format_ci(r['exponent'], lo, hi, 2, style='f')}")
-        for window in ("fixed_window", "sqrt_t_window"):
+        for window in FIGURE1_WINDOWS:
             rate = _arr(r["clip_rates"].get(window, {}).get("by_bin"))
             if rate.size:
                 ax2.plot(t[: rate.size], 100 * rate, styles[i % len(styles)], marker="o", ms=3,

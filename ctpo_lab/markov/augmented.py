@@ -32,8 +32,7 @@ from .model import MarkovMDP
 
 __all__ = ["run_augmented_dp", "log_ratio_distribution_profile", "FIGURE1_WINDOWS"]
 
-#: the two windows of the paper's Figure 1 (presets of :data:`ctpo_lab.losses.PRESETS`)
-FIGURE1_WINDOWS: tuple[str, ...] = ("fixed_window", "sqrt_t_window")
+FIGURE1_WINDOWS = losses.FIGURE1_WINDOWS  # the two windows of the paper's Figure 1 (presets)
 
 _EXACT_KEY = 1e-11
 

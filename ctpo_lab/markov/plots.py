@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ctpo_lab.losses import FIGURE1_WINDOWS
+
 
 def _style() -> tuple:
     from ctpo_lab import style
@@ -109,7 +111,7 @@ def plot_position_profiles(clip: pd.DataFrame, out: Path) -> list[Path]:
     a1.set(ylabel="L_t", title="Gaussian-like walk (i.i.d. chain): spread and drift of L_t")
     a1.legend(fontsize=8)
     a1.grid(alpha=0.3)
-    for name in ("fixed_window", "sqrt_t_window"):
+    for name in FIGURE1_WINDOWS:
         a2.plot(t, clip[f"{name}_rate"], color=color(name), lw=2, label=label(name))
         a2.plot(t, clip[f"{name}_low"], color=color(name), ls=":", lw=1, label=f"{name}: P(L_t < lower)")
     a2.set(xlabel="position t", ylabel="clip rate ½(P high + P low)", title="Exact clip rate by position")

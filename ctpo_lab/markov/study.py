@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ctpo_lab.losses import PRESETS, LossConfig, resolve_config
+from ctpo_lab.losses import FIGURE1_WINDOWS, PRESETS, LossConfig, resolve_config
 
 from .augmented import log_ratio_distribution_profile
 from .estimator import chain_estimator
@@ -261,7 +261,7 @@ def fact_clip_profiles(seed: int = 0, T: int = 5000, sigma: float = 0.035, bin_w
                        ) -> tuple[list[dict], dict[str, np.ndarray]]:
     """Figure-1 shape: clip rate of a fixed window [0.5, 5] rises with t, the √t window stays flat."""
     mdp = random_instance(4, T, 0, seed=seed, kl=sigma**2 / 2)
-    dist = log_ratio_distribution_profile(mdp, ("fixed_window", "sqrt_t_window"), bin_width=bin_width)
+    dist = log_ratio_distribution_profile(mdp, FIGURE1_WINDOWS, bin_width=bin_width)
     prof = position_moments(mdp)
     dist["sd_L"] = np.sqrt(prof["var_L"])
     dist["mean_L_exact"] = prof["mean_L"]
