@@ -6,7 +6,11 @@ All windows are expressed in log space as bounds [lower_t, upper_t] on log w_t:
                  (bounds log(1 − ε_low), log(1 + ε_high); the clamp itself is done in ratio space, as verl).
 * ``log_window`` CTPO-LA: log w ∈ [−ε_low·s_t, ε_high·s_t], s_t = max(t, 1)^p (p = 0: a fixed log window).
 * ``detached_clip`` (CISPO) the weight is clipped to [1 − ε_low, 1 + ε_high] but its gradient is always kept
-                 (CISPO: loss = −A · sg(clip(w)) · log π_t; value reported as −A · clip(w)).
+                 (CISPO, verl ``cispo``: loss = −A · sg(clip(w)) · log π_t, whose value contains log π_t itself;
+                 ``clipped_term_active`` = w ≠ clip(w), on either side whatever the sign of A, as verl counts it).
+* ``gppo``       (GPPO, arXiv 2508.07629) PPO's clip in the forward pass; in the clipped region the gradient is
+                 kept, bounded by the clip: loss = −A · sg(v) · w/sg(w), v = min(w, 1+ε_high) for A > 0,
+                 max(w, 1−ε_low) for A < 0 (value −A·v, gradient −A·v·∇log π everywhere).
 * ``none``       no clip (plain importance-weighted policy gradient).
 
 Per-token PPO-style loss (the minus sign makes it a loss to minimise)::
@@ -27,8 +31,8 @@ from torch import Tensor
 
 __all__ = ["CLIP_RULES", "ClipRule", "ClipOutput", "clip_window", "dual_clip_bound", "clipped_surrogate"]
 
-ClipRule = Literal["ppo", "log_window", "detached_clip", "none"]
-CLIP_RULES: tuple[str, ...] = ("ppo", "log_window", "detached_clip", "none")
+ClipRule = Literal["ppo", "log_window", "detached_clip", "gppo", "none"]
+CLIP_RULES: tuple[str, ...] = ("ppo", "log_window", "detached_clip", "gppo", "none")
 
 
 class ClipOutput(NamedTuple):
@@ -62,7 +66,7 @@ def clip_window(
     if rule == "log_window":
         s = _scale(position, exponent, dtype)
         return -eps_low * s, eps_high * s
-    if rule in ("ppo", "detached_clip"):
+    if rule in ("ppo", "detached_clip", "gppo"):
         lo = math.log(1.0 - eps_low) if eps_low < 1.0 else -math.inf
         return (
             torch.tensor(lo, dtype=dtype, device=device),
@@ -79,10 +83,10 @@ def dual_clip_bound(
 ) -> Tensor | None:
     """Ratio-space dual-clip bound d_t (A < 0: no gradient once w_t > d_t), broadcastable to [B, T].
 
-    ``log_window``: d_t = exp(ε_c·s_t), s_t = max(t,1)^exponent.  ``ppo``/``none``: d_t = c.  ``detached_clip`` has no
-    dual clip (None), nor has any rule with ``dual_clip=None``.
+    ``log_window``: d_t = exp(ε_c·s_t), s_t = max(t,1)^exponent.  ``ppo``/``none``: d_t = c.  ``detached_clip`` and
+    ``gppo`` have no dual clip (None), nor has any rule with ``dual_clip=None``.
     """
-    if dual_clip is None or rule == "detached_clip":
+    if dual_clip is None or rule in ("detached_clip", "gppo"):
         return None
     if rule == "log_window":
         return (dual_clip * _scale(position, exponent, dtype)).exp()
@@ -101,6 +105,7 @@ def clipped_surrogate(
     eps_high: float,
     exponent: float = 0.0,
     dual_clip: float | None = None,
+    log_prob: Tensor | None = None,
 ) -> ClipOutput:
     """Per-token clipped policy-gradient loss and its clip masks.
 
@@ -120,6 +125,9 @@ def clipped_surrogate(
     dual_clip : float, optional
         ``ppo``: the ratio-space dual-clip constant c > 1.  ``log_window``: ε_c, the dual bound being
         exp(ε_c·s_t).  None disables the dual clip.
+    log_prob : Tensor [B, T], optional
+        log π_t (differentiable, 0 on masked-out tokens): required by ``detached_clip``, whose value is
+        −A·sg(clip(w))·log π_t.
 
     Returns
     -------
@@ -133,9 +141,20 @@ def clipped_surrogate(
     elif rule in ("log_window", "none"):
         clipped = torch.maximum(torch.minimum(log_weight, upper), lower).exp()
     elif rule == "detached_clip":
-        # value clip(w), gradient clip(w)·∇log π: the clipped weight multiplies the score, never zeroes it
+        # the clipped weight multiplies the score, never zeroes it
+        if log_prob is None:
+            raise ValueError("log_prob: the detached_clip rule needs log_prob (its value is −A·sg(clip(w))·log π)")
         clipped_value = weight.detach().clamp(1.0 - eps_low, 1.0 + eps_high)
-        per_token_loss = -advantages * clipped_value * (log_weight - log_weight.detach()).exp()
+        per_token_loss = -advantages * clipped_value * log_prob
+        high = (advantages > 0) & (log_weight.detach() > upper)
+        low = (advantages < 0) & (log_weight.detach() < lower)
+        none = torch.zeros_like(high)
+        return ClipOutput(per_token_loss, lower, upper, high, low, none, weight.detach() != clipped_value)
+    elif rule == "gppo":
+        w = weight.detach()
+        bounded = torch.where(advantages > 0, w.clamp(max=1.0 + eps_high),
+                              torch.where(advantages < 0, w.clamp(min=1.0 - eps_low), w))
+        per_token_loss = -advantages * bounded * (log_weight - log_weight.detach()).exp()
         high = (advantages > 0) & (log_weight.detach() > upper)
         low = (advantages < 0) & (log_weight.detach() < lower)
         none = torch.zeros_like(high)

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ctpo_lab import ratios
+from ctpo_lab import masks, ratios, surrogates
 from ctpo_lab.clipping import CLIP_RULES, ClipOutput, clip_window, clipped_surrogate
 from ctpo_lab.diagnostics import basic_diagnostics, loss_diagnostics
 
@@ -41,12 +41,16 @@ __all__ = [
     "AGGREGATIONS",
     "LossConfig",
     "PRESETS",
+    "PRESET_SOURCES",
+    "ZOO_PRESETS",
+    "ALL_RULES",
     "TRAINING_PRESETS",
     "FIGURE1_WINDOWS",
     "PolicyLossOutput",
     "DIAGNOSTICS",
     "PATHS",
     "resolve_config",
+    "lean_path_applies",
     "aggregate",
     "compute_policy_loss",
     "policy_loss",
@@ -54,10 +58,16 @@ __all__ = [
 
 AGGREGATIONS: tuple[str, ...] = (
     "token-mean",
+    "token-sum",
     "seq-mean-token-mean",
     "seq-mean-token-sum",
     "seq-mean-token-sum-norm",
+    "seq-sum-token-sum-norm",
+    "all-seq-mean-token-mean",
+    "all-seq-mean-token-sum",
 )
+#: the aggregations of the fused one-pass gradient (the others take the autograd path)
+_LEAN_AGGREGATIONS: tuple[str, ...] = AGGREGATIONS
 #: ``diagnostics=`` of :func:`compute_policy_loss`: ``"basic"`` = the metrics verl computes (``actor/pg_loss``,
 #: ``actor/pg_clipfrac``, ``actor/pg_clipfrac_lower``, ``actor/ppo_kl``); ``"full"`` = :mod:`ctpo_lab.diagnostics`.
 DIAGNOSTICS: tuple[str, ...] = ("basic", "full")
@@ -82,7 +92,19 @@ class LossConfig:
     norm_horizon : the constant of ``seq-mean-token-sum-norm`` (None: the padded length T of the batch).
     log_ratio_clamp : per-token clamp of ℓ_t (verl and CTPO use 20).
     max_log_weight : safety cap on log w_t before exponentiation (CTPO and GSPO code use 10; None: off).
-    truncation : C (token_tis) or c̄ (truncated_cumulative), ratio space.
+    truncation : C (token_tis) or c̄ (truncated_cumulative), ratio space; the cap C of the detached weight
+        min(r, C) of ``dppo_tv``/``dppo_kl``.
+    tau_pos, tau_neg : SAPO's gate temperatures for A > 0 and A ≤ 0.
+    cov_fraction, cov_low, cov_high, kl_coef : ``clip_cov``/``kl_cov``: the fraction of valid tokens selected, the
+        covariance window of ``clip_cov``, the coefficient β of ``kl_cov``'s |ℓ| penalty.
+    kernel_power_pos, kernel_rate_pos, kernel_power_neg, kernel_rate_neg : VESPO's (k, λ) for A ≥ 0 and A < 0.
+    mask_rule : one of :data:`ctpo_lab.masks.MASK_RULES`, applied after the surrogate.
+    mask_low, mask_high : ``ratio_band``: the kept ratio band [mask_low, mask_high].
+    mask_threshold : δ of ``opsm``/``trust_region``/``cppo``, τ of ``m2po``.
+    mask_statistic : ``trust_region``'s per-token statistic, ``"k2"`` or ``"k3"``.
+    position_weight_min, prefix_budget : CPPO's w_min and δ_b.
+    dp_size, batch_num_tokens, global_batch_size : verl's global-batch scaling of the aggregation (data-parallel
+        size; valid tokens and sequences of the global mini-batch); the defaults are the local batch.
     """
 
     name: str = "custom"
@@ -97,19 +119,71 @@ class LossConfig:
     log_ratio_clamp: float | None = ratios.DEFAULT_LOG_RATIO_CLAMP
     max_log_weight: float | None = None
     truncation: float | None = None
+    tau_pos: float = 1.0
+    tau_neg: float = 1.05
+    cov_fraction: float = 2e-4
+    cov_low: float = 1.0
+    cov_high: float = 5.0
+    kl_coef: float = 0.1
+    kernel_power_pos: float = 2.0
+    kernel_rate_pos: float = 3.0
+    kernel_power_neg: float = 3.0
+    kernel_rate_neg: float = 2.0
+    mask_rule: str = "none"
+    mask_low: float | None = None
+    mask_high: float | None = None
+    mask_threshold: float | None = None
+    mask_statistic: str = "k3"
+    position_weight_min: float = 0.8
+    prefix_budget: float = 0.02
+    dp_size: int = 1
+    batch_num_tokens: int | None = None
+    global_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.ratio not in ratios.RATIO_FAMILIES:
             raise ValueError(f"ratio: unknown ratio family {self.ratio!r}; expected one of {ratios.RATIO_FAMILIES}")
-        if self.clip not in CLIP_RULES:
-            raise ValueError(f"clip: unknown clip rule {self.clip!r}; expected one of {CLIP_RULES}")
+        if self.clip not in ALL_RULES:
+            raise ValueError(f"clip: unknown clip rule {self.clip!r}; expected one of {ALL_RULES}")
+        if self.mask_rule not in masks.MASK_RULES:
+            raise ValueError(f"mask_rule: unknown mask rule {self.mask_rule!r}; expected one of {masks.MASK_RULES}")
+        if self.mask_statistic not in masks.MASK_STATISTICS:
+            raise ValueError(f"mask_statistic: expected one of {masks.MASK_STATISTICS}, got {self.mask_statistic!r}")
+        needs = {"ratio_band": ("mask_low", "mask_high"), "opsm": ("mask_threshold",),
+                 "trust_region": ("mask_threshold",), "m2po": ("mask_threshold",), "cppo": ("mask_threshold",)}
+        for field in needs.get(self.mask_rule, ()):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{field}: mask rule {self.mask_rule!r} needs a finite number >= 0, got {v!r}")
+        if self.mask_rule == "ratio_band" and not self.mask_low <= self.mask_high:
+            raise ValueError(f"mask_high: expected mask_low <= mask_high, got [{self.mask_low}, {self.mask_high}]")
+        for field in ("tau_pos", "tau_neg", "cov_fraction", "kernel_rate_pos", "kernel_rate_neg"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{field}: expected a finite number > 0, got {v!r}")
+        for field in ("cov_low", "cov_high", "kl_coef", "kernel_power_pos", "kernel_power_neg", "prefix_budget"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{field}: expected a finite number, got {v!r}")
+        if not 0 < self.position_weight_min <= 1:
+            raise ValueError(f"position_weight_min: expected 0 < w_min <= 1, got {self.position_weight_min!r}")
+        if not (isinstance(self.dp_size, int) and not isinstance(self.dp_size, bool) and self.dp_size >= 1):
+            raise ValueError(f"dp_size: expected an int >= 1, got {self.dp_size!r}")
+        for field in ("batch_num_tokens", "global_batch_size"):
+            v = getattr(self, field)
+            if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+                raise ValueError(f"{field}: expected a positive int or None, got {v!r}")
+        if self.dp_size > 1 and self.aggregation == "token-mean" and self.batch_num_tokens is None:
+            raise ValueError("batch_num_tokens: token-mean with dp_size > 1 needs the global number of valid tokens")
+        if (self.dp_size > 1 and self.aggregation.startswith("seq-mean") and self.global_batch_size is None):
+            raise ValueError("global_batch_size: a seq-mean aggregation with dp_size > 1 needs the global batch size")
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation: unknown aggregation {self.aggregation!r}; expected one of {AGGREGATIONS}")
         for field in ("eps_low", "eps_high"):
             v = getattr(self, field)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"{field}: expected a finite number > 0, got {v!r}")
-        if self.clip in ("ppo",) and self.eps_low >= 1:
+        if self.clip in ("ppo", "gppo", "clip_cov") and self.eps_low >= 1:
             raise ValueError(f"eps_low: the PPO ratio window needs 0 < eps_low < 1, got {self.eps_low!r}")
         if not math.isfinite(self.clip_exponent):
             raise ValueError(f"clip_exponent: expected a finite number, got {self.clip_exponent!r}")
@@ -118,6 +192,9 @@ class LossConfig:
                 raise ValueError(f"dual_clip: the PPO dual clip needs c > 1, got {self.dual_clip!r}")
             if self.clip == "log_window" and not self.dual_clip > 0:
                 raise ValueError(f"dual_clip: the log-window dual clip needs ε_c > 0, got {self.dual_clip!r}")
+        if self.clip in surrogates.SURROGATE_RULES and self.ratio != "token":
+            raise ValueError(f"ratio: rule {self.clip!r} forms its own weight from the token log-ratios; "
+                             f"use ratio='token', got {self.ratio!r}")
         if self.ratio in ("token_tis", "truncated_cumulative") and not (self.truncation or 0) > 0:
             raise ValueError(f"truncation: ratio {self.ratio!r} needs a truncation cap > 0, got {self.truncation!r}")
         for field in ("log_ratio_clamp", "max_log_weight", "truncation", "dual_clip"):
@@ -131,6 +208,9 @@ class LossConfig:
         if self.norm_horizon is not None and not (isinstance(self.norm_horizon, int) and self.norm_horizon > 0):
             raise ValueError(f"norm_horizon: expected a positive int or None, got {self.norm_horizon!r}")
 
+
+#: every value of ``LossConfig.clip``: the clip-window rules and the other surrogate rules
+ALL_RULES: tuple[str, ...] = CLIP_RULES + surrogates.SURROGATE_RULES
 
 _UNCLIPPED = dict(clip="none", dual_clip=None, aggregation="seq-mean-token-sum", max_log_weight=None)
 
@@ -154,7 +234,7 @@ PRESETS: dict[str, LossConfig] = {
     "dapo": LossConfig(name="dapo", ratio="token", clip="ppo", eps_low=0.2, eps_high=0.28, dual_clip=3.0),
     "gspo": LossConfig(
         name="gspo", ratio="sequence_geomean", clip="ppo", eps_low=3e-4, eps_high=4e-4, dual_clip=None,
-        aggregation="seq-mean-token-mean", max_log_weight=10.0,
+        aggregation="seq-mean-token-mean", max_log_weight=10.0, log_ratio_clamp=None,
     ),
     "ctpo": LossConfig(
         name="ctpo", ratio="cumulative", clip="log_window", eps_low=0.025, eps_high=0.05, clip_exponent=0.5,
@@ -171,7 +251,7 @@ PRESETS: dict[str, LossConfig] = {
     "seq_is": LossConfig(
         name="seq_is", ratio="sequence", clip="ppo", eps_low=0.2, eps_high=0.2, dual_clip=3.0, max_log_weight=10.0
     ),
-    "cispo": LossConfig(name="cispo", ratio="token", clip="detached_clip", eps_low=1.0, eps_high=4.0, dual_clip=None),
+    "cispo": LossConfig(name="cispo", ratio="token", clip="detached_clip", eps_low=0.2, eps_high=0.2, dual_clip=None),
     "unclipped_token": LossConfig(name="unclipped_token", ratio="token", **_UNCLIPPED),
     "unclipped_cumulative": LossConfig(name="unclipped_cumulative", ratio="cumulative", **_UNCLIPPED),
     "unclipped_sequence": LossConfig(name="unclipped_sequence", ratio="sequence", **_UNCLIPPED),
@@ -191,12 +271,105 @@ PRESETS: dict[str, LossConfig] = {
         name="sqrt_t_window", ratio="cumulative", clip="log_window", eps_low=0.025, eps_high=0.05,
         clip_exponent=0.5, dual_clip=None, max_log_weight=10.0,
     ),
+    # ------------------------------------------------------------------ the field's estimator zoo
+    "dr_grpo": LossConfig(name="dr_grpo", ratio="token", clip="ppo", dual_clip=None, log_ratio_clamp=None,
+                          aggregation="seq-mean-token-sum-norm"),
+    "bnpo": LossConfig(name="bnpo", ratio="token", clip="ppo", dual_clip=None, log_ratio_clamp=None,
+                       aggregation="token-mean"),
+    "gmpo": LossConfig(name="gmpo", ratio="token", clip="gmpo", eps_low=0.4, eps_high=0.4, dual_clip=None,
+                       log_ratio_clamp=None, aggregation="all-seq-mean-token-sum"),
+    "sapo": LossConfig(name="sapo", ratio="token", clip="sapo", dual_clip=None, aggregation="seq-mean-token-mean"),
+    "gppo": LossConfig(name="gppo", ratio="token", clip="gppo", eps_low=0.2, eps_high=0.28, dual_clip=None),
+    "topr": LossConfig(name="topr", ratio="token", clip="topr", dual_clip=None),
+    "dppo_tv": LossConfig(name="dppo_tv", ratio="token", clip="dppo_tv", dual_clip=None, truncation=3.0),
+    "dppo_kl": LossConfig(name="dppo_kl", ratio="token", clip="dppo_kl", dual_clip=None, truncation=3.0),
+    "clip_cov": LossConfig(name="clip_cov", ratio="token", clip="clip_cov", dual_clip=None, log_ratio_clamp=None),
+    "kl_cov": LossConfig(name="kl_cov", ratio="token", clip="kl_cov", dual_clip=None, log_ratio_clamp=None),
+    "gpg": LossConfig(name="gpg", ratio="token", clip="reinforce", dual_clip=None),
+    "luspo": LossConfig(
+        name="luspo", ratio="sequence_geomean", clip="ppo", eps_low=3e-4, eps_high=4e-4, dual_clip=None,
+        log_ratio_clamp=None, aggregation="all-seq-mean-token-sum",
+    ),
+    "vespo": LossConfig(name="vespo", ratio="token", clip="vespo", dual_clip=None),
+    "opsm": LossConfig(name="opsm", ratio="token", clip="ppo", dual_clip=None, log_ratio_clamp=None,
+                       mask_rule="opsm", mask_threshold=0.5),
+    "trm": LossConfig(name="trm", ratio="token", clip="ppo", dual_clip=3.0, mask_rule="trust_region",
+                      mask_statistic="k3", mask_threshold=0.05),
+    "m2po": LossConfig(name="m2po", ratio="token", clip="none", dual_clip=None, mask_rule="m2po",
+                       mask_threshold=0.04),
+    "icepop": LossConfig(name="icepop", ratio="token", clip="none", dual_clip=None, mask_rule="ratio_band",
+                         mask_low=0.5, mask_high=5.0),
+    "cppo": LossConfig(name="cppo", ratio="token", clip="none", dual_clip=None, mask_rule="cppo",
+                       mask_threshold=0.2, position_weight_min=0.8, prefix_budget=0.02),
+}
+
+#: One line per preset: the formula it implements and its source (paper; reference implementation).  Where the
+#: source gives no default for a hyperparameter, the line says which value ctpo_lab chose.
+PRESET_SOURCES: dict[str, str] = {
+    "grpo": "token r_t, PPO clip [0.8, 1.2], dual clip 3, token-mean — verl vanilla (core_algos.py) with its defaults",
+    "dapo": "grpo with ε_high = 0.28 (clip-higher) — arXiv 2503.14476 (DAPO); verl vanilla with clip_ratio_high=0.28",
+    "gspo": "s_i = exp(mean_t ℓ_t) per row, PPO clip [1−3e-4, 1+4e-4], log s capped at 10, no per-token clamp, "
+            "seq-mean-token-mean — arXiv 2507.18071; verl gspo",
+    "ctpo": "ρ_{1:t} with log window [−0.025√t, 0.05√t], dual bound e^{0.05√t}, log-weight cap 10 — arXiv 2605.07331; "
+            "the CTPO authors' cum-token-cumprod-la",
+    "ctpo_fixed": "ctpo with the fixed log window [−0.025, 0.05] — arXiv 2605.07331 (ablation)",
+    "ctpo_geomean": "ρ_{1:t}^{1/t} with the t^{−1/2} log window — arXiv 2605.07331; cum-token-geomean-la",
+    "seq_is": "ρ_{1:T} with the PPO clip and dual clip 3 — the sequence-level IS baseline of arXiv 2605.07331",
+    "cispo": "−A·sg(clip(r, 0.8, 1.2))·log π (gradient never dropped) — MiniMax-M1 (arXiv 2506.13585); verl cispo",
+    "unclipped_token": "Σ_t r_t A ∇log π_t, no clip — the token IS estimator of the theory",
+    "unclipped_cumulative": "Σ_t ρ_{1:t} A ∇log π_t — the unbiased prefix IS estimator",
+    "unclipped_sequence": "Σ_t ρ_{1:T} A ∇log π_t — the full-sequence IS estimator",
+    "unclipped_sequence_geomean": "Σ_t ρ_{1:T}^{1/|y|} A ∇log π_t — GSPO's weight without its clip",
+    "unclipped_cumulative_geomean": "Σ_t ρ_{1:t}^{1/t} A ∇log π_t — the geometric-mean prefix weight",
+    "tis": "Σ_t min(r_t, 2) A ∇log π_t — truncated IS (arXiv 2510.18855's TIS with C = 2)",
+    "cumulative_tis": "Σ_t Π_{k≤t} min(r_k, 1) A ∇log π_t — truncated cumulative IS (c̄ = 1)",
+    "fixed_window": "ρ_{1:t} with the fixed ratio window [0.5, 5] — Figure 1 of arXiv 2605.07331",
+    "sqrt_t_window": "ρ_{1:t} with the √t log window, no dual clip — Figure 1 of arXiv 2605.07331",
+    "dr_grpo": "token PPO clip [0.8, 1.2], no dual clip, Σ loss / (B·H) with H the padded length (TRL: "
+               "max_completion_length; pass norm_horizon) — arXiv 2503.20783; TRL loss_type='dr_grpo'",
+    "bnpo": "token PPO clip [0.8, 1.2], no dual clip, Σ loss / Σ mask over the local batch — TRL loss_type='bnpo'",
+    "gmpo": "row: −Ā·exp(mean_t sign-pessimistic clip(ℓ_t, −0.4, 0.4)), mean over rows — arXiv 2507.20673; "
+            "verl geo_mean with clip_ratio=0.4 (the GMPO paper's range)",
+    "sapo": "−A·σ(τ(r−1))·4/τ, τ = 1.0 (A > 0) / 1.05, seq-mean-token-mean — arXiv 2511.20347; verl sapo",
+    "gppo": "PPO clip [0.8, 1.28] forward; −A·sg(clip)·∇log π kept in the clipped region — arXiv 2508.07629 "
+            "(Klear-Reasoner, ε values as its recipe; β₁ = β₂ = 1)",
+    "topr": "A ≥ 0: −A·log π; A < 0: −A·sg(min(ρ_{1:T}, 1))·log π; token-mean (ctpo_lab's choice of "
+            "normaliser) — arXiv 2503.14286",
+    "dppo_tv": "−A·sg(min(r, 3))·log π on tokens with π−μ ≤ 0.2 (A > 0) / ≥ −0.2 (A ≤ 0) — arXiv 2602.04879; "
+               "verl dppo_tv (clip_ratio_c = 3 from verl's ActorConfig)",
+    "dppo_kl": "dppo_tv with the binary KL(μ‖π) ≤ 0.2 on the side that moves π away from μ — arXiv 2602.04879; "
+               "verl dppo_kl",
+    "clip_cov": "PPO clip, and max(⌊2e-4·N⌋, 1) random tokens with cov(A, log π) ∈ (1, 5) zeroed — "
+                "arXiv 2505.22617; verl clip_cov (torch.randperm: seed the global generator)",
+    "kl_cov": "−A·r, plus 0.1·|ℓ| on the max(⌊2e-4·N⌋, 1) tokens of largest cov(A, log π) — arXiv 2505.22617; "
+              "verl kl_cov",
+    "gpg": "−A·log π (no importance weight) — arXiv 2504.02546; verl gpg",
+    "luspo": "GSPO's clipped sequence weight summed over the row's tokens (×|y|), mean over rows — "
+             "arXiv 2602.05261; TRL loss_type='luspo' with GSPO's ε (TRL's default ε is 0.2)",
+    "vespo": "−A·sg(W^k e^{λ(1−W)})·log π, W = ρ_{1:T} in [1e-8, e^20], (k, λ) = (2, 3) for A ≥ 0, (3, 2) "
+             "otherwise, token-mean — arXiv 2602.10693; TRL loss_type='vespo'",
+    "opsm": "token PPO clip [0.8, 1.2], rows with A < 0 and mean(log μ − log π) > 0.5 dropped — DeepSeek-V3.2 "
+            "(arXiv 2512.02556); TRL off_policy_mask_threshold (0.5, the value TRL's documentation suggests)",
+    "trm": "grpo, rows with max_t k3(ℓ_t) > 0.05 removed (trust-region masking; δ = 0.05 is ctpo_lab's "
+           "choice) — arXiv 2512.23075; verl rollout_rs='seq_max_k3'",
+    "m2po": "−A·r on the tokens left after removing the largest ℓ² until the batch mean ℓ² ≤ 0.04 (removed "
+            "tokens leave the denominator) — arXiv 2510.01161; AReaL",
+    "icepop": "−A·r·1[0.5 ≤ r ≤ 5] (masked tokens stay in the denominator) — IcePop (Ring-1T); verl "
+              "decoupled_token_icepop's band",
+    "cppo": "−A·r on tokens that pass CPPO's position-weighted, prefix-budgeted Binary-TV test (δ = 0.2, "
+            "w_min = 0.8, δ_b = 0.02) — arXiv 2606.10968; verl PR 6731 / UniRL cppo",
 }
 
 #: The two clip windows on L_t of the paper's Figure 1 (presets above).
 FIGURE1_WINDOWS: tuple[str, ...] = ("fixed_window", "sqrt_t_window")
 
 #: The presets that are losses one trains with (the rest are measurement estimators and windows).
+#: The estimators of the field's zoo (beyond ctpo_lab's own and the bare weights), in the order of the tables.
+ZOO_PRESETS: tuple[str, ...] = (
+    "grpo", "dapo", "dr_grpo", "bnpo", "gspo", "gmpo", "sapo", "cispo", "gppo", "topr", "dppo_tv", "dppo_kl",
+    "clip_cov", "kl_cov", "gpg", "luspo", "vespo", "opsm", "trm", "m2po", "icepop", "cppo",
+)
+
 TRAINING_PRESETS: tuple[str, ...] = ("grpo", "dapo", "gspo", "ctpo", "ctpo_fixed", "ctpo_geomean", "seq_is", "cispo")
 
 
@@ -217,14 +390,28 @@ def resolve_config(preset: str | LossConfig = "grpo", **overrides: object) -> Lo
     return dataclasses.replace(base, **overrides) if overrides else base
 
 
-def aggregate(per_token_loss: Tensor, mask: Tensor, mode: str, norm_horizon: int | None = None) -> Tensor:
-    """Reduce a [B, T] per-token loss to a scalar (verl's ``agg_loss``).
+def aggregate(per_token_loss: Tensor, mask: Tensor, mode: str, norm_horizon: int | None = None, *,
+              dp_size: int = 1, batch_num_tokens: int | None = None, global_batch_size: int | None = None) -> Tensor:
+    """Reduce a [B, T] per-token loss to a scalar (verl's ``agg_loss``, plus TRL's all-row means).
 
-    token-mean: Σ loss·m / Σ m.  seq-mean-token-mean: mean over rows with ≥ 1 valid token of the row's token
-    mean.  seq-mean-token-sum: mean over those rows of the row's token sum.  seq-mean-token-sum-norm:
-    Σ of row sums / norm_horizon (default T).  An empty mask gives 0 (with a zero gradient).
+    With S_i = Σ_t loss_it·m_it, n_i = Σ_t m_it, R = #rows with n_i > 0 (or ``global_batch_size``),
+    N = Σ n_i (or ``batch_num_tokens``), D = ``dp_size`` and H = ``norm_horizon`` (default: the padded T):
+
+    ==========================  ==========================================================================
+    token-mean                  Σ_i S_i / N · D
+    token-sum                   Σ_i S_i · D
+    seq-mean-token-mean         Σ_{n_i>0} (S_i / n_i) / R · D
+    seq-mean-token-sum          Σ_i S_i / R · D
+    seq-mean-token-sum-norm     Σ_i S_i / R · D / H        (verl ≥ 0.9; Dr. GRPO with H = max length)
+    seq-sum-token-sum-norm      Σ_i S_i / H                (the earlier verl form, without / R)
+    all-seq-mean-token-mean     Σ_i (S_i / max(n_i, 1)) / B    (TRL ``grpo``: empty rows count in B)
+    all-seq-mean-token-sum      Σ_i S_i / B                (TRL ``luspo``; verl ``geo_mean``'s row mean)
+    ==========================  ==========================================================================
+
+    An empty mask gives 0 (with a zero gradient).
     """
-    return _aggregate(per_token_loss, mask, mode, norm_horizon)
+    return _aggregate(per_token_loss, mask, mode, norm_horizon, dp_size=dp_size, batch_num_tokens=batch_num_tokens,
+                      global_batch_size=global_batch_size)
 
 
 def _row_counts(mask: Tensor) -> Tensor:
@@ -234,22 +421,41 @@ def _row_counts(mask: Tensor) -> Tensor:
 
 
 def _aggregate(per_token_loss: Tensor, mask: Tensor, mode: str, norm_horizon: int | None,
-               row_count: Tensor | None = None, n: Tensor | None = None, masked: bool = False) -> Tensor:
+               row_count: Tensor | None = None, n: Tensor | None = None, masked: bool = False, *,
+               dp_size: int = 1, batch_num_tokens: int | None = None,
+               global_batch_size: int | None = None) -> Tensor:
     """:func:`aggregate` with optional precomputed valid-token counts (``count_nonzero``: a bool ``sum``
     first converts the whole mask to int64); ``masked``: the loss is already 0 on masked-out tokens."""
     masked = per_token_loss if masked else torch.where(mask, per_token_loss, 0.0)
+    scale = float(dp_size)
     if mode == "token-mean":
-        return masked.sum() / (mask.count_nonzero() if n is None else n).clamp(min=1)
+        if batch_num_tokens is not None:
+            return masked.sum() / float(batch_num_tokens) * scale
+        out = masked.sum() / (mask.count_nonzero() if n is None else n).clamp(min=1)
+        return out * scale if dp_size != 1 else out
+    if mode == "token-sum":
+        return masked.sum() * scale if dp_size != 1 else masked.sum()
     row_sum = masked.sum(dim=-1)
-    if mode == "seq-mean-token-sum-norm":
-        return row_sum.sum() / float(norm_horizon or mask.shape[-1])
+    horizon = float(norm_horizon or mask.shape[-1])
+    if mode == "seq-sum-token-sum-norm":
+        return row_sum.sum() / horizon
+    if mode.startswith("all-seq-mean"):
+        rows_all = max(mask.shape[0], 1)
+        if mode == "all-seq-mean-token-sum":
+            return row_sum.sum() / rows_all
+        row_count = _row_counts(mask) if row_count is None else row_count
+        return (row_sum / row_count.clamp(min=1)).sum() / rows_all
     row_count = _row_counts(mask) if row_count is None else row_count
-    rows = (row_count > 0).sum().clamp(min=1)
+    rows = (row_count > 0).sum().clamp(min=1) if global_batch_size is None else float(global_batch_size)
     if mode == "seq-mean-token-mean":
-        return (row_sum / row_count.clamp(min=1)).sum() / rows
-    if mode == "seq-mean-token-sum":
-        return row_sum.sum() / rows
-    raise ValueError(f"aggregation: unknown aggregation {mode!r}; expected one of {AGGREGATIONS}")
+        out = (row_sum / row_count.clamp(min=1)).sum() / rows
+    elif mode == "seq-mean-token-sum":
+        out = row_sum.sum() / rows
+    elif mode == "seq-mean-token-sum-norm":
+        out = row_sum.sum() / rows / horizon
+    else:
+        raise ValueError(f"aggregation: unknown aggregation {mode!r}; expected one of {AGGREGATIONS}")
+    return out * scale if dp_size != 1 else out
 
 
 class PolicyLossOutput(NamedTuple):
@@ -311,9 +517,11 @@ def compute_policy_loss(
     """Device-side policy loss with all intermediate quantities (see :func:`policy_loss` for the arguments).
 
     Does not check for NaN/inf (that needs a host sync): read ``num_nonfinite`` together with the metrics.
-    ``path="lean"`` (default) forms the per-token gradient in one pass (:class:`_FusedLoss`); ``"reference"``
-    is autograd through the clip rule of :func:`ctpo_lab.clipping.clipped_surrogate` (the same values and
-    gradients; the tests compare the two).  With ``diagnostics="basic"`` the lean path leaves
+    ``path="lean"`` (default) forms the per-token gradient in one pass (:class:`_FusedLoss`) for the clip-window
+    rules without a mask rule and with the local aggregation; every other configuration, and ``"reference"``,
+    is autograd through the rule (:func:`ctpo_lab.clipping.clipped_surrogate` or :mod:`ctpo_lab.surrogates`,
+    then :mod:`ctpo_lab.masks`) — the same values and gradients; the tests compare the two.
+    With ``diagnostics="basic"`` the lean path leaves
     ``position`` and the clip masks of ``clip`` as ``None`` (they are not computed).
     """
     cfg = resolve_config(preset, **overrides)
@@ -322,8 +530,27 @@ def compute_policy_loss(
     if path not in PATHS:
         raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
     _check_inputs(log_prob, old_log_prob, advantages, response_mask)
-    if path == "lean":
+    if path == "lean" and lean_path_applies(cfg):
         return _lean_policy_loss(cfg, log_prob, old_log_prob, advantages, response_mask, diagnostics)
+    return _reference_policy_loss(cfg, log_prob, old_log_prob, advantages, response_mask, diagnostics)
+
+
+def lean_path_applies(cfg: LossConfig) -> bool:
+    """Whether ``path="lean"`` takes the fused one-pass gradient: it covers the clip-window rules without a
+    mask rule, on the local batch (no global-batch scaling)."""
+    return (cfg.clip in ("ppo", "log_window", "detached_clip", "none") and cfg.mask_rule == "none"
+            and cfg.dp_size == 1 and cfg.batch_num_tokens is None and cfg.global_batch_size is None)
+
+
+#: mask rules that remove the dropped tokens from the aggregation's denominators (they edit the response mask,
+#: as verl's rejection sampling and AReaL's M2PO do); the others zero the dropped tokens' loss only
+_DENOMINATOR_MASKS = ("trust_region", "m2po")
+
+
+def _reference_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor,
+                           response_mask: Tensor, diagnostics: str) -> PolicyLossOutput:
+    """Autograd through the rule: the clip window of :func:`ctpo_lab.clipping.clipped_surrogate` or a rule of
+    :mod:`ctpo_lab.surrogates`, then the mask rule of :mod:`ctpo_lab.masks`, then :func:`aggregate`."""
     dtype = ratios.compute_dtype(log_prob.dtype)
     mask = response_mask.bool()
     lp = log_prob.to(dtype)
@@ -334,16 +561,39 @@ def compute_policy_loss(
     # lp − μ is non-finite iff either input is (inf − inf = NaN): one check covers both log-prob tensors
     num_nonfinite = (~torch.isfinite(lp.detach() - old) & mask).sum() + (~torch.isfinite(adv) & mask).sum()
     adv = torch.where(mask, adv, 0.0)
+    lp_valid = torch.where(mask, lp, 0.0)  # NaN at masked-out positions never reaches a value or a gradient
+    old_valid = torch.where(mask, old, 0.0)
 
     position = ratios.positions(mask)
     log_ratio = ratios.token_log_ratio(lp, old, mask, cfg.log_ratio_clamp)
-    x = ratios.family_log_weight(cfg.ratio, log_ratio.detach(), mask, truncation=cfg.truncation, position=position)
-    log_w = ratios.stop_gradient_log_weight(x, lp, mask, cfg.max_log_weight)
-    clip = clipped_surrogate(
-        cfg.clip, log_w, adv, position, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-        exponent=cfg.clip_exponent, dual_clip=cfg.dual_clip,
-    )
-    loss = aggregate(clip.per_token_loss, mask, cfg.aggregation, cfg.norm_horizon)
+    reference_metrics: dict[str, Tensor] = {}
+    if cfg.clip in surrogates.SURROGATE_RULES:
+        rule = surrogates.surrogate(
+            surrogates.SurrogateInputs(lp_valid, old_valid, lp_valid - old_valid, adv, mask), cfg)
+        x = rule.log_weight_value
+        none = torch.zeros_like(mask)
+        inf = torch.tensor(math.inf, dtype=dtype, device=lp.device)
+        clip = ClipOutput(rule.per_token_loss, -inf, inf, rule.dropped_high, rule.dropped_low, none,
+                          rule.dropped_high | rule.dropped_low)
+        reference_metrics = rule.reference_metrics
+    else:
+        x = ratios.family_log_weight(cfg.ratio, log_ratio.detach(), mask, truncation=cfg.truncation,
+                                     position=position)
+        log_w = ratios.stop_gradient_log_weight(x, lp, mask, cfg.max_log_weight)
+        clip = clipped_surrogate(
+            cfg.clip, log_w, adv, position, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+            exponent=cfg.clip_exponent, dual_clip=cfg.dual_clip, log_prob=lp_valid,
+        )
+    per_token_loss = clip.per_token_loss
+    agg_mask = mask
+    keep = masks.token_keep(cfg, lp_valid, old_valid, log_ratio, adv, mask)
+    if keep is not None:
+        per_token_loss = torch.where(keep, per_token_loss, 0.0)
+        if cfg.mask_rule in _DENOMINATOR_MASKS:
+            agg_mask = keep
+        clip = clip._replace(per_token_loss=per_token_loss)
+    loss = aggregate(per_token_loss, agg_mask, cfg.aggregation, cfg.norm_horizon, dp_size=cfg.dp_size,
+                     batch_num_tokens=cfg.batch_num_tokens, global_batch_size=cfg.global_batch_size)
     with torch.no_grad():
         if diagnostics == "full":
             metrics = loss_diagnostics(
@@ -351,6 +601,11 @@ def compute_policy_loss(
                 clipped_low=clip.clipped_low, clipped_dual=clip.clipped_dual,
                 clipped_term_active=clip.clipped_term_active, max_log_weight=cfg.max_log_weight,
             )
+            if keep is not None:
+                metrics["pg_update/mask/rate"] = (mask & ~keep).count_nonzero() / mask.count_nonzero().clamp(min=1)
+            metrics.update(reference_metrics)
+        elif cfg.clip in surrogates.SURROGATE_RULES:
+            metrics = dict(reference_metrics)
         else:
             metrics = basic_diagnostics(
                 log_ratio_sum=torch.where(mask, log_ratio.detach(), 0.0).sum(), num_tokens=mask.count_nonzero(),
@@ -455,12 +710,22 @@ _ROW_FAMILIES = ("sequence", "sequence_geomean")
 
 def _aggregate_grad(grad: Tensor, mode: str, n: Tensor, row_count: Tensor, norm_horizon: int | None,
                     T: int) -> Tensor:
-    """d loss / d loss_t of :func:`aggregate` on valid tokens, in autograd's order of operations (0-d or [B, 1])."""
+    """d loss / d loss_t of :func:`aggregate` on valid tokens, in autograd's order of operations (0-d or [B, 1]);
+    the local batch only (the global-batch scaling takes the autograd path)."""
     if mode == "token-mean":
         return grad / n.clamp(min=1)
-    if mode == "seq-mean-token-sum-norm":
+    if mode == "token-sum":
+        return grad
+    if mode == "seq-sum-token-sum-norm":
         return grad / float(norm_horizon or T)
+    B = row_count.shape[0]
+    if mode == "all-seq-mean-token-sum":
+        return grad / max(B, 1)
+    if mode == "all-seq-mean-token-mean":
+        return ((grad / max(B, 1)) / row_count.clamp(min=1)).unsqueeze(-1)
     rows = (row_count > 0).sum().clamp(min=1)
+    if mode == "seq-mean-token-sum-norm":
+        return (grad / float(norm_horizon or T)) / rows
     if mode == "seq-mean-token-mean":
         return ((grad / rows) / row_count.clamp(min=1)).unsqueeze(-1)
     return grad / rows
@@ -543,11 +808,12 @@ def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, a
         dual = term = high = low = None
         if cfg.clip == "detached_clip":
             lower, upper = clip_window("detached_clip", one, cfg.eps_low, cfg.eps_high, 0.0, dtype)
-            cv = lw.exp().clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
-            ptl = neg_adv * cv
-            grad_value = ptl  # d loss_t / d log π_t = −A·clip(w) (the clipped weight multiplies the score)
+            w = lw.exp()
+            cv = w.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
+            grad_value = neg_adv * cv  # d loss_t / d log π_t = −A·clip(w) (the clipped weight multiplies the score)
+            ptl = grad_value * lp.detach()  # verl's value −A·sg(clip(w))·log π (masked-out entries zeroed below)
             high, low = pos & (lw > upper), neg & (lw < lower)
-            term = high | low
+            term = w != cv  # verl's clip fraction: outside the window on either side, whatever the sign of A
             dual = torch.zeros_like(term)
             num_term, num_dual = (term & mask).count_nonzero(), torch.zeros((), dtype=torch.int64)
         else:
