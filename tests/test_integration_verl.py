@@ -31,6 +31,7 @@ import pytest
 import torch
 
 from ctpo_lab import dumps
+from ctpo_lab.integrations.verl import FIXED_AGGREGATION_RULES
 from ctpo_lab.losses import PRESETS, aggregate, compute_policy_loss, policy_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,17 +107,26 @@ def test_importing_verl_alone_registers_every_preset(verl_env):
     assert modes == [f"ctpo_lab.{k}" for k in PRESETS]
 
 
+_VERL_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_each_preset_equals_policy_loss(verl_env, preset):
     core_algos, *_ = verl_env
     fn = core_algos.get_policy_loss_fn(f"ctpo_lab.{preset}")
-    agg = PRESETS[preset].aggregation
+    own = PRESETS[preset].aggregation
+    # verl's loss_agg_mode replaces the preset's aggregation (TRL's all-row means are not verl modes), except for
+    # the rules whose aggregation verl fixes itself
+    agg = own if own in _VERL_MODES else "token-mean"
+    fixed = PRESETS[preset].clip in FIXED_AGGREGATION_RULES
     cfg = _actor_config(verl_env, f"ctpo_lab.{preset}", loss_agg_mode=agg)
     for seed in range(3):
         old, lp, adv, mask = _batch(seed, scale=0.02 + 0.1 * seed)
+        torch.manual_seed(seed)  # clip_cov draws its tokens from the global generator
         loss, metrics = _call(fn, old, lp, adv, mask, cfg)
         (grad,) = torch.autograd.grad(loss, lp)
-        ref, ref_metrics = policy_loss(lp, old, adv, mask, preset=preset)
+        torch.manual_seed(seed)
+        ref, ref_metrics = policy_loss(lp, old, adv, mask, preset=preset, **({} if fixed else {"aggregation": agg}))
         (ref_grad,) = torch.autograd.grad(ref, lp)
         # verl's seq-mean-token-mean divides each row by (count + 1e-8), ctpo_lab by max(count, 1)
         rtol = 1e-7 if agg == "seq-mean-token-mean" else 1e-12

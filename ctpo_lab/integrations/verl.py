@@ -9,15 +9,16 @@ group ``verl.plugins``), which registers each key of :data:`ctpo_lab.losses.PRES
 What a mode computes, called as verl's actor calls a policy loss
 (``old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights``):
 
-* the per-token loss of :func:`ctpo_lab.losses.compute_policy_loss` with the preset's constants (ratio family,
-  clip rule, ε_low, ε_high, exponent p, dual clip, caps);
-* multiplied by ``rollout_is_weights`` when verl passes them (rollout correction), as verl's own losses do;
-* aggregated by verl's ``agg_loss`` with verl's ``loss_agg_mode`` and ``config.global_batch_info``
-  (``dp_size``, ``batch_num_tokens``, ``global_batch_size``, ``loss_scale_factor``): the global-batch scaling of
-  verl's ``vanilla`` loss, so gradients do not depend on how the batch is split into micro-batches and ranks.
-  The preset's own ``aggregation`` is therefore replaced by ``actor.loss_agg_mode`` (verl's default
-  ``token-mean``; set ``seq-mean-token-mean`` for GSPO's form).  With a single micro-batch and the preset's
-  aggregation the value and the gradient are those of ``compute_policy_loss``;
+* the loss of :func:`ctpo_lab.losses.compute_policy_loss` with the preset's constants (ratio family, clip or
+  surrogate rule, mask rule, ε_low, ε_high, exponent p, dual clip, caps), aggregated by
+  :func:`ctpo_lab.losses.aggregate` — verl's ``agg_loss`` — with verl's ``loss_agg_mode`` and
+  ``config.global_batch_info`` (``dp_size``, ``batch_num_tokens``, ``global_batch_size``, ``loss_scale_factor``
+  as ``norm_horizon``): the global-batch scaling of verl's own losses, so gradients do not depend on how the
+  batch is split into micro-batches and ranks.  The preset's own ``aggregation`` is therefore replaced by
+  ``actor.loss_agg_mode`` (verl's default ``token-mean``; set ``seq-mean-token-mean`` for GSPO's form), except
+  for the rules whose aggregation verl itself fixes (:data:`FIXED_AGGREGATION_RULES`: SAPO, GMPO);
+* multiplied per token by ``rollout_is_weights`` before the aggregation when verl passes them (rollout
+  correction), as verl's own losses do;
 * metrics: every ctpo_lab diagnostic as a float (``actor/pg_clipfrac``, ``actor/pg_clipfrac_lower``,
   ``actor/ppo_kl`` with verl's definitions, the ``clip_ratio/*`` and ``pg_update/*`` rates, quantiles and ESS);
   verl adds ``actor/pg_loss`` itself and prefixes the other names with ``actor/`` in its logs.
@@ -63,7 +64,7 @@ import torch
 from torch import Tensor
 
 from ctpo_lab import dumps
-from ctpo_lab.losses import PRESETS, LossConfig, compute_policy_loss, metrics_to_host, resolve_config
+from ctpo_lab.losses import PRESETS, LossConfig, aggregate, compute_policy_loss, metrics_to_host, resolve_config
 
 __all__ = [
     "MODE_PREFIX",
@@ -108,16 +109,30 @@ def _overrides_of(config: Any) -> dict[str, Any]:
     return {str(k): v for k, v in raw.items()}
 
 
+#: rules whose aggregation verl fixes whatever ``loss_agg_mode`` says (verl's sapo: seq-mean-token-mean; verl's
+#: geo_mean: the mean over the micro-batch's rows): their presets keep their own aggregation
+FIXED_AGGREGATION_RULES: tuple[str, ...] = ("sapo", "gmpo")
+_VERL_AGGREGATIONS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
 def loss_config_from_verl(preset: str | LossConfig, config: Any, loss_agg_mode: str) -> LossConfig:
-    """The preset's :class:`LossConfig` with the ``policy_loss.ctpo_lab`` overrides and verl's aggregation."""
+    """The preset's :class:`LossConfig` with the ``policy_loss.ctpo_lab`` overrides, verl's aggregation (except for
+    :data:`FIXED_AGGREGATION_RULES`) and verl's global-batch scaling (``global_batch_info``: ``dp_size``,
+    ``batch_num_tokens``, ``global_batch_size``, ``loss_scale_factor`` → ``norm_horizon``)."""
     overrides = _overrides_of(config)
     if "aggregation" in overrides:
         raise ValueError(f"policy_loss.{OVERRIDES_KEY}.aggregation: set actor.loss_agg_mode instead")
     cfg = resolve_config(preset, **overrides)
-    if loss_agg_mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
-        # the per-token loss does not depend on the aggregation; keep the config's name of it consistent
-        cfg = dataclasses.replace(cfg, aggregation=loss_agg_mode)
-    return cfg
+    changes: dict[str, Any] = {}
+    if loss_agg_mode in _VERL_AGGREGATIONS and cfg.clip not in FIXED_AGGREGATION_RULES:
+        changes["aggregation"] = loss_agg_mode
+    info = _global_batch_info(config) if config is not None else {}
+    for key in ("dp_size", "batch_num_tokens", "global_batch_size"):
+        if info.get(key) is not None:
+            changes[key] = int(info[key])
+    if info.get("loss_scale_factor") is not None:
+        changes["norm_horizon"] = int(info["loss_scale_factor"])
+    return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 def _global_batch_info(config: Any) -> dict[str, Any]:
@@ -180,16 +195,13 @@ def make_policy_loss_fn(preset: str | LossConfig) -> Callable[..., tuple[Tensor,
         config: Any = None,
         rollout_is_weights: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Any]]:
-        from verl.trainer.ppo.core_algos import agg_loss
-
         cfg = loss_config_from_verl(preset, config, loss_agg_mode)
         out = compute_policy_loss(log_prob, old_log_prob, advantages, response_mask, cfg, path="reference")
-        per_token = out.clip.per_token_loss
-        if rollout_is_weights is not None:
-            per_token = per_token * rollout_is_weights.to(per_token.dtype)
-        per_token = torch.where(out.mask, per_token, 0.0)
-        loss = agg_loss(loss_mat=per_token, loss_mask=out.mask, loss_agg_mode=loss_agg_mode,
-                        **_global_batch_info(config))
+        loss = out.loss
+        if rollout_is_weights is not None:  # verl's per-token rollout weights multiply the loss before aggregation
+            per_token = torch.where(out.mask, out.clip.per_token_loss * rollout_is_weights.to(out.loss.dtype), 0.0)
+            loss = aggregate(per_token, out.mask, cfg.aggregation, cfg.norm_horizon, dp_size=cfg.dp_size,
+                             batch_num_tokens=cfg.batch_num_tokens, global_batch_size=cfg.global_batch_size)
         metrics = metrics_to_host(out.metrics, out.num_nonfinite)
         metrics.pop("actor/pg_loss", None)  # verl logs its own (the aggregated, globally scaled loss)
         directory = os.environ.get(DUMP_ENV)
