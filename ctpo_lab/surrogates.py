@@ -89,6 +89,11 @@ def _kl_metric(inputs: SurrogateInputs, log_ratio: Tensor) -> Tensor:
     return _masked_mean(-log_ratio.detach(), inputs.mask)
 
 
+def _const(value: float, like: Tensor) -> Tensor:
+    """A 0-d tensor in ``like``'s dtype (a Python float in ``torch.where`` would be rounded to float32 first)."""
+    return torch.tensor(value, dtype=like.dtype, device=like.device)
+
+
 def _zero(inputs: SurrogateInputs) -> Tensor:
     return torch.zeros((), dtype=inputs.log_prob.dtype, device=inputs.log_prob.device)
 
@@ -100,7 +105,7 @@ def _sapo(inputs: SurrogateInputs, cfg: LossConfig) -> SurrogateOutput:
     ell = _clamped(inputs.raw_log_ratio, cfg.log_ratio_clamp)
     ratio = ell.exp()
     adv = inputs.advantages
-    tau = torch.where(adv > 0, cfg.tau_pos, cfg.tau_neg).to(ratio.dtype)
+    tau = torch.where(adv > 0, _const(cfg.tau_pos, ratio), _const(cfg.tau_neg, ratio))
     gate = torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau)
     loss = torch.where(inputs.mask, -gate * adv, 0.0)
     none = _none(inputs.mask)
@@ -277,8 +282,8 @@ def _vespo(inputs: SurrogateInputs, cfg: LossConfig) -> SurrogateOutput:
     log_w = torch.where(mask, ell, 0.0).sum(-1, keepdim=True).clamp(math.log(1e-8), 20.0)
     adv = inputs.advantages
     nonneg = adv >= 0
-    k = torch.where(nonneg, cfg.kernel_power_pos, cfg.kernel_power_neg).to(ell.dtype)
-    lam = torch.where(nonneg, cfg.kernel_rate_pos, cfg.kernel_rate_neg).to(ell.dtype).clamp(min=1e-4)
+    k = torch.where(nonneg, _const(cfg.kernel_power_pos, ell), _const(cfg.kernel_power_neg, ell))
+    lam = torch.where(nonneg, _const(cfg.kernel_rate_pos, ell), _const(cfg.kernel_rate_neg, ell)).clamp(min=1e-4)
     log_phi = lam + k * log_w - lam * log_w.exp()
     phi = torch.nan_to_num(log_phi.exp(), nan=0.0, posinf=0.0, neginf=0.0)
     loss = torch.where(mask, -adv * phi * inputs.log_prob, 0.0)
