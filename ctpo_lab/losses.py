@@ -357,7 +357,7 @@ PRESET_SOURCES: dict[str, str] = {
     "icepop": "−A·r·1[0.5 ≤ r ≤ 5] (masked tokens stay in the denominator) — IcePop (Ring-1T); verl "
               "decoupled_token_icepop's band",
     "cppo": "−A·r on tokens that pass CPPO's position-weighted, prefix-budgeted Binary-TV test (δ = 0.2, "
-            "w_min = 0.8, δ_b = 0.02) — arXiv 2606.10968; verl PR 6731 / UniRL cppo",
+            "w_min = 0.8, δ_b = 0.02) — arXiv 2606.10968; the authors' implementations for verl and UniRL",
 }
 
 #: The two clip windows on L_t of the paper's Figure 1 (presets above).
