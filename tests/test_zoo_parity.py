@@ -323,9 +323,16 @@ TRL_PAIRS = {
 }
 
 
+#: TRL's token-level clip rates (A-aware, over the completion mask) and ctpo_lab's diagnostics of the same
+#: (no dual clip in these presets, so ctpo_lab's total rate is TRL's region rate)
+TRL_METRICS = {"clip_ratio/high_mean": "pg_update/clip/high/rate", "clip_ratio/low_mean": "pg_update/clip/low/rate",
+               "clip_ratio/region_mean": "pg_update/clip/total/rate"}
+
+
 @pytest.mark.parametrize("preset", list(TRL_PAIRS))
 def test_trl_named_preset_equals_trl(trl_trainer, preset):
-    """Value and gradient of the preset = TRL's ``_compute_loss`` (per-row advantages, TRL's (B,) input)."""
+    """Value and gradient of the preset = TRL's ``_compute_loss`` (per-row advantages, TRL's (B,) input), and
+    TRL's token-level clip rates = ctpo_lab's ``pg_update/clip/{high,low,total}/rate`` (PPO-clip loss types)."""
     options, overrides = TRL_PAIRS[preset]
     options = dict(options)
     stub = _trl_stub(trl_trainer, options.pop("loss_type"), **options)
@@ -341,12 +348,17 @@ def test_trl_named_preset_equals_trl(trl_trainer, preset):
             extra["global_batch_size"] = old.shape[0]  # TRL's B counts the empty row
         t_loss = _trl_loss(trl_trainer, stub, old, lp, adv, mask)
         (t_grad,) = torch.autograd.grad(t_loss, lp)
+        t_metrics = {k: v[-1] for k, v in stub._metrics["train"].items()}
         for path in PATHS:
             what = f"{preset} vs TRL {stub.loss_type} ({path}, seed {seed})"
-            loss, _ = policy_loss(lp, old, adv, mask, preset, path=path, **extra)
+            loss, metrics = policy_loss(lp, old, adv, mask, preset, path=path, **extra)
             (grad,) = torch.autograd.grad(loss, lp)
             _close(loss, t_loss, f"{what}: loss")
             _close(grad, t_grad, f"{what}: gradient")
+            # the PPO-clip loss types; TRL's sequence-level rates count rows (empty ones too), ctpo_lab's tokens
+            if "clip_ratio/high_mean" in t_metrics and options.get("level", "token") == "token":
+                for trl_key, key in TRL_METRICS.items():
+                    assert metrics[key] == pytest.approx(t_metrics[trl_key], rel=RTOL, abs=ATOL), f"{what}: {key}"
 
 
 def test_opsm_and_vespo_helpers_equal_trl(trl_trainer):
