@@ -348,11 +348,13 @@ def loss_token_coefficients(log_ratio: np.ndarray, signal: np.ndarray, estimator
     Where π = 0 the loss sees log π = log μ + :data:`L_FLOOR`.
 
     Computed by autograd through :func:`ctpo_lab.losses.compute_policy_loss` in float64 with every token valid,
-    the global-batch scaling off and ``aggregation="seq-mean-token-sum"`` (the loss of row i is its token sum,
-    and the mean over rows is multiplied back by N): each row is its own trajectory, the rows do not interact.
+    the global-batch scaling off and ``aggregation="all-seq-mean-token-sum"`` (the loss of row i is its token
+    sum, the sum over rows is divided by N whatever a mask removes, and multiplied back by N): each row is its own
+    trajectory, the rows do not interact (with every token valid this is ``seq-mean-token-sum``, the same numbers,
+    except under masks that remove whole rows from the denominator, ``trust_region``, which would couple them).
     Batch-level rules (:attr:`ChainEstimator.batch_level`) need ``batch_size``: the rows are cut into
-    consecutive batches of ``batch_size`` (N must be a multiple), the loss is evaluated on each batch with
-    ``aggregation="all-seq-mean-token-sum"`` and multiplied back by ``batch_size``, so that ``c_{i,t}`` is row
+    consecutive batches of ``batch_size`` (N must be a multiple), the loss is evaluated on each batch and
+    multiplied back by ``batch_size``, so that ``c_{i,t}`` is row
     i's contribution to −∇(batch_size · loss) within its batch (a batch's gradient is the mean of its rows'
     estimators). Returns ``[N, T]`` float64.
     """
@@ -368,7 +370,7 @@ def loss_token_coefficients(log_ratio: np.ndarray, signal: np.ndarray, estimator
             raise ValueError(f"batch_size: {n} rows are not a whole number of batches of {batch_size}")
     if (log_prob is None) != (old_log_prob is None):
         raise ValueError("log_prob/old_log_prob: pass both or neither")
-    cfg = losses.resolve_config(estimator.config, aggregation="seq-mean-token-sum", dp_size=1,
+    cfg = losses.resolve_config(estimator.config, aggregation="all-seq-mean-token-sum", dp_size=1,
                                 batch_num_tokens=None, global_batch_size=None)
     adv = torch.as_tensor(np.asarray(signal, dtype=np.float64))
     if log_prob is None:
@@ -384,7 +386,6 @@ def loss_token_coefficients(log_ratio: np.ndarray, signal: np.ndarray, estimator
         old = torch.tensor(old_np)
     if not estimator.batch_level:
         return _rows_gradient(cfg, lp, old, adv).numpy()
-    cfg = losses.resolve_config(cfg, aggregation="all-seq-mean-token-sum")
     b = int(batch_size)
     out = np.empty_like(ell)
     for a in range(0, n, b):
