@@ -21,12 +21,13 @@ from .enumerate import (
     enumerate_performance,
     enumerate_trajectories,
 )
-from .estimator import ChainEstimator, chain_estimator, loss_token_coefficients
+from .estimator import LAB_METHODS, ChainEstimator, chain_estimator, lab_method, loss_token_coefficients
 from .exact import (
     SIGNALS,
     STUDY_ESTIMATORS,
     Moments,
     bias_decomposition,
+    check_dp_support,
     exact_moments,
     performance,
     policy_values,
@@ -53,6 +54,7 @@ __all__ = [
     "Automaton",
     "ChainEstimator",
     "FIGURE1_WINDOWS",
+    "LAB_METHODS",
     "PREDICTION_ESTIMATORS",
     "STUDY_ESTIMATORS",
     "MarkovMDP",
@@ -62,6 +64,7 @@ __all__ = [
     "chain_estimator",
     "loss_token_coefficients",
     "bias_decomposition",
+    "check_dp_support",
     "contains_pattern",
     "count_fraction",
     "count_mod",
@@ -70,6 +73,7 @@ __all__ = [
     "enumerate_performance",
     "enumerate_trajectories",
     "exact_moments",
+    "lab_method",
     "latent_mode_instance",
     "log_ratio_distribution_profile",
     "make_automaton",

@@ -148,6 +148,10 @@ def trajectory_estimates(
     signal: np.ndarray,
     estimator: str | losses.LossConfig | ChainEstimator,
     positions: np.ndarray | None = None,
+    *,
+    log_prob: np.ndarray | None = None,
+    old_log_prob: np.ndarray | None = None,
+    batch_size: int | None = None,
 ) -> np.ndarray:
     """The estimator ``X = Σ_t c_t ψ(c_t, y_t)`` of each trajectory, ``[N, C·V]``.
 
@@ -158,11 +162,19 @@ def trajectory_estimates(
     estimator : preset name, LossConfig or ChainEstimator; ``c_t = −∂ loss / ∂ log π_t`` of the loss on each
         trajectory with the signal as advantages (:func:`ctpo_lab.markov.estimator.loss_token_coefficients`).
     positions : ``[T]`` 0/1, optional: keep only these positions' terms (the weights still see every token).
+    log_prob, old_log_prob : ``[N, T]`` log π_t and log μ_t, optional: the loss's inputs (default: read from
+        ``mdp`` at ``(ctx, seqs)`` when the estimator reads probabilities, else ℓ alone; see
+        :func:`~ctpo_lab.markov.estimator.loss_token_coefficients`).
+    batch_size : batch-level estimators only: the loss is evaluated on consecutive batches of this many rows.
     """
     est = estimator if isinstance(estimator, ChainEstimator) else resolve_estimator(estimator, "reward")
     N, T = seqs.shape
     V = mdp.vocab_size
-    coef = loss_token_coefficients(ell, signal, est)
+    if log_prob is None and est.reads_probabilities:
+        with np.errstate(divide="ignore"):
+            log_prob, old_log_prob = np.log(mdp.target[ctx, seqs]), np.log(mdp.behaviour[ctx, seqs])
+    coef = loss_token_coefficients(ell, signal, est, log_prob=log_prob, old_log_prob=old_log_prob,
+                                   batch_size=batch_size)
     if positions is not None:
         coef = coef * positions[None, :]
     X = np.zeros((N, mdp.dim))
@@ -215,11 +227,17 @@ def enumerate_moments(
     """The same fields as :func:`ctpo_lab.markov.exact_moments`, by exact enumeration (``V^T`` sequences).
 
     ``E X = Σ_y μ(y) X(y)``, ``E X_j² = Σ_y μ(y) X_j(y)²``, ``∇J = Σ_y π(y) R(y) Σ_t ψ_t(y)``,
-    ``Var(uᵀX)`` with ``u = ∇J/‖∇J‖``.
+    ``Var(uᵀX)`` with ``u = ∇J/‖∇J‖``. Every per-trajectory LossConfig is accepted (the loss of each sequence,
+    with its real log π and log μ); batch-level ones (:attr:`ChainEstimator.batch_level`) raise — their
+    estimator depends on the other trajectories of the batch: use ``monte_carlo_moments(batch_size=...)``.
     """
     if not isinstance(mdp, MarkovMDP):
         raise TypeError(f"mdp: expected a MarkovMDP, got {type(mdp).__name__}")
     est = resolve_estimator(estimator, signal, overrides)
+    if est.batch_level:
+        raise ValueError(f"estimator: {est.name!r} is batch-level (its loss reads a statistic of the whole batch); "
+                         "enumeration measures one trajectory at a time — use "
+                         "markov.monte_carlo_moments(..., batch_size=...)")
     pos = positions_mask(positions, mdp.horizon).astype(np.float64)
     tr = enumerate_trajectories(mdp, max_sequences)
     S = _signal_matrix(mdp, tr, signal, float(baseline))
@@ -238,7 +256,8 @@ def enumerate_moments(
         if not keep.any():
             continue
         X = trajectory_estimates(mdp, tr["seqs"][sl][keep], tr["ctx"][sl][keep], tr["ell"][sl][keep],
-                                 S[sl][keep], est, pos)
+                                 S[sl][keep], est, pos, log_prob=tr["log_pi"][sl][keep],
+                                 old_log_prob=tr["log_mu"][sl][keep])
         w = pm[keep]
         s1 += w @ X
         s2 += w @ X**2

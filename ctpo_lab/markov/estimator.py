@@ -11,17 +11,33 @@ The contract (tested by enumerating every trajectory of small chains and differe
 
 with ``θ`` the tabular target logits, ``ψ_t = ∇_θ log π_θ(y_t|s_t)``, ``X_t`` the ratio family's log-weight
 value (:mod:`ctpo_lab.ratios`, on the per-token log-ratio clamped at ``log_ratio_clamp``), ``W(X) = e^X``
-(rule ``detached_clip``, CISPO: ``clip(e^X, 1−ε_low, 1+ε_high)``) and ``keep`` the loss's gradient mask:
+(rule ``detached_clip``, CISPO: ``clip(e^X, 1−ε_low, 1+ε_high)``; rule ``reinforce``, GPG: 1) and ``keep``
+the loss's gradient factor (a 0/1 mask, except for the sign-dependent token weights below):
 
-* the cap: ``X_t > max_log_weight`` → 0;
+* the cap: ``X_t > max_log_weight`` → 0 (clip-window rules only; the surrogate rules have no cap);
 * ``ppo`` / ``log_window``: ``S > 0`` and ``X_t > upper_t``, or ``S < 0`` and ``X_t < lower_t`` → 0
   (bounds from :func:`ctpo_lab.clipping.clip_window`);
 * dual clip (``ppo``, ``log_window``, ``none``): ``S < 0`` and ``X_t > log d_t`` → 0
-  (:func:`ctpo_lab.clipping.dual_clip_bound`).
+  (:func:`ctpo_lab.clipping.dual_clip_bound`);
+* sign-dependent token weights (token-level ratios only; ``W = 1`` and ``keep`` is the whole weight):
+  ``gppo`` ``min(e^X, 1+ε_high)`` for ``S > 0``, ``max(e^X, 1−ε_low)`` for ``S < 0``; ``sapo``
+  ``4 r σ_τ(1 − σ_τ)`` with ``r = e^X``, ``σ_τ = σ(τ(r − 1))``, ``τ = τ_pos`` for ``S > 0`` else ``τ_neg`` (0 where
+  the log-ratio clamp binds);
+* the mask rule ``ratio_band`` (IcePop): ``e^{ℓ_t} ∉ [mask_low, mask_high]`` → 0, a per-transition factor of
+  the token's own table ``β`` (whatever the level).
 
 Three levels, by what ``X_t`` depends on: ``token`` (ℓ_t only: masks are per-transition tables),
 ``prefix`` (the running sum Σ_{k≤t} of a per-token increment: the masks need the augmented ``(z, L)`` state),
 ``sequence`` (L_T: the mask is read out at the end of the trajectory, on the augmented state).
+
+How each configuration is measured (:meth:`ChainEstimator.method`, :data:`LAB_METHODS`): ``"dp"`` — the exact
+DP (:func:`ctpo_lab.markov.exact_moments`); ``"per_trajectory"`` — the loss of one trajectory is well defined
+but the DP cannot represent it (row rules ``gmpo``/``topr``/``vespo``, ``dppo_*``, which read μ_t itself, the
+masks ``opsm``/``trust_region``/``cppo``): exact by enumeration (:func:`ctpo_lab.markov.enumerate_moments`) on
+small chains, Monte Carlo otherwise; ``"batch"`` — the loss reads a batch statistic
+(:data:`ctpo_lab.surrogates.BATCH_RULES`, :data:`ctpo_lab.masks.BATCH_MASKS`): Monte Carlo on batches of
+``batch_size`` trajectories (:func:`ctpo_lab.markov.monte_carlo_moments`), whose moments are those of one
+trajectory's contribution within such a batch.
 """
 
 from __future__ import annotations
@@ -31,11 +47,26 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.special import expit
 
-from ctpo_lab import losses
+from ctpo_lab import losses, masks, surrogates
 from ctpo_lab.clipping import clip_window, dual_clip_bound
 
-__all__ = ["ChainEstimator", "chain_estimator", "loss_token_coefficients", "L_FLOOR"]
+__all__ = ["ChainEstimator", "chain_estimator", "loss_token_coefficients", "lab_method", "L_FLOOR", "LAB_METHODS",
+           "DP_RULES", "DP_MASKS"]
+
+#: how the exact lab measures a configuration (:meth:`ChainEstimator.method`): the exact DP, the per-trajectory
+#: loss (enumeration on small chains, Monte Carlo otherwise) or Monte Carlo on batches
+LAB_METHODS: tuple[str, ...] = ("dp", "per_trajectory", "batch")
+#: the clip/surrogate rules the exact DP represents (``gppo``/``sapo`` on token-level ratios only)
+DP_RULES: tuple[str, ...] = ("ppo", "log_window", "detached_clip", "none", "gppo", "sapo", "reinforce")
+#: the mask rules the exact DP represents
+DP_MASKS: tuple[str, ...] = ("none", "ratio_band")
+#: rules whose per-token weight depends on the sign of the signal (token-level in the DP)
+_SIGN_WEIGHTED = ("gppo", "sapo")
+#: rules and masks whose loss reads log π_t and log μ_t themselves, not only ℓ_t
+_PROBABILITY_RULES = ("dppo_tv", "dppo_kl", "clip_cov", "kl_cov")
+_PROBABILITY_MASKS = ("cppo",)
 
 #: stands in for ℓ = −inf (π = 0 < μ) when the loss has no log-ratio clamp; far below every window
 L_FLOOR = -1e3
@@ -78,14 +109,81 @@ class ChainEstimator:
 
     @property
     def sign_dependent(self) -> bool:
-        """The gradient mask reads the sign of the signal (a clip window or a dual clip)."""
+        """The gradient mask reads the sign of the signal (a clip window, a dual clip, a sign-dependent weight)."""
         c = self.config
-        return c.clip in ("ppo", "log_window") or (c.clip == "none" and c.dual_clip is not None)
+        return (c.clip in ("ppo", "log_window") + _SIGN_WEIGHTED
+                or (c.clip == "none" and c.dual_clip is not None))
+
+    @property
+    def sign_weighted(self) -> bool:
+        """The token weight itself depends on the sign of the signal (``gppo``, ``sapo``): ``keep`` carries it."""
+        return self.config.clip in _SIGN_WEIGHTED
+
+    @property
+    def capped(self) -> bool:
+        """The log-weight cap ``max_log_weight`` applies (clip-window rules; the surrogate rules ignore it)."""
+        c = self.config
+        return c.max_log_weight is not None and c.clip not in surrogates.SURROGATE_RULES
 
     @property
     def has_mask(self) -> bool:
         """``keep`` is not identically 1."""
-        return self.sign_dependent or self.config.max_log_weight is not None
+        return self.sign_dependent or self.capped
+
+    @property
+    def batch_level(self) -> bool:
+        """The loss of a trajectory reads the whole batch (:data:`ctpo_lab.surrogates.BATCH_RULES`,
+        :data:`ctpo_lab.masks.BATCH_MASKS`): measured by Monte Carlo on batches of ``batch_size``."""
+        c = self.config
+        return c.clip in surrogates.BATCH_RULES or c.mask_rule in masks.BATCH_MASKS
+
+    @property
+    def reads_probabilities(self) -> bool:
+        """The loss reads log π_t and log μ_t themselves (DPPO's probability trust region, the covariance rules,
+        CPPO's Binary-TV), not only ℓ_t: :func:`loss_token_coefficients` needs ``log_prob``/``old_log_prob``."""
+        c = self.config
+        return c.clip in _PROBABILITY_RULES or c.mask_rule in _PROBABILITY_MASKS
+
+    def dp_unsupported_reason(self, signal: str = "reward") -> str | None:
+        """Why the exact DP cannot represent this configuration with ``signal`` (None: it can)."""
+        c = self.config
+        mc = ("use markov.monte_carlo_moments (or enumerate_moments on small chains), which accept every "
+              "per-trajectory LossConfig")
+        if self.batch_level:
+            what = f"rule {c.clip!r}" if c.clip in surrogates.BATCH_RULES else f"mask rule {c.mask_rule!r}"
+            return (f"estimator: {self.name!r} is batch-level ({what} reads a statistic of the whole batch); the "
+                    "exact DP and enumeration measure one trajectory at a time — use "
+                    "markov.monte_carlo_moments(..., batch_size=...), which evaluates the loss on batches")
+        if c.clip not in DP_RULES:
+            why = ("its per-token gradient reads a row statistic" if c.clip in surrogates.ROW_RULES
+                   else "its weight and trust region read π_t and μ_t themselves, not only ℓ_t")
+            return f"estimator: {self.name!r} uses rule {c.clip!r}, which the exact DP does not represent ({why}); {mc}"
+        if c.mask_rule not in DP_MASKS:
+            return (f"estimator: {self.name!r} uses mask rule {c.mask_rule!r}, which the exact DP does not "
+                    f"represent (only {DP_MASKS}); {mc}")
+        if self.sign_weighted and self.level != "token":
+            return (f"estimator: {self.name!r} applies the sign-dependent weight of rule {c.clip!r} to a "
+                    f"{self.level}-level ratio ({c.ratio}); the exact DP supports it on token-level ratios only; "
+                    f"{mc}")
+        if self.level == "sequence" and self.has_mask:
+            if self.position_dependent_window:
+                return (f"estimator: {self.name!r} applies a position-dependent log window (clip_exponent="
+                        f"{c.clip_exponent}) to a sequence-level ratio ({c.ratio}); the exact DP reads "
+                        "sequence-level masks only at the end of the trajectory, where they cannot depend on t — "
+                        f"{mc}")
+            if signal != "reward" and self.sign_dependent:
+                return (f"estimator: {self.name!r} masks a sequence-level ratio by the sign of a per-token signal "
+                        f"({signal!r}); the exact DP supports sequence-level sign masks for the outcome signal "
+                        f"'reward' only — {mc}")
+        return None
+
+    def method(self, signal: str = "reward") -> str:
+        """How the exact lab measures this configuration with ``signal``: one of :data:`LAB_METHODS`
+        (``"dp"``: exact DP; ``"per_trajectory"``: enumeration on small chains, Monte Carlo otherwise;
+        ``"batch"``: Monte Carlo on batches of ``batch_size`` trajectories)."""
+        if self.batch_level:
+            return "batch"
+        return "dp" if self.dp_unsupported_reason(signal) is None else "per_trajectory"
 
     @property
     def atom_weighted(self) -> bool:
@@ -149,8 +247,21 @@ class ChainEstimator:
         sg = np.asarray(sign, dtype=np.float64)
         shape = np.broadcast_shapes(x.shape, sg.shape, np.shape(t))
         dropped = np.zeros(shape, dtype=bool)
-        if c.max_log_weight is not None:
+        if self.capped:
             dropped |= x > c.max_log_weight
+        if c.clip == "gppo":  # the bounded weight: min(w, 1+ε_high) for S > 0, max(w, 1−ε_low) for S < 0
+            lo, hi, _ = self.window(t)
+            w = np.exp(np.minimum(x, c.max_log_weight) if self.capped else x)
+            v = np.where(sg > 0, np.minimum(w, np.exp(hi)), np.where(sg < 0, np.maximum(w, np.exp(lo)), w))
+            return np.where(dropped, 0.0, np.broadcast_to(v, shape))
+        if c.clip == "sapo":  # d/dlog π of σ(τ(r−1))·4/τ: 4 r σ (1 − σ); 0 where the clamp binds
+            r = np.exp(x)
+            tau = np.where(sg > 0, c.tau_pos, c.tau_neg)
+            s = expit(tau * (r - 1.0))
+            v = 4.0 * r * s * (1.0 - s)
+            if c.log_ratio_clamp is not None:
+                v = np.where(np.abs(x) >= c.log_ratio_clamp, 0.0, v)
+            return np.broadcast_to(v, shape).astype(np.float64)
         if c.clip in ("ppo", "log_window", "none"):
             lo, hi, log_dual = self.window(t)
             if c.clip != "none":
@@ -160,8 +271,11 @@ class ChainEstimator:
         return (~dropped).astype(np.float64)
 
     def weight(self, x: np.ndarray) -> np.ndarray:
-        """W(X): the weight multiplying the signal and the score (``e^X``; CISPO: the clipped weight)."""
+        """W(X): the weight multiplying the signal and the score (``e^X``; CISPO: the clipped weight; GPG and the
+        sign-weighted rules: 1, their weight is in :meth:`keep`)."""
         c = self.config
+        if c.clip == "reinforce" or self.sign_weighted:
+            return np.ones_like(np.asarray(x, dtype=np.float64))
         w = np.exp(np.minimum(np.asarray(x, dtype=np.float64), c.max_log_weight if c.max_log_weight is not None
                               else np.inf))
         if c.clip == "detached_clip":
@@ -170,7 +284,16 @@ class ChainEstimator:
 
     def tables(self, ell: np.ndarray, horizon: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(α, β, γ)`` ``[|Z|, V]`` of the compact weight form w_t = (Π_{k<t} α_k) β_t (Π_{k>t} γ_k), before
-        masks and signals (atom-weighted estimators: all ones, the weight comes from the augmented state)."""
+        masks and signals (atom-weighted estimators: all ones, the weight comes from the augmented state), with
+        the sign-independent per-token mask ``ratio_band`` in ``β``."""
+        alpha, beta, gamma = self._weight_tables(ell, horizon)
+        c = self.config
+        if c.mask_rule == "ratio_band":
+            r = np.exp(self.clamp_log_ratio(ell))
+            beta = beta * ((r >= c.mask_low) & (r <= c.mask_high))
+        return alpha, beta, gamma
+
+    def _weight_tables(self, ell: np.ndarray, horizon: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         inc = self.increment(ell)
         one = np.ones_like(inc)
         if self.atom_weighted:
@@ -196,22 +319,76 @@ def chain_estimator(estimator: str | losses.LossConfig | ChainEstimator, **overr
     return ChainEstimator(losses.resolve_config(estimator, **overrides))
 
 
-def loss_token_coefficients(log_ratio: np.ndarray, signal: np.ndarray, estimator: ChainEstimator) -> np.ndarray:
+def lab_method(estimator: str | losses.LossConfig | ChainEstimator, signal: str = "reward",
+               **overrides: object) -> str:
+    """How the exact lab measures ``estimator`` (preset name, LossConfig or ChainEstimator) with ``signal``:
+    ``"dp"`` (exact DP), ``"per_trajectory"`` (enumeration on small chains, Monte Carlo otherwise) or ``"batch"``
+    (Monte Carlo on batches of ``batch_size`` trajectories). See :meth:`ChainEstimator.method`."""
+    return chain_estimator(estimator, **overrides).method(signal)
+
+
+def _rows_gradient(cfg: losses.LossConfig, lp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
+    """−∂(rows · loss)/∂ log π on one batch of rows (every token valid)."""
+    lp = lp.detach().requires_grad_()
+    out = losses.compute_policy_loss(lp, old, adv, torch.ones(lp.shape, dtype=torch.bool), cfg)
+    (grad,) = torch.autograd.grad(out.loss * lp.shape[0], lp)
+    return -grad
+
+
+def loss_token_coefficients(log_ratio: np.ndarray, signal: np.ndarray, estimator: ChainEstimator, *,
+                            log_prob: np.ndarray | None = None, old_log_prob: np.ndarray | None = None,
+                            batch_size: int | None = None) -> np.ndarray:
     """Per-token coefficients ``c_{i,t} = −∂ loss(y_i) / ∂ log π_{i,t}`` of the loss itself on each trajectory.
 
     ``log_ratio`` and ``signal`` are ``[N, T]`` (ℓ_t = log π − log μ, −inf allowed where π = 0; the signal is the
-    per-token advantage). Computed by autograd through :func:`ctpo_lab.losses.compute_policy_loss` in float64
-    with every token valid and ``aggregation="seq-mean-token-sum"`` (the loss of row i is its token sum, and
-    the mean over rows is multiplied back by N). Returns ``[N, T]`` float64.
+    per-token advantage). ``log_prob``/``old_log_prob`` ``[N, T]`` are log π_t and log μ_t of each token (log π
+    = −inf allowed; ``log_ratio`` is then not read): the loss sees the real probabilities, which the rules of
+    :attr:`ChainEstimator.reads_probabilities` need (DPPO, the covariance rules, CPPO). Without them the loss
+    is given log π = ℓ and log μ = 0, which is exact for every rule that reads ℓ only (and raises for the others).
+    Where π = 0 the loss sees log π = log μ + :data:`L_FLOOR`.
+
+    Computed by autograd through :func:`ctpo_lab.losses.compute_policy_loss` in float64 with every token valid,
+    the global-batch scaling off and ``aggregation="all-seq-mean-token-sum"`` (the loss of row i is its token
+    sum, the sum over rows is divided by N whatever a mask removes, and multiplied back by N): each row is its own
+    trajectory, the rows do not interact (with every token valid this is ``seq-mean-token-sum``, the same numbers,
+    except under masks that remove whole rows from the denominator, ``trust_region``, which would couple them).
+    Batch-level rules (:attr:`ChainEstimator.batch_level`) need ``batch_size``: the rows are cut into
+    consecutive batches of ``batch_size`` (N must be a multiple), the loss is evaluated on each batch and
+    multiplied back by ``batch_size``, so that ``c_{i,t}`` is row
+    i's contribution to −∇(batch_size · loss) within its batch (a batch's gradient is the mean of its rows'
+    estimators). Returns ``[N, T]`` float64.
     """
     ell = np.asarray(log_ratio, dtype=np.float64)
     n = ell.shape[0]
     if n == 0:
         return np.zeros_like(ell)
-    cfg = losses.resolve_config(estimator.config, aggregation="seq-mean-token-sum")
-    lp = torch.tensor(np.maximum(np.where(np.isnan(ell), L_FLOOR, ell), L_FLOOR), dtype=torch.float64,
-                      requires_grad=True)
+    if estimator.batch_level:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size: {estimator.name!r} is batch-level; pass batch_size=B (a positive int), "
+                             f"got {batch_size!r}")
+        if n % int(batch_size):
+            raise ValueError(f"batch_size: {n} rows are not a whole number of batches of {batch_size}")
+    if (log_prob is None) != (old_log_prob is None):
+        raise ValueError("log_prob/old_log_prob: pass both or neither")
+    cfg = losses.resolve_config(estimator.config, aggregation="all-seq-mean-token-sum", dp_size=1,
+                                batch_num_tokens=None, global_batch_size=None)
     adv = torch.as_tensor(np.asarray(signal, dtype=np.float64))
-    out = losses.compute_policy_loss(lp, torch.zeros_like(lp), adv, torch.ones(ell.shape, dtype=torch.bool), cfg)
-    (grad,) = torch.autograd.grad(out.loss * n, lp)
-    return -grad.numpy()
+    if log_prob is None:
+        if estimator.reads_probabilities:
+            raise ValueError(f"log_prob: {estimator.name!r} reads log π and log μ themselves; pass log_prob and "
+                             "old_log_prob")
+        lp = torch.tensor(np.maximum(np.where(np.isnan(ell), L_FLOOR, ell), L_FLOOR), dtype=torch.float64)
+        old = torch.zeros_like(lp)
+    else:
+        old_np = np.asarray(old_log_prob, dtype=np.float64)
+        lp_np = np.asarray(log_prob, dtype=np.float64)
+        lp = torch.tensor(np.maximum(np.where(np.isnan(lp_np), -np.inf, lp_np), old_np + L_FLOOR))
+        old = torch.tensor(old_np)
+    if not estimator.batch_level:
+        return _rows_gradient(cfg, lp, old, adv).numpy()
+    b = int(batch_size)
+    out = np.empty_like(ell)
+    for a in range(0, n, b):
+        sl = slice(a, a + b)
+        out[sl] = _rows_gradient(cfg, lp[sl], old[sl], adv[sl]).numpy()
+    return out

@@ -218,19 +218,18 @@ def resolve_estimator(estimator: str | losses.LossConfig | ChainEstimator, signa
 
 
 def check_dp_support(est: ChainEstimator, signal: str) -> None:
-    """Raise ``ValueError`` for the configurations the dynamic programme cannot represent exactly."""
-    if est.level == "sequence" and est.has_mask:
-        if est.position_dependent_window:
-            raise ValueError(
-                f"estimator: {est.name!r} applies a position-dependent log window (clip_exponent="
-                f"{est.config.clip_exponent}) to a sequence-level ratio ({est.config.ratio}); the exact DP reads "
-                "sequence-level masks only at the end of the trajectory, where they cannot depend on t — use "
-                "markov.monte_carlo_moments (or enumerate_moments), which accept every LossConfig")
-        if signal != "reward" and est.sign_dependent:
-            raise ValueError(
-                f"estimator: {est.name!r} masks a sequence-level ratio by the sign of a per-token signal "
-                f"({signal!r}); the exact DP supports sequence-level sign masks for the outcome signal 'reward' "
-                "only — use markov.monte_carlo_moments (or enumerate_moments), which accept every LossConfig")
+    """Raise ``ValueError`` for the configurations the dynamic programme cannot represent exactly.
+
+    Supported (:attr:`ChainEstimator.method` ``== "dp"``): the clip rules of
+    :data:`ctpo_lab.markov.estimator.DP_RULES` (``gppo``/``sapo`` on token-level ratios) with the mask rules of
+    :data:`~ctpo_lab.markov.estimator.DP_MASKS`; sequence-level masks without a position-dependent window, and
+    sign-dependent ones for the outcome signal only. Every other rule (row statistics, probability-space trust
+    regions, sequence/prefix masks) points to :func:`ctpo_lab.markov.monte_carlo_moments` /
+    :func:`ctpo_lab.markov.enumerate_moments`; batch-level rules to ``monte_carlo_moments(batch_size=...)``.
+    """
+    reason = est.dp_unsupported_reason(signal)
+    if reason is not None:
+        raise ValueError(reason)
 
 
 def run_moment_dp(

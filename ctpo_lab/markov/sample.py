@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from scipy import stats
 
 from ctpo_lab import losses
@@ -27,8 +28,8 @@ __all__ = ["sample_trajectories", "MonteCarloMoments", "monte_carlo_moments"]
 
 
 def sample_trajectories(mdp: MarkovMDP, n: int, seed: int = 0, policy: str = "behaviour") -> dict[str, np.ndarray]:
-    """Draw ``n`` trajectories. Returns ``seqs``, ``ctx``, ``ell`` ``[n, T]``, ``states`` ``[n, T+1]`` (DP
-    state ``z_t``), ``reward`` ``[n]``."""
+    """Draw ``n`` trajectories. Returns ``seqs``, ``ctx``, ``ell``, ``log_pi``, ``log_mu`` ``[n, T]``, ``states``
+    ``[n, T+1]`` (DP state ``z_t``), ``reward`` ``[n]``."""
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError("n must be a positive int")
     rng = np.random.default_rng(seed)
@@ -50,8 +51,10 @@ def sample_trajectories(mdp: MarkovMDP, n: int, seed: int = 0, policy: str = "be
         z = mdp.next_state[z, y]
         states[:, t + 1] = z
     with np.errstate(divide="ignore"):
-        ell = np.log(mdp.target[ctx, seqs]) - np.log(mdp.behaviour[ctx, seqs])
-    return {"seqs": seqs, "ctx": ctx, "ell": ell, "states": states, "reward": mdp.state_reward[states[:, -1]]}
+        log_pi, log_mu = np.log(mdp.target[ctx, seqs]), np.log(mdp.behaviour[ctx, seqs])
+    ell = log_pi - log_mu
+    return {"seqs": seqs, "ctx": ctx, "ell": ell, "log_pi": log_pi, "log_mu": log_mu, "states": states,
+            "reward": mdp.state_reward[states[:, -1]]}
 
 
 @dataclass
@@ -61,7 +64,9 @@ class MonteCarloMoments:
     Attributes
     ----------
     mean, mean_se : ``[d]``; second_moment_diag, second_moment_se : ``[d]``; trace_cov, trace_cov_se: floats
-    (batch-means standard error); n: sample size.
+    (batch-means standard error); n: sample size; batch_size: for batch-level estimators the number of
+    trajectories per loss evaluation (the moments are those of one trajectory's contribution within such a
+    batch, the standard errors come from the independent batches), None otherwise.
     """
 
     estimator: str
@@ -73,6 +78,12 @@ class MonteCarloMoments:
     second_moment_se: np.ndarray
     trace_cov: float
     trace_cov_se: float
+    batch_size: int | None = None
+
+    @property
+    def method(self) -> str:
+        """``"mc"`` or ``"mc-batch(B)"``."""
+        return "mc" if self.batch_size is None else f"mc-batch({self.batch_size})"
 
     def mean_ci(self, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
         zq = stats.norm.ppf(0.5 + level / 2)
@@ -109,44 +120,80 @@ def monte_carlo_moments(
     seed: int = 0,
     chunk_size: int = 20_000,
     batches: int = 20,
+    batch_size: int = 64,
     **overrides: object,
 ) -> MonteCarloMoments:
-    """Monte Carlo moments of ``X = Σ_t w_t ψ_t S_t`` from ``n`` trajectories of ``μ`` (oracle signals from
-    the exact value tables)."""
+    """Monte Carlo moments of ``X = Σ_t c_t ψ_t S_t`` from ``n`` trajectories of ``μ`` (oracle signals from
+    the exact value tables), ``c_t`` the loss's own coefficients with the real log π and log μ of each token.
+
+    Per-trajectory estimators (every rule and mask but the batch-level ones) are evaluated one trajectory at a
+    time, as the DP and enumeration do; ``batch_size`` is then not used. Batch-level estimators
+    (:attr:`ChainEstimator.batch_level`: ``clip_cov``, ``kl_cov``, ``m2po``, …) are evaluated on consecutive
+    batches of ``batch_size`` i.i.d. trajectories (default 64, a training batch; ``n`` is rounded up to whole
+    batches): ``X`` is then one trajectory's contribution within a batch of that size (the batch's gradient is
+    the mean of its rows' ``X``), so ``mean`` is the expected batch gradient, ``trace_cov`` the per-row
+    variance, and the standard errors come from batch means (rows of one batch are dependent). Rules that draw
+    random tokens (``clip_cov``'s ``torch.randperm``) use torch's generator seeded from ``seed`` (forked: the
+    global generator is left as it was).
+    """
     est = resolve_estimator(estimator, signal, overrides)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n: expected a positive int, got {n!r}")
+    B = None
+    if est.batch_level:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+        B = int(batch_size)
+        n = -(-int(n) // B) * B
+        chunk_size = max(B, (int(chunk_size) // B) * B)
     S_tab = signal_tables(mdp, signal, baseline)
     d = mdp.dim
     rng_seeds = np.random.SeedSequence(seed).spawn(int(np.ceil(n / chunk_size)))
     s1, s2, s4 = np.zeros(d), np.zeros(d), np.zeros(d)
     b1, b2, bn = np.zeros((batches, d)), np.zeros((batches, d)), np.zeros(batches)
+    g1, g2, g11, g22 = np.zeros(d), np.zeros(d), np.zeros(d), np.zeros(d)  # batch means (batch-level rules)
     done = 0
-    for ss in rng_seeds:
-        m = min(chunk_size, n - done)
-        tr = sample_trajectories(mdp, m, int(ss.generate_state(1)[0]))
-        if S_tab is None:
-            S = np.repeat((tr["reward"] - baseline)[:, None], mdp.horizon, axis=1)
-        else:
-            tt = np.arange(mdp.horizon)[None, :]
-            S = S_tab[tt, tr["states"][:, :-1], tr["seqs"]]
-        X = trajectory_estimates(mdp, tr["seqs"], tr["ctx"], tr["ell"], S, est)
-        X2 = X**2
-        s1 += X.sum(0)
-        s2 += X2.sum(0)
-        s4 += (X2**2).sum(0)
-        bid = ((np.arange(m) + done) * batches) // n  # contiguous batches of the sample
-        for j in np.unique(bid):
-            sel = bid == j
-            b1[j] += X[sel].sum(0)
-            b2[j] += X2[sel].sum(0)
-            bn[j] += sel.sum()
-        done += m
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+        for ss in rng_seeds:
+            m = min(chunk_size, n - done)
+            tr = sample_trajectories(mdp, m, int(ss.generate_state(1)[0]))
+            if S_tab is None:
+                S = np.repeat((tr["reward"] - baseline)[:, None], mdp.horizon, axis=1)
+            else:
+                tt = np.arange(mdp.horizon)[None, :]
+                S = S_tab[tt, tr["states"][:, :-1], tr["seqs"]]
+            X = trajectory_estimates(mdp, tr["seqs"], tr["ctx"], tr["ell"], S, est, log_prob=tr["log_pi"],
+                                     old_log_prob=tr["log_mu"], batch_size=B)
+            X2 = X**2
+            s1 += X.sum(0)
+            s2 += X2.sum(0)
+            s4 += (X2**2).sum(0)
+            if B is not None:
+                xm, x2m = X.reshape(-1, B, d).mean(1), X2.reshape(-1, B, d).mean(1)
+                g1 += xm.sum(0)
+                g11 += (xm**2).sum(0)
+                g2 += x2m.sum(0)
+                g22 += (x2m**2).sum(0)
+            bid = ((np.arange(m) + done) * batches) // n  # contiguous batches of the sample
+            for j in np.unique(bid):
+                sel = bid == j
+                b1[j] += X[sel].sum(0)
+                b2[j] += X2[sel].sum(0)
+                bn[j] += sel.sum()
+            done += m
     mean = s1 / n
     sec = s2 / n
     var = np.maximum(sec - mean**2, 0.0)
-    mean_se = np.sqrt(var / n)
-    sec_se = np.sqrt(np.maximum(s4 / n - sec**2, 0.0) / n)
+    if B is None:
+        mean_se = np.sqrt(var / n)
+        sec_se = np.sqrt(np.maximum(s4 / n - sec**2, 0.0) / n)
+    else:  # independent batches: the standard errors of their means
+        nb = n // B
+        mean_se = np.sqrt(np.maximum(g11 / nb - (g1 / nb) ** 2, 0.0) / nb)
+        sec_se = np.sqrt(np.maximum(g22 / nb - (g2 / nb) ** 2, 0.0) / nb)
     trace = float(var.sum() * n / max(n - 1, 1))
     okb = bn > 1
     btr = (b2[okb] / bn[okb, None] - (b1[okb] / bn[okb, None]) ** 2).sum(axis=1)
     trace_se = float(btr.std(ddof=1) / np.sqrt(okb.sum())) if okb.sum() > 1 else float("nan")
-    return MonteCarloMoments(est.name, signal, n, mean, mean_se, sec, sec_se, trace, trace_se)
+    return MonteCarloMoments(est.name, signal, n, mean, mean_se, sec, sec_se, trace, trace_se, batch_size=B)
