@@ -145,7 +145,8 @@ def clipped_surrogate(
         if log_prob is None:
             raise ValueError("log_prob: the detached_clip rule needs log_prob (its value is −A·sg(clip(w))·log π)")
         clipped_value = weight.detach().clamp(1.0 - eps_low, 1.0 + eps_high)
-        per_token_loss = -advantages * clipped_value * log_prob
+        # value −A·c·log π; gradient through log_weight, so a binding safety cap removes it as for every rule
+        per_token_loss = -advantages * clipped_value * (log_prob.detach() + (log_weight - log_weight.detach()))
         high = (advantages > 0) & (log_weight.detach() > upper)
         low = (advantages < 0) & (log_weight.detach() < lower)
         none = torch.zeros_like(high)
