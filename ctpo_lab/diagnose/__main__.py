@@ -1,9 +1,11 @@
 """`python -m ctpo_lab.diagnose PATH [--out DIR] [--steps ...]`: diagnose your own run.
 
-PATH is a ctpo_lab trajectory parquet (a file or a directory of shards) or importance-weight npz dumps (a file,
+PATH is a ctpo_lab trajectory parquet (a file or a directory of shards), importance-weight npz dumps (a file,
 or a directory of step_XXXXXXX_rank_XXXX.npz files or step_XXXXXXX/ folders) as written by ctpo_lab's trainer,
-its verl plugin or the CTPO authors' verl fork (--dump-mode says which loss wrote weights-only
-dumps). Writes DIR/summary.json, DIR/report.md, PNG figures and a self-contained DIR/report.html.
+its verl plugin or the CTPO authors' verl fork (--dump-mode says which loss wrote weights-only dumps), the
+fork's rollout_is/ dumps, a pickled verl DataProto (*.dp), slime --save-debug-train-data files (*.pt) or SkyRL
+dump_data_batch pickles (*_training_input.pkl); the format is detected from the path. Writes DIR/summary.json,
+DIR/report.md, PNG figures and a self-contained DIR/report.html.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def _steps(text: str) -> list[int]:
 
 def build_parser() -> ArgumentParser:
     ap = ArgumentParser(prog="python -m ctpo_lab.diagnose", description=__doc__.splitlines()[0])
-    ap.add_argument("path", help="trajectory parquet, npz dump file or dump directory")
+    ap.add_argument("path", help="trajectory parquet, dump file or dump directory (any format above)")
     ap.add_argument("--out", default="outputs/diagnose", help="output folder (default outputs/diagnose)")
     ap.add_argument("--steps", nargs="+", type=_steps, default=None, metavar="STEP",
                     help="dump steps to pool (ints or ranges A-B; default every step)")
@@ -59,7 +61,7 @@ def _main(argv: list[str] | None) -> int:
     lo, hi = s["exponent_ci"]
     print(f"{s['format']}: {s['num_sequences']} sequences, {s['num_tokens']} tokens; KL/token (k3) "
           f"{s['kl_per_token']:.3g}, σ̂ {s['sigma_hat']:.4g}, exponent {s['exponent']:.3f} [{lo:.3f}, {hi:.3f}]"
-          + ("; LOSSY input (weights at the cap e^10)" if s["lossy"] else ""))
+          + (f"; LOSSY input (weights at the cap {s['cap']})" if s["lossy"] else ""))
     print(f"report: {args.out}/report.html")
     return 0
 

@@ -84,6 +84,7 @@ def summarize(traj: readers.Trajectories, *, seed: int = 0, bin_width: int = 50,
         "clip_rate": clip,
         "lossy": traj.lossy,
         "capped_fraction": traj.capped_fraction,
+        "cap": traj.cap,
         "notes": list(traj.notes),
         "seed": seed,
         "bin_width": bin_width,
@@ -148,7 +149,7 @@ def _rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         val = f"{100 * r:.2f}%" if isinstance(r, float) else ", ".join(f"A{'>' if k == 'positive' else '<'}0: "
                                                                         f"{100 * x:.2f}%" for k, x in r.items())
         rows.append((f"clip rate {name}", val))
-    rows.append(("lossy input", f"yes: {100 * s['capped_fraction']:.3f}% of the tokens at the cap e^10"
+    rows.append(("lossy input", f"yes: {100 * s['capped_fraction']:.3f}% of the tokens at the cap {s['cap']}"
                  if s["lossy"] else "no"))
     return rows
 
