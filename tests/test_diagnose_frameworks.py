@@ -340,7 +340,7 @@ def test_known_sigma_and_drift_recovered(tmp_path, fmt, verl_classes, skyrl_clas
         path = tmp_path
     tr = readers.read_trajectories(path)
     assert tr.format == fmt
-    s = summarize(tr, n_boot=100)
+    s = summarize(tr, n_boot=100, chain_seeds=0)
     assert s["sigma_hat_ci"][0] <= SIGMA <= s["sigma_hat_ci"][1], s["sigma_hat_ci"]
     se = SIGMA / np.sqrt(tr.mask.sum())
     assert abs(s["drift_per_token"] + SIGMA**2 / 2) < 4 * se
@@ -349,7 +349,7 @@ def test_known_sigma_and_drift_recovered(tmp_path, fmt, verl_classes, skyrl_clas
 # ------------------------------------------------------------------------------------------------- the command
 def test_cli_slime_end_to_end(tmp_path, capsys):
     write_slime(tmp_path / "dump" / "train_3_0.pt", 3, n=48, t=100)
-    rc = main([str(tmp_path / "dump"), "--out", str(tmp_path / "rep"), "--n-boot", "20"])
+    rc = main([str(tmp_path / "dump"), "--out", str(tmp_path / "rep"), "--n-boot", "20", "--chain-seeds", "0"])
     assert rc == 0, capsys.readouterr().err
     s = json.loads((tmp_path / "rep" / "summary.json").read_text())
     assert s["format"] == "slime" and s["steps"] == [3] and s["num_sequences"] == 48
