@@ -209,6 +209,13 @@ def _bad(tmp_path):
     (d / "empty").mkdir()
     (d / "corrupt.npz").write_bytes(b"PK\x03\x04" + b"\0" * 30)
     (d / "corrupt.parquet").write_bytes(b"PAR1" + b"\0" * 40)
+    _write_parquet(d / "good.parquet", n=8, t=20)
+    df = store.read_parquet(d / "good.parquet")
+    df.drop(columns=["advantage"]).to_parquet(d / "nocol.parquet")  # a parquet of another writer
+    df.assign(logp_target=[["a"] * len(v) for v in df["logp_target"]]).to_parquet(d / "strcol.parquet")
+    (d / "strdump").mkdir()
+    np.savez(d / "strdump" / "step_0000003_rank_0000.npz", pg_update_is_weights=np.array([["a", "b"]]),
+             response_mask=np.ones((1, 2), np.int8))
     return d
 
 
@@ -222,6 +229,9 @@ def _bad(tmp_path):
     (["dumps", "--steps", "x"], "--steps"),
     (["corrupt.npz"], "path"),
     (["corrupt.parquet"], "path"),
+    (["nocol.parquet"], "path"),
+    (["strcol.parquet"], "path"),
+    (["strdump"], "path"),
     (["dumps", "--seed", "-1"], "--seed"),
     (["dumps", "--target-clip-rate", "0"], "--target-clip-rate"),
     (["dumps", "--target-clip-rate", "1.5"], "--target-clip-rate"),

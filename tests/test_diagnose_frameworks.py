@@ -367,6 +367,9 @@ def _bad(tmp_path: Path) -> Path:
                                                         "response_lengths": [4]}), d / "badlen.pt")
     np.savez(d / "step_0000002.npz", rollout_is_weights=np.ones((2, 3), np.float32))
     (d / "x.pkl").write_bytes(pickle.dumps({"a": 1}))
+    torch.save(dict(rollout_id=1, rank=0, rollout_data={"log_probs": [[0.1, 0.2]], "rollout_log_probs": [[0.1, 0.2]],
+                                                        "response_lengths": [2]}), d / "lists.pt")  # not tensors
+    np.savez(d / "step_0000003.npz", rollout_is_weights=np.array([["a", "b"]]), response_mask=np.ones((1, 2), np.int8))
     (d / "genstep_000001").mkdir()
     return d
 
@@ -379,6 +382,8 @@ def _bad(tmp_path: Path) -> Path:
     (["step_0000002.npz"], "path"),
     (["x.pkl"], "path"),
     (["genstep_000001"], "path"),
+    (["lists.pt"], "path"),
+    (["step_0000003.npz"], "path"),
     (["seq/rollout_is", "--steps", "9"], "path"),
 ])
 def test_cli_bad_framework_inputs(tmp_path, capsys, argv, name):

@@ -31,7 +31,6 @@ from __future__ import annotations
 import io
 import pickle
 import re
-import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -125,8 +124,7 @@ def _unpickle(path: Path, records: dict[tuple[str, str], type]) -> Any:
     try:
         with open(path, "rb") as f:
             return _Unpickler(f, records).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError,
-            KeyError, RuntimeError, zipfile.BadZipFile) as e:
+    except Exception as e:  # any failure to rebuild the data means "not a file of this kind"
         raise ValueError(f"path: {path} is not a readable pickle of the expected kind ({type(e).__name__}: "
                          f"{' '.join(str(e).split())[:200]})") from None
 
@@ -169,8 +167,12 @@ def read_rollout_is(path: Path) -> Block:
     for key in ("rollout_is_weights", "response_mask"):
         if key not in arrays:
             raise ValueError(f"path: {path} has no {key!r} array (keys: {sorted(arrays)})")
-    w = arrays["rollout_is_weights"].astype(np.float64)
-    m = arrays["response_mask"].astype(bool)
+    try:
+        w = arrays["rollout_is_weights"].astype(np.float64)
+        m = arrays["response_mask"].astype(np.int64).astype(bool)
+    except (TypeError, ValueError):
+        raise ValueError(f"path: {path}: rollout_is_weights and response_mask must be numeric arrays (got "
+                         f"{arrays['rollout_is_weights'].dtype}, {arrays['response_mask'].dtype})") from None
     _check_shapes(path, rollout_is_weights=w, response_mask=m)
     if not (np.isfinite(w[m]).all() and (w[m] > 0).all()):
         raise ValueError(f"path: {path} holds NaN/inf or non-positive weights on valid tokens")

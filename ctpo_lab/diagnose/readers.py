@@ -351,8 +351,19 @@ def read_framework_trajectories(path: str | os.PathLike[str], fmt: str, *,
 
 def read_trajectories(path: str | os.PathLike[str], *, steps: Sequence[int] | None = None,
                       dump_mode: str = "cumprod") -> Trajectories:
-    """Detect the format of ``path`` and read it."""
+    """Detect the format of ``path`` and read it; every failure is a ``ValueError``/``FileNotFoundError`` whose
+    message names the argument (``path``, ``steps`` or ``dump_mode``)."""
     fmt = detect_format(path)
+    try:
+        return _read(path, fmt, steps, dump_mode)
+    except (ValueError, TypeError) as e:
+        msg = " ".join(str(e).split())
+        if msg.split(":")[0] in ("path", "steps", "dump_mode"):
+            raise
+        raise ValueError(f"path: {path} could not be read as {fmt} ({type(e).__name__}: {msg[:200]})") from None
+
+
+def _read(path: str | os.PathLike[str], fmt: str, steps: Sequence[int] | None, dump_mode: str) -> Trajectories:
     if fmt == "parquet":
         if steps is not None:
             raise ValueError("steps: a trajectory parquet has no training steps; --steps applies to dumps")
