@@ -18,6 +18,7 @@ from ctpo_lab.diagnose import readers
 from ctpo_lab.diagnose.__main__ import main
 from ctpo_lab.llm import store
 from ctpo_lab.llm.rollout import RolloutBatch
+from ctpo_lab.losses import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
 SIGMA = 0.05
@@ -163,22 +164,26 @@ def test_cli_parquet_end_to_end(tmp_path):
     assert abs(s["sigma_hat"] - SIGMA) < 0.2 * SIGMA
     assert s["exponent_ci"][0] <= s["exponent_ci"][1]
     assert abs(s["kl_per_token"] - SIGMA**2 / 2) < 0.5 * SIGMA**2
-    assert set(s["clip_rate"]) == {"fixed_window", "sqrt_t_window", "grpo", "gspo", "ctpo"}
+    assert set(s["clip_rate"]) == set(PRESETS)
     assert all(0.0 <= v <= 1.0 for v in s["clip_rate"].values())
+    assert set(s["chain_prediction"]["estimators"]) == set(PRESETS)
+    assert s["recommendation"]["preset"] in PRESETS and s["recommendation"]["reasons"]
     html = (tmp_path / "rep" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3
     for f in ("report.md", "figure1.png", "drift.png", "clip_ess.png", ".ctpo_lab"):
         assert (tmp_path / "rep" / f).is_file(), f
-    again = _run_cli([tmp_path / "traj.parquet", "--out", tmp_path / "rep", "--n-boot", "50"], tmp_path)
+    again = _run_cli([tmp_path / "traj.parquet", "--out", tmp_path / "rep", "--n-boot", "50", "--chain-seeds", "0"],
+                     tmp_path)
     assert again.returncode == 2 and again.stderr.strip().startswith("error: --out:")
-    over = _run_cli([tmp_path / "traj.parquet", "--out", tmp_path / "rep", "--n-boot", "50", "--overwrite"],
-                    tmp_path)
+    over = _run_cli([tmp_path / "traj.parquet", "--out", tmp_path / "rep", "--n-boot", "50", "--overwrite",
+                     "--chain-seeds", "0"], tmp_path)
     assert over.returncode == 0, over.stderr[-2000:]
 
 
 def test_cli_dump_folder_end_to_end(tmp_path, capsys):
     _write_dumps(tmp_path / "dumps", steps=(1, 2, 3), layout="sub", n=32, t=160)
-    rc = main([str(tmp_path / "dumps"), "--out", str(tmp_path / "rep"), "--steps", "2-3", "--n-boot", "50"])
+    rc = main([str(tmp_path / "dumps"), "--out", str(tmp_path / "rep"), "--steps", "2-3", "--n-boot", "50",
+               "--chain-seeds", "0"])
     assert rc == 0, capsys.readouterr().err
     s = json.loads((tmp_path / "rep" / "summary.json").read_text())
     assert s["format"] == "npz" and s["steps"] == [2, 3] and s["num_sequences"] == 2 * 2 * 32
@@ -189,7 +194,7 @@ def test_cli_dump_folder_end_to_end(tmp_path, capsys):
 def test_cli_no_advantages_gives_per_sign_rates(tmp_path, capsys):
     ell, mask, _, _ = _walk(32, 120, 0)
     dumps.write_ratio_dump(tmp_path / "one.npz", np.cumsum(ell, 1), mask, step=0)
-    rc = main([str(tmp_path / "one.npz"), "--out", str(tmp_path / "rep"), "--n-boot", "20"])
+    rc = main([str(tmp_path / "one.npz"), "--out", str(tmp_path / "rep"), "--n-boot", "20", "--chain-seeds", "0"])
     assert rc == 0, capsys.readouterr().err
     s = json.loads((tmp_path / "rep" / "summary.json").read_text())
     assert set(s["clip_rate"]["ctpo"]) == {"positive", "negative"}
@@ -204,6 +209,13 @@ def _bad(tmp_path):
     (d / "empty").mkdir()
     (d / "corrupt.npz").write_bytes(b"PK\x03\x04" + b"\0" * 30)
     (d / "corrupt.parquet").write_bytes(b"PAR1" + b"\0" * 40)
+    _write_parquet(d / "good.parquet", n=8, t=20)
+    df = store.read_parquet(d / "good.parquet")
+    df.drop(columns=["advantage"]).to_parquet(d / "nocol.parquet")  # a parquet of another writer
+    df.assign(logp_target=[["a"] * len(v) for v in df["logp_target"]]).to_parquet(d / "strcol.parquet")
+    (d / "strdump").mkdir()
+    np.savez(d / "strdump" / "step_0000003_rank_0000.npz", pg_update_is_weights=np.array([["a", "b"]]),
+             response_mask=np.ones((1, 2), np.int8))
     return d
 
 
@@ -217,7 +229,14 @@ def _bad(tmp_path):
     (["dumps", "--steps", "x"], "--steps"),
     (["corrupt.npz"], "path"),
     (["corrupt.parquet"], "path"),
+    (["nocol.parquet"], "path"),
+    (["strcol.parquet"], "path"),
+    (["strdump"], "path"),
     (["dumps", "--seed", "-1"], "--seed"),
+    (["dumps", "--target-clip-rate", "0"], "--target-clip-rate"),
+    (["dumps", "--target-clip-rate", "1.5"], "--target-clip-rate"),
+    (["dumps", "--target-clip-rate", "nan"], "--target-clip-rate"),
+    (["dumps", "--chain-seeds", "-1"], "--chain-seeds"),
 ])
 def test_cli_bad_inputs(tmp_path, capsys, argv, name):
     d = _bad(tmp_path)
@@ -234,7 +253,7 @@ def test_known_sigma_drift_and_exponent_recovered():
     from ctpo_lab.diagnose.pipeline import summarize
 
     ell, mask, adv, gid = _walk(400, 200, 1)
-    s = summarize(readers.Trajectories(ell, mask, adv, gid, None, "parquet"), n_boot=200)
+    s = summarize(readers.Trajectories(ell, mask, adv, gid, None, "parquet"), n_boot=200, chain_seeds=0)
     assert s["sigma_hat_ci"][0] <= SIGMA <= s["sigma_hat_ci"][1], s["sigma_hat_ci"]
     assert s["exponent_ci"][0] <= 0.5 <= s["exponent_ci"][1], s["exponent_ci"]
     kl = SIGMA**2 / 2  # E[e^ℓ − 1 − ℓ] = e^{−σ²/2 + σ²/2} − 1 + σ²/2 for ℓ ~ N(−σ²/2, σ²)

@@ -1,9 +1,11 @@
 """`python -m ctpo_lab.diagnose PATH [--out DIR] [--steps ...]`: diagnose your own run.
 
-PATH is a ctpo_lab trajectory parquet (a file or a directory of shards) or importance-weight npz dumps (a file,
+PATH is a ctpo_lab trajectory parquet (a file or a directory of shards), importance-weight npz dumps (a file,
 or a directory of step_XXXXXXX_rank_XXXX.npz files or step_XXXXXXX/ folders) as written by ctpo_lab's trainer,
-its verl plugin or the CTPO authors' verl fork (--dump-mode says which loss wrote weights-only
-dumps). Writes DIR/summary.json, DIR/report.md, PNG figures and a self-contained DIR/report.html.
+its verl plugin or the CTPO authors' verl fork (--dump-mode says which loss wrote weights-only dumps), the
+fork's rollout_is/ dumps, a pickled verl DataProto (*.dp), slime --save-debug-train-data files (*.pt) or SkyRL
+dump_data_batch pickles (*_training_input.pkl); the format is detected from the path. Writes DIR/summary.json,
+DIR/report.md, PNG figures and a self-contained DIR/report.html.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ctpo_lab.cli import ArgumentParser, int_at_least, run
+from ctpo_lab.cli import ArgumentParser, finite_float, int_at_least, run
+from ctpo_lab.diagnose.clip import DEFAULT_TARGET_CLIP_RATE
 from ctpo_lab.diagnose.pipeline import diagnose
 from ctpo_lab.diagnose.readers import DUMP_MODES
 
@@ -31,7 +34,7 @@ def _steps(text: str) -> list[int]:
 
 def build_parser() -> ArgumentParser:
     ap = ArgumentParser(prog="python -m ctpo_lab.diagnose", description=__doc__.splitlines()[0])
-    ap.add_argument("path", help="trajectory parquet, npz dump file or dump directory")
+    ap.add_argument("path", help="trajectory parquet, dump file or dump directory (any format above)")
     ap.add_argument("--out", default="outputs/diagnose", help="output folder (default outputs/diagnose)")
     ap.add_argument("--steps", nargs="+", type=_steps, default=None, metavar="STEP",
                     help="dump steps to pool (ints or ranges A-B; default every step)")
@@ -40,6 +43,11 @@ def build_parser() -> ArgumentParser:
                          "and ignore it; gspo is refused)")
     ap.add_argument("--bin-width", type=int_at_least(1), default=50, help="position bin width (default 50)")
     ap.add_argument("--n-boot", type=int_at_least(10), default=1000, help="bootstrap resamples (default 1000)")
+    ap.add_argument("--target-clip-rate", type=finite_float(0, 1, lo_open=True, hi_open=True),
+                    default=DEFAULT_TARGET_CLIP_RATE,
+                    help=f"clip rate the recommended thresholds are calibrated to (default {DEFAULT_TARGET_CLIP_RATE})")
+    ap.add_argument("--chain-seeds", type=int_at_least(0), default=1,
+                    help="random chains of the exact bias/variance prediction per preset (default 1; 0: none)")
     ap.add_argument("--seed", type=int_at_least(0), default=0)
     ap.add_argument("--overwrite", action="store_true", help="replace DIR if ctpo_lab created it")
     return ap
@@ -48,18 +56,25 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0, 2 bad input (one line ``error: <argument>: <expected>``), 130 interrupted."""
     return run(lambda: _main(argv), prog="python -m ctpo_lab.diagnose",
-               flags=("out", "steps", "dump_mode", "bin_width", "n_boot", "seed"))
+               flags=("out", "steps", "dump_mode", "bin_width", "n_boot", "seed", "target_clip_rate",
+                      "chain_seeds"))
 
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     steps = None if args.steps is None else sorted({s for group in args.steps for s in group})
     s = diagnose(args.path, args.out, steps=steps, seed=args.seed, dump_mode=args.dump_mode,
-                 overwrite=args.overwrite, bin_width=args.bin_width, n_boot=args.n_boot)
+                 overwrite=args.overwrite, bin_width=args.bin_width, n_boot=args.n_boot,
+                 target_clip_rate=args.target_clip_rate, chain_seeds=args.chain_seeds)
     lo, hi = s["exponent_ci"]
     print(f"{s['format']}: {s['num_sequences']} sequences, {s['num_tokens']} tokens; KL/token (k3) "
           f"{s['kl_per_token']:.3g}, σ̂ {s['sigma_hat']:.4g}, exponent {s['exponent']:.3f} [{lo:.3f}, {hi:.3f}]"
-          + ("; LOSSY input (weights at the cap e^10)" if s["lossy"] else ""))
+          + (f"; LOSSY input (weights at the cap {s['cap']})" if s["lossy"] else ""))
+    rec = s["recommendation"]
+    th = rec["thresholds"]
+    print(f"recommended: {rec['preset']}" + (f" {rec['overrides']}" if rec["overrides"] else "")
+          + ("" if th is None else f" eps_low={th['eps_low']:.4g} eps_high={th['eps_high']:.4g}"
+             + (f" dual_clip={th['dual_clip']:.4g}" if "dual_clip" in th else "")))
     print(f"report: {args.out}/report.html")
     return 0
 

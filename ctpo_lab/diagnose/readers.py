@@ -10,6 +10,9 @@ Formats (:data:`FORMATS`):
              trainer and its verl plugin (lossless: L_t is stored) or by the CTPO authors' verl
              fork (only the weights, capped at e^10; ``dump_mode`` says which loss wrote them, see
              :data:`DUMP_MODES`).  All steps and ranks are pooled unless ``steps`` selects some.
+``rollout_is`` the fork's ``rollout_is/step_XXXXXXX.npz`` (π_old against the inference engine), ``verl`` a pickled
+             ``DataProto`` (``*.dp``), ``slime`` ``--save-debug-train-data`` files (``*.pt``), ``skyrl``
+             ``dump_data_batch`` pickles (``*_training_input.pkl``): see :mod:`ctpo_lab.diagnose.frameworks`.
 
 Every reader returns :class:`Trajectories`: per-token log-ratios ℓ_t = log π − log μ of the valid tokens, the
 mask, the advantages and prompt groups when known, and whether the input lost information (weights at the cap).
@@ -25,11 +28,16 @@ from pathlib import Path
 import numpy as np
 
 from ctpo_lab import dumps
+from ctpo_lab.diagnose import frameworks
 
-__all__ = ["FORMATS", "DUMP_MODES", "Trajectories", "detect_format", "read_parquet_trajectories",
-           "read_dump_trajectories", "read_trajectories"]
+__all__ = ["FORMATS", "FRAMEWORK_FORMATS", "DUMP_MODES", "Trajectories", "detect_format",
+           "read_parquet_trajectories", "read_dump_trajectories", "read_framework_trajectories", "read_trajectories"]
 
-FORMATS = ("parquet", "npz")
+FORMATS = ("parquet", "npz", "rollout_is", "verl", "slime", "skyrl")
+
+#: the formats read by :mod:`ctpo_lab.diagnose.frameworks` (one :class:`~ctpo_lab.diagnose.frameworks.Block` per
+#: file) and the file pattern of each in a directory
+FRAMEWORK_FORMATS = ("rollout_is", "verl", "slime", "skyrl")
 
 #: How the authors' fork's ``pg_update_is_weights`` relate to L_t, per loss mode (w stored, capped at e^10):
 #: ``cumprod`` log w = L_t; ``geomean`` log w = L_t / t, so L_t = t · log w; ``vanilla`` log w = ℓ_t;
@@ -54,6 +62,7 @@ class Trajectories:
     lossy : the weights were stored capped at e^10 and some valid token is at the cap
     capped_fraction : fraction of the valid tokens at the cap (0 for lossless inputs)
     notes : human-readable remarks for the report
+    cap : what the cap is (``e^10``, the fork's safety cap, or a truncation threshold)
     """
 
     log_ratio: np.ndarray
@@ -66,30 +75,61 @@ class Trajectories:
     lossy: bool = False
     capped_fraction: float = 0.0
     notes: list[str] = field(default_factory=list)
+    cap: str = "e^10"
+
+
+def _framework_files(p: Path) -> dict[str, list[Path]]:
+    """The files of each framework format directly in the directory ``p`` (rollout skip: in sub-folders)."""
+    vis = [f for f in p.iterdir() if f.is_file() and not f.name.startswith(".") and ".tmp" not in f.name]
+    found = {
+        "rollout_is": sorted(f for f in vis if frameworks.rollout_is_step(f) is not None),
+        "verl": sorted(f for f in vis if f.suffix == ".dp") or sorted(
+            f for f in p.glob("**/*.dp") if not f.name.startswith(".") and f.name != "new_batch.dp"),
+        "slime": sorted(f for f in vis if f.suffix == ".pt"),
+        "skyrl": sorted(f for f in vis if f.name.endswith("_training_input.pkl")) or sorted(
+            f for f in (p / "dumped_data").glob("*_training_input.pkl") if (p / "dumped_data").is_dir()),
+    }
+    return {k: v for k, v in found.items() if v}
+
+
+def _file_format(p: Path) -> str | None:
+    if p.suffix == ".parquet":
+        return "parquet"
+    if p.suffix == ".npz":
+        try:
+            with np.load(p) as z:
+                return "rollout_is" if "rollout_is_weights" in z.files else "npz"
+        except Exception:
+            return "npz"  # unreadable: the npz reader says so
+    return {".dp": "verl", ".pt": "slime", ".pkl": "skyrl"}.get(p.suffix)
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
-    """``parquet`` or ``npz`` from the path; ``ValueError``/``FileNotFoundError`` naming ``path`` otherwise."""
+    """One of :data:`FORMATS` from the path; ``ValueError``/``FileNotFoundError`` naming ``path`` otherwise."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"path: {p} does not exist")
     if p.is_file():
-        if p.suffix == ".parquet":
-            return "parquet"
-        if p.suffix == ".npz":
-            return "npz"
-        raise ValueError(f"path: {p} is of no known format; expected a trajectory .parquet, a dump .npz or a "
-                         "directory of them")
-    has_parquet = any(p.glob("*.parquet"))
-    has_npz = bool(dumps.list_steps(p))
-    if has_parquet and has_npz:
-        raise ValueError(f"path: {p} mixes formats (parquet files and npz dumps); point at one of them")
-    if has_parquet:
-        return "parquet"
-    if has_npz:
-        return "npz"
+        fmt = _file_format(p)
+        if fmt is None:
+            raise ValueError(f"path: {p} is of no known format; expected a trajectory .parquet, a dump .npz, a verl "
+                             ".dp, a slime .pt, a SkyRL .pkl or a directory of them")
+        return fmt
+    kinds = []
+    if any(p.glob("*.parquet")):
+        kinds.append("parquet")
+    if dumps.list_steps(p):
+        kinds.append("npz")
+    kinds += list(_framework_files(p))
+    if "npz" in kinds and "verl" in kinds and not any(p.glob("*.dp")):
+        kinds.remove("verl")  # .dp files deep below a dump directory are not its content
+    if len(kinds) > 1:
+        raise ValueError(f"path: {p} mixes formats ({', '.join(kinds)}); point at a folder of one of them")
+    if kinds:
+        return kinds[0]
     raise ValueError(f"path: {p} holds no known format; expected *.parquet shards, step_XXXXXXX_rank_XXXX.npz "
-                     "files or step_XXXXXXX/ folders of *.npz")
+                     "files or step_XXXXXXX/ folders of *.npz, rollout_is/step_XXXXXXX.npz, verl *.dp, slime *.pt "
+                     "or SkyRL *_training_input.pkl files")
 
 
 def _pad(rows: Sequence[np.ndarray], width: int, dtype: type) -> np.ndarray:
@@ -252,12 +292,87 @@ def read_dump_trajectories(path: str | os.PathLike[str], *, steps: Sequence[int]
                         n_capped / n_valid, notes)
 
 
+_READERS = {"rollout_is": frameworks.read_rollout_is, "verl": frameworks.read_verl_dataproto,
+            "slime": frameworks.read_slime, "skyrl": frameworks.read_skyrl}
+
+_CAP_OF = {"rollout_is": "the truncation threshold (algorithm.rollout_correction.rollout_is_threshold)"}
+
+
+def read_framework_trajectories(path: str | os.PathLike[str], fmt: str, *,
+                                steps: Sequence[int] | None = None) -> Trajectories:
+    """The files of one framework format (a file or a directory), every step and rank pooled unless ``steps``."""
+    p = Path(path)
+    files = [p] if p.is_file() else _framework_files(p).get(fmt, [])
+    if not files:
+        raise FileNotFoundError(f"path: no {fmt} files under {p}")
+    blocks = [_READERS[fmt](f) for f in files]
+    available = sorted({b.step for b in blocks})
+    if steps is not None:
+        blocks = [b for b in blocks if b.step in set(steps)]
+        if not blocks:
+            raise ValueError(f"steps: {sorted(set(steps))} selects none of the steps in {p} ({available})")
+    width = max(b.mask.shape[1] for b in blocks)
+
+    def stack(arrs: list[np.ndarray], dtype: type) -> np.ndarray:
+        return np.vstack([np.pad(a.astype(dtype), ((0, 0), (0, width - a.shape[1]))) for a in arrs])
+
+    mask = stack([b.mask for b in blocks], bool)
+    if not mask.any():
+        raise ValueError(f"path: {p} has no valid token")
+    ell = stack([b.log_ratio for b in blocks], np.float64)
+    if not np.isfinite(ell[mask]).all():
+        raise ValueError(f"path: {p} holds NaN or inf log-probabilities on valid tokens")
+    adv = None
+    if all(b.advantages is not None for b in blocks):
+        adv = stack([b.advantages if b.advantages.ndim == 2 else np.broadcast_to(b.advantages[:, None], b.mask.shape)
+                     for b in blocks], np.float64)
+        if not np.isfinite(adv[mask]).all():
+            raise ValueError(f"path: {p} holds NaN or inf advantages on valid tokens")
+    groups = None
+    if all(b.group_keys is not None for b in blocks):  # a prompt key is one group within one step
+        keys = [(b.step, k) for b in blocks for k in b.group_keys]  # type: ignore[union-attr]
+        index: dict[object, int] = {}
+        groups = np.array([index.setdefault(k, len(index)) for k in keys], dtype=np.int64)
+    n_capped = sum(b.capped for b in blocks)
+    n_valid = int(mask.sum())
+    notes = []
+    if fmt in ("rollout_is", "verl", "slime", "skyrl"):
+        notes.append("ℓ = log π_old − log μ_rollout: the training engine's log-probs against the inference "
+                     "engine's (the train/inference mismatch), not the policy update's ratio")
+    if fmt == "rollout_is":
+        notes.append("rollout-IS weights read as e^ℓ (token level); batch-normalised weights "
+                     "(rollout_is_batch_normalize=True) would shift every ℓ by a constant")
+    if n_capped:
+        notes.append(f"lossy input: {n_capped} of {n_valid} valid tokens have a weight at "
+                     f"{_CAP_OF.get(fmt, 'a cap')}, so their log-ratio is underestimated")
+    return Trajectories(ell, mask, adv, groups, None, fmt, sorted({b.step for b in blocks if b.step >= 0}),
+                        n_capped > 0, n_capped / n_valid, notes, _CAP_OF.get(fmt, "e^10"))
+
+
 def read_trajectories(path: str | os.PathLike[str], *, steps: Sequence[int] | None = None,
                       dump_mode: str = "cumprod") -> Trajectories:
-    """Detect the format of ``path`` and read it."""
+    """Detect the format of ``path`` and read it; every failure is a ``ValueError``/``FileNotFoundError`` whose
+    message names the argument (``path``, ``steps`` or ``dump_mode``)."""
     fmt = detect_format(path)
+    try:
+        return _read(path, fmt, steps, dump_mode)
+    except (ValueError, TypeError) as e:
+        msg = " ".join(str(e).split())
+        if msg.split(":")[0] in ("path", "steps", "dump_mode"):
+            raise
+        raise ValueError(f"path: {path} could not be read as {fmt} ({type(e).__name__}: {msg[:200]})") from None
+
+
+def _read(path: str | os.PathLike[str], fmt: str, steps: Sequence[int] | None, dump_mode: str) -> Trajectories:
     if fmt == "parquet":
         if steps is not None:
-            raise ValueError("steps: a trajectory parquet has no training steps; --steps applies to npz dumps")
+            raise ValueError("steps: a trajectory parquet has no training steps; --steps applies to dumps")
         return read_parquet_trajectories(path)
-    return read_dump_trajectories(path, steps=steps, dump_mode=dump_mode)
+    if fmt in FRAMEWORK_FORMATS:
+        return read_framework_trajectories(path, fmt, steps=steps)
+    tr = read_dump_trajectories(path, steps=steps, dump_mode=dump_mode)
+    p = Path(path)
+    if p.is_dir() and (p / "rollout_is").is_dir():
+        tr.notes.append(f"{p / 'rollout_is'} holds the rollout-IS dumps (π_old against the inference engine): "
+                        "diagnose that folder separately")
+    return tr
