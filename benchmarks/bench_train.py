@@ -12,6 +12,16 @@ excluded; times are medians over the remaining batches (robust to bursts of load
 ``ctpo_lab reuse-μ`` is the same trainer with ``recompute_old_log_prob=false`` (the sampler's
 log-probs serve as log μ: no old-log-prob forward; it still does the measured-KL forward TRL does not).
 TRL is optional (``pip install -e .[trl]``); without it only ctpo_lab is measured.
+
+``--cpu-preset`` (part 2) measures the ``cpu`` preset (the comparison grid's run: 16 prompts × 8 responses,
+16 updates per rollout batch) per step, split into generation / old-log-prob forward / updates / final-KL
+forward, for the trainer as it runs (``recompute_old_log_prob=true``) and for the variants that skip work
+(``reuse-μ``: the sampler's log-probs as log μ; ``reuse-μ, no final KL``: also ``measure_final_kl=false``),
+interleaved in the same run, with the ratio of the per-run time (80 steps + 9 evaluations) to the default's.
+``--batching-ceiling`` (part 3) measures what batching several seeds into one process could gain at most:
+the same model on 4× the rows (generation of 512 vs 128 responses, a teacher-forced forward, an update's
+forward + backward on 32 vs 8 responses); a batched-weights model does the same arithmetic with the same
+total rows, so it cannot be faster per row than this.
 """
 
 from __future__ import annotations
@@ -157,18 +167,124 @@ def bench_trl(cfg, model, task, tok: CharTokenizer, n_batches: int, seed: int) -
     return _timing_row(total, gen, score, tokens, float("nan"))
 
 
+CPU_VARIANTS = {
+    "default": [],
+    "reuse-μ": ["recompute_old_log_prob=false"],
+    "reuse-μ, no final KL": ["recompute_old_log_prob=false", "measure_final_kl=false"],
+}
+
+
+def bench_cpu_preset(steps: int, rounds: int, seed: int, threads: int) -> None:
+    """Part 2: the ``cpu`` preset per step and per run, its variants interleaved (see the module docstring)."""
+    base = ["dump_every=0", "ckpt_every=0", "tensorboard=false", f"threads={threads}"]
+    cfgs = {
+        name: resolve_train_config("cpu", seed=seed, steps=steps, overrides=base + ["eval_every=0"] + extra)
+        for name, extra in CPU_VARIANTS.items()
+    }
+    keys = ("time/gen", "time/old_log_prob", "time/update", "time/kl", "time/step")
+    per: dict[str, list[dict[str, float]]] = {n: [] for n in cfgs}
+    evals: list[float] = []
+    diff: list[float] = []
+    for r in range(rounds):
+        for name, cfg in cfgs.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                trainer = Trainer(cfg, Path(tmp) / "run", progress=False, log=lambda s: None)
+                hist = trainer.train().history
+                if name == "default":
+                    evals.append(trainer.evaluate(steps)["time/eval"])
+            recs = [h for h in hist if h["step"] >= 2]  # step 1 is the warm-up
+            per[name].append({k: float(np.median([h[k] for h in recs])) for k in keys})
+            if name == "default":
+                diff += [h["rollout/log_prob_abs_diff"] for h in recs]
+        print(f"[bench_train] cpu preset round {r + 1}/{rounds}: " + ", ".join(
+            f"{n} {per[n][-1]['time/step']:.3f} s/step" for n in cfgs), flush=True)
+    full = resolve_train_config("cpu")
+    n_evals = full.steps // full.eval_every + 1
+    t_eval = float(np.median(evals))
+    print(
+        f"\ncpu preset: {full.batch_prompts} prompts x {full.group_size} responses, {full.updates_per_step} updates "
+        f"per step, {threads} thread(s); medians over {rounds} interleaved round(s) of {steps - 1} timed steps; "
+        f"per run = {full.steps} steps + {n_evals} evaluations ({t_eval:.2f} s each)"
+    )
+    print(f"{'variant':<24}{'s/step':>8}{'gen':>7}{'old_lp':>8}{'update':>8}{'kl':>7}{'s/run':>8}{'new/old':>9}")
+    default_run = None
+    for name in cfgs:
+        m = {k: float(np.median([x[k] for x in per[name]])) for k in keys}
+        run = full.steps * m["time/step"] + n_evals * t_eval
+        default_run = default_run or run
+        print(
+            f"{name:<24}{m['time/step']:8.3f}{m['time/gen']:7.3f}{m['time/old_log_prob']:8.3f}"
+            f"{m['time/update']:8.3f}{m['time/kl']:7.3f}{run:8.1f}{default_run / run:8.2f}x"
+        )
+    split = {k: float(np.median([x[k] for x in per["default"]])) for k in keys}
+    print("default step split: " + ", ".join(
+        f"{k.split('/')[1]} {100 * split[k] / split['time/step']:.0f}%" for k in keys[:-1]
+    ) + f"; sampler vs recomputed log μ: mean |Δ| {np.mean(diff):.1e} per token (reuse-μ changes the numbers by this)")
+
+
+def bench_batching_ceiling(seed: int, threads: int, repeats: int = 3) -> None:
+    """Part 3: per-row cost of the same model on 4× the rows (see the module docstring)."""
+    from ctpo_lab.train.rollout import response_log_probs, sample
+
+    cfg = resolve_train_config("cpu", seed=seed, overrides=[f"threads={threads}"])
+    task = make_task(cfg.task, **cfg.task_options)
+    policy = load_policy(cfg, task, torch.device("cpu"), progress=True)
+    model = policy.model.eval()
+    prompts = [policy.encode_prompt(p) for p in task.sample(np.random.default_rng(seed), 512, "train")]
+    kw = dict(max_new_tokens=task.max_response_tokens, temperature=1.0, eos_token_id=2, pad_token_id=0)
+    small, big = cfg.rollout_batch_size, 4 * cfg.rollout_batch_size
+    mb = cfg.mini_batch_prompts * cfg.group_size
+
+    def update(b, rows: int) -> None:
+        model.train()
+        lp, _ = response_log_probs(model, b.select(torch.arange(rows)), cfg.temperature)
+        lp.sum().backward()
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+    times: dict[str, list[float]] = {}
+    for _ in range(repeats):  # interleaved
+        for n in (small, big):
+            t0 = time.perf_counter()
+            batch = sample(model, prompts[:n], generator=torch.Generator().manual_seed(seed), **kw)
+            t1 = time.perf_counter()
+            with torch.no_grad():
+                response_log_probs(model, batch, 1.0)
+            t2 = time.perf_counter()
+            rows = mb * n // small
+            update(batch, rows)
+            t3 = time.perf_counter()
+            for key, t in ((f"gen {n}", t1 - t0), (f"fwd {n}", t2 - t1), (f"upd {rows}", t3 - t2)):
+                times.setdefault(key, []).append(t)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    print(f"\nbatching ceiling (same model, 4x the rows, {threads} thread(s), median of {repeats}): per-row gain")
+    for part, a, b in (("generation", f"gen {small}", f"gen {big}"), ("teacher-forced forward", f"fwd {small}",
+                       f"fwd {big}"), ("update fwd+bwd", f"upd {mb}", f"upd {4 * mb}")):
+        print(f"  {part:<24}{med[a]:8.3f} s -> {med[b]:8.3f} s for 4x: x{4 * med[a] / med[b]:.2f} per row")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, default=6, help="rollout batches per trainer (first is warm-up)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (ctpo_lab, reuse-μ, TRL) per run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cpu-preset", action="store_true", help="part 2: the cpu preset per step and per run")
+    ap.add_argument("--cpu-steps", type=int, default=5, help="steps per cpu-preset run (first is warm-up)")
+    ap.add_argument("--batching-ceiling", action="store_true", help="part 3: what batching seeds could gain")
+    ap.add_argument("--skip-trl", action="store_true", help="skip part 1 (ctpo_lab vs TRL on cpu-smoke)")
     args = ap.parse_args(argv)
     if args.batches < 2:
         raise SystemExit("error: --batches must be ≥ 2 (the first is a warm-up)")
     if args.rounds < 1:
         raise SystemExit("error: --rounds must be ≥ 1")
     torch.set_num_threads(args.threads)
+    if args.cpu_preset:
+        bench_cpu_preset(args.cpu_steps, args.rounds, args.seed, args.threads)
+    if args.batching_ceiling:
+        bench_batching_ceiling(args.seed, args.threads)
+    if args.skip_trl:
+        return
     cfg = resolve_train_config(
         "cpu-smoke",
         seed=args.seed,

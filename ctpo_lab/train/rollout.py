@@ -208,10 +208,12 @@ def sample(
     done = torch.zeros(n, dtype=torch.bool, device=device)
     tokens, logps, valid, entropies = [], [], [], []
     for step in range(max_new_tokens):
-        logp = torch.log_softmax(logits / temperature if temperature > 0 else logits, dim=-1)  # [N, V]
-        entropies.append(torch.where(done, 0.0, -(logp.exp() * logp).sum(-1)))
+        # x / 1 == x exactly: no division at temperature 1; one exp for the entropy and the sampler
+        logp = torch.log_softmax(logits / temperature if temperature not in (0, 1) else logits, dim=-1)  # [N, V]
+        probs = logp.exp()
+        entropies.append(torch.where(done, 0.0, -(probs * logp).sum(-1)))
         if temperature > 0:
-            tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)  # [N]
+            tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [N]
         else:
             tok = logp.argmax(-1)
         lp = logp.gather(-1, tok[:, None]).squeeze(-1)
@@ -263,7 +265,7 @@ def response_log_probs(
             input_ids=ids, attention_mask=attn.long(), position_ids=position, logits_to_keep=r + 1
         ).logits
     logits = logits[:, -(r + 1) : -1].float()  # [N, R, V]: position P−1+t predicts response token t
-    if temperature > 0:
+    if temperature > 0 and temperature != 1:  # x / 1 == x exactly
         logits = logits / temperature
     logp_all = torch.log_softmax(logits, -1)
     logp = logp_all.gather(-1, batch.response_ids[..., None]).squeeze(-1)  # [N, R]
