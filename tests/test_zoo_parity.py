@@ -1,4 +1,4 @@
-"""The zoo presets named after verl and TRL losses equal those frameworks' own functions (issue 13).
+"""The zoo presets named after verl and TRL losses equal those frameworks' own functions.
 
 Runs in the verl environment (verl 0.9.1 and TRL 1.16 installed, see .ci/run); each part is skipped where its
 framework is absent.
