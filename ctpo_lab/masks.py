@@ -24,15 +24,25 @@ rule              a token is dropped when                                       
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from ctpo_lab.losses import LossConfig
 
-__all__ = ["MASK_RULES", "BATCH_MASKS", "MASK_STATISTICS", "token_keep", "cppo_keep", "m2po_keep"]
+class MaskParameters(Protocol):
+    """The fields of :class:`ctpo_lab.losses.LossConfig` the masks read (a LossConfig is one)."""
+
+    mask_rule: str
+    mask_low: float | None
+    mask_high: float | None
+    mask_threshold: float | None
+    mask_statistic: str
+    position_weight_min: float
+    prefix_budget: float
+
+
+__all__ = ["MaskParameters", "MASK_RULES", "BATCH_MASKS", "MASK_STATISTICS", "token_keep", "cppo_keep", "m2po_keep"]
 
 MASK_RULES: tuple[str, ...] = ("none", "ratio_band", "opsm", "trust_region", "m2po", "cppo")
 #: masks that read the whole batch (the exact laboratory measures them by Monte Carlo)
@@ -88,7 +98,7 @@ def cppo_keep(log_prob: Tensor, old_log_prob: Tensor, log_ratio: Tensor, advanta
     return mask & (feasible | toward)
 
 
-def token_keep(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, log_ratio: Tensor, advantages: Tensor,
+def token_keep(cfg: MaskParameters, log_prob: Tensor, old_log_prob: Tensor, log_ratio: Tensor, advantages: Tensor,
                mask: Tensor) -> Tensor | None:
     """The keep mask [B, T] (bool, False on masked-out tokens) of ``cfg.mask_rule``; None for ``"none"``.
 

@@ -32,15 +32,34 @@ estimators (the exact laboratory measures them by Monte Carlo).  ``clip_cov`` dr
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:  # the config type only (losses imports this module)
-    from ctpo_lab.losses import LossConfig
 
-__all__ = ["SURROGATE_RULES", "ROW_RULES", "BATCH_RULES", "SurrogateInputs", "SurrogateOutput", "surrogate"]
+class RuleParameters(Protocol):
+    """The fields of :class:`ctpo_lab.losses.LossConfig` the rules read (a LossConfig is one)."""
+
+    clip: str
+    eps_low: float
+    eps_high: float
+    log_ratio_clamp: float | None
+    truncation: float | None
+    tau_pos: float
+    tau_neg: float
+    cov_fraction: float
+    cov_low: float
+    cov_high: float
+    kl_coef: float
+    kernel_power_pos: float
+    kernel_rate_pos: float
+    kernel_power_neg: float
+    kernel_rate_neg: float
+
+
+__all__ = ["RuleParameters", "SURROGATE_RULES", "ROW_RULES", "BATCH_RULES", "SurrogateInputs", "SurrogateOutput",
+           "surrogate"]
 
 #: rules of this module (values of ``LossConfig.clip``)
 SURROGATE_RULES: tuple[str, ...] = (
@@ -98,7 +117,7 @@ def _zero(inputs: SurrogateInputs) -> Tensor:
     return torch.zeros((), dtype=inputs.log_prob.dtype, device=inputs.log_prob.device)
 
 
-def _sapo(inputs: SurrogateInputs, cfg: LossConfig) -> SurrogateOutput:
+def _sapo(inputs: SurrogateInputs, cfg: RuleParameters) -> SurrogateOutput:
     """verl ``compute_policy_loss_sapo`` (arXiv 2511.20347): the soft gate σ(τ(r−1))·4/τ, whose gradient in
     log π is A·4·r·σ(1−σ) (1 at r = 1, decaying smoothly instead of a hard cut); no token is dropped, so
     verl reports ``pg_clipfrac = pg_clipfrac_lower = 0``."""
@@ -114,7 +133,7 @@ def _sapo(inputs: SurrogateInputs, cfg: LossConfig) -> SurrogateOutput:
         "actor/pg_clipfrac": zero, "actor/pg_clipfrac_lower": zero, "actor/ppo_kl": _kl_metric(inputs, ell)})
 
 
-def _dppo(inputs: SurrogateInputs, cfg: LossConfig, divergence: str) -> SurrogateOutput:
+def _dppo(inputs: SurrogateInputs, cfg: RuleParameters, divergence: str) -> SurrogateOutput:
     """verl ``compute_policy_loss_dppo_{tv,kl}`` (arXiv 2602.04879): a trust region in probability space.
     ``eps_low``/``eps_high`` are the divergence bounds δ_low/δ_high, ``truncation`` the cap C of the
     detached weight.  TV: keep A > 0 tokens with π − μ ≤ δ_high, A ≤ 0 tokens with π − μ ≥ −δ_low.  KL: with
@@ -147,13 +166,13 @@ def _dppo(inputs: SurrogateInputs, cfg: LossConfig, divergence: str) -> Surrogat
     return SurrogateOutput(loss, weight.log(), dropped & (adv > 0), dropped & (adv < 0), metrics)
 
 
-def _ppo_terms(ratio: Tensor, adv: Tensor, cfg: LossConfig) -> tuple[Tensor, Tensor]:
+def _ppo_terms(ratio: Tensor, adv: Tensor, cfg: RuleParameters) -> tuple[Tensor, Tensor]:
     pg1 = -adv * ratio
     pg2 = -adv * ratio.clamp(1 - cfg.eps_low, 1 + cfg.eps_high)
     return pg1, pg2
 
 
-def _clip_cov(inputs: SurrogateInputs, cfg: LossConfig) -> SurrogateOutput:
+def _clip_cov(inputs: SurrogateInputs, cfg: RuleParameters) -> SurrogateOutput:
     """verl ``compute_policy_loss_clip_cov`` (Entropy-Mechanism, arXiv 2505.22617): the PPO clip (no dual
     clip, no log-ratio clamp) on every token; among the valid tokens the clip left active, those with
     covariance c_t = (A_t − mean A)(log π_t − mean log π) in (``cov_low``, ``cov_high``) are candidates, and
@@ -184,7 +203,7 @@ def _clip_cov(inputs: SurrogateInputs, cfg: LossConfig) -> SurrogateOutput:
     return SurrogateOutput(loss, ell.detach(), high & mask, low & mask, metrics)
 
 
-def _kl_cov(inputs: SurrogateInputs, cfg: LossConfig) -> SurrogateOutput:
+def _kl_cov(inputs: SurrogateInputs, cfg: RuleParameters) -> SurrogateOutput:
     """verl ``compute_policy_loss_kl_cov`` (arXiv 2505.22617): −A·r on every token (no clip, no clamp) and
     −A·r + β|ℓ| (β = ``kl_coef``) on the max(⌊``cov_fraction``·N⌋, 1) valid tokens of largest covariance
     (A_t − mean A)(log π_t − mean log π) (``torch.topk`` over the valid tokens in row-major order, on the
@@ -210,7 +229,7 @@ def _kl_cov(inputs: SurrogateInputs, cfg: LossConfig) -> SurrogateOutput:
     return SurrogateOutput(loss, ell.detach(), none, none, {"actor/ppo_kl": _masked_mean(ell.detach().abs(), mask)})
 
 
-def _gmpo(inputs: SurrogateInputs, cfg: LossConfig) -> SurrogateOutput:
+def _gmpo(inputs: SurrogateInputs, cfg: RuleParameters) -> SurrogateOutput:
     """verl ``compute_policy_loss_geo_mean`` (GMPO, arXiv 2507.20673): per row, the geometric mean of the
     token ratios each clipped in log space to [−ε_low, ε_high] on the side the advantage's sign makes
     pessimistic, times the row's mean advantage Ā_i = Σ_t A_t / (n_i + 10⁻⁸); the loss is the mean over all B
@@ -240,7 +259,7 @@ def _gmpo(inputs: SurrogateInputs, cfg: LossConfig) -> SurrogateOutput:
     return SurrogateOutput(loss, log_weight, replaced & (adv > 0), replaced & (adv < 0), metrics)
 
 
-def _reinforce(inputs: SurrogateInputs, cfg: LossConfig) -> SurrogateOutput:
+def _reinforce(inputs: SurrogateInputs, cfg: RuleParameters) -> SurrogateOutput:
     """verl ``compute_policy_loss_gpg`` (GPG, arXiv 2504.02546): the plain score-function loss −A·log π (no
     importance weight); verl reports no metric."""
     mask = inputs.mask
@@ -249,13 +268,13 @@ def _reinforce(inputs: SurrogateInputs, cfg: LossConfig) -> SurrogateOutput:
     return SurrogateOutput(loss, torch.zeros_like(inputs.log_prob).detach(), none, none, {})
 
 
-def _row_log_ratio(inputs: SurrogateInputs, cfg: LossConfig) -> Tensor:
+def _row_log_ratio(inputs: SurrogateInputs, cfg: RuleParameters) -> Tensor:
     """log ρ_{1:T} per row, [B] (per-token clamp where the config has one), no gradient."""
     ell = _clamped(inputs.raw_log_ratio.detach(), cfg.log_ratio_clamp)
     return torch.where(inputs.mask, ell, 0.0).sum(-1)
 
 
-def _topr(inputs: SurrogateInputs, cfg: LossConfig) -> SurrogateOutput:
+def _topr(inputs: SurrogateInputs, cfg: RuleParameters) -> SurrogateOutput:
     """TOPR (arXiv 2503.14286): no importance weight on A ≥ 0 rows; the sequence ratio truncated to [0, 1]
     (detached) on A < 0 rows: −A·sg(min(ρ_{1:T}, 1))·log π.  No token is dropped; the metric
     ``actor/pg_clipfrac_lower`` is the fraction of valid A < 0 tokens whose sequence ratio exceeds 1."""
@@ -272,7 +291,7 @@ def _topr(inputs: SurrogateInputs, cfg: LossConfig) -> SurrogateOutput:
     return SurrogateOutput(loss, torch.where(mask, weight.log(), 0.0), none, none, metrics)
 
 
-def _vespo(inputs: SurrogateInputs, cfg: LossConfig) -> SurrogateOutput:
+def _vespo(inputs: SurrogateInputs, cfg: RuleParameters) -> SurrogateOutput:
     """TRL ``loss_type="vespo"`` (arXiv 2602.10693): the detached sequence kernel
     φ(W) = exp(λ + k·log W − λ·W) (= W^k e^{λ(1−W)}, normalised so that φ(1) = 1; maximal at W = k/λ) times
     −A·log π, with log W = clamp(Σ_t clamp(ℓ_t, ±20), log 10⁻⁸, 20) the row's summed log-ratio and
@@ -305,7 +324,7 @@ _RULES = {
 }
 
 
-def surrogate(inputs: SurrogateInputs, cfg: LossConfig) -> SurrogateOutput:
+def surrogate(inputs: SurrogateInputs, cfg: RuleParameters) -> SurrogateOutput:
     """The per-token loss of ``cfg.clip`` (one of :data:`SURROGATE_RULES`) on ``inputs``."""
     if cfg.clip not in _RULES:
         raise ValueError(f"clip: {cfg.clip!r} is not a surrogate rule; expected one of {SURROGATE_RULES}")
