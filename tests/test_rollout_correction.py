@@ -502,3 +502,23 @@ def test_bypass_loss_matches_verl(verl, name):
     torch.testing.assert_close(lp_o.grad, lp_v.grad, rtol=1e-7, atol=1e-9)
     assert m_o["actor/ppo_kl"] == pytest.approx(m_v["actor/ppo_kl"], rel=1e-7, abs=1e-9)
     _assert_metrics(m_o, {k: v for k, v in m_v.items() if k.startswith("rollout_corr/")})
+
+
+@pytest.mark.parametrize("name", ["decoupled_token_is", "decoupled_seq_is_rs", "decoupled_token_icepop",
+                                  "decoupled_k3_rs_token_tis"])
+def test_float32_matches_verl(verl, name):
+    c = ROLLOUT_CORRECTIONS[name]
+    core_algos = verl[2]
+    lp, old, rollout, adv, mask = _batch(5, scale=0.4, dtype=torch.float32)
+    w, new_mask, rc_metrics = _verl_call(verl, c, lp, old, rollout, mask)
+    lp_v = lp.clone().requires_grad_()
+    loss_v, _ = core_algos.compute_policy_loss_vanilla(old, lp_v, adv, new_mask, loss_agg_mode="token-mean",
+                                                       config=_actor(verl, "token-mean"), rollout_is_weights=w)
+    loss_v.backward()
+    lp_o = lp.clone().requires_grad_()
+    out = compute_policy_loss(lp_o, old, adv, mask, "grpo", rollout_log_prob=rollout, rollout_correction=c)
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32
+    assert torch.equal(out.mask, new_mask.bool())
+    assert out.loss.item() == pytest.approx(loss_v.item(), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(lp_o.grad, lp_v.grad, rtol=1e-5, atol=1e-6)
