@@ -60,6 +60,7 @@ class BiasConfig:
     sources: list[str] = field(default_factory=lambda: ["stale", "temperature", "dtype"])
     k: list[int] = field(default_factory=lambda: [1, 4, 15])
     preset: str = "ctpo"
+    estimators: list[str] = field(default_factory=lambda: list(bias.ESTIMATORS))
     lr: float = 1e-5
     minibatches: int = 16
     mu_temperature: float = 0.9
@@ -155,6 +156,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--k", default=None, help="stale updates measured, e.g. 1,4,15")
     b.add_argument("--loss", "--preset", dest="preset", default=None,
                    help=f"loss preset of the stale update ({d.preset}; --preset is its former name)")
+    b.add_argument("--estimators", default=None,
+                   help="comma list of loss presets to measure (any key of ctpo_lab.losses.PRESETS; default "
+                   f"{','.join(d.estimators)}; {PAIRED_ESTIMATOR} is always measured, the others pair with it)")
     b.add_argument("--lr", type=finite_float(0.0, lo_open=True), default=None,
                    help=f"AdamW learning rate of the stale update ({d.lr})")
     b.add_argument("--minibatches", type=int, default=None, help=f"minibatches per rollout batch ({d.minibatches})")
@@ -210,6 +214,15 @@ def resolve(ns: argparse.Namespace) -> BiasConfig:
         cfg.sources = srcs
     if ns.k is not None:
         cfg.k = _int_list(ns.k, "k")
+    if ns.estimators is not None:
+        from ctpo_lab.losses import PRESETS as _ALL
+
+        names = list(dict.fromkeys(x.strip() for x in ns.estimators.split(",") if x.strip()))
+        bad = [x for x in names if x not in _ALL]
+        if bad or not names:
+            raise ValueError(f"--estimators: expected a comma list of preset names of ctpo_lab.losses.PRESETS, "
+                             f"got {ns.estimators!r}")
+        cfg.estimators = names if PAIRED_ESTIMATOR in names else [PAIRED_ESTIMATOR, *names]
     cfg.progress = not ns.no_progress
     for name in ("train_prompts", "eval_prompts", "group_size", "max_new_tokens", "prompts_per_chunk", "minibatches",
                  "directions", "directions_per_pass", "batch_size", "chain_seeds", "threads"):
@@ -388,7 +401,7 @@ def run_bias(cfg: BiasConfig, *, overwrite: bool = False) -> dict[str, Any]:
         units: dict[str, np.ndarray] = {}
         dropped: dict[str, float] = {}
         informative = mask & torch.as_tensor(mu_adv != 0)[:, None]
-        for spec in bias.ESTIMATORS:
+        for spec in cfg.estimators:
             est = bias.estimator_name(spec)
             if est in units:
                 raise ValueError(f"estimators: two estimators named {est!r}")

@@ -19,8 +19,9 @@ import numpy as np
 from ctpo_lab import losses
 
 from .estimator import ChainEstimator, chain_estimator
-from .exact import Moments, exact_moments, performance
+from .exact import Moments, exact_moments, performance, true_gradient
 from .model import MarkovMDP, random_instance
+from .sample import monte_carlo_moments
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -83,8 +84,14 @@ def matched_chain_prediction(
     clipped_max_horizon: int = 16,
     bin_width: float | None = 0.01,
     progress: bool = False,
+    mc_samples: int = 4096,
+    mc_max_horizon: int = 64,
 ) -> pd.DataFrame:
     """Exact bias and variance of the LLM estimators on random chains with the LLM's per-token KL.
+
+    Estimators the dynamic programme does not represent (:func:`ctpo_lab.markov.lab_method` ≠ ``"dp"``: row
+    rules, probability-space trust regions, sequence masks, batch-level rules) are measured by Monte Carlo with
+    ``mc_samples`` trajectories at ``min(horizon, mc_max_horizon)`` (``method`` says ``mc`` or ``mc-batch(B)``).
 
     For each seed the chain ``random_instance(vocab_size, horizon, order, seed, kl=kl, automaton=automaton)``
     has per-token ``KL(μ‖π) = kl`` in every context; the same seed with ``kl = 0`` gives the same target
@@ -185,8 +192,11 @@ def matched_chain_prediction(
             # per horizon used: (off-policy chain, J(μ), on-policy reference moments)
             cache: dict[int, tuple[MarkovMDP, float, Moments]] = {}
             for est in ests:
+                exact = est.method("reward") == "dp"
                 augmented = est.needs_augmented
                 T = min(horizon, clipped_max_horizon) if augmented else horizon
+                if not exact:
+                    T = min(horizon, mc_max_horizon)
                 if T not in cache:
                     mdp = random_instance(vocab_size, T, order, seed, kl=kl, automaton=automaton)
                     mdp0 = random_instance(vocab_size, T, order, seed, kl=0.0, automaton=automaton)
@@ -194,8 +204,14 @@ def matched_chain_prediction(
                                         baseline=performance(mdp0, "target"), along_gradient=False)
                     cache[T] = (mdp, performance(mdp, "behaviour"), ref)
                 mdp, b, ref = cache[T]
-                m = exact_moments(mdp, est, signal="reward", baseline=b, along_gradient=False,
-                                  bin_width=bin_width if augmented else None)
+                if exact:
+                    m = exact_moments(mdp, est, signal="reward", baseline=b, along_gradient=False,
+                                      bin_width=bin_width if augmented else None)
+                else:
+                    mc = monte_carlo_moments(mdp, est, "reward", baseline=b, n=mc_samples, seed=seed)
+                    m = Moments(estimator=est.name, signal="reward", baseline=b, mean=mc.mean,
+                                second_moment_diag=mc.second_moment_diag, gradient=true_gradient(mdp),
+                                method=mc.method, config=est.config)
                 g2 = float(m.gradient @ m.gradient)
                 gn = math.sqrt(g2)
                 if gn < _TINY_GRADIENT and not warned:
