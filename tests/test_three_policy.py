@@ -174,7 +174,7 @@ def test_monte_carlo_within_5_se_of_enumeration(preset, correction):
     corr = _corr(correction)
     assert markov.rollout_lab_method(preset, corr) == "per_trajectory"
     en = markov.enumerate_moments(chain.mdp, preset, "reward", 0.3, old_policy=chain.old, rollout_correction=corr)
-    mc = markov.monte_carlo_moments(chain.mdp, preset, "reward", 0.3, n=20_000, seed=2, old_policy=chain.old,
+    mc = markov.monte_carlo_moments(chain.mdp, preset, "reward", 0.3, n=8_000, seed=2, old_policy=chain.old,
                                     rollout_correction=corr)
     ok = mc.mean_se > 0
     assert np.all(np.abs(mc.mean - en.mean)[ok] <= 5 * mc.mean_se[ok])
