@@ -187,3 +187,17 @@ def test_rollout_moments_dispatch():
     assert markov.rollout_moments(chain, "ctpo", _CUSTOM["token_k3_rs"]).method == "enumeration"
     assert markov.rollout_moments(chain, "ctpo", _CUSTOM["token_k3_rs"], method="mc", n_mc=512).method == "mc"
     assert set(ROLLOUT_CORRECTIONS) >= {"decoupled_geo_rs", "cumulative_sqrt_t", "trl_token_mask"}
+
+
+def test_rollout_correction_table_small():
+    from ctpo_lab.markov import study
+
+    df = study.rollout_correction_table(("grpo", "ctpo"), ("none", "decoupled_seq_is", "decoupled_token_is"),
+                                        regimes=(("bf16", 1e-3, "noise"),), horizon=3)
+    assert len(df) == 6 and set(df["method"]) == {"dp"}
+    seq = df[df["correction"] == "decoupled_seq_is"]
+    assert (seq["correction_error"] < 1e-12).all()  # the threshold never binds: E_roll[ρ X] = E_old[X]
+    none = df[df["correction"] == "none"].set_index("preset")["correction_error"]
+    tok = df[df["correction"] == "decoupled_token_is"].set_index("preset")["correction_error"]
+    assert (tok < none).all() and (none > 0).all()
+    assert np.allclose(df[df["correction"] == "none"]["trace_cov_ratio"], 1.0)

@@ -574,7 +574,9 @@ def rollout_correction_table(
     sampler mismatch exactly), ``preset_bias`` ‖E_{π_old}[X_preset] − ∇J‖/‖∇J‖ (the preset's own bias, the
     same for every correction), ``cosine`` and ``scale`` of E X against ∇J, ``trace_cov``, ``trace_cov_ratio``
     (tr Cov relative to the uncorrected pair, same preset and chain), ``mse_N<n>`` = ‖bias‖² + tr Cov / N and
-    ``mse_ratio`` (MSE relative to the uncorrected pair). A few seconds per regime on 2 cores.
+    ``mse_ratio`` (MSE relative to the uncorrected pair). Bypass modes anchor the loss at π_roll and aim at π,
+    not at the π_old target, so their ``correction_error`` measures how far they move from it, not a failure.
+    About 10 s per regime on 2 cores with the defaults.
     """
     rows = []
     for regime, kl_ro, direction in regimes:
