@@ -146,7 +146,7 @@ def _rollout_correction_files(out: Path, rc: pd.DataFrame, common: dict) -> list
     files: list[Path] = []
     mse_col = [c for c in rc.columns if c.startswith("mse_N")]
     table = rc[["regime", "kl_roll_old", "kl_old_pi", "T", "preset", "correction", "method", "correction_error",
-                "relative_bias", "preset_bias", "trace_cov_ratio"] + mse_col + ["mse_ratio"]]
+                "relative_bias", "preset_bias", "trace_cov_ratio"] + mse_col + ["mse_ratio", "rejected_tokens"]]
     T = int(rc["T"].iloc[0])
     files += save_table(table, out, "markov_rollout_correction_table",
                         finding="Rollout corrections on three-policy chains (sampler π_roll, trainer's recompute "

@@ -574,8 +574,10 @@ def rollout_correction_table(
     sampler mismatch exactly), ``preset_bias`` ‖E_{π_old}[X_preset] − ∇J‖/‖∇J‖ (the preset's own bias, the
     same for every correction), ``cosine`` and ``scale`` of E X against ∇J, ``trace_cov``, ``trace_cov_ratio``
     (tr Cov relative to the uncorrected pair, same preset and chain), ``mse_N<n>`` = ‖bias‖² + tr Cov / N and
-    ``mse_ratio`` (MSE relative to the uncorrected pair). Bypass modes anchor the loss at π_roll and aim at π,
-    not at the π_old target, so their ``correction_error`` measures how far they move from it, not a failure.
+    ``mse_ratio`` (MSE relative to the uncorrected pair), ``rejected_tokens`` (the π_roll-weighted fraction of
+    tokens the correction's rejection removes, from ``rollout_correction.rollout_rejection_mask`` on every
+    trajectory; NaN where V^T > 20 000). Bypass modes anchor the loss at π_roll and aim at π, not at the π_old
+    target, so their ``correction_error`` measures how far they move from it, not a failure.
     About 10 s per regime on 2 cores with the defaults.
     """
     rows = []
@@ -586,6 +588,7 @@ def rollout_correction_table(
         grad = true_gradient(chain.mdp)
         gn = float(np.linalg.norm(grad))
         mm = chain.mismatch()
+        rejected = _rejected_tokens(chain, corrections)
         for preset in presets:
             target = framework_target(chain, preset, baseline=b)
             ref_trace = ref_mse = None
@@ -609,5 +612,32 @@ def rollout_correction_table(
                     "scale": float(mean @ grad) / gn**2, "trace_cov": trace,
                     "trace_cov_ratio": trace / ref_trace if ref_trace > 0 else float("nan"),
                     f"mse_N{mse_n}": mse, "mse_ratio": mse / ref_mse if ref_mse > 0 else float("nan"),
+                    "rejected_tokens": rejected[name],
                 })
     return pd.DataFrame(rows)
+
+
+def _rejected_tokens(chain, corrections: tuple[str, ...], max_enumeration: int = 20_000) -> dict[str, float]:
+    """E_{π_roll}[fraction of tokens rejected] of each correction, by enumeration (NaN beyond the limit)."""
+    import torch
+
+    from ctpo_lab.rollout_correction import resolve_rollout_correction, rollout_rejection_mask
+
+    from .enumerate import enumerate_trajectories
+
+    mdp = chain.mdp
+    out = {name: float("nan") for name in corrections}
+    if mdp.vocab_size**mdp.horizon > max_enumeration:
+        return out
+    tr = enumerate_trajectories(mdp)
+    log_old = np.log(chain.old[tr["ctx"], tr["seqs"]])
+    mask = torch.ones(tr["seqs"].shape, dtype=torch.bool)
+    for name in corrections:
+        corr = resolve_rollout_correction(None if name == "none" else name)
+        if corr is None or not corr.rejection:
+            out[name] = 0.0
+            continue
+        train = tr["log_pi"] if corr.bypass_mode else log_old
+        keep, _ = rollout_rejection_mask(torch.as_tensor(train - tr["log_mu"]), mask, corr)
+        out[name] = float(tr["p_mu"] @ (1.0 - keep.double().mean(-1).numpy()))
+    return out
