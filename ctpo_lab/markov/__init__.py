@@ -9,6 +9,9 @@ Quick start::
     m.mean, m.second_moment_diag, m.trace_cov, m.bias, m.mse(64), m.cosine
     e = markov.enumerate_moments(mdp, estimator="ctpo", signal="reward")   # same fields, by enumeration
     mc = markov.monte_carlo_moments(mdp, estimator=PRESETS["ctpo"], n=100_000, seed=0, clip_exponent=0.0)
+    # three policies: sampler π_roll, trainer's recompute π_old, current π; (preset × rollout correction)
+    ch = markov.three_policy_instance(3, 5, 1, seed=0, kl_roll_old=1e-3, kl_old_pi=1e-2)
+    m3 = markov.rollout_exact_moments(ch, "grpo", "decoupled_token_is", "reward", baseline=0.0)
 
 An estimator is a loss configuration: a preset name of :data:`ctpo_lab.losses.PRESETS` or any
 :class:`ctpo_lab.losses.LossConfig` (keyword overrides apply), exactly what ``policy_loss`` trains with.
@@ -49,6 +52,16 @@ from .model import (
 )
 from .prediction import PREDICTION_ESTIMATORS, matched_chain_prediction, summarize_prediction
 from .sample import MonteCarloMoments, monte_carlo_moments, sample_trajectories
+from .three_policy import (
+    ThreePolicyChain,
+    check_rollout_dp_support,
+    framework_target,
+    rollout_dp_unsupported_reason,
+    rollout_exact_moments,
+    rollout_lab_method,
+    rollout_moments,
+    three_policy_instance,
+)
 
 __all__ = [
     "Automaton",
@@ -61,6 +74,14 @@ __all__ = [
     "Moments",
     "MonteCarloMoments",
     "SIGNALS",
+    "ThreePolicyChain",
+    "check_rollout_dp_support",
+    "framework_target",
+    "rollout_dp_unsupported_reason",
+    "rollout_exact_moments",
+    "rollout_lab_method",
+    "rollout_moments",
+    "three_policy_instance",
     "chain_estimator",
     "loss_token_coefficients",
     "bias_decomposition",

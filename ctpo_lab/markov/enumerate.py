@@ -31,6 +31,7 @@ __all__ = [
     "enumerate_moments",
     "enumerate_gradient",
     "enumerate_performance",
+    "old_policy_table",
 ]
 
 MAX_ENUMERATION = 2_000_000
@@ -152,6 +153,8 @@ def trajectory_estimates(
     log_prob: np.ndarray | None = None,
     old_log_prob: np.ndarray | None = None,
     batch_size: int | None = None,
+    rollout_log_prob: np.ndarray | None = None,
+    rollout_correction: object = None,
 ) -> np.ndarray:
     """The estimator ``X = Σ_t c_t ψ(c_t, y_t)`` of each trajectory, ``[N, C·V]``.
 
@@ -166,6 +169,8 @@ def trajectory_estimates(
         ``mdp`` at ``(ctx, seqs)`` when the estimator reads probabilities, else ℓ alone; see
         :func:`~ctpo_lab.markov.estimator.loss_token_coefficients`).
     batch_size : batch-level estimators only: the loss is evaluated on consecutive batches of this many rows.
+    rollout_log_prob, rollout_correction : three policies: the sampler's log π_roll ``[N, T]`` and the rollout
+        correction (``old_log_prob`` is then log π_old; see :mod:`ctpo_lab.markov.three_policy`).
     """
     est = estimator if isinstance(estimator, ChainEstimator) else resolve_estimator(estimator, "reward")
     N, T = seqs.shape
@@ -174,7 +179,8 @@ def trajectory_estimates(
         with np.errstate(divide="ignore"):
             log_prob, old_log_prob = np.log(mdp.target[ctx, seqs]), np.log(mdp.behaviour[ctx, seqs])
     coef = loss_token_coefficients(ell, signal, est, log_prob=log_prob, old_log_prob=old_log_prob,
-                                   batch_size=batch_size)
+                                   batch_size=batch_size, rollout_log_prob=rollout_log_prob,
+                                   rollout_correction=rollout_correction)
     if positions is not None:
         coef = coef * positions[None, :]
     X = np.zeros((N, mdp.dim))
@@ -184,6 +190,18 @@ def trajectory_estimates(
         cols = ctx[:, t, None] * V + np.arange(V)[None, :]
         X[rows, cols] += coef[:, t, None] * (eye[seqs[:, t]] - mdp.target[ctx[:, t]])
     return X
+
+
+def old_policy_table(mdp: MarkovMDP, old_policy: np.ndarray) -> np.ndarray:
+    """The π_old table ``[C, V]``, checked against ``mdp`` (rows sum to 1, positive where the sampler is)."""
+    tab = np.asarray(old_policy, dtype=np.float64)
+    if tab.shape != mdp.target.shape:
+        raise ValueError(f"old_policy: expected shape {mdp.target.shape}, got {tab.shape}")
+    if not np.all(np.isfinite(tab)) or np.any(tab < 0) or np.any(np.abs(tab.sum(axis=1) - 1.0) > 1e-9):
+        raise ValueError("old_policy: expected finite non-negative rows summing to 1")
+    if np.any((tab <= 0) & (mdp.behaviour > 0)):
+        raise ValueError("old_policy: zero where the sampler (mdp.behaviour) is positive")
+    return tab
 
 
 def _signal_matrix(mdp: MarkovMDP, tr: dict[str, np.ndarray], signal: str, baseline: float) -> np.ndarray:
@@ -222,6 +240,8 @@ def enumerate_moments(
     positions: Iterable[int] | np.ndarray | None = None,
     max_sequences: int = MAX_ENUMERATION,
     chunk_size: int = 50_000,
+    old_policy: np.ndarray | None = None,
+    rollout_correction: object = None,
     **overrides: object,
 ) -> Moments:
     """The same fields as :func:`ctpo_lab.markov.exact_moments`, by exact enumeration (``V^T`` sequences).
@@ -230,11 +250,22 @@ def enumerate_moments(
     ``Var(uᵀX)`` with ``u = ∇J/‖∇J‖``. Every per-trajectory LossConfig is accepted (the loss of each sequence,
     with its real log π and log μ); batch-level ones (:attr:`ChainEstimator.batch_level`) raise — their
     estimator depends on the other trajectories of the batch: use ``monte_carlo_moments(batch_size=...)``.
+
+    Three policies (:mod:`ctpo_lab.markov.three_policy`): ``mdp.behaviour`` is the sampler π_roll,
+    ``old_policy`` ``[C, V]`` the trainer's recompute π_old and ``rollout_correction`` a correction; the loss of
+    each sequence is ``policy_loss(log π, log π_old, ..., rollout_log_prob=log π_roll, rollout_correction=...)``
+    (``old_policy`` alone: the uncorrected loss with the PPO ratio against π_old, data from π_roll).
     """
+    from ctpo_lab.rollout_correction import resolve_rollout_correction
+
+    corr = resolve_rollout_correction(rollout_correction)
+    old_tab = None if old_policy is None else old_policy_table(mdp, old_policy)
+    if corr is not None and old_tab is None:
+        raise ValueError("old_policy: a rollout_correction needs old_policy (the trainer's π_old table)")
     if not isinstance(mdp, MarkovMDP):
         raise TypeError(f"mdp: expected a MarkovMDP, got {type(mdp).__name__}")
     est = resolve_estimator(estimator, signal, overrides)
-    if est.batch_level:
+    if est.batch_level or (corr is not None and corr.rollout_is_batch_normalize):
         raise ValueError(f"estimator: {est.name!r} is batch-level (its loss reads a statistic of the whole batch); "
                          "enumeration measures one trajectory at a time — use "
                          "markov.monte_carlo_moments(..., batch_size=...)")
@@ -255,9 +286,17 @@ def enumerate_moments(
         keep = pm > 0
         if not keep.any():
             continue
-        X = trajectory_estimates(mdp, tr["seqs"][sl][keep], tr["ctx"][sl][keep], tr["ell"][sl][keep],
-                                 S[sl][keep], est, pos, log_prob=tr["log_pi"][sl][keep],
-                                 old_log_prob=tr["log_mu"][sl][keep])
+        seqs, ctx = tr["seqs"][sl][keep], tr["ctx"][sl][keep]
+        if old_tab is None:
+            X = trajectory_estimates(mdp, seqs, ctx, tr["ell"][sl][keep], S[sl][keep], est, pos,
+                                     log_prob=tr["log_pi"][sl][keep], old_log_prob=tr["log_mu"][sl][keep])
+        else:
+            with np.errstate(divide="ignore"):
+                log_old = np.log(old_tab[ctx, seqs])
+            X = trajectory_estimates(mdp, seqs, ctx, tr["log_pi"][sl][keep] - log_old, S[sl][keep], est, pos,
+                                     log_prob=tr["log_pi"][sl][keep], old_log_prob=log_old,
+                                     rollout_log_prob=tr["log_mu"][sl][keep] if corr is not None else None,
+                                     rollout_correction=corr)
         w = pm[keep]
         s1 += w @ X
         s2 += w @ X**2

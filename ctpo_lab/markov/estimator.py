@@ -327,17 +327,21 @@ def lab_method(estimator: str | losses.LossConfig | ChainEstimator, signal: str 
     return chain_estimator(estimator, **overrides).method(signal)
 
 
-def _rows_gradient(cfg: losses.LossConfig, lp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
-    """−∂(rows · loss)/∂ log π on one batch of rows (every token valid)."""
+def _rows_gradient(cfg: losses.LossConfig, lp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor,
+                   rollout: torch.Tensor | None = None, correction: object = None) -> torch.Tensor:
+    """−∂(rows · loss)/∂ log π on one batch of rows (every token valid; ``rollout``: the sampler's log μ with
+    ``correction`` a rollout correction)."""
     lp = lp.detach().requires_grad_()
-    out = losses.compute_policy_loss(lp, old, adv, torch.ones(lp.shape, dtype=torch.bool), cfg)
+    out = losses.compute_policy_loss(lp, old, adv, torch.ones(lp.shape, dtype=torch.bool), cfg,
+                                     rollout_log_prob=rollout, rollout_correction=correction)
     (grad,) = torch.autograd.grad(out.loss * lp.shape[0], lp)
     return -grad
 
 
 def loss_token_coefficients(log_ratio: np.ndarray, signal: np.ndarray, estimator: ChainEstimator, *,
                             log_prob: np.ndarray | None = None, old_log_prob: np.ndarray | None = None,
-                            batch_size: int | None = None) -> np.ndarray:
+                            batch_size: int | None = None, rollout_log_prob: np.ndarray | None = None,
+                            rollout_correction: object = None) -> np.ndarray:
     """Per-token coefficients ``c_{i,t} = −∂ loss(y_i) / ∂ log π_{i,t}`` of the loss itself on each trajectory.
 
     ``log_ratio`` and ``signal`` are ``[N, T]`` (ℓ_t = log π − log μ, −inf allowed where π = 0; the signal is the
@@ -356,13 +360,25 @@ def loss_token_coefficients(log_ratio: np.ndarray, signal: np.ndarray, estimator
     consecutive batches of ``batch_size`` (N must be a multiple), the loss is evaluated on each batch and
     multiplied back by ``batch_size``, so that ``c_{i,t}`` is row
     i's contribution to −∇(batch_size · loss) within its batch (a batch's gradient is the mean of its rows'
-    estimators). Returns ``[N, T]`` float64.
+    estimators).
+
+    Three policies (:mod:`ctpo_lab.markov.three_policy`): ``rollout_log_prob`` ``[N, T]`` is the sampler's
+    log π_roll and ``rollout_correction`` a correction of :mod:`ctpo_lab.rollout_correction` (a name of
+    ``ROLLOUT_CORRECTIONS`` or a ``RolloutCorrection``); ``log_prob``/``old_log_prob`` (log π, log π_old) are then
+    required, and the loss is ``policy_loss(..., rollout_log_prob=, rollout_correction=)``. A batch-normalised
+    correction is batch-level (``batch_size`` as for the batch-level rules). Returns ``[N, T]`` float64.
     """
+    from ctpo_lab.rollout_correction import resolve_rollout_correction
+
     ell = np.asarray(log_ratio, dtype=np.float64)
     n = ell.shape[0]
     if n == 0:
         return np.zeros_like(ell)
-    if estimator.batch_level:
+    corr = resolve_rollout_correction(rollout_correction)
+    if corr is not None and (rollout_log_prob is None or log_prob is None):
+        raise ValueError("rollout_log_prob: a rollout_correction needs rollout_log_prob, log_prob and old_log_prob")
+    batch_level = estimator.batch_level or (corr is not None and corr.rollout_is_batch_normalize)
+    if batch_level:
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size: {estimator.name!r} is batch-level; pass batch_size=B (a positive int), "
                              f"got {batch_size!r}")
@@ -384,11 +400,12 @@ def loss_token_coefficients(log_ratio: np.ndarray, signal: np.ndarray, estimator
         lp_np = np.asarray(log_prob, dtype=np.float64)
         lp = torch.tensor(np.maximum(np.where(np.isnan(lp_np), -np.inf, lp_np), old_np + L_FLOOR))
         old = torch.tensor(old_np)
-    if not estimator.batch_level:
-        return _rows_gradient(cfg, lp, old, adv).numpy()
+    roll = None if rollout_log_prob is None else torch.tensor(np.asarray(rollout_log_prob, dtype=np.float64))
+    if not batch_level:
+        return _rows_gradient(cfg, lp, old, adv, roll, corr).numpy()
     b = int(batch_size)
     out = np.empty_like(ell)
     for a in range(0, n, b):
         sl = slice(a, a + b)
-        out[sl] = _rows_gradient(cfg, lp[sl], old[sl], adv[sl]).numpy()
+        out[sl] = _rows_gradient(cfg, lp[sl], old[sl], adv[sl], None if roll is None else roll[sl], corr).numpy()
     return out

@@ -25,6 +25,7 @@ __all__ = [
     "sum_mod",
     "make_automaton",
     "kl_rows",
+    "perturb_rows",
     "chi2_rows",
     "random_instance",
     "latent_mode_instance",
@@ -489,6 +490,16 @@ def _perturb_rows(pi_logits: np.ndarray, direction: np.ndarray, level: float, me
         under = _mismatch(pi_logits, direction, mid, measure) < level
         lo, hi = np.where(under, mid, lo), np.where(under, hi, mid)
     return _softmax(pi_logits + (0.5 * (lo + hi))[:, None] * direction)
+
+
+def perturb_rows(logits: np.ndarray, direction: np.ndarray, level: float, measure: str = "kl") -> np.ndarray:
+    """``softmax(logits + s·direction)`` per row with ``s`` solved so that each row's ``KL(μ‖π)`` (``"kl"``) or
+    ``χ²(π‖μ)`` (``"chi2"``) against ``π = softmax(logits)`` equals ``level`` (the perturbation of
+    :func:`random_instance`)."""
+    if measure not in ("kl", "chi2"):
+        raise ValueError(f"measure: expected 'kl' or 'chi2', got {measure!r}")
+    return _perturb_rows(np.asarray(logits, dtype=np.float64), np.asarray(direction, dtype=np.float64),
+                         float(level), measure)
 
 
 def _perturb_to(pi_logits: np.ndarray, direction: np.ndarray, level: float, measure: str) -> np.ndarray:

@@ -19,7 +19,7 @@ from scipy import stats
 from ctpo_lab import losses
 
 from .dp import signal_tables
-from .enumerate import trajectory_estimates
+from .enumerate import old_policy_table, trajectory_estimates
 from .estimator import ChainEstimator
 from .exact import Moments, resolve_estimator
 from .model import MarkovMDP
@@ -121,6 +121,8 @@ def monte_carlo_moments(
     chunk_size: int = 20_000,
     batches: int = 20,
     batch_size: int = 64,
+    old_policy: np.ndarray | None = None,
+    rollout_correction: object = None,
     **overrides: object,
 ) -> MonteCarloMoments:
     """Monte Carlo moments of ``X = Σ_t c_t ψ_t S_t`` from ``n`` trajectories of ``μ`` (oracle signals from
@@ -135,12 +137,23 @@ def monte_carlo_moments(
     variance, and the standard errors come from batch means (rows of one batch are dependent). Rules that draw
     random tokens (``clip_cov``'s ``torch.randperm``) use torch's generator seeded from ``seed`` (forked: the
     global generator is left as it was).
+
+    Three policies (:mod:`ctpo_lab.markov.three_policy`): trajectories come from ``mdp.behaviour`` = π_roll,
+    ``old_policy`` ``[C, V]`` is π_old and ``rollout_correction`` a correction; each trajectory's estimator is
+    −∇ policy_loss(log π, log π_old, ..., rollout_log_prob=log π_roll, rollout_correction=...). A batch-normalised
+    correction (``rollout_is_batch_normalize``) is batch-level: evaluated on batches of ``batch_size``.
     """
+    from ctpo_lab.rollout_correction import resolve_rollout_correction
+
     est = resolve_estimator(estimator, signal, overrides)
+    corr = resolve_rollout_correction(rollout_correction)
+    old_tab = None if old_policy is None else old_policy_table(mdp, old_policy)
+    if corr is not None and old_tab is None:
+        raise ValueError("old_policy: a rollout_correction needs old_policy (the trainer's π_old table)")
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n: expected a positive int, got {n!r}")
     B = None
-    if est.batch_level:
+    if est.batch_level or (corr is not None and corr.rollout_is_batch_normalize):
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
         B = int(batch_size)
@@ -163,8 +176,16 @@ def monte_carlo_moments(
             else:
                 tt = np.arange(mdp.horizon)[None, :]
                 S = S_tab[tt, tr["states"][:, :-1], tr["seqs"]]
-            X = trajectory_estimates(mdp, tr["seqs"], tr["ctx"], tr["ell"], S, est, log_prob=tr["log_pi"],
-                                     old_log_prob=tr["log_mu"], batch_size=B)
+            if old_tab is None:
+                X = trajectory_estimates(mdp, tr["seqs"], tr["ctx"], tr["ell"], S, est, log_prob=tr["log_pi"],
+                                         old_log_prob=tr["log_mu"], batch_size=B)
+            else:
+                with np.errstate(divide="ignore"):
+                    log_old = np.log(old_tab[tr["ctx"], tr["seqs"]])
+                X = trajectory_estimates(mdp, tr["seqs"], tr["ctx"], tr["log_pi"] - log_old, S, est,
+                                         log_prob=tr["log_pi"], old_log_prob=log_old, batch_size=B,
+                                         rollout_log_prob=tr["log_mu"] if corr is not None else None,
+                                         rollout_correction=corr)
             X2 = X**2
             s1 += X.sum(0)
             s2 += X2.sum(0)

@@ -35,10 +35,12 @@ from .exact import (
 )
 from .model import latent_mode_instance, random_instance
 from .sample import monte_carlo_moments
+from .three_policy import framework_target, rollout_lab_method, rollout_moments, three_policy_instance
 
 __all__ = [
     "StudyConfig", "StudyResult", "run_study", "reproductions", "sweep", "sweep_cell_applies", "profiles",
-    "REPRODUCTIONS", "loglog_slope", "zoo_table", "ZOO_TABLE_ESTIMATORS",
+    "REPRODUCTIONS", "loglog_slope", "zoo_table", "ZOO_TABLE_ESTIMATORS", "rollout_correction_table",
+    "ROLLOUT_TABLE_CORRECTIONS", "ROLLOUT_TABLE_REGIMES",
 ]
 
 
@@ -529,3 +531,113 @@ def zoo_table(
                     "reference": reference,
                 })
     return pd.DataFrame(rows)
+
+
+#: the corrections of :func:`rollout_correction_table` (``"none"``: no correction, the PPO ratio against π_old on
+#: data from π_roll)
+ROLLOUT_TABLE_CORRECTIONS: tuple[str, ...] = (
+    "none", "decoupled_token_is", "decoupled_seq_is", "decoupled_token_icepop", "decoupled_seq_is_rs",
+    "decoupled_geo_rs", "decoupled_geo_rs_token_tis", "decoupled_k3_rs", "decoupled_k3_rs_token_tis",
+    "cumulative_sqrt_t", "cumulative_sqrt_t_mask", "cumulative_fixed", "areal_decoupled", "trl_token_truncate",
+    "trl_token_mask", "trl_sequence_truncate", "trl_sequence_mask", "bypass_ppo_clip", "bypass_pg_is",
+)
+#: (regime, KL(π_roll‖π_old) per token, how π_roll departs from π_old): bf16 vLLM rollouts and a stale sampler
+ROLLOUT_TABLE_REGIMES: tuple[tuple[str, float, str], ...] = (
+    ("bf16", 1e-4, "noise"), ("bf16", 1e-3, "noise"), ("stale", 1e-2, "stale"),
+)
+
+
+def rollout_correction_table(
+    presets: tuple[str, ...] = ("grpo", "ctpo", "gspo"),
+    corrections: tuple[str, ...] = ROLLOUT_TABLE_CORRECTIONS,
+    *,
+    regimes: tuple[tuple[str, float, str], ...] = ROLLOUT_TABLE_REGIMES,
+    kl_old_pi: float = 0.01,
+    horizon: int = 8,
+    vocab_size: int = 3,
+    order: int = 1,
+    seed: int = 0,
+    automaton: str = "frac:0",
+    mse_n: int = 64,
+    n_mc: int = 8_192,
+    batch_size: int = 64,
+) -> pd.DataFrame:
+    """Exact bias, tr Cov and MSE(N) of every (policy-loss preset × rollout correction) pair on three-policy
+    chains (:func:`ctpo_lab.markov.three_policy_instance`: π_old at per-token KL(π_old‖π) = ``kl_old_pi`` from π,
+    π_roll at KL(π_roll‖π_old) = each regime's level from π_old), outcome signal R − J(π_roll) (a group mean of
+    the sampler's rewards), trajectories from π_roll.
+
+    One row per (regime, kl_roll_old, preset, correction): ``method`` (``"dp"`` exact; ``"enumeration"`` /
+    ``"mc"`` for pairs the DP refuses), ``relative_bias`` ‖E X − ∇J(π)‖/‖∇J‖ (the target: the current policy's
+    gradient), ``correction_error`` ‖E X − E_{π_old}[X_preset]‖/‖∇J‖ (against the frameworks' target: the same
+    preset had the data come from π_old — what a perfect correction recovers; 0 means the correction undoes the
+    sampler mismatch exactly), ``preset_bias`` ‖E_{π_old}[X_preset] − ∇J‖/‖∇J‖ (the preset's own bias, the
+    same for every correction), ``cosine`` and ``scale`` of E X against ∇J, ``trace_cov``, ``trace_cov_ratio``
+    (tr Cov relative to the uncorrected pair, same preset and chain), ``mse_N<n>`` = ‖bias‖² + tr Cov / N and
+    ``mse_ratio`` (MSE relative to the uncorrected pair), ``rejected_tokens`` (the π_roll-weighted fraction of
+    tokens the correction's rejection removes, from ``rollout_correction.rollout_rejection_mask`` on every
+    trajectory; NaN where V^T > 20 000). Bypass modes anchor the loss at π_roll and aim at π, not at the π_old
+    target, so their ``correction_error`` measures how far they move from it, not a failure.
+    About 10 s per regime on 2 cores with the defaults.
+    """
+    rows = []
+    for regime, kl_ro, direction in regimes:
+        chain = three_policy_instance(vocab_size, horizon, order, seed=seed, kl_roll_old=kl_ro, kl_old_pi=kl_old_pi,
+                                      roll_direction=direction, automaton=automaton)
+        b = float(performance(chain.mdp, "behaviour"))
+        grad = true_gradient(chain.mdp)
+        gn = float(np.linalg.norm(grad))
+        mm = chain.mismatch()
+        rejected = _rejected_tokens(chain, corrections)
+        for preset in presets:
+            target = framework_target(chain, preset, baseline=b)
+            ref_trace = ref_mse = None
+            for name in corrections:
+                corr = None if name == "none" else name
+                m = rollout_moments(chain, preset, corr, "reward", b, n_mc=n_mc, seed=seed, batch_size=batch_size)
+                mean, trace = m.mean, float(m.trace_cov)
+                bias = float(np.linalg.norm(mean - grad))
+                mse = bias**2 + trace / mse_n
+                if ref_trace is None:
+                    ref_trace, ref_mse = trace, mse
+                na, ng = float(np.linalg.norm(mean)), gn
+                rows.append({
+                    "regime": regime, "kl_roll_old": kl_ro, "kl_old_pi": kl_old_pi,
+                    "kl_roll_pi": mm["kl_roll_pi"], "T": horizon, "V": vocab_size, "k": order, "seed": seed,
+                    "preset": preset, "correction": name, "lab_method": rollout_lab_method(preset, corr),
+                    "method": m.method, "relative_bias": bias / gn,
+                    "correction_error": float(np.linalg.norm(mean - target)) / gn,
+                    "preset_bias": float(np.linalg.norm(target - grad)) / gn,
+                    "cosine": float(mean @ grad / (na * ng)) if na > 0 else float("nan"),
+                    "scale": float(mean @ grad) / gn**2, "trace_cov": trace,
+                    "trace_cov_ratio": trace / ref_trace if ref_trace > 0 else float("nan"),
+                    f"mse_N{mse_n}": mse, "mse_ratio": mse / ref_mse if ref_mse > 0 else float("nan"),
+                    "rejected_tokens": rejected[name],
+                })
+    return pd.DataFrame(rows)
+
+
+def _rejected_tokens(chain, corrections: tuple[str, ...], max_enumeration: int = 20_000) -> dict[str, float]:
+    """E_{π_roll}[fraction of tokens rejected] of each correction, by enumeration (NaN beyond the limit)."""
+    import torch
+
+    from ctpo_lab.rollout_correction import resolve_rollout_correction, rollout_rejection_mask
+
+    from .enumerate import enumerate_trajectories
+
+    mdp = chain.mdp
+    out = {name: float("nan") for name in corrections}
+    if mdp.vocab_size**mdp.horizon > max_enumeration:
+        return out
+    tr = enumerate_trajectories(mdp)
+    log_old = np.log(chain.old[tr["ctx"], tr["seqs"]])
+    mask = torch.ones(tr["seqs"].shape, dtype=torch.bool)
+    for name in corrections:
+        corr = resolve_rollout_correction(None if name == "none" else name)
+        if corr is None or not corr.rejection:
+            out[name] = 0.0
+            continue
+        train = tr["log_pi"] if corr.bypass_mode else log_old
+        keep, _ = rollout_rejection_mask(torch.as_tensor(train - tr["log_mu"]), mask, corr)
+        out[name] = float(tr["p_mu"] @ (1.0 - keep.double().mean(-1).numpy()))
+    return out
