@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ctpo_lab import masks, ratios, surrogates
+from ctpo_lab import rollout_correction as _rollout
 from ctpo_lab.clipping import CLIP_RULES, ClipOutput, clip_window, clipped_surrogate
 from ctpo_lab.diagnostics import basic_diagnostics, loss_diagnostics
 
@@ -512,6 +513,8 @@ def compute_policy_loss(
     *,
     diagnostics: str = "full",
     path: str = "lean",
+    rollout_log_prob: Tensor | None = None,
+    rollout_correction: str | _rollout.RolloutCorrection | None = None,
     **overrides: object,
 ) -> PolicyLossOutput:
     """Device-side policy loss with all intermediate quantities (see :func:`policy_loss` for the arguments).
@@ -530,6 +533,11 @@ def compute_policy_loss(
     if path not in PATHS:
         raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
     _check_inputs(log_prob, old_log_prob, advantages, response_mask)
+    if rollout_correction is not None:
+        return _corrected_policy_loss(cfg, log_prob, old_log_prob, advantages, response_mask, diagnostics,
+                                      rollout_log_prob, rollout_correction)
+    if rollout_log_prob is not None:
+        _check_rollout_log_prob(rollout_log_prob, log_prob)
     if path == "lean" and lean_path_applies(cfg):
         return _lean_policy_loss(cfg, log_prob, old_log_prob, advantages, response_mask, diagnostics)
     return _reference_policy_loss(cfg, log_prob, old_log_prob, advantages, response_mask, diagnostics)
@@ -548,7 +556,8 @@ _DENOMINATOR_MASKS = ("trust_region", "m2po")
 
 
 def _reference_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor,
-                           response_mask: Tensor, diagnostics: str) -> PolicyLossOutput:
+                           response_mask: Tensor, diagnostics: str, token_weight: Tensor | None = None
+                           ) -> PolicyLossOutput:
     """Autograd through the rule: the clip window of :func:`ctpo_lab.clipping.clipped_surrogate` or a rule of
     :mod:`ctpo_lab.surrogates`, then the mask rule of :mod:`ctpo_lab.masks`, then :func:`aggregate`."""
     dtype = ratios.compute_dtype(log_prob.dtype)
@@ -592,6 +601,9 @@ def _reference_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tens
         if cfg.mask_rule in _DENOMINATOR_MASKS:
             agg_mask = keep
         clip = clip._replace(per_token_loss=per_token_loss)
+    if token_weight is not None:  # a rollout correction's detached weights (zero on masked-out tokens)
+        per_token_loss = per_token_loss * token_weight.to(per_token_loss.dtype)
+        clip = clip._replace(per_token_loss=per_token_loss)
     loss = aggregate(per_token_loss, agg_mask, cfg.aggregation, cfg.norm_horizon, dp_size=cfg.dp_size,
                      batch_num_tokens=cfg.batch_num_tokens, global_batch_size=cfg.global_batch_size)
     with torch.no_grad():
@@ -616,6 +628,36 @@ def _reference_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tens
     return PolicyLossOutput(loss, log_ratio, x, position, clip, mask, metrics, num_nonfinite, cfg)
 
 
+def _check_rollout_log_prob(rollout_log_prob: object, log_prob: Tensor) -> None:
+    if not isinstance(rollout_log_prob, Tensor):
+        raise TypeError(f"rollout_log_prob: expected a torch.Tensor, got {type(rollout_log_prob).__name__}")
+    if not rollout_log_prob.is_floating_point():
+        raise TypeError(f"rollout_log_prob: expected a floating-point tensor, got dtype {rollout_log_prob.dtype}")
+    if rollout_log_prob.shape != log_prob.shape:
+        raise ValueError(f"rollout_log_prob: shape {tuple(rollout_log_prob.shape)} does not match log_prob "
+                         f"{tuple(log_prob.shape)}")
+
+
+def _corrected_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor,
+                           response_mask: Tensor, diagnostics: str, rollout_log_prob: Tensor | None,
+                           rollout_correction: object) -> PolicyLossOutput:
+    """The reference path with a rollout correction (:mod:`ctpo_lab.rollout_correction`): its weights multiply
+    the per-token loss, its rejection edits the response mask (and so the aggregation's denominators), bypass
+    mode anchors the loss at μ (``loss_type="reinforce"``: −A·w·log π with the preset's aggregation)."""
+    if rollout_log_prob is None:
+        raise ValueError("rollout_log_prob: a rollout_correction needs the sampler's log-probs [B, T]")
+    _check_rollout_log_prob(rollout_log_prob, log_prob)
+    corr = _rollout.compute_rollout_correction(log_prob, old_log_prob, rollout_log_prob, response_mask,
+                                               rollout_correction)
+    if corr.correction.bypass_mode and corr.correction.loss_type == "reinforce":
+        cfg = dataclasses.replace(cfg, name=f"{cfg.name}+reinforce", ratio="token", clip="reinforce",
+                                  dual_clip=None)
+    out = _reference_policy_loss(cfg, log_prob, corr.anchor_log_prob, advantages, corr.response_mask, diagnostics,
+                                 token_weight=corr.weights)
+    out.metrics.update(corr.metrics)
+    return out
+
+
 def metrics_to_host(metrics: dict[str, Tensor], num_nonfinite: Tensor | None = None) -> dict[str, float]:
     """Move a dict of 0-d metric tensors to the host in one transfer; raise if inputs were non-finite."""
     names = list(metrics)
@@ -638,6 +680,8 @@ def policy_loss(
     *,
     diagnostics: str = "full",
     path: str = "lean",
+    rollout_log_prob: Tensor | None = None,
+    rollout_correction: str | _rollout.RolloutCorrection | None = None,
     **overrides: object,
 ) -> tuple[Tensor, dict[str, float]]:
     """Importance-weighted clipped policy-gradient loss of a named preset.
@@ -663,6 +707,17 @@ def policy_loss(
     path : {"lean", "reference"}
         ``"lean"``: values and the per-token gradient −A·w·keep formed in one pass by a custom autograd
         function; ``"reference"``: autograd through max/min/where (same values and gradients).
+    rollout_log_prob : Tensor [B, T] float, optional
+        log μ of the sampler (vLLM/SGLang) when it differs from the trainer's recompute ``old_log_prob`` = π_old.
+        Without ``rollout_correction`` it is only checked.
+    rollout_correction : str or RolloutCorrection, optional
+        A key of :data:`ctpo_lab.rollout_correction.ROLLOUT_CORRECTIONS` (verl's ``decoupled_*`` / ``bypass_*``
+        presets, ``trl_*``, ``areal_decoupled``, ``cumulative_*``), a
+        :class:`~ctpo_lab.rollout_correction.RolloutCorrection` or verl's ``RolloutCorrectionConfig``.  Its
+        detached weights (π_old/μ, truncated or masked) multiply the per-token loss before aggregation, its
+        rejection removes tokens from the response mask (and the denominators), and bypass mode anchors the loss
+        at μ; the ``rollout_corr/*`` (verl) and ``sampling/*`` (TRL) metrics are added.  Always the reference
+        path.  None (default): nothing changes.
     **overrides
         Any :class:`LossConfig` field, e.g. ``eps_high=0.28`` or ``aggregation="seq-mean-token-mean"``.
 
@@ -681,7 +736,8 @@ def policy_loss(
         dtype to an infinite loss (set ``max_log_weight``).
     """
     out = compute_policy_loss(log_prob, old_log_prob, advantages, response_mask, preset, diagnostics=diagnostics,
-                              path=path, **overrides)
+                              path=path, rollout_log_prob=rollout_log_prob, rollout_correction=rollout_correction,
+                              **overrides)
     host = metrics_to_host(out.metrics, out.num_nonfinite)
     if not math.isfinite(host["actor/pg_loss"]):  # finite inputs whose weights overflow the dtype
         raise ValueError(f"max_log_weight: the {out.config.ratio} weights overflow {out.loss.dtype} on these inputs "

@@ -81,6 +81,8 @@ def cppo_keep(log_prob: Tensor, old_log_prob: Tensor, log_ratio: Tensor, advanta
     feasible or its update does not push π away from μ in the advantage's direction (A_t (r_t − 1) ≤ 0).
     Computed in float32 at least (a bf16 prefix sum loses the budget over long responses).
     """
+    if mask.numel() == 0:  # B = 0 or T = 0: nothing to keep (a quantile of an empty row is undefined)
+        return mask.clone()
     dtype = torch.float64 if log_prob.dtype == torch.float64 else torch.float32
     lp, old = log_prob.detach().to(dtype), old_log_prob.to(dtype)
     d = torch.where(mask, (lp.exp() - old.exp()).abs(), 0.0)
