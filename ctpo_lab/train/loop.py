@@ -225,6 +225,13 @@ class Trainer:
             f"({c.mini_batch_prompts * c.group_size} responses) × {c.ppo_epochs} epoch(s); update 1 is "
             f"on-policy, updates 2..{c.updates_per_step} are off-policy. loss={c.loss_name} device={self.device}"
             + (f" data-parallel ranks={self.dist.world}" if self.dist.active else "")
+            + (
+                f"; rollout policy μ: sampler={c.sampler} staleness={c.staleness} (optimizer updates), "
+                f"rollout_correction={c.rollout_correction}, old_log_prob recomputed in "
+                f"{'float32' if self.precision == 'float32' else 'the trainer precision'}"
+                if self.mismatch
+                else ""
+            )
         )
 
     def rollout(self, step: int) -> tuple[list[Problem], RolloutBatch]:
