@@ -277,3 +277,14 @@ def test_a_rollout_correction_trains_and_logs_its_metrics(tmp_path, monkeypatch,
     assert rec["rollout_corr/kl"] == pytest.approx(float(ref["kl"]), rel=1e-5, abs=1e-9)
     assert rec["rollout_corr/k3_kl"] == pytest.approx(float(ref["k3_kl"]), rel=1e-5, abs=1e-9)
     assert losses.compute_policy_loss is real
+
+
+# ------------------------------------------------------------------------------------------------ response length
+def test_cpu_long_preset_gives_responses_of_at_least_400_tokens():
+    from ctpo_lab.train.config import TRAIN_PRESETS
+    from ctpo_lab.train.tasks import make_task
+
+    preset = TRAIN_PRESETS["cpu-long"]
+    task = make_task(preset["task"], **preset["task_options"])
+    lengths = [len(task.solution(p)) + 1 for p in task.test_set(64)]  # characters + <eos>
+    assert min(lengths) >= 400 and max(lengths) < task.max_response_tokens

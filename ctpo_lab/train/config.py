@@ -365,7 +365,9 @@ def loss_from_dict(data: dict[str, Any]) -> LossConfig:
 #: runs in ≈ 30–60 s on one core once the warm start is cached (the warm start itself, shared by every later
 #: run, seed and loss, takes ≈ 2 minutes once per machine);
 #: ``cpu-tiny`` is the test configuration; ``cpu`` is the run of the comparison grid ``python -m ctpo_lab.train``
-#: (12 runs, 2 in parallel, ≤ 30 minutes on 2 cores with the warm start); ``gpu`` the run of
+#: (12 runs, 2 in parallel, ≤ 30 minutes on 2 cores with the warm start); ``cpu-long`` the ≥ 400-token variant
+#: of ``cpu`` (``task_options.min_steps/max_steps`` of the chain task set the length: 8·N + 3 tokens up to 26
+#: steps, 9·N + 3 with two-letter labels beyond); ``gpu`` the run of
 #: ``scripts/gpu_compare.sh`` (one H200, bf16).
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "cpu-tiny": dict(
@@ -418,6 +420,30 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         eval_samples=8,
         ckpt_every=10,
         dump_every=20,
+        threads=1,
+        tensorboard=False,
+    ),
+    # long responses on CPU (the √t axis): chains of 45–50 steps, two-letter labels, so a correct response has
+    # 9·N + 3 = 408–453 tokens (measured: 422–431 tokens per sampled response), the default 64-wide 2-layer model,
+    # 8 prompt groups × 8, 8 updates per rollout batch. Measured on a loaded 2-core machine (1 thread): warm start
+    # ≈ 17 min once per machine (1000 steps), ≈ 12–21 s per step (≈ 60% generation). CAVEAT, measured: this
+    # warm start does NOT learn the task yet (supervised loss 0.77, held-out accuracy 0.0 at temperature 1 and
+    # greedy; it writes the format and the length, not the digits): use it for length and mismatch measurements
+    # (KL, clip rates by position), not for learning curves, until a warm start that learns is found.
+    "cpu-long": dict(
+        task="chain",
+        task_options={"min_steps": 45, "max_steps": 50},
+        warmstart_noise=0.03,
+        steps=40,
+        batch_prompts=8,
+        group_size=8,
+        mini_batch_prompts=1,
+        lr=2e-4,
+        eval_every=10,
+        eval_prompts=64,
+        eval_samples=2,
+        ckpt_every=10,
+        dump_every=10,
         threads=1,
         tensorboard=False,
     ),
