@@ -32,12 +32,44 @@ __all__ = [
     "parse_overrides",
     "load_recipe",
     "loss_from_dict",
+    "SAMPLER_MODES",
+    "parse_sampler",
+    "rollout_corrections_available",
 ]
 
 #: Model names the trainer builds itself (LlamaForCausalLM from a config + cached supervised warm start).
 BUILTIN_MODELS: tuple[str, ...] = ("tiny-llama",)
 #: Model names resolved by :func:`ctpo_lab.llm.models.load_model`.
 LLM_MODELS: tuple[str, ...] = ("smollm2", "tiny-random")
+#: Values of ``TrainConfig.sampler``: the kinds of rollout policy (``temperature`` is written ``temperature:<τ>``).
+SAMPLER_MODES: tuple[str, ...] = ("same", "bf16", "temperature")
+
+
+def parse_sampler(spec: object) -> tuple[str, float | None]:
+    """``"same"`` → ``("same", None)``, ``"bf16"`` → ``("bf16", None)``, ``"temperature:0.8"`` →
+    ``("temperature", 0.8)``.  Raises ``ValueError`` naming ``sampler``."""
+    expected = "expected 'same', 'bf16' or 'temperature:<τ>' with a finite τ > 0"
+    if not isinstance(spec, str):
+        raise ValueError(f"sampler: {expected}, got {spec!r}")
+    kind, sep, value = spec.partition(":")
+    if kind in ("same", "bf16") and not sep:
+        return kind, None
+    if kind == "temperature" and sep:
+        try:
+            tau = float(value)
+        except ValueError:
+            raise ValueError(f"sampler: {expected}, got {spec!r}") from None
+        if not (math.isfinite(tau) and tau > 0):
+            raise ValueError(f"sampler: {expected}, got {spec!r}")
+        return "temperature", tau
+    raise ValueError(f"sampler: {expected}, got {spec!r}")
+
+
+def rollout_corrections_available() -> bool:
+    """Whether this ctpo_lab has :mod:`ctpo_lab.rollout_correction` (``TrainConfig.rollout_correction``)."""
+    import importlib.util
+
+    return importlib.util.find_spec("ctpo_lab.rollout_correction") is not None
 
 
 @dataclass
@@ -47,6 +79,37 @@ class TrainConfig:
     Batch structure: each step samples ``batch_prompts`` prompts × ``group_size`` responses; the rollout batch
     is split into ``batch_prompts / mini_batch_prompts`` mini-batches (whole groups) and the policy takes one
     optimizer step per mini-batch, ``ppo_epochs`` times: ``updates_per_step`` updates, the first on-policy.
+
+    Three policies (``sampler``, ``staleness``, ``rollout_correction``): the rollout policy μ that samples the
+    responses and records ``rollout_log_prob`` = log μ(y_t|s_t), the PPO anchor π_old whose log-probs
+    ``old_log_prob`` the trainer recomputes (teacher-forced, with the current pre-update weights, at the
+    training ``temperature``, before the step's first update) and the policy π_θ being trained.
+
+    * ``sampler="same"`` (default, the behaviour before these fields existed): μ is the trainer's own forward
+      (on CPU both in float32, so log μ = log π_old to ~1e-6; on CUDA both under bf16 autocast).
+    * ``sampler="bf16"``: μ runs a bfloat16 copy of the weights (parameters cast to bf16, buffers such as RoPE's
+      ``inv_freq`` kept in float32; activations and KV cache in bf16, logits cast to float32 before the
+      softmax), as an inference engine does; the trainer's recompute and updates run in float32 (no autocast,
+      on CUDA too).
+    * ``sampler="temperature:<τ>"``: μ samples at temperature τ ≠ ``temperature``; ``rollout_log_prob`` are
+      μ's log-probs log softmax(z/τ); π_old and the loss use the training ``temperature`` (float32 trainer).
+    * ``staleness=k`` (asynchronous RL): the sampler's weights are those of k optimizer updates (steps of the
+      optimizer, not rollout steps) before the current ones: the trainer keeps the last k state dicts, taken
+      before each optimizer update; before k updates have happened the oldest available one is used (the
+      initial weights).  With one update per rollout batch (``mini_batch_prompts = batch_prompts``,
+      ``ppo_epochs = 1``) k updates = k rollout steps, the policy-version lag of async RL systems.  Combines
+      with any ``sampler`` (a bf16 copy of the stale weights, or the stale weights at τ).
+    * ``rollout_correction``: a key of :data:`ctpo_lab.rollout_correction.ROLLOUT_CORRECTIONS` (verl's
+      ``decoupled_*`` / ``bypass_*``, TRL's, AReaL's, the cumulative level) or ``None``; given, the loss is
+      ``compute_policy_loss(..., rollout_log_prob=log μ, rollout_correction=name)`` and its ``rollout_corr/*``
+      and ``sampling/*`` metrics are logged (averaged over the step's updates).
+
+    ``sampler != "same"`` and ``staleness > 0`` need ``recompute_old_log_prob=true`` (otherwise π_old would be μ).
+    Whenever μ ≠ π_old is possible (either of them, or a correction) the trainer logs the mismatch on the whole
+    rollout batch with ℓ_t = log π_old − log μ on valid tokens, the names and definitions of
+    :func:`ctpo_lab.rollout_correction.offpolicy_metrics`: ``rollout_corr/kl`` = mean(log μ − log π_old) = mean(−ℓ)
+    (k1 estimate of KL(μ‖π_old) per token, samples from μ) and ``rollout_corr/k3_kl`` = mean(e^ℓ − 1 − ℓ);
+    these whole-batch values replace the loss's per-mini-batch averages of the same names.
     """
 
     preset: str = "custom"
@@ -76,6 +139,10 @@ class TrainConfig:
     max_new_tokens: int | None = None
     recompute_old_log_prob: bool = True
     measure_final_kl: bool = True
+    # the rollout policy μ vs the trainer's recompute π_old (see the class docstring)
+    sampler: str = "same"
+    staleness: int = 0
+    rollout_correction: str | None = None
     # optimizer
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -166,7 +233,8 @@ class TrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected ≥ 1, got {getattr(self, name)!r}")
-        for name in ("eval_every", "dump_every", "ckpt_every", "warmstart_steps", "seed", "warmstart_seed"):
+        for name in ("eval_every", "dump_every", "ckpt_every", "warmstart_steps", "seed", "warmstart_seed",
+                     "staleness"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected ≥ 0, got {getattr(self, name)!r}")
         for name in ("lr", "temperature", "eval_temperature", "max_grad_norm", "warmstart_lr"):
@@ -190,6 +258,29 @@ class TrainConfig:
                 f"mini_batch_prompts: {self.mini_batch_prompts} does not divide "
                 f"batch_prompts={self.batch_prompts}"
             )
+        kind, tau = parse_sampler(self.sampler)
+        if kind == "temperature" and tau == self.temperature:
+            raise ValueError(
+                f"sampler: {self.sampler!r} samples at the training temperature={self.temperature}; use "
+                "sampler=same or another τ"
+            )
+        if (kind != "same" or self.staleness > 0) and not self.recompute_old_log_prob:
+            raise ValueError(
+                f"recompute_old_log_prob: sampler={self.sampler!r} staleness={self.staleness} need the trainer's "
+                "recompute of old_log_prob (recompute_old_log_prob=true)"
+            )
+        if self.rollout_correction is not None:
+            if not rollout_corrections_available():
+                raise ValueError(
+                    "rollout_correction: this version of ctpo_lab has no ctpo_lab.rollout_correction module"
+                )
+            from ctpo_lab.rollout_correction import ROLLOUT_CORRECTIONS
+
+            if self.rollout_correction not in ROLLOUT_CORRECTIONS:
+                raise ValueError(
+                    f"rollout_correction: unknown correction {self.rollout_correction!r}; expected one of "
+                    f"{sorted(ROLLOUT_CORRECTIONS)} or null"
+                )
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: expected ≥ 1 or None, got {self.max_new_tokens!r}")
         if self.threads is not None and self.threads < 1:
@@ -249,6 +340,8 @@ def _check_type(name: str, value: Any, annotation: Any) -> None:
         ok = isinstance(value, (str, LossConfig))
     elif ann.startswith("dict"):
         ok = isinstance(value, dict)
+    elif ann == "str | None":
+        ok = value is None or isinstance(value, str)
     elif ann == "int | None":
         ok = value is None or (isinstance(value, int) and not isinstance(value, bool))
     if not ok:
@@ -272,7 +365,9 @@ def loss_from_dict(data: dict[str, Any]) -> LossConfig:
 #: runs in ≈ 30–60 s on one core once the warm start is cached (the warm start itself, shared by every later
 #: run, seed and loss, takes ≈ 2 minutes once per machine);
 #: ``cpu-tiny`` is the test configuration; ``cpu`` is the run of the comparison grid ``python -m ctpo_lab.train``
-#: (12 runs, 2 in parallel, ≤ 30 minutes on 2 cores with the warm start); ``gpu`` the run of
+#: (12 runs, 2 in parallel, ≤ 30 minutes on 2 cores with the warm start); ``cpu-long`` the ≥ 400-token variant
+#: of ``cpu`` (``task_options.min_steps/max_steps`` of the chain task set the length: 8·N + 3 tokens up to 26
+#: steps, 9·N + 3 with two-letter labels beyond); ``gpu`` the run of
 #: ``scripts/gpu_compare.sh`` (one H200, bf16).
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "cpu-tiny": dict(
@@ -325,6 +420,30 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         eval_samples=8,
         ckpt_every=10,
         dump_every=20,
+        threads=1,
+        tensorboard=False,
+    ),
+    # long responses on CPU (the √t axis): chains of 45–50 steps, two-letter labels, so a correct response has
+    # 9·N + 3 = 408–453 tokens (measured: 422–431 tokens per sampled response), the default 64-wide 2-layer model,
+    # 8 prompt groups × 8, 8 updates per rollout batch. Measured on a loaded 2-core machine (1 thread): warm start
+    # ≈ 17 min once per machine (1000 steps), ≈ 12–21 s per step (≈ 60% generation). CAVEAT, measured: this
+    # warm start does NOT learn the task yet (supervised loss 0.77, held-out accuracy 0.0 at temperature 1 and
+    # greedy; it writes the format and the length, not the digits): use it for length and mismatch measurements
+    # (KL, clip rates by position), not for learning curves, until a warm start that learns is found.
+    "cpu-long": dict(
+        task="chain",
+        task_options={"min_steps": 45, "max_steps": 50},
+        warmstart_noise=0.03,
+        steps=40,
+        batch_prompts=8,
+        group_size=8,
+        mini_batch_prompts=1,
+        lr=2e-4,
+        eval_every=10,
+        eval_prompts=64,
+        eval_samples=2,
+        ckpt_every=10,
+        dump_every=10,
         threads=1,
         tensorboard=False,
     ),

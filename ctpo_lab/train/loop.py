@@ -3,16 +3,21 @@
 One step:
 
 1. sample ``batch_prompts`` training prompts (B) × ``group_size`` responses (G) with a KV cache, recording
-   log μ of every sampled token                                               (time/gen)
+   log μ of every sampled token (``rollout_log_prob``); μ is the policy itself, or with ``sampler`` /
+   ``staleness`` a bf16 engine, another temperature, weights k updates old (see :class:`TrainConfig`)
+                                                                              (time/gen)
 2. score them with the task's exact checker; GRPO advantages (R − mean_g) / (std_g + 1e-6)   (time/score)
-3. recompute log μ with a teacher-forced forward (so the first update is exactly on-policy) and the entropy;
-   with ``recompute_old_log_prob=false`` reuse the sampler's log μ and entropy instead (no extra forward; on
-   CPU in float32 they agree with the recomputed ones to ~1e-6, under bf16 sampling on CUDA less closely)
+3. recompute log π_old (``old_log_prob``) with a teacher-forced forward of the current weights (so the first
+   update is exactly on-policy) and the entropy; with ``recompute_old_log_prob=false`` reuse the sampler's
+   log μ and entropy instead (no extra forward; on CPU in float32 they agree with the recomputed ones to
+   ~1e-6, under bf16 sampling on CUDA less closely); with a mismatched sampler the trainer logs
+   ``rollout_corr/kl`` = mean(log μ − log π_old) and ``rollout_corr/k3_kl`` on the whole batch
                                                                               (time/old_log_prob)
 4. split the rollout batch into B / mini_batch_prompts mini-batches of whole groups and take one optimizer
    step per mini-batch (``ppo_epochs`` passes): update k sees a policy k−1 updates away from μ  (time/update)
-5. measure KL(μ ‖ π) between the behaviour policy and the policy after the last update on the whole batch:
-   ``offpolicy/kl`` = mean(log μ − log π) (k1) and ``offpolicy/kl_k3`` = mean(e^{ℓ} − 1 − ℓ)   (time/kl)
+5. measure KL(π_old ‖ π) between the anchor and the policy after the last update on the whole batch:
+   ``offpolicy/kl`` = mean(log π_old − log π) (k1) and ``offpolicy/kl_k3`` = mean(e^{ℓ} − 1 − ℓ)
+   (π_old = μ with ``sampler=same``, ``staleness=0``)                         (time/kl)
 
 Losses come from :func:`ctpo_lab.losses.compute_policy_loss` (float32; bf16 autocast only for the model on
 CUDA); their diagnostics are logged under their own names (``actor/ppo_kl``, ``clip_ratio/*``,
@@ -30,6 +35,7 @@ import sys
 import threading
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,9 +48,9 @@ from torch import Tensor
 from ctpo_lab.advantages import grpo_advantages
 from ctpo_lab.diagnostics import masked_mean
 from ctpo_lab.losses import LossConfig, compute_policy_loss, metrics_to_host
-from ctpo_lab.train.config import TrainConfig
+from ctpo_lab.train.config import TrainConfig, parse_sampler
 from ctpo_lab.train.distributed import init_distributed
-from ctpo_lab.train.policy import Policy, evaluate, load_policy
+from ctpo_lab.train.policy import Policy, evaluate, load_policy, sampler_copy
 from ctpo_lab.train.rollout import RolloutBatch, response_log_probs, sample, score
 from ctpo_lab.train.runfolder import FINISHED_FILE, RunFolder, set_rng_state
 from ctpo_lab.train.tasks import Problem, make_task
@@ -165,6 +171,18 @@ class Trainer:
             weight_decay=cfg.weight_decay,
         )
         self.eval_set = self.task.test_set(cfg.eval_prompts)
+        # the rollout policy μ (TrainConfig: sampler, staleness): a separate engine only when it differs
+        kind, tau = parse_sampler(cfg.sampler)
+        self.sampler_kind = kind
+        self.sampler_temperature = tau if kind == "temperature" else cfg.temperature
+        #: the trainer's precision: float32 (no autocast, on CUDA too) whenever the sampler is another engine
+        self.precision = "auto" if kind == "same" else "float32"
+        self.sampler_model: torch.nn.Module | None = None
+        if kind == "bf16" or cfg.staleness > 0:
+            self.sampler_model = sampler_copy(self.model, bf16=kind == "bf16")
+        #: the weights before each of the last ``staleness`` optimizer updates, oldest first
+        self.stale_weights: deque[dict[str, Tensor]] = deque(maxlen=max(cfg.staleness, 1))
+        self.mismatch = kind != "same" or cfg.staleness > 0 or cfg.rollout_correction is not None
         self.start_step = 0
         self.consecutive_nan = 0
         self.wall_offset = 0.0
@@ -176,6 +194,7 @@ class Trainer:
             self.start_step = int(state["step"])
             self.consecutive_nan = int(state.get("consecutive_nan", 0))
             self.wall_offset = float(state.get("wall_time", 0.0))
+            self.stale_weights.extend(state.get("stale_weights") or [])
         self.train_model: torch.nn.Module = self.model
         if d.active:
             from torch.nn.parallel import DistributedDataParallel
@@ -206,6 +225,13 @@ class Trainer:
             f"({c.mini_batch_prompts * c.group_size} responses) × {c.ppo_epochs} epoch(s); update 1 is "
             f"on-policy, updates 2..{c.updates_per_step} are off-policy. loss={c.loss_name} device={self.device}"
             + (f" data-parallel ranks={self.dist.world}" if self.dist.active else "")
+            + (
+                f"; rollout policy μ: sampler={c.sampler} staleness={c.staleness} (optimizer updates), "
+                f"rollout_correction={c.rollout_correction}, old_log_prob recomputed in "
+                f"{'float32' if self.precision == 'float32' else 'the trainer precision'}"
+                if self.mismatch
+                else ""
+            )
         )
 
     def rollout(self, step: int) -> tuple[list[Problem], RolloutBatch]:
@@ -218,15 +244,35 @@ class Trainer:
         gen = torch.Generator(device=self.device).manual_seed(derived_seed(cfg.seed, step, 1, self.dist.rank))
         self.model.eval()
         batch = sample(
-            self.model,
+            self.rollout_model(),
             [self.policy.encode_prompt(p) for p in expanded],
             max_new_tokens=self.max_new_tokens,
-            temperature=cfg.temperature,
+            temperature=self.sampler_temperature,
             eos_token_id=self.policy.tokenizer.eos_token_id,
             pad_token_id=self.policy.tokenizer.pad_token_id,
             generator=gen,
         )
         return expanded, batch
+
+    def rollout_model(self) -> torch.nn.Module:
+        """The sampler μ of this step: the policy itself, or the separate engine loaded with the weights of
+        ``staleness`` optimizer updates ago (the oldest kept ones while fewer updates exist; the current ones
+        for ``staleness=0``), cast to its dtype."""
+        if self.sampler_model is None:
+            return self.model
+        source = self.stale_weights[0] if self.cfg.staleness > 0 and self.stale_weights else self.model.state_dict()
+        self.sampler_model.load_state_dict(source)
+        return self.sampler_model
+
+    @property
+    def sampler_lag(self) -> int:
+        """How many optimizer updates the next rollout's weights are behind the current ones."""
+        return len(self.stale_weights) if self.cfg.staleness > 0 else 0
+
+    def _snapshot(self) -> None:
+        """Keep the weights before an optimizer update (``staleness`` > 0)."""
+        if self.cfg.staleness > 0:
+            self.stale_weights.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})
 
     def evaluate(self, step: int) -> dict[str, float]:
         d = self.dist
@@ -260,6 +306,7 @@ class Trainer:
                 "consecutive_nan": self.consecutive_nan,
                 "wall_time": wall,
                 "config": self.cfg.to_dict(),
+                **({"stale_weights": list(self.stale_weights)} if self.cfg.staleness > 0 else {}),
             },
         )
 
@@ -267,6 +314,7 @@ class Trainer:
         """One rollout batch and its ``updates_per_step`` optimizer updates; returns the step's record."""
         cfg, model, device = self.cfg, self.model, self.device
         t_start = time.perf_counter()
+        lag = self.sampler_lag
         problems, batch = self.rollout(step)
         t_gen = time.perf_counter() - t_start
 
@@ -278,12 +326,18 @@ class Trainer:
         t0 = time.perf_counter()
         if cfg.recompute_old_log_prob:
             with torch.no_grad():
-                old_lp, entropy = response_log_probs(model, batch, cfg.temperature, with_entropy=True)  # [N, R]
+                old_lp, entropy = response_log_probs(
+                    model, batch, cfg.temperature, with_entropy=True, precision=self.precision
+                )  # [N, R]
             old = old_lp
             pre = {
                 "entropy": masked_mean(entropy, mask),
                 "rollout/log_prob_abs_diff": masked_mean((old_lp - batch.log_probs).abs(), mask),
             }
+            if self.mismatch:  # ℓ = log π_old − log μ: rollout_correction.offpolicy_metrics' kl and k3_kl
+                ell = torch.where(mask, old_lp - batch.log_probs, 0.0)
+                pre["rollout_corr/kl"] = masked_mean(-ell, mask)
+                pre["rollout_corr/k3_kl"] = masked_mean(ell.exp() - 1 - ell, mask)
         else:  # the sampler's log-probs: the policy has not changed since sampling (no extra forward)
             old = batch.log_probs
             pre = {"entropy": masked_mean(batch.entropy, mask)} if batch.entropy is not None else {}
@@ -307,9 +361,14 @@ class Trainer:
                 groups = order[k * mb_groups : (k + 1) * mb_groups]
                 rows = (groups[:, None] * cfg.group_size + torch.arange(cfg.group_size)).flatten().to(device)
                 sub = batch.select(rows)
-                lp, _ = response_log_probs(self.train_model, sub, cfg.temperature)  # [n, R]
+                lp, _ = response_log_probs(self.train_model, sub, cfg.temperature, precision=self.precision)
+                correction = (
+                    {"rollout_log_prob": sub.log_probs, "rollout_correction": cfg.rollout_correction}
+                    if cfg.rollout_correction is not None
+                    else {}
+                )
                 out = compute_policy_loss(
-                    lp, old[rows], adv[rows], sub.response_mask, preset=self.loss_config
+                    lp, old[rows], adv[rows], sub.response_mask, preset=self.loss_config, **correction
                 )
                 host = metrics_to_host(
                     {
@@ -335,6 +394,7 @@ class Trainer:
                         f"step {step}: non-finite gradient in update {k + 1}; update skipped", stacklevel=2
                     )
                     continue
+                self._snapshot()
                 self.optimizer.step()
                 host["actor/grad_norm"] = grad_norm
                 per_update.append(host)
@@ -347,7 +407,7 @@ class Trainer:
         if cfg.measure_final_kl:
             model.eval()
             with torch.no_grad():
-                new_lp, _ = response_log_probs(model, batch, cfg.temperature)
+                new_lp, _ = response_log_probs(model, batch, cfg.temperature, precision=self.precision)
             ell = torch.where(mask, new_lp - old, 0.0)
             post["offpolicy/kl"] = masked_mean(-ell, mask)
             post["offpolicy/kl_k3"] = masked_mean(ell.exp() - 1 - ell, mask)
@@ -367,7 +427,8 @@ class Trainer:
             "response_length/clip_ratio": (~batch.finished).float().mean(),
             "adv/zero_std_groups": (groups_r.std(-1) == 0).float().mean(),
         }
-        record: dict[str, Any] = {"step": step, **metrics_to_host(dev_metrics)}
+        host_metrics = metrics_to_host(dev_metrics)
+        record: dict[str, Any] = {"step": step, **host_metrics}
         if per_update:
             for key in per_update[0]:
                 record[key] = float(np.mean([u[key] for u in per_update]))
@@ -380,6 +441,11 @@ class Trainer:
                 "clip_ratio/region_mean",
             ):
                 record[f"offpolicy/last_mb/{key.split('/', 1)[1]}"] = last[key]
+        for key in ("rollout_corr/kl", "rollout_corr/k3_kl"):  # the trainer's whole-batch values win
+            if key in host_metrics:
+                record[key] = host_metrics[key]
+        if cfg.staleness > 0:
+            record["rollout/staleness"] = lag
         record["offpolicy/updates_per_step"] = cfg.updates_per_step
         record["train/nan_updates"] = nan_updates
         record["actor/lr"] = self.optimizer.param_groups[0]["lr"]

@@ -40,6 +40,7 @@ __all__ = [
     "cache_dir",
     "evaluate",
     "prepare_warm_start",
+    "sampler_copy",
 ]
 
 WARMSTART_VERSION = 1
@@ -378,6 +379,22 @@ def prepare_warm_start(cfg: Any, *, threads: int | None = None, progress: bool =
     finally:
         torch.set_num_threads(previous)
     return info
+
+
+def sampler_copy(model: torch.nn.Module, *, bf16: bool) -> torch.nn.Module:
+    """A separate rollout engine: a deep copy of ``model`` in eval mode without gradients whose weights the
+    trainer loads before each rollout (:meth:`~torch.nn.Module.load_state_dict` casts them).  ``bf16``: its
+    parameters are bfloat16 (activations and the KV cache follow), its buffers (RoPE's ``inv_freq``) stay
+    float32, as an inference engine that keeps a bf16 copy of the weights."""
+    import copy
+
+    engine = copy.deepcopy(model)
+    engine.eval()
+    for p in engine.parameters():
+        p.requires_grad_(False)
+        if bf16:
+            p.data = p.data.to(torch.bfloat16)
+    return engine
 
 
 def teacher_forced_nll(policy: Policy, batch: Any) -> float:

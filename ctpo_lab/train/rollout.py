@@ -17,7 +17,16 @@ from torch import Tensor
 
 from ctpo_lab.train.tasks import Problem, Task
 
-__all__ = ["RolloutBatch", "autocast", "left_pad", "sample", "response_log_probs", "score", "ScoreResult"]
+__all__ = [
+    "RolloutBatch",
+    "PRECISIONS",
+    "autocast",
+    "left_pad",
+    "sample",
+    "response_log_probs",
+    "score",
+    "ScoreResult",
+]
 
 
 @dataclass
@@ -250,17 +259,30 @@ def sample(
     )
 
 
+PRECISIONS = ("auto", "float32")
+
+
 def response_log_probs(
-    model: torch.nn.Module, batch: RolloutBatch, temperature: float, with_entropy: bool = False
+    model: torch.nn.Module,
+    batch: RolloutBatch,
+    temperature: float,
+    with_entropy: bool = False,
+    precision: str = "auto",
 ) -> tuple[Tensor, Tensor | None]:
     """Teacher-forced log π(y_t|s_t) of the response tokens (float32, [N, R]) and optionally the entropy
-    of the tempered next-token distribution ([N, R]). Differentiable unless called under ``no_grad``."""
+    of the tempered next-token distribution ([N, R]). Differentiable unless called under ``no_grad``.
+
+    ``precision="auto"``: the model's forward under :func:`autocast` (bf16 on CUDA, float32 on CPU);
+    ``"float32"``: no autocast anywhere (the trainer's recompute when the sampler is a separate bf16 engine)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
     device = batch.prompt_ids.device
     ids = torch.cat([batch.prompt_ids, batch.response_ids], 1)  # [N, P+R]
     attn = torch.cat([batch.prompt_mask, torch.ones_like(batch.response_mask)], 1)
     position = (attn.long().cumsum(-1) - 1).clamp(min=0)
     r = batch.response_ids.shape[1]
-    with autocast(device):  # logits of the last R + 1 positions only (the prompt's are never needed)
+    ctx = autocast(device) if precision == "auto" else contextlib.nullcontext()
+    with ctx:  # logits of the last R + 1 positions only (the prompt's are never needed)
         logits = model(
             input_ids=ids, attention_mask=attn.long(), position_ids=position, logits_to_keep=r + 1
         ).logits
