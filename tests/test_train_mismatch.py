@@ -14,14 +14,11 @@ import yaml
 
 from ctpo_lab.train import loop as loop_mod
 from ctpo_lab.train.__main__ import main
-from ctpo_lab.train.config import TrainConfig, parse_sampler, resolve_train_config, rollout_corrections_available
+from ctpo_lab.train.config import TrainConfig, parse_sampler, resolve_train_config
 from ctpo_lab.train.loop import TIMING_KEYS, Trainer
 from ctpo_lab.train.rollout import response_log_probs
 
 GOLDEN = Path(__file__).parent / "data" / "train_cpu_tiny_same_golden.json"
-needs_corrections = pytest.mark.skipif(
-    not rollout_corrections_available(), reason="ctpo_lab.rollout_correction is not in this version"
-)
 
 
 @pytest.fixture(autouse=True)
@@ -248,7 +245,6 @@ def test_same_seed_same_numbers_with_a_mismatched_sampler(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ corrections
-@needs_corrections
 @pytest.mark.parametrize(
     "correction", ["decoupled_token_is", "decoupled_seq_is_rs", "bypass_ppo_clip", "cumulative_sqrt_t"]
 )

@@ -34,7 +34,6 @@ __all__ = [
     "loss_from_dict",
     "SAMPLER_MODES",
     "parse_sampler",
-    "rollout_corrections_available",
 ]
 
 #: Model names the trainer builds itself (LlamaForCausalLM from a config + cached supervised warm start).
@@ -63,13 +62,6 @@ def parse_sampler(spec: object) -> tuple[str, float | None]:
             raise ValueError(f"sampler: {expected}, got {spec!r}")
         return "temperature", tau
     raise ValueError(f"sampler: {expected}, got {spec!r}")
-
-
-def rollout_corrections_available() -> bool:
-    """Whether this ctpo_lab has :mod:`ctpo_lab.rollout_correction` (``TrainConfig.rollout_correction``)."""
-    import importlib.util
-
-    return importlib.util.find_spec("ctpo_lab.rollout_correction") is not None
 
 
 @dataclass
@@ -270,10 +262,6 @@ class TrainConfig:
                 "recompute of old_log_prob (recompute_old_log_prob=true)"
             )
         if self.rollout_correction is not None:
-            if not rollout_corrections_available():
-                raise ValueError(
-                    "rollout_correction: this version of ctpo_lab has no ctpo_lab.rollout_correction module"
-                )
             from ctpo_lab.rollout_correction import ROLLOUT_CORRECTIONS
 
             if self.rollout_correction not in ROLLOUT_CORRECTIONS:
