@@ -3,8 +3,10 @@
 Regenerates every figure and table of the committed gallery ``paper_figures/`` (or of ``--out``): the
 exact-laboratory family (``markov_*``), the real-LLM Figure 1 (``fig1_llm*``), the real-LLM estimator bias and
 variance against an on-policy reference (``llm_bias_*``, ``llm_ratio_profiles``), and the training families
-(``fig2_*``, ``table2_*``, ``table3_*``, ``fig1_trainer*``).  Results whose inputs (configuration and ctpo_lab
-source) are unchanged are reused from ``<out>/.cache``; ``--refresh`` recomputes them.
+(``fig2_*``, ``table2_*``, ``table3_*``, ``fig1_trainer*``) and the regime map (``regime_map*``, from a cached
+study of ``python -m ctpo_lab.train regime``, ``--regime``, default ``$CTPO_LAB_CACHE/regime/cpu``).  Results
+whose inputs (configuration and ctpo_lab source) are unchanged are reused from ``<out>/.cache``; ``--refresh``
+recomputes them.
 
 ``--quick`` is the CI-sized run; it writes to ``outputs/figures-quick`` unless ``--out`` says otherwise, and never
 into the gallery.  Writing the gallery needs the full inputs of the families asked for: ``--llm-run`` (a finished
@@ -25,7 +27,7 @@ from pathlib import Path
 
 from ctpo_lab.cli import ArgumentParser, int_at_least, run
 
-FAMILIES = ("markov", "llm", "llm_bias", "training")
+FAMILIES = ("markov", "llm", "llm_bias", "training", "regime")
 #: The committed gallery (written only on purpose, with the full inputs).
 GALLERY = Path(__file__).resolve().parents[2] / "paper_figures"
 QUICK_OUT = "outputs/figures-quick"
@@ -61,6 +63,10 @@ def check_inputs(args: argparse.Namespace) -> None:
         spec = read_json(Path(args.grid) / "grid.json", name="--grid")
         if not (isinstance(spec.get("losses"), list) and isinstance(spec.get("seeds"), list)):
             raise ValueError(f"--grid: {Path(args.grid) / 'grid.json'}: expected 'losses' and 'seeds' lists")
+    if args.regime is not None:
+        from ctpo_lab.train.regime import STUDY_FILE
+
+        folder("--regime", args.regime, (STUDY_FILE,), "a study folder of `python -m ctpo_lab.train regime`")
     out = Path(args.out)
     if _is_gallery(out):
         if args.quick:
@@ -76,11 +82,18 @@ def check_inputs(args: argparse.Namespace) -> None:
             if not (default / "grid.json").is_file():
                 raise ValueError(f"--grid: regenerating the gallery {out} needs a finished grid; {default} has none "
                                  "(run `python -m ctpo_lab.train` first, or pass --grid)")
+        if "regime" in args.only and args.regime is None:
+            from ctpo_lab.train.regime import STUDY_FILE, default_out
+
+            if not (default_out("cpu") / STUDY_FILE).is_file():
+                raise ValueError(f"--regime: regenerating the gallery {out} needs the regime study; "
+                                 f"{default_out('cpu')} has none (run `python -m ctpo_lab.train regime` first, "
+                                 "pass --regime, or leave the family out with --only)")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0, 2 bad input (one line ``error: <argument>: <expected>``), 130 interrupted."""
-    return run(lambda: _main(argv), flags=("out", "seed", "grid", "llm_run", "llm_bias"),
+    return run(lambda: _main(argv), flags=("out", "seed", "grid", "llm_run", "llm_bias", "regime"),
                prog="python -m ctpo_lab.figures")
 
 
@@ -100,6 +113,9 @@ def _main(argv: list[str] | None) -> int:
                     "`python -m ctpo_lab.llm bias` run for the llm_bias family instead of measuring again")
     ap.add_argument("--grid", default=None, help="grid folder of the training family (default runs/compare-cpu, "
                     "the output of `python -m ctpo_lab.train`; a cached tiny grid with --quick)")
+    ap.add_argument("--regime", default=None, help="study folder of the regime family (default "
+                    "$CTPO_LAB_CACHE/regime/cpu, the output of `python -m ctpo_lab.train regime`; a cached tiny "
+                    "study with --quick)")
     args = ap.parse_args(argv)
     if args.out is None:
         args.out = QUICK_OUT if args.quick else str(GALLERY if GALLERY.is_dir() else "paper_figures")
@@ -138,6 +154,11 @@ def _main(argv: list[str] | None) -> int:
             written[family] = llm_bias_figs.make(out, quick=args.quick, seed=args.seed, cache=cache, command=command,
                                                  model=args.llm_model,
                                                  bias_run=Path(args.llm_bias) if args.llm_bias else None)
+        elif family == "regime":
+            from ctpo_lab.figures import regime_figs
+
+            written[family] = regime_figs.make(out, quick=args.quick, seed=args.seed, cache=cache, command=command,
+                                               study_dir=Path(args.regime) if args.regime else None)
         else:
             from ctpo_lab.figures import training_figs
 

@@ -1,5 +1,6 @@
 """``python -m ctpo_lab.train`` (no arguments): the ``cpu`` comparison grid (:mod:`ctpo_lab.compare`);
 ``python -m ctpo_lab.train compare [...]``: a comparison grid with options;
+``python -m ctpo_lab.train regime [...]``: the regime map (:mod:`ctpo_lab.train.regime`);
 ``python -m ctpo_lab.train --preset NAME --loss NAME --seed S --out DIR [--steps N] [--resume] [--overwrite]
 [--config recipe.yaml] [key=value ...]``
 
@@ -81,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         from ctpo_lab import compare
 
         return compare.main(argv[1:])
+    if argv[0] == "regime":
+        from ctpo_lab.train import regime
+
+        return regime.main(argv[1:])
     from ctpo_lab.runsafety import watch_parent
 
     watch_parent()  # a grid's worker stops (checkpointing) when its parent dies
