@@ -185,7 +185,7 @@ def _rollout_correction_files(out: Path, rc: pd.DataFrame, common: dict) -> list
         axes[1].axvline(1.0, color="0.4", lw=0.8, ls=":")
         axes[1].set(xscale="log", xlabel="tr Cov X / tr Cov (no correction)", title=f"T = {T}")
         axes[1].legend(fontsize=8)
-        files += save_figure(fig, out, f"markov_rollout_correction_{regime}_kl{kl:g}",
+        files += save_figure(fig, out, f"markov_rollout_correction_{regime}_kl{format(kl, 'g').replace('.', 'p')}",
                              finding=f"Exact error of each rollout correction against the frameworks' target (the "
                              f"preset on data from π_old) and its variance, {regime} sampler at per-token KL "
                              f"{kl:g}: sequence-level IS recovers the target exactly while its threshold does not "
