@@ -19,7 +19,8 @@ Outputs (DIR must be new or empty unless ``--overwrite``): ``table.csv`` / ``tab
 ``per_direction.csv``, ``ratio_profiles.csv``, ``prediction.csv`` / ``prediction_summary.csv``,
 ``projections.npz`` (the raw [P, K] matrices), ``estimator_info.csv``, ``sources.json``,
 ``bias_noise_variance.png|pdf`` (bias² in units of the reference's noise, measurable even where the gradient
-is not resolved), ``bias_variance.png|pdf`` (relative bias), ``ratio_profiles.png|pdf``, ``summary.json``.
+is not resolved), ``bias_variance.png|pdf`` (relative bias), ``ratio_profiles.png|pdf``, ``summary.json``, and
+with a three-policy source ``rollout_corrections.png|pdf`` (bias and variance per estimator × correction).
 ``--reanalyze`` recomputes the statistics and everything after them from the saved raw results.
 """
 
@@ -370,6 +371,8 @@ def run_bias(cfg: BiasConfig, *, overwrite: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     _prepare_out(out, cfg, overwrite, check_only=True)  # a busy, foreign or unwritable folder: before any work
+    for corr in cfg.rollout_corrections:  # unknown names before any work
+        bias.correction_name(corr)
 
     lm = load_model(cfg.model, seed=cfg.seed, cache=cfg.cache, pad_token=cfg.pad_token)
     tok, mu_model = lm.tokenizer, lm.model
@@ -531,9 +534,11 @@ def run_bias(cfg: BiasConfig, *, overwrite: bool = False) -> dict[str, Any]:
 
     # --- μ's own held-out sample at τ = 1 (the behaviour of the stale and dtype sources, the on-policy
     # reference of the temperature source)
-    base = draw(mu_model, eval_ids, 1.0, 1, "μ samples (τ = 1)")
-    base_rewards = rewards_of(base, eval_prompts)
-    base_cache = reference_cache(mu_model, base.hidden, 1.0) if base.hidden is not None else None
+    base = base_rewards = base_cache = None
+    if set(cfg.sources) - set(THREE_POLICY_SOURCES):
+        base = draw(mu_model, eval_ids, 1.0, 1, "μ samples (τ = 1)")
+        base_rewards = rewards_of(base, eval_prompts)
+        base_cache = reference_cache(mu_model, base.hidden, 1.0) if base.hidden is not None else None
 
     if "temperature" in cfg.sources:
         tau = cfg.mu_temperature
