@@ -31,6 +31,12 @@ is 1, every estimator coincides with it). Projected on K random directions (:mod
 and averaged within prompt groups, each estimator gives a matrix ``U[p, k]`` (prompt group p, direction k);
 :func:`compare_to_reference` turns those into bias, covariance trace, MSE and cosine with bootstrap CIs.
 Advantages come from :mod:`ctpo_lab.advantages`.
+
+Three policies (the sampler μ = π_roll, the trainer's recompute π_old, the current π): with
+``rollout_log_prob`` = log μ and a ``rollout_correction`` of :data:`ctpo_lab.rollout_correction.ROLLOUT_CORRECTIONS`,
+``c_{i,t}`` is minus the derivative of ``compute_policy_loss(log π, log π_old, ..., rollout_log_prob=log μ,
+rollout_correction=...)``; the correction ``none`` (:data:`NO_CORRECTION`) is the two-policy loss against π_old
+(the mismatch ignored). :data:`CORRECTIONS` are the defaults of the bias study.
 """
 
 from __future__ import annotations
@@ -47,7 +53,10 @@ from ctpo_lab import losses, stats
 
 __all__ = [
     "ESTIMATORS",
+    "CORRECTIONS",
+    "NO_CORRECTION",
     "Estimator",
+    "correction_name",
     "estimator_config",
     "estimator_name",
     "estimator_token_weights",
@@ -74,6 +83,26 @@ ESTIMATORS: tuple[str, ...] = (
 )
 
 
+#: The name of "no rollout correction" (the loss against π_old, the sampler ignored).
+NO_CORRECTION = "none"
+
+#: Default rollout corrections of the three-policy measurement: none, verl's token / sequence TIS and token
+#: IcePop presets, and the cumulative ρ_{1:t}(π_old/μ) in CTPO's √t window.
+CORRECTIONS: tuple[str, ...] = (NO_CORRECTION, "decoupled_token_is", "decoupled_seq_is", "decoupled_token_icepop",
+                                "cumulative_sqrt_t")
+
+
+def correction_name(correction: object) -> str:
+    """The label of a rollout correction: ``none`` for None / ``"none"``, a name of
+    :data:`ctpo_lab.rollout_correction.ROLLOUT_CORRECTIONS`, or the ``name`` of a correction object
+    (``ValueError`` naming ``rollout_correction`` for an unknown name)."""
+    from ctpo_lab.rollout_correction import resolve_rollout_correction
+
+    if correction is None or correction == NO_CORRECTION:
+        return NO_CORRECTION
+    return resolve_rollout_correction(correction).name
+
+
 def estimator_config(estimator: Estimator, **overrides: object) -> losses.LossConfig:
     """The validated :class:`ctpo_lab.losses.LossConfig` an estimator is measured with.
 
@@ -96,7 +125,8 @@ def estimator_name(estimator: Estimator) -> str:
 
 
 def estimator_token_weights(
-    estimator: Estimator, logp_target: Tensor, logp_behaviour: Tensor, adv: Tensor | np.ndarray, mask: Tensor
+    estimator: Estimator, logp_target: Tensor, logp_behaviour: Tensor, adv: Tensor | np.ndarray, mask: Tensor,
+    *, rollout_log_prob: Tensor | None = None, rollout_correction: object = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-token weights ``c_{i,t}`` of an estimator and the mask of tokens whose gradient its clip dropped.
 
@@ -104,6 +134,13 @@ def estimator_token_weights(
     autograd through :func:`ctpo_lab.losses.compute_policy_loss` in float64.
 
     ``estimator``: a preset name or a LossConfig (see :func:`estimator_config`).
+    ``logp_behaviour`` is the loss's ``old_log_prob`` (μ's log-probs in the two-policy setting, π_old's with
+    three policies). ``rollout_log_prob`` [N, T] (the sampler's log μ) and ``rollout_correction`` (a name of
+    :data:`ctpo_lab.rollout_correction.ROLLOUT_CORRECTIONS`, a correction object, or None / ``"none"``: no
+    correction) make it the three-policy loss ``compute_policy_loss(..., rollout_log_prob=,
+    rollout_correction=)``; its weights multiply the loss and its rejection removes tokens (counted in
+    ``dropped``). The coefficients are scaled by the number of rows with a valid token of ``mask`` (the
+    per-sequence contribution to the batch loss, rejected rows included in the count).
     Shapes: logp_target, logp_behaviour, mask [N, T]; adv [N] → (c float64 [N, T], dropped bool [N, T]).
     """
     cfg = estimator_config(estimator)
@@ -111,7 +148,17 @@ def estimator_token_weights(
     mask = mask.bool()
     lp = logp_target.detach().double().requires_grad_(True)
     adv_t = torch.as_tensor(np.asarray(adv), dtype=torch.float64)
-    out = losses.compute_policy_loss(lp, logp_behaviour.double(), adv_t, mask, cfg)
+    kw: dict[str, object] = {}
+    if rollout_correction is not None and not (isinstance(rollout_correction, str)
+                                               and rollout_correction == NO_CORRECTION):
+        if rollout_log_prob is None:
+            raise ValueError("rollout_log_prob: a rollout_correction needs the sampler's log-probs [N, T]")
+        from ctpo_lab.rollout_correction import resolve_rollout_correction
+
+        kw = {"rollout_log_prob": rollout_log_prob.detach().double(),
+              "rollout_correction": resolve_rollout_correction(rollout_correction)}
+        name = f"{name} with {kw['rollout_correction'].name}"
+    out = losses.compute_policy_loss(lp, logp_behaviour.double(), adv_t, mask, cfg, **kw)
     if int(out.num_nonfinite) > 0:
         raise ValueError(f"{name}: NaN or inf log-probs or advantages on {int(out.num_nonfinite)} valid tokens")
     (grad,) = torch.autograd.grad(out.loss, lp)

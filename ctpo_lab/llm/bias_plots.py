@@ -4,6 +4,8 @@
 source of off-policyness, optionally with the exact prediction of a Markov chain at the same per-token KL
 (:func:`ctpo_lab.markov.matched_chain_prediction`). :func:`plot_ratio_profiles` shows the mean of the
 importance weights and their normalized effective sample size against the token position.
+:func:`plot_rollout_corrections` compares the rollout corrections of a three-policy source (bf16 sampler)
+per estimator.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import pandas as pd
 
 from ctpo_lab.style import ESTIMATOR_COLORS, estimator_color, estimator_label
 
-__all__ = ["plot_bias_variance", "plot_ratio_profiles", "estimator_marker"]
+__all__ = ["plot_bias_variance", "plot_ratio_profiles", "plot_rollout_corrections", "estimator_marker"]
 
 _PROFILE_COLUMNS = ("source", "weight", "position", "mean", "ess")
 _PROFILE_OPTIONAL = ("mean_lo", "mean_hi")
@@ -311,6 +313,66 @@ def plot_ratio_profiles(profile: pd.DataFrame, out_dir: Path | str, name: str = 
         fig.legend(list(labels.values()), list(labels.keys()), loc="upper center", bbox_to_anchor=(0.5, 0.0),
                    ncol=len(labels), fontsize=8, frameon=False, title="weight")
     fig.suptitle("Importance weights by token position")
+    fig.tight_layout()
+    paths = _save(fig, out, name)
+    plt.close(fig)
+    return paths
+
+
+def plot_rollout_corrections(table: pd.DataFrame, out_dir: Path | str,
+                             name: str = "rollout_corrections") -> list[Path]:
+    """Bias (in units of the reference's noise) and variance ratio of every (estimator × rollout correction)
+    pair, one row of two panels per three-policy source: corrections on the x axis, one marker per estimator,
+    95% intervals as bars.
+
+    ``table``: rows of ``source``, ``estimator``, ``rollout_correction``, ``bias_to_noise``, ``var_ratio`` (and
+    optionally their ``_lo``/``_hi`` columns, ``mean_kl``); rows without a correction (empty/NaN) are ignored.
+    Writes ``{name}.png`` and ``{name}.pdf`` in ``out_dir``; returns their paths.
+    """
+    cols = ("bias_to_noise", "var_ratio")
+    table = _check_frame(table, "table", ("source", "estimator", "rollout_correction", *cols),
+                         tuple(f"{c}_{e}" for c in cols for e in ("lo", "hi")) + ("mean_kl",))
+    table = table[table["rollout_correction"].notna() & (table["rollout_correction"].astype(str) != "")]
+    out = _check_out_dir(out_dir, name)
+    if table.empty:
+        raise ValueError("table has no rows with a rollout_correction")
+    plt = _pyplot()
+    sources = list(dict.fromkeys(table["source"].tolist()))
+    fig, axes = plt.subplots(len(sources), 2, figsize=(11, 3.6 * len(sources)), squeeze=False)
+    for i, src in enumerate(sources):
+        rows = table[table["source"] == src]
+        corrs = list(dict.fromkeys(rows["rollout_correction"].astype(str)))
+        ests = list(dict.fromkeys(rows["estimator"].astype(str)))
+        width = 0.8 / max(len(ests), 1)
+        for j, (col, label) in enumerate(((cols[0], BIAS_MEASURES["bias_to_noise"][1]),
+                                          (cols[1], "tr Cov / tr Cov(on-policy)"))):
+            ax = axes[i, j]
+            for e, est in enumerate(ests):
+                sub = rows[rows["estimator"].astype(str) == est]
+                sub = sub.set_index(sub["rollout_correction"].astype(str))
+                for x, corr in enumerate(corrs):
+                    if corr not in sub.index or not _finite(sub.loc[corr, col]):
+                        continue
+                    r = sub.loc[corr]
+                    yv = float(r[col])
+                    ax.errorbar([x - 0.4 + width * (e + 0.5)], [yv], yerr=_err(yv, r[f"{col}_lo"], r[f"{col}_hi"]),
+                                fmt=estimator_marker(est), color=estimator_color(est), ms=5, mec="k", mew=0.4,
+                                elinewidth=0.8, capsize=1.5, label=estimator_label(est) if x == 0 else None)
+            ax.set_xticks(range(len(corrs)))
+            ax.set_xticklabels(corrs, rotation=25, ha="right", fontsize=8)
+            ax.grid(alpha=0.3)
+            ax.set_ylabel(label, fontsize=9)
+            if col == "bias_to_noise":
+                ax.set_yscale("symlog", linthresh=1e-3)
+                ax.axhline(0.0, color="k", lw=0.6, ls=":")
+            else:
+                ax.set_yscale("log")
+                ax.axhline(1.0, color="k", lw=0.6, ls=":")
+            kls = [float(v) for v in rows["mean_kl"] if _finite(v)]
+            ax.set_title(f"{src} (KL(μ‖π)/token = {kls[0]:.3g})" if kls else src, fontsize=10)
+        if i == 0:
+            axes[0, 1].legend(fontsize=7, loc="best")
+    fig.suptitle("Rollout corrections on a bf16 sampler: bias and variance against the on-policy reference")
     fig.tight_layout()
     paths = _save(fig, out, name)
     plt.close(fig)

@@ -1,16 +1,26 @@
 """``python -m ctpo_lab.llm bias``: estimator bias and variance on real LLM trajectories.
 
 For each source of off-policyness (stale π after k = 1, 4, 15 updates; μ sampled at a temperature ≠ 1;
-π run in bf16), responses are sampled from μ *and* from π on the same held-out prompts; each estimator of
-:mod:`ctpo_lab.llm.bias` is evaluated on μ's responses, the on-policy reference on π's, both projected on K
-random parameter directions by forward-mode differentiation (:mod:`ctpo_lab.llm.directions`). The exact
-laboratory's prediction for a Markov chain with the same per-token KL is computed side by side.
+π run in bf16; π_old sampled in bf16 while π is k updates ahead, three policies), responses are sampled
+from μ *and* from π on the same held-out prompts; each estimator of :mod:`ctpo_lab.llm.bias` is evaluated
+on μ's responses, the on-policy reference on π's, both projected on K random parameter directions by
+forward-mode differentiation (:mod:`ctpo_lab.llm.directions`). The exact laboratory's prediction for a
+Markov chain with the same per-token KL is computed side by side (two-policy sources).
+
+The ``bf16_sampler`` source has three policies, as in RL systems whose sampler runs in bf16: μ = π_old's forward
+in bfloat16 samples the responses (``rollout_log_prob`` = its log-probs), π_old's float32 scoring of them is
+``old_log_prob``, and π = π_old after k stale updates (as in ``stale``). Every (estimator × rollout correction)
+pair of ``--estimators`` × ``--rollout-corrections`` (names of ``ctpo_lab.rollout_correction.ROLLOUT_CORRECTIONS``;
+``none`` = the loss against π_old, the mismatch ignored) is measured against the on-policy reference from π; its
+rows carry a ``rollout_correction`` column, and sources.json / summary.json record the per-token KL(μ‖π_old)
+and KL(π_old‖π). Its ``rel_bias_vs_seq`` pairs with the full-sequence IS weight π/μ on the sampler's ratios.
 
 Outputs (DIR must be new or empty unless ``--overwrite``): ``table.csv`` / ``table.md`` (source × estimator),
 ``per_direction.csv``, ``ratio_profiles.csv``, ``prediction.csv`` / ``prediction_summary.csv``,
 ``projections.npz`` (the raw [P, K] matrices), ``estimator_info.csv``, ``sources.json``,
 ``bias_noise_variance.png|pdf`` (bias² in units of the reference's noise, measurable even where the gradient
-is not resolved), ``bias_variance.png|pdf`` (relative bias), ``ratio_profiles.png|pdf``, ``summary.json``.
+is not resolved), ``bias_variance.png|pdf`` (relative bias), ``ratio_profiles.png|pdf``, ``summary.json``, and
+with a three-policy source ``rollout_corrections.png|pdf`` (bias and variance per estimator × correction).
 ``--reanalyze`` recomputes the statistics and everything after them from the saved raw results.
 """
 
@@ -35,7 +45,9 @@ from ctpo_lab.cli import finite_float, int_at_least
 from ctpo_lab.llm import bias
 from ctpo_lab.stats import format_ci
 
-SOURCES: tuple[str, ...] = ("temperature", "dtype", "stale")
+SOURCES: tuple[str, ...] = ("temperature", "dtype", "stale", "bf16_sampler")
+#: The sources with three policies (a sampler μ ≠ the trainer's recompute π_old): rows per rollout correction.
+THREE_POLICY_SOURCES: tuple[str, ...] = ("bf16_sampler",)
 #: The raw results of a run that ``--reanalyze`` reads.
 RAW_FILES: tuple[str, ...] = ("config.json", "projections.npz", "estimator_info.csv", "ratio_profiles.csv",
                               "sources.json")
@@ -61,6 +73,7 @@ class BiasConfig:
     k: list[int] = field(default_factory=lambda: [1, 4, 15])
     preset: str = "ctpo"
     estimators: list[str] = field(default_factory=lambda: list(bias.ESTIMATORS))
+    rollout_corrections: list[str] = field(default_factory=lambda: list(bias.CORRECTIONS))
     lr: float = 1e-5
     minibatches: int = 16
     mu_temperature: float = 0.9
@@ -81,6 +94,26 @@ class BiasConfig:
 #: The estimator whose projections pair with every other one on the same μ samples (``rel_bias_vs_seq``): the
 #: full-sequence IS weight ρ_{1:T}, whose expectation under μ is the on-policy gradient.
 PAIRED_ESTIMATOR = "unclipped_sequence"
+#: The projections.npz key suffix of a three-policy source's paired estimator (full-sequence IS π/μ on the
+#: sampler's own log-probs), and the separator of an (estimator, correction) key: ``{source}/{estimator}@{corr}``.
+PAIRED_KEY = "paired"
+CORRECTION_SEP = "@"
+
+
+def projection_key(source: str, estimator: str, correction: object = None) -> str:
+    """The projections.npz key of one (source, estimator, rollout correction); no correction (None, ``""``,
+    NaN or ``none``) is the two-policy key ``{source}/{estimator}``."""
+    corr = correction_label(correction)
+    if corr in ("", bias.NO_CORRECTION):
+        return f"{source}/{estimator}"
+    return f"{source}/{estimator}{CORRECTION_SEP}{corr}"
+
+
+def correction_label(value: object) -> str:
+    """A ``rollout_correction`` cell as a string (``""`` for a two-policy row: missing, None or NaN)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value)
 
 #: Names in run folders written before the estimators were the presets of :mod:`ctpo_lab.losses` (old → new),
 #: per column: the ``estimator`` column of estimator_info/table/prediction CSVs (and the ``{source}/{estimator}``
@@ -152,13 +185,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--max-new-tokens", type=int, default=None, help=f"response length limit ({d.max_new_tokens})")
     b.add_argument("--prompts-per-chunk", type=int, default=None, help=f"prompts per batched decode "
                    f"({d.prompts_per_chunk})")
-    b.add_argument("--sources", default=None, help="comma list of stale,temperature,dtype (all)")
+    b.add_argument("--sources", default=None, help="comma list of stale,temperature,dtype,bf16_sampler "
+                   "(default stale,temperature,dtype)")
     b.add_argument("--k", default=None, help="stale updates measured, e.g. 1,4,15")
     b.add_argument("--loss", "--preset", dest="preset", default=None,
                    help=f"loss preset of the stale update ({d.preset}; --preset is its former name)")
     b.add_argument("--estimators", default=None,
                    help="comma list of loss presets to measure (any key of ctpo_lab.losses.PRESETS; default "
                    f"{','.join(d.estimators)}; {PAIRED_ESTIMATOR} is always measured, the others pair with it)")
+    b.add_argument("--rollout-corrections", default=None,
+                   help="bf16_sampler source: comma list of rollout corrections (none or names of "
+                   "ctpo_lab.rollout_correction.ROLLOUT_CORRECTIONS; default "
+                   f"{','.join(d.rollout_corrections)}; none is always measured)")
     b.add_argument("--lr", type=finite_float(0.0, lo_open=True), default=None,
                    help=f"AdamW learning rate of the stale update ({d.lr})")
     b.add_argument("--minibatches", type=int, default=None, help=f"minibatches per rollout batch ({d.minibatches})")
@@ -223,6 +261,15 @@ def resolve(ns: argparse.Namespace) -> BiasConfig:
             raise ValueError(f"--estimators: expected a comma list of preset names of ctpo_lab.losses.PRESETS, "
                              f"got {ns.estimators!r}")
         cfg.estimators = names if PAIRED_ESTIMATOR in names else [PAIRED_ESTIMATOR, *names]
+    if getattr(ns, "rollout_corrections", None) is not None:
+        from ctpo_lab.rollout_correction import ROLLOUT_CORRECTIONS
+
+        names = list(dict.fromkeys(x.strip() for x in ns.rollout_corrections.split(",") if x.strip()))
+        bad = [x for x in names if x != bias.NO_CORRECTION and x not in ROLLOUT_CORRECTIONS]
+        if bad or not names:
+            raise ValueError(f"--rollout-corrections: expected a comma list of none and names of "
+                             f"ctpo_lab.rollout_correction.ROLLOUT_CORRECTIONS, got {ns.rollout_corrections!r}")
+        cfg.rollout_corrections = (names if bias.NO_CORRECTION in names else [bias.NO_CORRECTION, *names])
     cfg.progress = not ns.no_progress
     for name in ("train_prompts", "eval_prompts", "group_size", "max_new_tokens", "prompts_per_chunk", "minibatches",
                  "directions", "directions_per_pass", "batch_size", "chain_seeds", "threads"):
@@ -269,19 +316,23 @@ def _json_default(o: Any) -> Any:
 def display_table(table: pd.DataFrame, prediction: pd.DataFrame | None) -> pd.DataFrame:
     """One display row per (source, estimator): the measured statistics as ``value [95% CI]`` strings
     (bias in noise units, relative bias, IS-identity bias, variance ratio, cosine, relative MSE, dropped
-    gradients) and the exact chain's prediction (median [min, max] over instances)."""
+    gradients) and the exact chain's prediction (median [min, max] over instances). A table with a
+    ``rollout_correction`` column (three-policy sources) shows it after the estimator."""
+    has_corr = "rollout_correction" in table.columns
     pred = None
     if prediction is not None and len(prediction):
         pred = prediction.set_index(["source", "estimator"])
     rows = []
     for _, r in table.iterrows():
-        vs_seq = "0 (itself)" if r["estimator"] == PAIRED_ESTIMATOR else format_ci(
+        corr = correction_label(r["rollout_correction"]) if has_corr else ""
+        vs_seq = "0 (itself)" if r["estimator"] == PAIRED_ESTIMATOR and not corr else format_ci(
             r.get("bias_vs_seq_to_noise", math.nan), r.get("bias_vs_seq_to_noise_lo", math.nan),
             r.get("bias_vs_seq_to_noise_hi", math.nan))
         row = {
             "source": r["source"], "KL/token": f"{r['mean_kl']:.2g}",
             "B (noise scale)": format_ci(r["noise_scale"], r["noise_scale_lo"], r["noise_scale_hi"], 3),
             "estimator": r["estimator"],
+            **({"rollout correction": corr or "—"} if has_corr else {}),
             "bias² / tr Cov_ref": format_ci(r["bias_to_noise"], r["bias_to_noise_lo"], r["bias_to_noise_hi"]),
             "rel. bias vs π-samples": format_ci(r["rel_bias"], r["rel_bias_lo"], r["rel_bias_hi"]),
             "‖E(X − X_seq)‖² / tr Cov_ref (same μ samples)": vs_seq,
@@ -290,7 +341,7 @@ def display_table(table: pd.DataFrame, prediction: pd.DataFrame | None) -> pd.Da
             "rel. MSE(N)": f"{r['rel_mse']:.3g}",
             "grad. dropped": f"{r['dropped_fraction']:.1%}",
         }
-        if pred is not None and (r["source"], r["estimator"]) in pred.index:
+        if pred is not None and not corr and (r["source"], r["estimator"]) in pred.index:
             p = pred.loc[(r["source"], r["estimator"])]
             row["chain: rel. bias"] = (f"{p['relative_bias_median']:.2g} [{p['relative_bias_min']:.2g}, "
                                        f"{p['relative_bias_max']:.2g}]")
@@ -320,6 +371,8 @@ def run_bias(cfg: BiasConfig, *, overwrite: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     _prepare_out(out, cfg, overwrite, check_only=True)  # a busy, foreign or unwritable folder: before any work
+    for corr in cfg.rollout_corrections:  # unknown names before any work
+        bias.correction_name(corr)
 
     lm = load_model(cfg.model, seed=cfg.seed, cache=cfg.cache, pad_token=cfg.pad_token)
     tok, mu_model = lm.tokenizer, lm.model
@@ -376,14 +429,27 @@ def run_bias(cfg: BiasConfig, *, overwrite: bool = False) -> dict[str, Any]:
     meta: dict[str, dict[str, Any]] = {}
 
     def measure(name: str, logp_model, deriv_model, mu_batch, mu_cache, pi_batch, pi_rewards, mu_rewards,
-                extra: dict[str, Any]) -> None:
+                extra: dict[str, Any], *, three: dict[str, Any] | None = None,
+                d_pi: torch.Tensor | None = None) -> torch.Tensor:
+        """One source: ``three`` (the bf16_sampler source) holds π_old's float32 log-probs of μ's samples
+        (``old_logp``), π_old's reference cache (``old_cache``) and the measured KL(μ‖π_old); returns the
+        derivatives on π's samples (reusable by another source with the same π and π-samples)."""
         t = time.perf_counter()
         res = score(logp_model, mu_batch, temperature=1.0, reference=mu_cache, rows_per_chunk=cfg.rows_per_chunk,
                     progress=cfg.progress, desc=f"score π ({name})")
-        timings["score_s"] = timings.get("score_s", 0.0) + time.perf_counter() - t
+        kl_old_pi = kl_old_pi_k1 = math.nan
         mask = mu_batch.mask
-        log_ratio = torch.where(mask, res.logp.double() - mu_batch.logp.double(), 0.0)
         n_tok = int(mask.sum())
+        if three is not None:
+            kl_old_pi_k1 = float(torch.where(mask, three["old_logp"].double() - res.logp.double(), 0.0).sum()
+                                 / n_tok)
+            if three["old_cache"] is not None:
+                r_old = score(logp_model, mu_batch, temperature=1.0, reference=three["old_cache"],
+                              rows_per_chunk=cfg.rows_per_chunk, progress=cfg.progress,
+                              desc=f"KL(π_old‖π) ({name})")
+                kl_old_pi = float(r_old.kl.double().sum() / n_tok)
+        timings["score_s"] = timings.get("score_s", 0.0) + time.perf_counter() - t
+        log_ratio = torch.where(mask, res.logp.double() - mu_batch.logp.double(), 0.0)
         kl_exact = float(res.kl.double().sum() / n_tok) if res.kl is not None else math.nan
         kl_k1 = float(-log_ratio.sum() / n_tok)
         prof = bias.ratio_position_profile(log_ratio, mask, mu_batch.group_id.numpy(), n_boot=min(cfg.n_boot, 500),
@@ -393,51 +459,86 @@ def run_bias(cfg: BiasConfig, *, overwrite: bool = False) -> dict[str, Any]:
         mu_adv = advantages.group_advantages(mu_rewards, mu_batch.group_id.numpy(), cfg.advantage)
         pi_adv = advantages.group_advantages(pi_rewards, pi_batch.group_id.numpy(), cfg.advantage)
         d_mu = derivatives(deriv_model, mu_batch, f"jvp μ-samples ({name})")
-        d_pi = derivatives(deriv_model, pi_batch, f"jvp π-samples ({name})")
+        if d_pi is None:
+            d_pi = derivatives(deriv_model, pi_batch, f"jvp π-samples ({name})")
         g_ref, ref_u = bias.group_means(
             bias.sequence_projections(torch.where(pi_batch.mask, torch.as_tensor(pi_adv)[:, None], 0.0), d_pi),
             pi_batch.group_id.numpy())
         npz[f"{name}/reference"] = ref_u
-        units: dict[str, np.ndarray] = {}
-        dropped: dict[str, float] = {}
+        units: dict[tuple[str, str], np.ndarray] = {}
+        dropped: dict[tuple[str, str], float] = {}
         informative = mask & torch.as_tensor(mu_adv != 0)[:, None]
-        for spec in cfg.estimators:
-            est = bias.estimator_name(spec)
-            if est in units:
-                raise ValueError(f"estimators: two estimators named {est!r}")
-            c, drop = bias.estimator_token_weights(spec, res.logp, mu_batch.logp, mu_adv, mask)
+        behaviour = mu_batch.logp if three is None else three["old_logp"]
+        corrections = [""] if three is None else list(cfg.rollout_corrections)
+
+        def project(c: torch.Tensor) -> np.ndarray:
             g_mu, u = bias.group_means(bias.sequence_projections(c, d_mu), mu_batch.group_id.numpy())
             if not np.array_equal(g_mu, g_ref):
                 raise RuntimeError("μ and π samples cover different prompt groups")
-            units[est] = u
-            dropped[est] = float(drop.sum() / max(int(informative.sum()), 1))
-            npz[f"{name}/{est}"] = u
-        for est in units:
-            info.append({"source": name, "estimator": est, "dropped_fraction": dropped[est],
-                         "mean_kl": kl_exact if math.isfinite(kl_exact) else kl_k1, "kl_exact": kl_exact,
-                         "kl_k1": kl_k1, "n_prompts": len(g_ref), "directions": cfg.directions,
-                         "mean_len_mu": float(mu_batch.lengths.float().mean()),
-                         "mean_len_pi": float(pi_batch.lengths.float().mean()),
-                         "reward_mu": float(np.mean(mu_rewards)), "reward_pi": float(np.mean(pi_rewards))})
+            return u
+
+        names_seen: set[str] = set()
+        for spec in cfg.estimators:
+            est = bias.estimator_name(spec)
+            if est in names_seen:
+                raise ValueError(f"estimators: two estimators named {est!r}")
+            names_seen.add(est)
+            for corr in corrections:
+                c, drop = bias.estimator_token_weights(
+                    spec, res.logp, behaviour, mu_adv, mask,
+                    rollout_log_prob=None if three is None else mu_batch.logp,
+                    rollout_correction=None if three is None else corr)
+                units[est, corr] = u = project(c)
+                dropped[est, corr] = float(drop.sum() / max(int(informative.sum()), 1))
+                npz[projection_key(name, est, corr)] = u
+        if three is not None:  # the IS identity on the sampler's ratios: full-sequence π/μ, unbiased
+            c, _ = bias.estimator_token_weights(PAIRED_ESTIMATOR, res.logp, mu_batch.logp, mu_adv, mask)
+            npz[f"{name}/{PAIRED_KEY}"] = project(c)
+        for est, corr in units:
+            row = {"source": name, "estimator": est}
+            if three is not None:
+                row["rollout_correction"] = corr
+            row.update({"dropped_fraction": dropped[est, corr],
+                        "mean_kl": kl_exact if math.isfinite(kl_exact) else kl_k1, "kl_exact": kl_exact,
+                        "kl_k1": kl_k1, "n_prompts": len(g_ref), "directions": cfg.directions,
+                        "mean_len_mu": float(mu_batch.lengths.float().mean()),
+                        "mean_len_pi": float(pi_batch.lengths.float().mean()),
+                        "reward_mu": float(np.mean(mu_rewards)), "reward_pi": float(np.mean(pi_rewards))})
+            if three is not None:
+                row.update({"kl_rollout_old": three["kl_rollout_old"], "kl_old_pi": kl_old_pi
+                            if math.isfinite(kl_old_pi) else kl_old_pi_k1})
+            info.append(row)
         quick = ("unclipped_token", "unclipped_cumulative", "unclipped_sequence")
-        r = {est.removeprefix("unclipped_"): bias.compare_to_reference(units[est], ref_u, n_boot=0).values
-             for est in quick if est in units}
+        base_corr = corrections[0]
+        r = {est.removeprefix("unclipped_"): bias.compare_to_reference(units[est, base_corr], ref_u, n_boot=0).values
+             for est in quick if (est, base_corr) in units}
         L_T = log_ratio.sum(-1)
         meta[name] = {**extra, "kl_per_token_exact": kl_exact, "kl_per_token_k1": kl_k1,
                       "sd_log_seq_ratio": float(L_T.std()), "max_abs_log_seq_ratio": float(L_T.abs().max()),
                       "mean_len_mu": float(mu_batch.lengths.float().mean())}
+        if three is not None:
+            meta[name].update({k: three[k] for k in ("kl_rollout_old", "kl_rollout_old_exact", "kl_rollout_old_k1",
+                                                       "sd_log_seq_ratio_rollout_old")})
+            meta[name].update({"kl_old_pi": kl_old_pi if math.isfinite(kl_old_pi) else kl_old_pi_k1,
+                               "kl_old_pi_exact": kl_old_pi, "kl_old_pi_k1": kl_old_pi_k1,
+                               "rollout_corrections": list(cfg.rollout_corrections)})
         look = "".join(f"; unclipped {k}: bias²/noise² {v['bias_to_noise']:.3g}, var ratio {v['var_ratio']:.3g}"
                        for k, v in r.items())
         noise = next(iter(r.values()))["noise_scale"] if r else math.nan
-        _log(f"[bias] {name}: KL/token {meta[name]['kl_per_token_exact']:.3g}, sd(log ρ_1:T) "
+        three_txt = "" if three is None else (f" (KL(μ‖π_old) {three['kl_rollout_old']:.3g}, KL(π_old‖π) "
+                                              f"{meta[name]['kl_old_pi']:.3g})")
+        _log(f"[bias] {name}: KL/token {meta[name]['kl_per_token_exact']:.3g}{three_txt}, sd(log ρ_1:T) "
              f"{meta[name]['sd_log_seq_ratio']:.3f}; gradient noise scale B = {noise:.3g} prompt groups "
              f"(P = {len(g_ref)}){look}")
+        return d_pi
 
     # --- μ's own held-out sample at τ = 1 (the behaviour of the stale and dtype sources, the on-policy
     # reference of the temperature source)
-    base = draw(mu_model, eval_ids, 1.0, 1, "μ samples (τ = 1)")
-    base_rewards = rewards_of(base, eval_prompts)
-    base_cache = reference_cache(mu_model, base.hidden, 1.0) if base.hidden is not None else None
+    base = base_rewards = base_cache = None
+    if set(cfg.sources) - set(THREE_POLICY_SOURCES):
+        base = draw(mu_model, eval_ids, 1.0, 1, "μ samples (τ = 1)")
+        base_rewards = rewards_of(base, eval_prompts)
+        base_cache = reference_cache(mu_model, base.hidden, 1.0) if base.hidden is not None else None
 
     if "temperature" in cfg.sources:
         tau = cfg.mu_temperature
@@ -453,7 +554,34 @@ def run_bias(cfg: BiasConfig, *, overwrite: bool = False) -> dict[str, Any]:
         measure("dtype_bf16", pi_bf16, mu_model, base, base_cache, pi_batch, rewards_of(pi_batch, eval_prompts),
                 base_rewards, {"source": "dtype"})
         del pi_bf16, pi_batch
-    if "stale" in cfg.sources:
+    three: dict[str, Any] | None = None
+    if "bf16_sampler" in cfg.sources:  # μ = π_old's bf16 forward; before the stale updates change π_old
+        sampler = offpolicy.bf16_copy(mu_model)
+        roll = draw(sampler, eval_ids, 1.0, 5, "μ samples (bf16 sampler of π_old)")
+        t = time.perf_counter()
+        roll_cache = None
+        if keep_hidden:  # μ's full distributions: π_old's weights in bf16, from the sampler's final hidden states
+            h_roll = score(sampler, roll, rows_per_chunk=cfg.rows_per_chunk, keep_hidden=True, progress=cfg.progress,
+                           desc="rescore μ (bf16)").hidden
+            roll_cache = reference_cache(sampler, h_roll, 1.0)
+            del h_roll
+        old = score(mu_model, roll, reference=roll_cache, rows_per_chunk=cfg.rows_per_chunk, keep_hidden=keep_hidden,
+                    progress=cfg.progress, desc="score π_old (float32)")
+        timings["score_s"] = timings.get("score_s", 0.0) + time.perf_counter() - t
+        n_tok = int(roll.mask.sum())
+        lr_old = torch.where(roll.mask, old.logp.double() - roll.logp.double(), 0.0)
+        kl_ro_exact = float(old.kl.double().sum() / n_tok) if old.kl is not None else math.nan
+        kl_ro_k1 = float(-lr_old.sum() / n_tok)
+        three = {"batch": roll, "cache": roll_cache, "old_logp": old.logp,
+                 "old_cache": reference_cache(mu_model, old.hidden, 1.0) if old.hidden is not None else None,
+                 "rewards": rewards_of(roll, eval_prompts),
+                 "kl_rollout_old": kl_ro_exact if math.isfinite(kl_ro_exact) else kl_ro_k1,
+                 "kl_rollout_old_exact": kl_ro_exact, "kl_rollout_old_k1": kl_ro_k1,
+                 "sd_log_seq_ratio_rollout_old": float(lr_old.sum(-1).std())}
+        _log(f"[bias] bf16 sampler: per-token KL(μ‖π_old) {three['kl_rollout_old']:.3g} (k1 {kl_ro_k1:.3g}), "
+             f"max |log π_old − log μ| {float(lr_old.abs().max()):.3g}")
+        del sampler, old
+    if "stale" in cfg.sources or three is not None:
         train = draw(mu_model, train_ids, 1.0, 4, "μ samples (train split)")
         train_rewards = rewards_of(train, prompts[:n_train])
         adv = advantages.grpo_advantages(train_rewards, train.group_id.numpy())
@@ -476,8 +604,15 @@ def run_bias(cfg: BiasConfig, *, overwrite: bool = False) -> dict[str, Any]:
         for k in sorted(ks):
             model_k.load_state_dict(snapshots.pop(k))
             pi_batch = draw(model_k, eval_ids, 1.0, 10 + k, f"π_{k} samples")
-            measure(f"stale_k{k}", model_k, model_k, base, base_cache, pi_batch, rewards_of(pi_batch, eval_prompts),
-                    base_rewards, {"source": "stale", "k": k, "preset": cfg.preset, "lr": cfg.lr})
+            pi_rewards = rewards_of(pi_batch, eval_prompts)
+            d_pi = None
+            if "stale" in cfg.sources:
+                d_pi = measure(f"stale_k{k}", model_k, model_k, base, base_cache, pi_batch, pi_rewards,
+                               base_rewards, {"source": "stale", "k": k, "preset": cfg.preset, "lr": cfg.lr})
+            if three is not None:
+                measure(f"bf16_sampler_k{k}", model_k, model_k, three["batch"], three["cache"], pi_batch, pi_rewards,
+                        three["rewards"], {"source": "bf16_sampler", "k": k, "preset": cfg.preset, "lr": cfg.lr},
+                        three=three, d_pi=d_pi)
 
     np.savez_compressed(out / "projections.npz", **npz)
     pd.DataFrame(info).to_csv(out / "estimator_info.csv", index=False)
@@ -523,18 +658,24 @@ def analyze_bias(out: Path, *, n_boot: int | None = None, seed: int | None = Non
         proj = {rename_legacy_key(k, legacy): z[k] for k in z.files}
     meta = json.loads((out / "sources.json").read_text())
     prof_df = rename_legacy(pd.read_csv(out / "ratio_profiles.csv"))
+    has_corr = "rollout_correction" in info.columns  # a three-policy source was measured
     t = time.perf_counter()
     rows, per_dir = [], []
     for _, inf in info.iterrows():
         name, est = inf["source"], inf["estimator"]
-        units, ref_u = proj[f"{name}/{est}"], proj[f"{name}/reference"]
-        paired = None if est == PAIRED_ESTIMATOR else proj.get(f"{name}/{PAIRED_ESTIMATOR}")
+        corr = correction_label(inf["rollout_correction"]) if has_corr else ""
+        units, ref_u = proj[projection_key(name, est, corr)], proj[f"{name}/reference"]
+        if f"{name}/{PAIRED_KEY}" in proj:  # three policies: the sequence IS weight on the sampler's ratios
+            paired = proj[f"{name}/{PAIRED_KEY}"]
+        else:
+            paired = None if est == PAIRED_ESTIMATOR else proj.get(f"{name}/{PAIRED_ESTIMATOR}")
         cmp = bias.compare_to_reference(units, ref_u, paired=paired, batch_size=batch_size, n_boot=n_boot, seed=seed)
-        rows.append({"source": name, "estimator": est, **cmp.row(),
-                     **{k: v for k, v in inf.items() if k not in ("source", "estimator")}})
+        key_cols = {"source": name, "estimator": est, **({"rollout_correction": corr} if has_corr else {})}
+        rows.append({**key_cols, **cmp.row(),
+                     **{k: v for k, v in inf.items() if k not in key_cols}})
         pdir = cmp.per_direction.copy()
-        pdir.insert(0, "estimator", est)
-        pdir.insert(0, "source", name)
+        for i, (k, v) in enumerate(key_cols.items()):
+            pdir.insert(i, k, v)
         per_dir.append(pdir)
     table = pd.DataFrame(rows)
     timings["statistics_s"] = time.perf_counter() - t
@@ -543,6 +684,8 @@ def analyze_bias(out: Path, *, n_boot: int | None = None, seed: int | None = Non
     preds = []
     estimators = tuple(dict.fromkeys(info["estimator"].astype(str)))  # preset names, as measured
     for name, m in meta.items():
+        if m.get("source") in THREE_POLICY_SOURCES:  # the two-policy chain does not represent π_old ≠ μ
+            continue
         kl = max(m["kl_per_token_exact"] if math.isfinite(m["kl_per_token_exact"]) else m["kl_per_token_k1"], 0.0)
         horizon = int(max(2, min(round(m["mean_len_mu"]), chain_max_horizon)))
         p = matched_chain_prediction(kl, horizon, estimators=estimators, seeds=tuple(range(chain_seeds)),
@@ -560,9 +703,18 @@ def analyze_bias(out: Path, *, n_boot: int | None = None, seed: int | None = Non
     pred_summary.to_csv(out / "prediction_summary.csv", index=False)
     (out / "table.md").write_text(markdown_table(table, pred_summary))
     pred_arg = pred_summary if len(pred_summary) else None
-    figures = [str(p) for p in plot_bias_variance(table, pred_arg, out, name="bias_noise_variance",
+    # the (variance, bias) planes: one point per estimator (three-policy sources: their uncorrected rows)
+    plane = table
+    if has_corr:
+        plane = table[table["rollout_correction"].map(correction_label).isin(("", bias.NO_CORRECTION))]
+    figures = [str(p) for p in plot_bias_variance(plane, pred_arg, out, name="bias_noise_variance",
                                                   y="bias_to_noise")]
-    figures += [str(p) for p in plot_bias_variance(table, pred_arg, out)]
+    figures += [str(p) for p in plot_bias_variance(plane, pred_arg, out)]
+    if has_corr:
+        from ctpo_lab.llm.bias_plots import plot_rollout_corrections
+
+        three_rows = table[table["rollout_correction"].map(correction_label) != ""]
+        figures += [str(p) for p in plot_rollout_corrections(three_rows, out)]
     figures += [str(p) for p in plot_ratio_profiles(prof_df, out)]
     last = prof_df.sort_values("position").groupby(["source", "weight"]).tail(1)
     return {
@@ -571,7 +723,10 @@ def analyze_bias(out: Path, *, n_boot: int | None = None, seed: int | None = Non
         "n_boot": n_boot, "batch_size": batch_size, "sources": meta, "figures": figures, "timings": timings,
         "ratio_mean_at_last_position": {f"{r.source}/{r.weight}": [r.mean, r.mean_lo, r.mean_hi]
                                         for r in last.itertuples()},
-        "table": table[["source", "estimator", "bias_to_noise", "bias_to_noise_lo", "bias_to_noise_hi",
+        "three_policy": {name: {k: m[k] for k in ("kl_rollout_old", "kl_old_pi", "kl_per_token_exact")}
+                         for name, m in meta.items() if m.get("source") in THREE_POLICY_SOURCES},
+        "table": table[["source", "estimator", *(["rollout_correction"] if has_corr else []), "bias_to_noise",
+                        "bias_to_noise_lo", "bias_to_noise_hi",
                         "rel_bias", "rel_bias_lo", "rel_bias_hi", "var_ratio", "var_ratio_lo", "var_ratio_hi",
                         "noise_scale"]].to_dict(orient="records"),
     }
