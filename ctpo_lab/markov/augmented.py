@@ -26,7 +26,7 @@ from scipy import sparse
 
 from ctpo_lab import losses
 
-from .dp import BlockFeature, gather_block, position_moments, scatter_blocks, state_policy_tables, transition_tables
+from .dp import BlockFeature, moment_step, position_moments, state_policy_tables, transition_tables
 from .estimator import L_FLOOR, ChainEstimator, chain_estimator
 from .model import MarkovMDP
 
@@ -136,15 +136,8 @@ def run_augmented_dp(
         new_z[rows[valid.ravel()]] = nz.ravel()[valid.ravel()]
         blk, hv = feature.blk[z], feature.hv[z]
         pb = p * b_
-        Q1 = prop(p * g_) @ Q1 + scatter_blocks(dest, blk, (pb * Q0[:, None])[:, :, None] * hv, A2, d)
-        if second:
-            h_p1 = gather_block(P1, blk, B)
-            P2 = (prop(p * g_**2) @ P2
-                  + scatter_blocks(dest, blk, (2.0 * pb * g_)[:, :, None] * hv * h_p1[:, None, :], A2, d)
-                  + scatter_blocks(dest, blk, (pb * b_ * P0[:, None])[:, :, None] * hv**2, A2, d))
-            P1 = prop(p * a_ * g_) @ P1 + scatter_blocks(dest, blk, (pb * a_ * P0[:, None])[:, :, None] * hv, A2, d)
-            P0 = prop(p * a_**2) @ P0
-        Q0 = prop(p * a_) @ Q0
+        Q0, Q1, P0, P1, P2 = moment_step(prop, p, a_, b_, g_, pb, blk, hv, dest, A2, d, B, Q0, Q1, P0, P1, P2,
+                                         second=second)
         az, aL, mass = new_z, new_L, new_mass
     u = np.ones(az.size) if signal_table is not None else reward_signal[az].astype(np.float64)
     if sign is not None:

@@ -29,6 +29,7 @@ __all__ = [
     "projected_feature",
     "scalar_feature",
     "scatter_blocks",
+    "moment_step",
     "gather_block",
     "position_moments",
 ]
@@ -224,3 +225,34 @@ def position_moments(mdp: MarkovMDP) -> dict[str, np.ndarray]:
     return out
 
 
+
+
+def moment_step(prop, p: np.ndarray, a: np.ndarray, b: np.ndarray, g: np.ndarray, pb: np.ndarray, blk: np.ndarray,
+                hv: np.ndarray, dest: np.ndarray, size: int, d: int, block: int, Q0: np.ndarray, Q1: np.ndarray,
+                P0: np.ndarray | None, P1: np.ndarray | None, P2: np.ndarray | None, *, second: bool
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """One step of the forward moment recursions on an augmented (merged) state, shared by the ``(z, L)`` DP and
+    the three-policy DP.
+
+    ``prop(w)`` is the sparse propagation matrix of per-transition weights ``w`` ``[A, V]`` onto the ``size``
+    next states; ``p`` the transition probabilities, ``(a, b, g)`` the compact weight tables (α, β, γ) of the
+    transition, ``pb`` = ``p·b`` (zero where the transition is masked), ``blk``/``hv`` the score's feature blocks
+    (``block`` wide, ``d`` coordinates), ``dest`` the next state of each transition.  With ``Q0 = Σ mass·Πα``,
+    ``Q1`` the first moment, ``P0, P1, P2`` the second-moment accumulators::
+
+        Q1' = prop(p g) Q1 + scatter(p b Q0 h)
+        P2' = prop(p g²) P2 + scatter(2 p b g h · P1[blk]) + scatter(p b² P0 h²)
+        P1' = prop(p a g) P1 + scatter(p b a P0 h),   P0' = prop(p a²) P0,   Q0' = prop(p a) Q0
+
+    (every right-hand side reads the accumulators before the step).  ``second=False`` skips P0, P1, P2.
+    """
+    Q1 = prop(p * g) @ Q1 + scatter_blocks(dest, blk, (pb * Q0[:, None])[:, :, None] * hv, size, d)
+    if second:
+        h_p1 = gather_block(P1, blk, block)
+        P2 = (prop(p * g**2) @ P2
+              + scatter_blocks(dest, blk, (2.0 * pb * g)[:, :, None] * hv * h_p1[:, None, :], size, d)
+              + scatter_blocks(dest, blk, (pb * b * P0[:, None])[:, :, None] * hv**2, size, d))
+        P1 = prop(p * a * g) @ P1 + scatter_blocks(dest, blk, (pb * a * P0[:, None])[:, :, None] * hv, size, d)
+        P0 = prop(p * a**2) @ P0
+    Q0 = prop(p * a) @ Q0
+    return Q0, Q1, P0, P1, P2

@@ -48,10 +48,9 @@ from ctpo_lab.rollout_correction import SAFETY_BOUND, RolloutCorrection, resolve
 
 from .dp import (
     BlockFeature,
-    gather_block,
+    moment_step,
     positions_mask,
     projected_feature,
-    scatter_blocks,
     score_feature,
     signal_tables,
     state_policy_tables,
@@ -396,15 +395,8 @@ def _run(mdp: MarkovMDP, run: ChainEstimator, corr: RolloutCorrection | None, co
         new_st[rows[vflat]] = new.reshape(A * V, m)[vflat]
         blk, hv = feature.blk[z], feature.hv[z]
         pb = np.where(valid, p * b_, 0.0)
-        Q1 = prop(p * g_) @ Q1 + scatter_blocks(dest, blk, (pb * Q0[:, None])[:, :, None] * hv, A2, d)
-        if second:
-            h_p1 = gather_block(P1, blk, B)
-            P2 = (prop(p * g_**2) @ P2
-                  + scatter_blocks(dest, blk, (2.0 * pb * g_)[:, :, None] * hv * h_p1[:, None, :], A2, d)
-                  + scatter_blocks(dest, blk, (pb * b_ * P0[:, None])[:, :, None] * hv**2, A2, d))
-            P1 = prop(p * a_ * g_) @ P1 + scatter_blocks(dest, blk, (pb * a_ * P0[:, None])[:, :, None] * hv, A2, d)
-            P0 = prop(p * a_**2) @ P0
-        Q0 = prop(p * a_) @ Q0
+        Q0, Q1, P0, P1, P2 = moment_step(prop, p, a_, b_, g_, pb, blk, hv, dest, A2, d, B, Q0, Q1, P0, P1, P2,
+                                         second=second)
         az, ast = new_z, new_st
     u = np.ones(az.size) if S is not None else G[az].astype(np.float64)
     if sign is not None:
