@@ -67,8 +67,6 @@ AGGREGATIONS: tuple[str, ...] = (
     "all-seq-mean-token-mean",
     "all-seq-mean-token-sum",
 )
-#: the aggregations of the fused one-pass gradient (the others take the autograd path)
-_LEAN_AGGREGATIONS: tuple[str, ...] = AGGREGATIONS
 #: ``diagnostics=`` of :func:`compute_policy_loss`: ``"basic"`` = the metrics verl computes (``actor/pg_loss``,
 #: ``actor/pg_clipfrac``, ``actor/pg_clipfrac_lower``, ``actor/ppo_kl``); ``"full"`` = :mod:`ctpo_lab.diagnostics`.
 DIAGNOSTICS: tuple[str, ...] = ("basic", "full")
