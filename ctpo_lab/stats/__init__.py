@@ -14,7 +14,8 @@ Modules (everything public is re-exported here, so ``from ctpo_lab import stats;
 * :mod:`~ctpo_lab.stats.bootstrap` — :func:`bootstrap_ci`, :func:`curve_bands`, :func:`iqm`,
   :func:`percentile_interval` (mean with a percentile bootstrap; IQM with a stratified bootstrap, as rliable)
   and :func:`format_ci`, the one ``estimate [low, high]`` formatter.
-* :mod:`~ctpo_lab.stats.permutation` — :func:`sign_flip_p_value`, the exact paired sign-flip permutation test.
+* :mod:`~ctpo_lab.stats.permutation` — :func:`sign_flip_p_value`, the exact paired sign-flip permutation test, and
+  :func:`holm_adjust` (Holm's step-down correction for a family of such tests).
 * :mod:`~ctpo_lab.stats.positions` — :func:`binned_profile`, :func:`profile_table` → :class:`PositionTable`,
   :func:`center_within_groups`, :func:`group_centering`.
 * :mod:`~ctpo_lab.stats.sqrt_t` — :func:`sqrt_t_fit` (the paper's fixed-exponent σ̂: WLS through the origin,
@@ -37,7 +38,7 @@ from ctpo_lab.stats.bootstrap import (
     iqm,
     percentile_interval,
 )
-from ctpo_lab.stats.permutation import sign_flip_p_value
+from ctpo_lab.stats.permutation import holm_adjust, sign_flip_p_value
 from ctpo_lab.stats.positions import (
     PositionTable,
     binned_profile,
@@ -60,6 +61,7 @@ __all__ = [
     "curve_bands",
     "format_ci",
     "sign_flip_p_value",
+    "holm_adjust",
     "center_within_groups",
     "group_centering",
     "binned_profile",

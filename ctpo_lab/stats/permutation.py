@@ -12,7 +12,7 @@ import itertools
 
 import numpy as np
 
-__all__ = ["sign_flip_p_value"]
+__all__ = ["sign_flip_p_value", "holm_adjust"]
 
 
 def sign_flip_p_value(diffs: np.ndarray) -> float:
@@ -30,3 +30,21 @@ def sign_flip_p_value(diffs: np.ndarray) -> float:
         signs = np.array(list(itertools.product([-1.0, 1.0], repeat=n)))
     null = np.abs((signs * diffs).mean(axis=1))
     return float((null >= observed - 1e-12).mean())
+
+
+def holm_adjust(p_values: np.ndarray) -> np.ndarray:
+    """Holm's step-down adjustment for a family of m tests (controls the family-wise error rate).
+
+    With the raw p-values sorted p_(1) ≤ … ≤ p_(m): p̃_(i) = min(1, max_{j ≤ i} (m − j + 1)·p_(j)); returned in
+    the input order.  NaN entries are not part of the family (m counts the finite ones) and stay NaN.
+    """
+    p = np.asarray(p_values, dtype=np.float64)
+    out = np.full(p.shape, np.nan)
+    finite = np.flatnonzero(np.isfinite(p))
+    m = finite.size
+    if m == 0:
+        return out
+    order = finite[np.argsort(p[finite], kind="stable")]
+    scaled = (m - np.arange(m)) * p[order]
+    out[order] = np.minimum(1.0, np.maximum.accumulate(scaled))
+    return out

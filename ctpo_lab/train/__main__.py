@@ -1,5 +1,7 @@
-"""``python -m ctpo_lab.train`` (no arguments): the ``cpu`` comparison grid (:mod:`ctpo_lab.compare`);
-``python -m ctpo_lab.train compare [...]``: a comparison grid with options;
+"""``python -m ctpo_lab.train`` (no arguments): the main job (:mod:`ctpo_lab.train.main_job`: the paper's four
+losses × 12 paired seeds on an off-policy cell of the regime map, and a verdict stated only where the paired
+test separates them); ``python -m ctpo_lab.train main [...]``: the same with options;
+``python -m ctpo_lab.train compare [...]``: a comparison grid with options (:mod:`ctpo_lab.compare`);
 ``python -m ctpo_lab.train regime [...]``: the regime map (:mod:`ctpo_lab.train.regime`);
 ``python -m ctpo_lab.train --preset NAME --loss NAME --seed S --out DIR [--steps N] [--resume] [--overwrite]
 [--config recipe.yaml] [key=value ...]``
@@ -78,7 +80,11 @@ FLAGS = ("out", "seed", "steps", "loss", "preset", "config", "resume", "overwrit
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] == "compare":
+    if not argv or argv[0] == "main":
+        from ctpo_lab.train import main_job
+
+        return main_job.main(argv[1:])
+    if argv[0] == "compare":
         from ctpo_lab import compare
 
         return compare.main(argv[1:])

@@ -1,0 +1,217 @@
+"""The main job: the paper's four losses on one off-policy cell of the regime map, 12 paired seeds, and a
+verdict stated only where the paired test separates two losses.
+
+    python -m ctpo_lab.train                      # the main job on its built-in defaults
+    python -m ctpo_lab.train main [--seed S] [--seeds N] [--cell NAME] [--out DIR] [--jobs J] [--overwrite]
+
+Every run is the ``cpu`` study's run of the chosen cell (:mod:`ctpo_lab.train.regime`: the ``cpu`` trainer
+preset's 2-layer model, 8 prompts × 8 responses per rollout batch, 16 rollout steps, ``updates_per_rollout``
+optimizer updates per batch), so seeds 0–7 of the main job are, on the same machine, the very runs of the
+committed regime study.  The grid is :func:`ctpo_lab.compare.run_comparison` (``runs/main/``: Table 2 and 3
+analogues, paired tests, the Figure 2 analogue); on top of it, :func:`verdict` compares GRPO with each other
+loss and CTPO with CTPO-fixed:
+
+* a difference is **separated** when its exact paired sign-flip p-value, Holm-adjusted over the family of
+  comparisons, is below ``alpha`` (0.05) *and* the 95% bootstrap CI of the mean paired difference excludes 0;
+* **borderline** when only the unadjusted p is below ``alpha`` (such a call can flip on another machine);
+* **not separated** otherwise: the CI says how large a difference the seeds can exclude.
+
+Why this holds across machines: CPU float results differ between processors, so every run's numbers (and a
+3-seed ranking) differ from machine to machine; a difference that is separated at 12 seeds after the
+correction is large against the seed-to-seed spread that such numeric differences produce, and a "not
+separated" verdict says only that the difference is within the CI.  The numbers themselves are
+machine-dependent; the README states which verdicts held on the machines they were measured on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ctpo_lab import compare, stats
+from ctpo_lab.cli import ArgumentParser, int_at_least
+from ctpo_lab.runsafety import atomic_write_text
+
+__all__ = ["MainJob", "MAIN_JOB", "main_job_spec", "verdict", "format_verdict", "run_main_job", "main"]
+
+COMMAND = "python -m ctpo_lab.train main"
+ALPHA = 0.05
+
+
+@dataclass(frozen=True)
+class MainJob:
+    """The main job's settings: a cell of a regime study preset, the losses (the first is the reference), the
+    number of paired seeds and the default output folder."""
+
+    study: str = "cpu"
+    cell: str = "short-u16-k0-same"
+    losses: tuple[str, ...] = ("grpo", "gspo", "ctpo", "ctpo_fixed")
+    seeds: int = 12
+    out: str = "runs/main"
+
+
+#: The built-in defaults of ``python -m ctpo_lab.train``.
+MAIN_JOB = MainJob()
+
+
+def main_job_spec(job: MainJob = MAIN_JOB, *, first_seed: int = 0, seeds: int | None = None,
+                  cell: str | None = None) -> compare.GridSpec:
+    """The :class:`ctpo_lab.compare.GridSpec` of the main job: the study cell's overrides and steps, seeds
+    ``first_seed … first_seed + seeds − 1``.  Unknown cell or study: ``ValueError`` naming the argument."""
+    from ctpo_lab.train import regime
+
+    if job.study not in regime.STUDY_PRESETS:
+        raise ValueError(f"study: unknown study preset {job.study!r}; expected one of {sorted(regime.STUDY_PRESETS)}")
+    study = regime.STUDY_PRESETS[job.study]
+    c = study.cell(cell or job.cell)
+    n = job.seeds if seeds is None else seeds
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ValueError(f"seeds: a paired test needs at least 2 seeds, got {n!r}")
+    if isinstance(first_seed, bool) or not isinstance(first_seed, int) or first_seed < 0:
+        raise ValueError(f"seed: expected an int ≥ 0, got {first_seed!r}")
+    return compare.GridSpec(study.train_preset, tuple(job.losses), tuple(range(first_seed, first_seed + n)),
+                            c.overrides(study), study.steps)
+
+
+def _classify(p: float, p_holm: float, low: float, high: float, alpha: float) -> str:
+    if not math.isfinite(p):
+        return "not tested"
+    excludes_zero = low > 0 or high < 0
+    if p_holm < alpha and excludes_zero:
+        return "separated"
+    if p < alpha:
+        return "borderline"
+    return "not separated"
+
+
+def verdict(paired: pd.DataFrame, *, alpha: float = ALPHA) -> pd.DataFrame:
+    """Classify each paired comparison (rows of :func:`ctpo_lab.compare.paired_comparison`: ``loss``,
+    ``reference``, ``paired seeds``, ``mean difference``, ``CI low``, ``CI high``, ``sign-flip p``).
+
+    Adds ``holm p`` (Holm's step-down adjustment over the rows, :func:`ctpo_lab.stats.holm_adjust`) and
+    ``verdict``: ``separated`` (Holm p < alpha and the CI excludes 0), ``borderline`` (only the raw p < alpha)
+    or ``not separated``.  ``alpha`` must lie in (0, 1).
+    """
+    if not (isinstance(alpha, float) and 0.0 < alpha < 1.0):
+        raise ValueError(f"alpha: expected a float in (0, 1), got {alpha!r}")
+    missing = {"loss", "reference", "mean difference", "CI low", "CI high", "sign-flip p"} - set(paired.columns)
+    if missing:
+        raise ValueError(f"paired: missing columns {sorted(missing)}")
+    out = paired.copy().reset_index(drop=True)
+    out["holm p"] = stats.holm_adjust(out["sign-flip p"].to_numpy(dtype=np.float64))
+    out["verdict"] = [_classify(float(r["sign-flip p"]), float(r["holm p"]), float(r["CI low"]), float(r["CI high"]),
+                                alpha) for _, r in out.iterrows()]
+    return out
+
+
+def format_verdict(table: pd.DataFrame, *, alpha: float = ALPHA) -> list[str]:
+    """One sentence per comparison of :func:`verdict`'s table."""
+    lines = []
+    for _, r in table.iterrows():
+        d, lo, hi = float(r["mean difference"]), float(r["CI low"]), float(r["CI high"])
+        n = int(r.get("paired seeds", 0))
+        diff = f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+        p = f"p = {float(r['sign-flip p']):.4f}, Holm p = {float(r['holm p']):.4f}"
+        if r["verdict"] == "separated":
+            word = "above" if d > 0 else "below"
+            lines.append(f"{r['loss']} is {word} {r['reference']}: final accuracy difference {diff} over {n} paired "
+                         f"seeds ({p}).")
+        elif r["verdict"] == "borderline":
+            lines.append(f"{r['loss']} vs {r['reference']}: borderline, {diff} ({p}): significant only before the "
+                         f"correction for {len(table)} comparisons; not a claim (it can flip on another machine).")
+        else:
+            lines.append(f"{r['loss']} vs {r['reference']}: not separated at {n} paired seeds, difference {diff} "
+                         f"({p}).")
+    return lines
+
+
+def run_main_job(out: str | Path | None = None, *, job: MainJob = MAIN_JOB, first_seed: int = 0,
+                 seeds: int | None = None, cell: str | None = None, jobs: int | None = None,
+                 overwrite: bool = False, alpha: float = ALPHA, progress: bool = True) -> dict[str, Any]:
+    """Run (or reuse) the main job's grid in ``out`` (default ``job.out``), summarize it and write
+    ``verdict.md`` / ``verdict.json``; returns the grid's tables plus ``verdict`` (the table), ``lines``,
+    ``out`` and ``seconds``.  Bad input raises ``ValueError`` naming the argument before any work."""
+    spec = main_job_spec(job, first_seed=first_seed, seeds=seeds, cell=cell)
+    if not (isinstance(alpha, float) and 0.0 < alpha < 1.0):
+        raise ValueError(f"alpha: expected a float in (0, 1), got {alpha!r}")
+    reference = spec.losses[0]
+    out = Path(out if out is not None else job.out)
+    start = time.time()
+    result = compare.run_comparison(spec, out, jobs=jobs, overwrite=overwrite, reference=reference,
+                                    progress=progress)
+    comparisons = [result["paired"]] if "paired" in result else []
+    if {"ctpo", "ctpo_fixed"} <= set(spec.losses):
+        df = compare.load_grid(out)
+        comparisons.append(compare.paired_comparison(df, "ctpo_fixed", ["ctpo"]))
+    table = verdict(pd.concat(comparisons, ignore_index=True), alpha=alpha) if comparisons else pd.DataFrame()
+    lines = format_verdict(table, alpha=alpha) if not table.empty else []
+    cell_name = cell or job.cell
+    header = (f"Main job: {', '.join(spec.losses)} × {len(spec.seeds)} paired seeds (seeds {spec.seeds[0]}–"
+              f"{spec.seeds[-1]}) on the regime cell {cell_name} ({job.study} study: {spec.steps} rollout steps, "
+              f"overrides {' '.join(spec.overrides)}). Verdict rule: separated = exact paired sign-flip p, "
+              f"Holm-adjusted over {len(table)} comparisons, < {alpha} and the 95% bootstrap CI of the mean "
+              "paired difference excludes 0. Every number below is machine-dependent (CPU float results differ "
+              "between processors); the separated / not-separated calls are what is meant to hold.")
+    body = "\n".join(f"- {x}" for x in lines) or "- no comparison (a single loss)"
+    atomic_write_text(out / "verdict.md", f"# Verdict\n\n{header}\n\n{body}\n")
+    atomic_write_text(out / "verdict.json", json.dumps(
+        {"cell": cell_name, "study": job.study, "losses": list(spec.losses), "seeds": list(spec.seeds),
+         "alpha": alpha, "comparisons": json.loads(table.to_json(orient="records")) if not table.empty else []},
+        indent=1))
+    return {**result, "verdict": table, "lines": lines, "header": header, "out": out,
+            "seconds": time.time() - start}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0],
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--seed", type=int_at_least(0), default=0, help="first seed (seeds S..S+N-1; default 0)")
+    ap.add_argument("--seeds", type=int_at_least(2), default=MAIN_JOB.seeds,
+                    help=f"number of paired seeds (default {MAIN_JOB.seeds})")
+    ap.add_argument("--cell", default=MAIN_JOB.cell,
+                    help=f"a cell of the {MAIN_JOB.study} regime study (default {MAIN_JOB.cell}; "
+                    "`python -m ctpo_lab.train regime --list` shows them)")
+    ap.add_argument("--out", default=MAIN_JOB.out, help=f"grid folder (default {MAIN_JOB.out})")
+    ap.add_argument("--jobs", type=int_at_least(1), default=None, help="parallel runs (default: CPU cores)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing, different grid folder")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status: 0 done, 1 a run failed (its log named), 2 bad input (one line
+    ``error: <argument>: <expected>``), 130 interrupted."""
+    from ctpo_lab import cli
+
+    flags = {n: f"--{n}" for n in ("seed", "seeds", "cell", "out", "jobs", "overwrite")}
+    return cli.run(lambda: _main(argv), flags={**flags, "cells": "--cell"}, prog=COMMAND)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        result = run_main_job(args.out, first_seed=args.seed, seeds=args.seeds, cell=args.cell, jobs=args.jobs,
+                              overwrite=args.overwrite)
+    except RuntimeError as e:  # a run failed: its log says why
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    shown = ["loss", "seeds", "initial accuracy", "final accuracy", "accuracy gain", "clip fraction",
+             "KL after last update"]
+    print(result["table2"][shown].to_markdown(index=False))
+    print("\n" + result["header"] + "\n")
+    for line in result["lines"]:
+        print(f"- {line}")
+    print(f"\n[main] wrote {result['out']}/verdict.md, table2.md, paired.md, fig2.png in {result['seconds']:.0f} s")
+    return 0
