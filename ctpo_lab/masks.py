@@ -122,7 +122,8 @@ def token_keep(cfg: MaskParameters, log_prob: Tensor, old_log_prob: Tensor, log_
             return mask & ~dropped.unsqueeze(-1)
         if rule == "trust_region":
             k = ell.square() / 2 if cfg.mask_statistic == "k2" else (-ell).exp() - 1.0 + ell
-            worst = torch.where(mask, k, 0.0).amax(-1)
+            # amax over an empty last dimension raises: a row with no token has worst statistic 0
+            worst = torch.where(mask, k, 0.0).amax(-1) if k.shape[-1] else k.new_zeros(k.shape[:-1])
             return mask & (worst <= cfg.mask_threshold).unsqueeze(-1)
         if rule == "m2po":
             return m2po_keep(ell, mask, cfg.mask_threshold)

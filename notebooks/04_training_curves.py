@@ -56,7 +56,7 @@ pd.set_option("display.width", 160)
 START = time.time()
 
 repo = Path(ctpo_lab.__file__).resolve().parents[1]
-default_grid = repo / "runs" / "compare-cpu"  # what `python -m ctpo_lab.train` writes
+default_grid = repo / "runs" / "main"  # what `python -m ctpo_lab.train` (the main job) writes
 if os.environ.get("CTPO_LAB_GRID"):
     grid_dir = Path(os.environ["CTPO_LAB_GRID"]).expanduser()
     print(f"analysing the existing grid {grid_dir} (CTPO_LAB_GRID)")
@@ -132,7 +132,7 @@ display(table[["loss", "seeds", "initial accuracy", "final accuracy", "accuracy 
 # with a bootstrap CI and the exact two-sided sign-flip permutation p-value.
 
 # %%
-reference = "ctpo" if "ctpo" in set(df["loss"]) else df["loss"].iloc[0]
+reference = "grpo" if "grpo" in set(df["loss"]) else df["loss"].iloc[0]
 paired = compare.paired_comparison(df, reference)
 display(paired[["loss", "reference", "paired seeds", "mean difference", "CI low", "CI high",  # noqa: F821
                 "sign-flip p"]])

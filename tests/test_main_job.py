@@ -80,7 +80,7 @@ def test_main_job_grid_is_the_study_cell():
     spec = main_job.main_job_spec()
     study = regime.STUDY_PRESETS[main_job.MAIN_JOB.study]
     cell = study.cell(main_job.MAIN_JOB.cell)
-    assert spec.overrides == cell.overrides(study) and spec.steps == study.steps
+    assert spec.overrides[:len(cell.overrides(study))] == cell.overrides(study) and spec.steps == study.steps
     assert spec.train_preset == study.train_preset
     assert spec.seeds == tuple(range(main_job.MAIN_JOB.seeds)) and spec.losses[0] == "grpo"
     # the study's runs of this cell use the same command for the shared (loss, seed) pairs

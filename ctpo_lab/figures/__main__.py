@@ -11,7 +11,7 @@ recomputes them.
 ``--quick`` is the CI-sized run; it writes to ``outputs/figures-quick`` unless ``--out`` says otherwise, and never
 into the gallery.  Writing the gallery needs the full inputs of the families asked for: ``--llm-run`` (a finished
 ``python -m ctpo_lab.llm`` folder), ``--llm-bias`` (a finished ``python -m ctpo_lab.llm bias`` folder) and an
-existing grid (``--grid``, default ``runs/compare-cpu`` from ``python -m ctpo_lab.train``).  A ``--grid``,
+existing grid (``--grid``, default ``runs/main`` from ``python -m ctpo_lab.train``).  A ``--grid``,
 ``--llm-run`` or ``--llm-bias`` path must exist and be what it claims before anything runs: a given ``--grid`` is
 aggregated as it is, never run.  The output folder is locked while the command runs.
 """
@@ -78,7 +78,9 @@ def check_inputs(args: argparse.Namespace) -> None:
                 raise ValueError(f"{flag}: regenerating the gallery {out} needs the full run's folder (see the "
                                  "README's Reproduce section), or leave the family out with --only")
         if "training" in args.only and args.grid is None:
-            default = Path("runs/compare-cpu")
+            from ctpo_lab.train.main_job import MAIN_JOB
+
+            default = Path(MAIN_JOB.out)
             if not (default / "grid.json").is_file():
                 raise ValueError(f"--grid: regenerating the gallery {out} needs a finished grid; {default} has none "
                                  "(run `python -m ctpo_lab.train` first, or pass --grid)")
@@ -111,7 +113,7 @@ def _main(argv: list[str] | None) -> int:
                     "`python -m ctpo_lab.llm` run for the fig1_llm family instead of collecting again")
     ap.add_argument("--llm-bias", default=None, help="reuse the output folder of an earlier "
                     "`python -m ctpo_lab.llm bias` run for the llm_bias family instead of measuring again")
-    ap.add_argument("--grid", default=None, help="grid folder of the training family (default runs/compare-cpu, "
+    ap.add_argument("--grid", default=None, help="grid folder of the training family (default runs/main, "
                     "the output of `python -m ctpo_lab.train`; a cached tiny grid with --quick)")
     ap.add_argument("--regime", default=None, help="study folder of the regime family (default "
                     "$CTPO_LAB_CACHE/regime/cpu, the output of `python -m ctpo_lab.train regime`; a cached tiny "

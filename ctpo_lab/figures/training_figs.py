@@ -1,8 +1,9 @@
 """Training families: ``fig2_*`` (curves with CI bands), ``table2_*``, ``table3_*`` and ``fig1_trainer_*``
 (Figure-1 statistics of the trainer's own ratio dumps), all from one grid of runs (:mod:`ctpo_lab.compare`).
 
-The full run uses the grid of the README's main job (``runs/compare-cpu``, the ``cpu`` preset: GRPO, GSPO,
-CTPO and CTPO-fixed × 3 seeds) and reuses its finished runs; ``--quick`` runs a CI-sized grid.
+The full run uses the grid of the README's main job (``runs/main``, :mod:`ctpo_lab.train.main_job`: GRPO, GSPO,
+CTPO and CTPO-fixed × 12 paired seeds on a cell of the ``cpu`` regime study) and reuses its finished runs;
+``--quick`` runs a CI-sized grid.  Paired comparisons are against the grid's first loss (GRPO).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ def grid_spec(quick: bool, seed: int) -> compare.GridSpec:
     if quick:
         return compare.GridSpec("cpu-tiny", LOSSES, (seed, seed + 1),
                                 ("eval_every=2", "dump_every=2", "ckpt_every=3"), steps=6)
-    return compare.GridSpec("cpu", LOSSES, (seed, seed + 1, seed + 2))
+    from ctpo_lab.train.main_job import main_job_spec
+
+    return main_job_spec(first_seed=seed)
 
 
 def _dump_matrices(run_dirs: list[Path]) -> dict[str, np.ndarray] | None:
@@ -74,10 +77,13 @@ def make(out: Path, *, quick: bool, seed: int, cache: Path, command: str, grid_d
         prepare_output(grid, command="python -m ctpo_lab.figures", resume=True, name="grid")  # aggregate writes
     else:
         spec = grid_spec(quick, seed)
-        grid = cache / "grid-quick" if quick else Path("runs/compare-cpu")
+        from ctpo_lab.train.main_job import MAIN_JOB
+
+        grid = cache / "grid-quick" if quick else Path(MAIN_JOB.out)
         compare.run_grid(spec, grid)
         df = compare.load_grid(grid)
-    result = compare.summarize_grid(grid, reference="ctpo")
+    reference = spec.losses[0]
+    result = compare.summarize_grid(grid, reference=reference)
     seeds = list(spec.seeds)
     common = {"command": command, "seeds": seeds, "extra": {"grid": f"{grid} (preset {spec.train_preset})"}}
     files: list[Path] = []
@@ -98,7 +104,7 @@ def make(out: Path, *, quick: bool, seed: int, cache: Path, command: str, grid_d
                         f"{ordering} (table2_paired says whether the differences exceed seed noise).{note}", **common)
     if "paired" in result:
         files += save_table(result["paired"], out, "table2_paired",
-                            finding="Final held-out accuracy of each loss minus CTPO's, paired by seed, with a "
+                            finding=f"Final held-out accuracy of each loss minus {reference}'s, paired by seed, with a "
                             "bootstrap CI and the exact sign-flip permutation p-value.", **common)
     if "table3" in result:
         files += save_table(result["table3"], out, "table3_adaptive_vs_fixed",

@@ -51,13 +51,16 @@ ALPHA = 0.05
 @dataclass(frozen=True)
 class MainJob:
     """The main job's settings: a cell of a regime study preset, the losses (the first is the reference), the
-    number of paired seeds and the default output folder."""
+    number of paired seeds, the default output folder and overrides added to the cell's."""
 
     study: str = "cpu"
     cell: str = "short-u16-k0-same"
     losses: tuple[str, ...] = ("grpo", "gspo", "ctpo", "ctpo_fixed")
     seeds: int = 12
     out: str = "runs/main"
+    #: appended to the cell's overrides: the ratio dumps of the gallery's trainer Figure 1 (every 4th step; the
+    #: dumps read tensors only, so the runs' numbers are those of the study's runs)
+    extra_overrides: tuple[str, ...] = ("dump_every=4",)
 
 
 #: The built-in defaults of ``python -m ctpo_lab.train``.
@@ -80,7 +83,7 @@ def main_job_spec(job: MainJob = MAIN_JOB, *, first_seed: int = 0, seeds: int | 
     if isinstance(first_seed, bool) or not isinstance(first_seed, int) or first_seed < 0:
         raise ValueError(f"seed: expected an int ≥ 0, got {first_seed!r}")
     return compare.GridSpec(study.train_preset, tuple(job.losses), tuple(range(first_seed, first_seed + n)),
-                            c.overrides(study), study.steps)
+                            (*c.overrides(study), *job.extra_overrides), study.steps)
 
 
 def _classify(p: float, p_holm: float, low: float, high: float, alpha: float) -> str:
