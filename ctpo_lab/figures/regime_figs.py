@@ -1,7 +1,8 @@
 """The regime family: ``regime_map.csv`` (one row per (cell, loss): final held-out accuracy with a 95% bootstrap
 CI over seeds, collapse rate, paired sign-flip p against GRPO), ``regime_map_detail.csv`` (AUC, clip fraction,
-measured KL and length, the exact chain's prediction at that KL and length) and ``regime_map.png`` (the losses
-ranked per cell), from a cached study of ``python -m ctpo_lab.train regime`` (:mod:`ctpo_lab.train.regime`).
+measured KL and length, the exact chain's prediction at that KL and length), ``regime_runs.csv`` (every run's
+outcomes) and ``regime_map.png`` (the losses ranked per cell), from a cached study of
+``python -m ctpo_lab.train regime`` (:mod:`ctpo_lab.train.regime`).
 
 The full run reads the study in ``--regime`` (default ``$CTPO_LAB_CACHE/regime/cpu``) as it is: nothing is
 trained because of a path. ``--quick`` runs (or reuses) the tiny study (2 cells × 2 losses × 2 seeds of
@@ -55,6 +56,11 @@ def make(out: Path, *, quick: bool, seed: int, cache: Path, command: str, study_
                         "relative bias and variance ratio at the cell's measured KL and length "
                         "(ctpo_lab.markov.matched_chain_prediction, median of 3 random chains; the window "
                         f"estimators at horizon ≤ 16).{note}", **common)
+    files += save_table(result["runs"], out, "regime_runs",
+                        finding="Every finished run of the study, one row per (cell, loss, seed): final, best and "
+                        "area-under-curve held-out accuracy, collapse, non-finite updates, mean clip fraction, "
+                        "measured per-token KL, response length and wall time (machine-dependent: CPU float "
+                        f"results differ between processors).{note}", **common)
     fig = regime.plot_regime_map(m, detail)
     files += save_figure(fig, out, "regime_map",
                          finding="Estimators ranked by final held-out accuracy in each cell (mean and 95% "

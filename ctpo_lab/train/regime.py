@@ -170,8 +170,13 @@ STUDY_PRESETS: dict[str, StudyPreset] = {
                    "ckpt_every=4", "max_nan_steps=1000000", "tensorboard=false"),
         lengths={"short": ("task_options.min_steps=13", "task_options.max_steps=16"),
                  # the short task's warm start (per-step error 0.10) gives 0.9^47 ≈ 0 held-out accuracy on 47
-                 # steps: all rewards 0, no learning (measured: accuracy 0.0, KL 0.0); 0.035 gives ≈ 0.19
-                 "long": ("task_options.min_steps=45", "task_options.max_steps=49", "warmstart_noise=0.035")},
+                 # steps: all rewards 0, no learning (measured: accuracy 0.0, KL 0.0).  Per-step error 0.035
+                 # would give 0.965^47 ≈ 0.19, but 1000 warm-start steps do not learn the two-letter-label task
+                 # (measured: supervised loss 0.41, labels and length right, digits wrong, accuracy 0.0): 3000.
+                 # Evaluation on 32 prompts × 4 samples at steps 0, 8, 16: at 425 tokens per response the
+                 # 5 evaluations of the short cells would cost more than the training itself.
+                 "long": ("task_options.min_steps=45", "task_options.max_steps=49", "warmstart_noise=0.035",
+                          "warmstart_steps=3000", "eval_every=8", "eval_prompts=32")},
         catalogue=_CPU_CELLS,
         default_cells=tuple(c.name for c in _CPU_CELLS[:6]),
         losses=DEFAULT_LOSSES,
@@ -502,7 +507,10 @@ def _write_summaries(out: Path, result: dict[str, pd.DataFrame]) -> None:
 
 def plot_regime_map(map_df: pd.DataFrame, detail: pd.DataFrame | None = None, *, alpha: float = 0.05):
     """One panel per cell: the losses ranked by mean final held-out accuracy with their 95% CI; a loss whose
-    paired sign-flip p against grpo is below ``alpha`` is drawn filled and marked ``*`` (``p`` printed)."""
+    paired sign-flip p against grpo is below ``alpha`` is drawn filled and marked ``*`` (``p`` printed).  With
+    ``detail``, each loss's label carries the exact chain's prediction at the cell's measured KL and length
+    (``b`` relative bias ‖E X − ∇J‖ / ‖∇J‖, ``v`` tr Cov relative to the on-policy estimator) and a nonzero
+    collapse rate."""
     import matplotlib.pyplot as plt
 
     from ctpo_lab.style import estimator_color, estimator_label
@@ -512,7 +520,7 @@ def plot_regime_map(map_df: pd.DataFrame, detail: pd.DataFrame | None = None, *,
         raise ValueError("map: no finished runs to draw")
     ncols = min(4, len(cells))
     nrows = math.ceil(len(cells) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 0.35 * map_df["loss"].nunique() * nrows + 1.6 * nrows),
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 0.55 * map_df["loss"].nunique() * nrows + 1.6 * nrows),
                              squeeze=False)
     for ax, cell in zip(axes.flat, cells):
         sub = map_df[map_df["cell"] == cell].sort_values("final_accuracy")
@@ -529,7 +537,18 @@ def plot_regime_map(map_df: pd.DataFrame, detail: pd.DataFrame | None = None, *,
         ref = sub[sub["loss"] == REFERENCE]
         if not ref.empty:
             ax.axvline(float(ref["final_accuracy"].iloc[0]), color="0.6", lw=0.8, ls="--")
-        ax.set_yticks(y, [estimator_label(x) for x in sub["loss"]])
+        labels = []
+        for _, r in sub.iterrows():
+            label = estimator_label(r["loss"])
+            if detail is not None and not detail.empty:
+                d = detail[(detail["cell"] == cell) & (detail["loss"] == r["loss"])]
+                if not d.empty and np.isfinite(d["predicted_relative_bias"].iloc[0]):
+                    label += (f"\nchain: b {float(d['predicted_relative_bias'].iloc[0]):.2f}, "
+                              f"v {float(d['predicted_var_ratio'].iloc[0]):.2f}")
+            if r["collapse_rate"] > 0:
+                label += f"\ncollapse {r['collapse_rate']:.2f}"
+            labels.append(label)
+        ax.set_yticks(y, labels, fontsize=7)
         first = sub.iloc[0]
         kl = ""
         if detail is not None and not detail.empty:
