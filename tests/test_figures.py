@@ -19,7 +19,7 @@ def test_every_family_is_produced(quick_figures):
     for prefix in ("fig1_llm", "llm_bias_variance", "llm_ratio_profiles", "llm_bias_table", "fig1_trainer",
                    "fig2_", "table2_", "table3_", "markov_bias_variance_vs_T",
                    "markov_bias_variance_vs_mismatch", "markov_variance_ratio", "markov_bias_decomposition",
-                   "markov_drift_crossing", "markov_reproductions"):
+                   "markov_drift_crossing", "markov_reproductions", "regime_map", "regime_map_detail", "regime_runs"):
         assert any(n.startswith(prefix) for n in names), f"no {prefix}* file"
 
 

@@ -1,4 +1,4 @@
-"""The main job: the paper's four losses on one off-policy cell of the regime map, 12 paired seeds, and a
+"""The main job: the paper's four losses on one off-policy cell of the regime map, 10 paired seeds, and a
 verdict stated only where the paired test separates two losses.
 
     python -m ctpo_lab.train                      # the main job on its built-in defaults
@@ -6,9 +6,10 @@ verdict stated only where the paired test separates two losses.
 
 Every run is the ``cpu`` study's run of the chosen cell (:mod:`ctpo_lab.train.regime`: the ``cpu`` trainer
 preset's 2-layer model, 8 prompts × 8 responses per rollout batch, 16 rollout steps, ``updates_per_rollout``
-optimizer updates per batch), so seeds 0–7 of the main job are, on the same machine, the very runs of the
-committed regime study.  The grid is :func:`ctpo_lab.compare.run_comparison` (``runs/main/``: Table 2 and 3
-analogues, paired tests, the Figure 2 analogue); on top of it, :func:`verdict` compares GRPO with each other
+optimizer updates per batch; the main job adds ratio dumps every 4th step, which read tensors only), so seeds
+0–7 of the main job are, on the same machine, the very runs of the committed regime study.  The grid is
+:func:`ctpo_lab.compare.run_comparison` (``runs/main/``: Table 2 and 3 analogues, paired tests, the Figure 2
+analogue); on top of it, :func:`verdict` compares GRPO with each other
 loss and CTPO with CTPO-fixed:
 
 * a difference is **separated** when its exact paired sign-flip p-value, Holm-adjusted over the family of
@@ -17,10 +18,10 @@ loss and CTPO with CTPO-fixed:
 * **not separated** otherwise: the CI says how large a difference the seeds can exclude.
 
 Why this holds across machines: CPU float results differ between processors, so every run's numbers (and a
-3-seed ranking) differ from machine to machine; a difference that is separated at 12 seeds after the
+3-seed ranking) differ from machine to machine; a difference that is separated at 10 seeds after the
 correction is large against the seed-to-seed spread that such numeric differences produce, and a "not
 separated" verdict says only that the difference is within the CI.  The numbers themselves are
-machine-dependent; the README states which verdicts held on the machines they were measured on.
+machine-dependent; the README says on which machine its numbers were measured.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class MainJob:
     study: str = "cpu"
     cell: str = "short-u16-k0-same"
     losses: tuple[str, ...] = ("grpo", "gspo", "ctpo", "ctpo_fixed")
-    seeds: int = 12
+    seeds: int = 10
     out: str = "runs/main"
     #: appended to the cell's overrides: the ratio dumps of the gallery's trainer Figure 1 (every 4th step; the
     #: dumps read tensors only, so the runs' numbers are those of the study's runs)
