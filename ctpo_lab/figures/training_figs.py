@@ -106,6 +106,20 @@ def make(out: Path, *, quick: bool, seed: int, cache: Path, command: str, grid_d
         files += save_table(result["paired"], out, "table2_paired",
                             finding=f"Final held-out accuracy of each loss minus {reference}'s, paired by seed, with a "
                             "bootstrap CI and the exact sign-flip permutation p-value.", **common)
+    if "paired" in result and not quick:
+        import pandas as pd
+
+        from ctpo_lab.train.main_job import format_verdict, verdict
+
+        family = [result["paired"]]
+        if {"ctpo", "ctpo_fixed"} <= set(df["loss"]):
+            family.append(compare.paired_comparison(df, "ctpo_fixed", ["ctpo"], seed=seed))
+        table = verdict(pd.concat(family, ignore_index=True))
+        files += save_table(table, out, "table2_verdict",
+                            finding="The main job's verdict (ctpo_lab.train.main_job.verdict): separated = exact "
+                            "paired sign-flip p, Holm-adjusted over the comparisons, < 0.05 and the 95% bootstrap "
+                            "CI of the mean paired difference excludes 0. " + " ".join(format_verdict(table)),
+                            **common)
     if "table3" in result:
         files += save_table(result["table3"], out, "table3_adaptive_vs_fixed",
                             finding="Table 3 analogue: CTPO with the √t window vs a fixed log window, paired by seed.",
