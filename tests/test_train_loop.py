@@ -187,13 +187,15 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path):
     ).train()  # no folder yet: fresh start
 
 
-def test_no_arguments_dispatch_to_the_comparison_grid(monkeypatch):
+def test_no_arguments_dispatch_to_the_main_job(monkeypatch):
     from ctpo_lab import compare
+    from ctpo_lab.train import main_job
 
     seen = []
-    monkeypatch.setattr(compare, "main", lambda argv: seen.append(list(argv)) or 0)
-    assert main([]) == 0 and main(["compare", "--preset", "cpu-tiny"]) == 0
-    assert seen == [[], ["--preset", "cpu-tiny"]]
+    monkeypatch.setattr(main_job, "main", lambda argv: seen.append(("main", list(argv))) or 0)
+    monkeypatch.setattr(compare, "main", lambda argv: seen.append(("compare", list(argv))) or 0)
+    assert main([]) == 0 and main(["main", "--seed", "3"]) == 0 and main(["compare", "--preset", "cpu-tiny"]) == 0
+    assert seen == [("main", []), ("main", ["--seed", "3"]), ("compare", ["--preset", "cpu-tiny"])]
 
 
 def test_hf_model_on_chat_prompts_runs_one_step(tmp_path):
