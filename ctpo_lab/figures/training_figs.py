@@ -107,14 +107,9 @@ def make(out: Path, *, quick: bool, seed: int, cache: Path, command: str, grid_d
                             finding=f"Final held-out accuracy of each loss minus {reference}'s, paired by seed, with a "
                             "bootstrap CI and the exact sign-flip permutation p-value.", **common)
     if "paired" in result and not quick:
-        import pandas as pd
+        from ctpo_lab.train.main_job import format_verdict, grid_verdict
 
-        from ctpo_lab.train.main_job import format_verdict, verdict
-
-        family = [result["paired"]]
-        if {"ctpo", "ctpo_fixed"} <= set(df["loss"]):
-            family.append(compare.paired_comparison(df, "ctpo_fixed", ["ctpo"], seed=seed))
-        table = verdict(pd.concat(family, ignore_index=True))
+        table = grid_verdict(df, reference)
         files += save_table(table, out, "table2_verdict",
                             finding="The main job's verdict (ctpo_lab.train.main_job.verdict): separated = exact "
                             "paired sign-flip p, Holm-adjusted over the comparisons, < 0.05 and the 95% bootstrap "

@@ -43,7 +43,8 @@ from ctpo_lab import compare, stats
 from ctpo_lab.cli import ArgumentParser, int_at_least
 from ctpo_lab.runsafety import atomic_write_text
 
-__all__ = ["MainJob", "MAIN_JOB", "main_job_spec", "verdict", "format_verdict", "run_main_job", "main"]
+__all__ = ["MainJob", "MAIN_JOB", "main_job_spec", "verdict", "grid_verdict", "format_verdict", "run_main_job",
+           "main"]
 
 COMMAND = "python -m ctpo_lab.train main"
 ALPHA = 0.05
@@ -118,6 +119,16 @@ def verdict(paired: pd.DataFrame, *, alpha: float = ALPHA) -> pd.DataFrame:
     return out
 
 
+def grid_verdict(df: pd.DataFrame, reference: str, *, alpha: float = ALPHA) -> pd.DataFrame:
+    """:func:`verdict` of a loaded grid (:func:`ctpo_lab.compare.load_grid`): every other loss against
+    ``reference`` and, when both are present, CTPO against CTPO-fixed (empty when nothing can be compared)."""
+    family = [compare.paired_comparison(df, reference)]
+    if {"ctpo", "ctpo_fixed"} <= set(df["loss"]):
+        family.append(compare.paired_comparison(df, "ctpo_fixed", ["ctpo"]))
+    family = [f for f in family if not f.empty]
+    return verdict(pd.concat(family, ignore_index=True), alpha=alpha) if family else pd.DataFrame()
+
+
 def format_verdict(table: pd.DataFrame, *, alpha: float = ALPHA) -> list[str]:
     """One sentence per comparison of :func:`verdict`'s table."""
     lines = []
@@ -153,11 +164,7 @@ def run_main_job(out: str | Path | None = None, *, job: MainJob = MAIN_JOB, firs
     start = time.time()
     result = compare.run_comparison(spec, out, jobs=jobs, overwrite=overwrite, reference=reference,
                                     progress=progress)
-    comparisons = [result["paired"]] if "paired" in result else []
-    if {"ctpo", "ctpo_fixed"} <= set(spec.losses):
-        df = compare.load_grid(out)
-        comparisons.append(compare.paired_comparison(df, "ctpo_fixed", ["ctpo"]))
-    table = verdict(pd.concat(comparisons, ignore_index=True), alpha=alpha) if comparisons else pd.DataFrame()
+    table = grid_verdict(compare.load_grid(out), reference, alpha=alpha)
     lines = format_verdict(table, alpha=alpha) if not table.empty else []
     cell_name = cell or job.cell
     header = (f"Main job: {', '.join(spec.losses)} × {len(spec.seeds)} paired seeds (seeds {spec.seeds[0]}–"
