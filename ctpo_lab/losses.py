@@ -815,19 +815,32 @@ def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, a
         old = old_log_prob.to(dtype)
         adv = advantages.to(dtype)
         row_adv = adv.ndim == 1
-        row_count = _row_counts(mask)
-        n = row_count.sum()
         outside = ~mask
-        dm = (lp.detach() - old).masked_fill_(outside, 0.0)  # in place on a fresh tensor: cheaper than where
+        dm = lp.detach() - old
+        # "basic" on the CPU: one sum tells whether every input is finite.  Then masked-out entries are zeroed by
+        # a float 0/1 multiply (exact: x·1 = x, x·0 = ±0), cheaper there than a bool masked_fill (≈ 9% of the
+        # whole loss at [64, 4096]; no gain measured with "full"); any NaN/inf (even on masked-out tokens, where
+        # x·0 would be NaN) takes the masked_fill path and the exact count.
+        fmask = None
+        if not full and dm.device.type == "cpu" and bool(torch.isfinite(dm.sum() + adv.sum())):
+            fmask = mask.view(torch.uint8).to(dtype)  # via uint8: a bool → float cast is ≈ 6× slower here
+            row_count = fmask.sum(-1).to(torch.int64)  # exact: T < 2^24
+        else:
+            row_count = _row_counts(mask)
+        n = row_count.sum()
         if row_adv:
             adv_bad = ((~torch.isfinite(adv)).to(torch.int64) * row_count).sum()
         else:
             adv_bad = (~torch.isfinite(adv) & mask).sum()
-        # NaN/inf on valid tokens: on the CPU one sum tells whether the exact count is needed
-        if dm.device.type == "cpu" and bool(torch.isfinite(dm.sum())):
+        if fmask is not None:
+            dm = dm.mul_(fmask)
             num_nonfinite = adv_bad
         else:
-            num_nonfinite = (~torch.isfinite(dm) & mask).sum() + adv_bad
+            dm = dm.masked_fill_(outside, 0.0)  # in place on a fresh tensor: cheaper than where
+            if dm.device.type == "cpu" and bool(torch.isfinite(dm.sum())):
+                num_nonfinite = adv_bad
+            else:
+                num_nonfinite = (~torch.isfinite(dm) & mask).sum() + adv_bad
         if cfg.log_ratio_clamp is not None:
             dm.clamp_(-cfg.log_ratio_clamp, cfg.log_ratio_clamp)
         log_ratio = dm
@@ -835,7 +848,13 @@ def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, a
         if cfg.ratio == "token":
             x = dm
         elif cfg.ratio == "cumulative":
-            x = dm.cumsum(-1).masked_fill_(outside, 0.0)
+            x = dm.cumsum(-1)
+            # a partial sum that overflowed stays non-finite up to the row's last column
+            if fmask is not None and T > 0 and bool(torch.isfinite(x[:, -1].sum())):
+                x = x.mul_(fmask)
+            else:
+                fmask = None
+                x = x.masked_fill_(outside, 0.0)
         elif cfg.ratio in _ROW_FAMILIES:
             x = dm.sum(-1)
             if cfg.ratio == "sequence_geomean":
@@ -918,8 +937,8 @@ def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, a
             if cfg.dual_clip is None:
                 dual_tok = None
                 num_dual = torch.zeros((), dtype=torch.int64, device=lp.device)
-            elif row_adv and not full:  # per-row counts: no [B, 1] & [B, T] broadcast
-                num_dual = (_row_counts((pre > top) & mask) * neg[:, 0]).sum()
+            elif row_adv and not full:  # the [B, T] and taken in place: one temporary
+                num_dual = ((pre > top) & mask).logical_and_(neg).count_nonzero()
                 dual_tok = None
             else:
                 dual_tok = neg & (pre > top)
@@ -927,7 +946,8 @@ def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, a
             keep_m = keep & mask
             if inert_cap:  # only rows with A != 0 count (A = 0 rows were bounded too)
                 if row_adv:
-                    num_term = ((row_count - _row_counts(keep_m)) * (neg | pos)[:, 0]).sum() - num_dual
+                    signed = neg | pos  # [B, 1]
+                    num_term = (row_count * signed[:, 0]).sum() - (keep_m & signed).count_nonzero() - num_dual
                 else:
                     num_term = (mask & ~keep & (neg | pos)).count_nonzero() - num_dual
             else:
@@ -938,8 +958,10 @@ def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, a
                 dual = torch.zeros((B, T), dtype=torch.bool, device=lp.device) if dual_tok is None else dual_tok
                 term = changed if dual_tok is None else changed & ~dual_tok
         full_ptl = ptl.shape == (B, T)
+        # finite inputs, token or cumulative X (0 off the mask): ptl is finite off the mask, a multiply zeroes it
+        float_zero = fmask is not None and cfg.ratio in ("token", "cumulative")
         if full_ptl:  # a fresh [B, T] tensor: zero it in place (= the reference's values, where A is 0)
-            ptl = ptl.masked_fill_(outside, 0.0)
+            ptl = ptl.mul_(fmask) if float_zero else ptl.masked_fill_(outside, 0.0)
         else:  # one value per row (sequence families, per-row advantages)
             ptl = ptl.expand(B, T)
         loss_value = _aggregate(ptl, mask, cfg.aggregation, cfg.norm_horizon, row_count, n, masked=full_ptl)
@@ -955,7 +977,11 @@ def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, a
             def backward_fn(grad: Tensor) -> Tensor:
                 g = _aggregate_grad(grad, aggregation, n, row_count, norm_horizon, T)
                 c = (g * neg_adv) * grad_value
-                return c.masked_fill_(~keep_all, 0.0) if c.shape == (B, T) else torch.where(keep_all, c, 0.0)
+                if c.shape != (B, T):
+                    return torch.where(keep_all, c, 0.0)
+                if float_zero and bool(torch.isfinite(g).all()):  # c is finite wherever keep_all is False
+                    return c.mul_(keep_all.view(torch.uint8).to(c.dtype))
+                return c.masked_fill_(~keep_all, 0.0)
         if x.shape != (B, T):
             x = torch.where(mask, x.expand(B, T), 0.0)
         if full:

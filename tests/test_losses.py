@@ -381,6 +381,35 @@ def test_lean_path_equals_reference_every_aggregation_float32(aggregation, name)
     assert lm == rm
 
 
+@pytest.mark.parametrize("name", ["grpo", "ctpo", "ctpo_fixed", "gspo"])
+@pytest.mark.parametrize("case", ["nan_off_mask", "inf_off_mask", "cumsum_overflow", "inf_adv_empty_row"])
+def test_lean_basic_guards_its_float_zeroing(name, case):
+    """"basic" on the CPU zeroes masked-out entries by a 0/1 multiply only when every input is finite; NaN/inf
+    off the mask (x·0 = NaN), a cumulative sum that overflows float32, or an infinite advantage on a row with no
+    valid token take the masked_fill path: values, gradient and metrics stay those of the reference path."""
+    lp, old, adv, mask = _batch(seed=5, B=6, T=11, dtype=torch.float32)
+    adv[4] = 0.0
+    if case == "nan_off_mask":
+        lp[1, 0] = math.nan  # mask[1, :4] is False
+    elif case == "inf_off_mask":
+        old[2, 3] = -math.inf  # mask[2, 3:5] is False
+    elif case == "cumsum_overflow":
+        lp[0, :] = 3e38  # row 0 fully valid: ℓ_t ≈ 3e38 each, Σ_{k≤t} ℓ_k overflows to inf at t = 2
+    else:
+        mask[5, :] = False
+        adv[5] = math.inf
+    (ro, rg, rm), (lo, lg, lm) = _both_paths(name, lp, old, adv, mask, "basic")
+    torch.testing.assert_close(lo.loss, ro.loss, rtol=1e-6, atol=0, equal_nan=True)
+    torch.testing.assert_close(lg, rg, rtol=1e-6, atol=0, equal_nan=True)
+    assert int(lo.num_nonfinite) == int(ro.num_nonfinite)
+    assert set(lm) == set(rm)
+    for k in rm:
+        assert lm[k] == pytest.approx(rm[k], rel=1e-6, abs=1e-9, nan_ok=True), k
+    assert bool(torch.isfinite(lo.log_ratio[~mask]).all()) and bool((lo.log_ratio[~mask] == 0).all())
+    if case != "cumsum_overflow":
+        assert math.isfinite(lo.loss.item()) and bool(torch.isfinite(lg).all())
+
+
 def test_bad_diagnostics_and_path():
     lp, old, adv, mask = _batch()
     with pytest.raises(ValueError, match="diagnostics"):
