@@ -76,6 +76,9 @@ def test_split_generators_are_disjoint_seeded_and_fixed_test_set():
         ts = task.test_set(64)
         assert len({p.prompt for p in ts}) == 64 and all(is_test_prompt(p.prompt) for p in ts)
         assert [p.prompt for p in ts] == [p.prompt for p in task.test_set(64)]
+        # the split is finite: asking for more prompts than it holds names how many exist
+        with pytest.raises(ValueError, match=r"fewer than 5000 distinct prompts \(found \d+\)"):
+            task.test_set(5000)
 
 
 def test_bad_task_input():
