@@ -8,9 +8,11 @@ from ctpo_lab.figures.__main__ import main
 
 
 @pytest.fixture(scope="module")
-def quick_figures(tmp_path_factory):
+def quick_figures(tmp_path_factory, tiny_regime_study):
+    """Every family at CI size; the regime family reads the session's tiny study (the same study
+    ``--quick`` would run on its own) instead of training it a second time."""
     out = tmp_path_factory.mktemp("paper_figures")
-    assert main(["--quick", "--out", str(out)]) == 0
+    assert main(["--quick", "--out", str(out), "--regime", str(tiny_regime_study[0])]) == 0
     return out
 
 

@@ -28,11 +28,11 @@ def _brute_force_p(d: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def micro(tmp_path_factory):
-    """2 cells × 2 losses × 2 seeds of cpu-tiny-sized runs, plus a cell that needs a missing config field."""
-    out = tmp_path_factory.mktemp("regime") / "study"
-    result = regime.run_study(out, preset="tiny", cells=["short-u1-k0-same", "short-u4-k0-same", MISSING],
-                              seeds=(0, 1), workers=2, progress=False)
+def micro(tiny_regime_study):
+    """2 cells × 2 losses × 2 seeds of cpu-tiny-sized runs, plus a cell that needs a missing config field
+    (``MISSING``; the session fixture in conftest.py runs the study once)."""
+    out, result = tiny_regime_study
+    assert MISSING.name == "needs-missing" and "needs-missing" in result["skipped"]
     return out, result
 
 

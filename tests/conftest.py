@@ -1,0 +1,20 @@
+"""Fixtures shared by several test modules."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_regime_study(tmp_path_factory):
+    """The ``tiny`` regime study (2 cells × grpo, ctpo × seeds 0, 1, plus a cell needing a config field the
+    trainer lacks), run once per session: the regime tests read it and the figures' regime family is drawn
+    from it.  Returns (study folder, run_study's result)."""
+    from ctpo_lab.train import regime
+    from ctpo_lab.train.regime import Cell
+
+    missing = Cell(1, extra=("no_such_field=1",), label="needs-missing")
+    out = tmp_path_factory.mktemp("regime") / "study"
+    result = regime.run_study(out, preset="tiny", cells=["short-u1-k0-same", "short-u4-k0-same", missing],
+                              seeds=(0, 1), workers=2, progress=False)
+    return out, result
