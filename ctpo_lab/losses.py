@@ -937,9 +937,6 @@ def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, a
             if cfg.dual_clip is None:
                 dual_tok = None
                 num_dual = torch.zeros((), dtype=torch.int64, device=lp.device)
-            elif row_adv and not full:  # the [B, T] and taken in place: one temporary
-                num_dual = ((pre > top) & mask).logical_and_(neg).count_nonzero()
-                dual_tok = None
             else:
                 dual_tok = neg & (pre > top)
                 num_dual = (dual_tok & mask).count_nonzero()
