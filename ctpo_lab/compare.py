@@ -26,6 +26,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -36,7 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ctpo_lab import stats
+from ctpo_lab import prefork, stats
 from ctpo_lab.cli import ArgumentParser, int_at_least
 from ctpo_lab.losses import PRESETS as LOSS_PRESETS
 from ctpo_lab.runsafety import (
@@ -117,9 +118,9 @@ def run_dir(out: Path, loss: str, seed: int) -> Path:
     return Path(out) / "runs" / f"{loss}-seed{seed}"
 
 
-def _train_command(spec: GridSpec, loss: str, seed: int, path: Path, resume: bool) -> list[str]:
-    cmd = [sys.executable, "-m", "ctpo_lab.train", "--preset", spec.train_preset, "--loss", loss,
-           "--seed", str(seed), "--out", str(path), "--no-progress"]
+def _train_args(spec: GridSpec, loss: str, seed: int, path: Path, resume: bool) -> list[str]:
+    """The arguments of one run's ``python -m ctpo_lab.train``."""
+    cmd = ["--preset", spec.train_preset, "--loss", loss, "--seed", str(seed), "--out", str(path), "--no-progress"]
     if spec.steps is not None:
         cmd += ["--steps", str(spec.steps)]
     if resume:
@@ -144,6 +145,47 @@ def _prepare_warm_start(spec: GridSpec, *, threads: int, progress: bool) -> None
     if progress and info is not None:
         print(f"[compare] warm start {info.get('warmstart_key')} ready in {time.time() - t0:.0f} s (held-out "
               f"accuracy {info.get('initial_eval_accuracy')})", file=sys.stderr)
+
+
+#: What a training run imports that takes seconds: preloaded once per worker (:mod:`ctpo_lab.prefork`).
+TRAIN_PRELOAD = ("ctpo_lab.train.launch", "ctpo_lab.train.policy", "transformers",
+                 "transformers.models.llama.modeling_llama")
+#: ``0`` turns the pre-imported workers off (every run a fresh ``python -m ctpo_lab.train``).
+PREFORK_ENV = "CTPO_LAB_PREFORK"
+
+
+class _ServerPool:
+    """One :class:`~ctpo_lab.prefork.PreforkServer` per worker thread, started on its first run; ``None`` (plain
+    subprocesses) where forking is unavailable, turned off, or the server failed to start."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self._env = env
+        self._local = threading.local()
+        self._all: list[prefork.PreforkServer] = []
+        self._lock = threading.Lock()
+        self._enabled = prefork.available() and os.environ.get(PREFORK_ENV, "1") != "0"
+
+    def get(self) -> prefork.PreforkServer | None:
+        if not self._enabled:
+            return None
+        server = getattr(self._local, "server", None)
+        if server is None or not server.alive:
+            try:
+                server = prefork.PreforkServer(TRAIN_PRELOAD, env=self._env)
+            except RuntimeError as e:
+                print(f"[compare] pre-imported workers unavailable, starting plain processes: {e}", file=sys.stderr)
+                self._enabled = False
+                return None
+            self._local.server = server
+            with self._lock:
+                self._all.append(server)
+        return server
+
+    def close(self) -> None:
+        with self._lock:
+            for server in self._all:
+                server.close()
+            self._all.clear()
 
 
 def run_grid(spec: GridSpec, out: str | os.PathLike[str], *, jobs: int | None = None, overwrite: bool = False,
@@ -194,16 +236,23 @@ def run_grid(spec: GridSpec, out: str | os.PathLike[str], *, jobs: int | None = 
         _prepare_warm_start(spec, threads=1, progress=progress)  # more threads: no gain at this size, and
         # oversubscription on a busy machine slowed it 30×
 
+    # the worker checkpoints and stops when this process dies (ctpo_lab.runsafety.watch_parent)
+    worker_env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **{PARENT_ENV: str(os.getpid())})
+    servers = _ServerPool(worker_env)
+
     def launch(loss: str, seed: int, path: Path, resume: bool) -> tuple[str, int, int, float]:
         if path.exists() and not resume and holder_pid(path) is None:
             shutil.rmtree(path)  # a run that never wrote a checkpoint: nothing to keep
         log = out / "logs" / f"{loss}-seed{seed}.log"
-        # the worker checkpoints and stops when this process dies (ctpo_lab.runsafety.watch_parent)
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **{PARENT_ENV: str(os.getpid())})
+        args = _train_args(spec, loss, seed, path, resume)
         start = time.time()
-        with log.open("a") as fh:
-            rc = subprocess.run(_train_command(spec, loss, seed, path, resume), stdout=fh, stderr=subprocess.STDOUT,
-                                env=env, check=False).returncode
+        server = servers.get()
+        if server is not None:
+            rc = server.run("ctpo_lab.train", args, log, env={PARENT_ENV: str(server.pid)})
+        else:
+            with log.open("a") as fh:
+                rc = subprocess.run([sys.executable, "-m", "ctpo_lab.train", *args], stdout=fh,
+                                    stderr=subprocess.STDOUT, env=worker_env, check=False).returncode
         return loss, seed, rc, time.time() - start
 
     failures = []
@@ -212,15 +261,18 @@ def run_grid(spec: GridSpec, out: str | os.PathLike[str], *, jobs: int | None = 
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc="grid runs", unit="run")
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(launch, *item) for item in todo]
-        for fut in as_completed(futures):
-            loss, seed, rc, secs = fut.result()
-            if rc != 0:
-                failures.append(f"{loss}-seed{seed} (exit {rc}, log {out / 'logs' / f'{loss}-seed{seed}.log'})")
-            if bar is not None:
-                bar.set_postfix_str(f"{loss}-seed{seed} {secs:.0f}s")
-                bar.update(1)
+    try:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = [pool.submit(launch, *item) for item in todo]
+            for fut in as_completed(futures):
+                loss, seed, rc, secs = fut.result()
+                if rc != 0:
+                    failures.append(f"{loss}-seed{seed} (exit {rc}, log {out / 'logs' / f'{loss}-seed{seed}.log'})")
+                if bar is not None:
+                    bar.set_postfix_str(f"{loss}-seed{seed} {secs:.0f}s")
+                    bar.update(1)
+    finally:
+        servers.close()
     if bar is not None:
         bar.close()
     if failures:

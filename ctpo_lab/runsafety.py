@@ -320,9 +320,11 @@ def read_yaml(path: str | os.PathLike[str], *, name: str | None = None) -> dict[
 PARENT_ENV = "CTPO_LAB_PARENT_PID"
 
 
-def watch_parent() -> None:
+def watch_parent(*, poll: bool = True) -> None:
     """In a worker started by a grid (``$CTPO_LAB_PARENT_PID`` set): receive SIGTERM when the parent dies
-    (``prctl(PR_SET_PDEATHSIG)`` on Linux, a polling thread elsewhere); the trainer then checkpoints and exits."""
+    (``prctl(PR_SET_PDEATHSIG)`` on Linux, and a polling thread); the trainer then checkpoints and exits.
+
+    ``poll=False``: no thread (a process that will fork must stay single-threaded; Linux's prctl alone then)."""
     import signal
     import threading
 
@@ -344,12 +346,14 @@ def watch_parent() -> None:
     if os.getppid() != parent:  # the parent died before the call above
         os.kill(os.getpid(), signal.SIGTERM)
         return
+    if not poll:
+        return
 
-    def poll() -> None:
+    def poll_parent() -> None:
         while True:
             time.sleep(2.0)
             if os.getppid() != parent:
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
 
-    threading.Thread(target=poll, name="ctpo_lab-parent-watch", daemon=True).start()
+    threading.Thread(target=poll_parent, name="ctpo_lab-parent-watch", daemon=True).start()
