@@ -2,7 +2,30 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import pytest
+
+
+@pytest.fixture
+def sigterm_probe():
+    """``probe(flag)``: the source of a grid worker that watches its parent (``watch_parent``), prints ``ready``,
+    sleeps, and writes ``flag`` when it receives SIGTERM."""
+
+    def probe(flag) -> str:
+        return textwrap.dedent(f"""
+            import signal, sys, time
+            def on_term(*_):
+                open({str(flag)!r}, "w").write("x")
+                sys.exit(0)
+            signal.signal(signal.SIGTERM, on_term)
+            from ctpo_lab.runsafety import watch_parent
+            watch_parent()
+            print("ready", flush=True)
+            time.sleep(60)
+        """)
+
+    return probe
 
 
 @pytest.fixture(scope="session")

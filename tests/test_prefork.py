@@ -82,21 +82,11 @@ def test_a_failed_preload_is_reported():
         prefork.PreforkServer(["no_such_module_here"])
 
 
-def test_children_stop_when_the_client_dies(tmp_path):
+def test_children_stop_when_the_client_dies(tmp_path, sigterm_probe):
     """kill -9 of the client: the server gets SIGTERM (PR_SET_PDEATHSIG), then its running child does."""
     flag = tmp_path / "got_sigterm"
     (tmp_path / "pkg").mkdir()
-    (tmp_path / "pkg" / "prefork_sleeper.py").write_text(textwrap.dedent(f"""
-        import signal, sys, time
-        def on_term(*_):
-            open({str(flag)!r}, "w").write("x")
-            sys.exit(0)
-        signal.signal(signal.SIGTERM, on_term)
-        from ctpo_lab.runsafety import watch_parent
-        watch_parent()
-        print("ready", flush=True)
-        time.sleep(60)
-    """))
+    (tmp_path / "pkg" / "prefork_sleeper.py").write_text(sigterm_probe(flag))
     log = tmp_path / "sleeper.log"
     client = textwrap.dedent(f"""
         import os, sys

@@ -283,19 +283,9 @@ def test_sigterm_checkpoints_like_ctrl_c(tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
-def test_grid_workers_stop_when_their_parent_dies(tmp_path):
+def test_grid_workers_stop_when_their_parent_dies(tmp_path, sigterm_probe):
     flag = tmp_path / "got_sigterm"
-    child = textwrap.dedent(f"""
-        import signal, sys, time
-        def on_term(*_):
-            open({str(flag)!r}, "w").write("x")
-            sys.exit(0)
-        signal.signal(signal.SIGTERM, on_term)
-        from ctpo_lab.runsafety import watch_parent
-        watch_parent()
-        print("ready", flush=True)
-        time.sleep(60)
-    """)
+    child = sigterm_probe(flag)
     parent = textwrap.dedent(f"""
         import os, subprocess, sys, time
         env = dict(os.environ, {rs.PARENT_ENV}=str(os.getpid()))
