@@ -12,7 +12,7 @@ state but import-time state), and the hash seed of ``str`` (Python's ``PYTHONHAS
 draws a new one; code whose numbers depend on set iteration order would already differ between two fresh
 runs). The ``random`` and NumPy global generators are reseeded from the OS in every child, as in a fresh
 interpreter. The server must be single-threaded when it forks; it checks this after preloading and refuses to
-serve otherwise (:func:`available` then says why and callers start plain subprocesses).
+serve otherwise (the ``RuntimeError`` says why; a grid then starts plain subprocesses).
 
 Only on Linux (``os.fork`` and ``prctl(PR_SET_PDEATHSIG)``): the server receives SIGTERM when its client
 dies, and its children (started with ``$CTPO_LAB_PARENT_PID`` naming the server, see
@@ -43,7 +43,8 @@ def available() -> bool:
 
 
 class PreforkServer:
-    """One pre-imported server process; :meth:`run` one module at a time (not thread-safe: one per thread).
+    """One pre-imported server process; :meth:`run` one module at a time (calls from several threads wait for
+    each other: start one server per parallel slot).
 
     ``preload``: modules imported once in the server; ``env``: the server's environment (its children inherit
     it, with each request's ``env`` on top). Variables read at import time (``OMP_NUM_THREADS`` …) must be set
