@@ -7,7 +7,11 @@ dual clip 3) and ``compute_policy_loss_gspo`` when verl is installed (e.g. a sep
 ``pip install verl==0.9.1``; ctpo_lab never imports it), else the six-line plain PPO loss below for both.
 verl's functions return their three metrics as Python floats, so every ctpo_lab call includes the single
 host transfer of its metrics (``metrics_to_host``).  Timing: ``--rounds`` interleaved rounds (each function once
-per round, in the same order), the median per function; the ratios are ratios of medians.
+per round, the order rotated by one each round), the median per function; the ratios are ratios of medians.
+``faults`` is the mean number of minor page faults per call: glibc hands large freed blocks back to the OS, so
+a fresh [B, T] tensor may be faulted in page by page, and on a small CPU that is a large and state-dependent
+share of the time.  To see the times without it, run with glibc's allocator told to keep its memory, e.g.
+``MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=2000000000 MALLOC_TOP_PAD_=268435456``.
 
 Targets: ``grpo``/``gspo`` with ``diagnostics="basic"`` ≤ 1.0× verl's vanilla / GSPO; ``ctpo``
 "basic" ≤ 1.0× ``grpo`` "basic"; ``"full"`` (every ctpo_lab metric) ≤ 1.5× verl's vanilla.
@@ -79,23 +83,41 @@ def _run_preset(name, diagnostics="full"):
     return run
 
 
-def time_interleaved(fns: dict, inputs, rounds: int, device: torch.device) -> dict[str, float]:
-    """Median time of each function over ``rounds`` rounds in which every function runs once."""
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (0 where ``resource`` is unavailable)."""
+    try:
+        import resource
+    except ImportError:  # not on Linux/macOS
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def time_interleaved(fns: dict, inputs, rounds: int, device: torch.device
+                     ) -> tuple[dict[str, float], dict[str, float]]:
+    """Median time of each function over ``rounds`` rounds in which every function runs once, and its mean
+    number of minor page faults per call (memory the allocator had handed back to the OS and asks for again:
+    on the CPU a large share of these functions' time, and the part that varies with the allocator's state)."""
     lp = inputs[0]
     for fn in fns.values():  # warm-up
         for _ in range(2):
             lp.grad = None
             fn(*inputs)
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
+    faults: dict[str, int] = dict.fromkeys(fns, 0)
+    order = list(fns)
+    for r in range(rounds):
+        # rotated each round: what a call finds in the allocator depends on the call before it
+        for k in order[r % len(order):] + order[:r % len(order)]:
+            fn = fns[k]
             lp.grad = None
             _sync(device)
+            f0 = _minor_faults()
             start = time.perf_counter()
             fn(*inputs)
             _sync(device)
             times[k].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
+            faults[k] += _minor_faults() - f0
+    return {k: statistics.median(v) for k, v in times.items()}, {k: v / rounds for k, v in faults.items()}
 
 
 def time_it(fn, inputs, repeats: int, device: torch.device) -> float:
@@ -172,11 +194,11 @@ def main() -> None:
     print(f"device={device} batch=[{B}, {T}] float32, {int(mask.sum())} valid tokens, median of {args.rounds} "
           f"interleaved rounds, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"verl {'installed' if _verl is not None else 'NOT installed (baseline: plain PPO)'}")
-    t = time_interleaved(fns, inputs, args.rounds, device)
+    t, faults = time_interleaved(fns, inputs, args.rounds, device)
     mem = {k: peak_memory(fn, inputs, device) for k, fn in fns.items()} if args.memory else {}
-    print(f"{'function':<16}{'fwd+bwd ms':>12}{'/plain':>8}" + (f"{'peak MiB':>10}" if mem else ""))
+    print(f"{'function':<16}{'fwd+bwd ms':>12}{'/plain':>8}{'faults':>8}" + (f"{'peak MiB':>10}" if mem else ""))
     for k in fns:
-        print(f"{k:<16}{t[k] * 1e3:>12.2f}{t[k] / t['plain PPO']:>8.2f}"
+        print(f"{k:<16}{t[k] * 1e3:>12.2f}{t[k] / t['plain PPO']:>8.2f}{faults[k]:>8.0f}"
               + (f"{mem[k] / 2**20:>10.1f}" if mem else ""))
     print("ratios (target):")
 

@@ -785,10 +785,18 @@ def _aggregate_grad(grad: Tensor, mode: str, n: Tensor, row_count: Tensor, norm_
     return grad / rows
 
 
-def _is_prefix(mask: Tensor) -> bool:
-    """Every row's valid tokens are its first columns (no invalid → valid step), so t = column + 1 on them."""
-    if mask.shape[-1] < 2:
+def _is_prefix(mask: Tensor, fmask: Tensor | None = None, row_count: Tensor | None = None) -> bool:
+    """Every row's valid tokens are its first columns (no invalid → valid step), so t = column + 1 on them.
+
+    With the mask as 0/1 floats ``fmask`` [B, T] and its row counts r_b: r distinct columns sum to at least
+    0 + 1 + … + (r − 1), with equality only for the first r, so a row is a prefix iff Σ_t fmask_bt·t = r_b(r_b − 1)/2
+    (one matrix-vector product; exact while every partial sum is an integer below 2^24 in float32)."""
+    T = mask.shape[-1]
+    if T < 2:
         return True
+    if fmask is not None and row_count is not None and (fmask.dtype == torch.float64 or T * (T - 1) < 2**25):
+        column_sum = fmask @ torch.arange(T, dtype=fmask.dtype, device=fmask.device)
+        return bool(torch.equal(column_sum.to(torch.int64), row_count * (row_count - 1) // 2))
     # an int8 first difference of 1 is an invalid → valid step; 3–4× faster than comparing bool slices
     return int(torch.diff(mask.view(torch.int8), dim=-1).max()) <= 0
 
@@ -827,6 +835,7 @@ def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, a
             row_count = fmask.sum(-1).to(torch.int64)  # exact: T < 2^24
         else:
             row_count = _row_counts(mask)
+        mask_float = fmask  # kept when fmask is dropped below (an overflowing cumulative sum)
         n = row_count.sum()
         if row_adv:
             adv_bad = ((~torch.isfinite(adv)).to(torch.int64) * row_count).sum()
@@ -880,8 +889,10 @@ def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, a
         position = ratios.positions(mask) if full else None
         one = torch.ones((), dtype=dtype, device=lp.device)
         ninf, pinf = -inf * one, inf * one
-        keep = None
+        keep = keep_float = None
         dual = term = high = low = None
+        # "basic", per-row advantages, a [B, T] log weight: the clip counts from per-row counts
+        row_counts = not full and row_adv and lw.shape == (B, T)
         if cfg.clip == "detached_clip":
             lower, upper = clip_window("detached_clip", one, cfg.eps_low, cfg.eps_high, 0.0, dtype)
             w = lw.exp()
@@ -896,7 +907,7 @@ def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, a
             if cfg.clip == "log_window":
                 if cfg.clip_exponent == 0.0:
                     s = one
-                elif position is None and mask.device.type == "cpu" and _is_prefix(mask):
+                elif position is None and mask.device.type == "cpu" and _is_prefix(mask, mask_float, row_count):
                     s = torch.arange(1, T + 1, device=lp.device).to(dtype).pow(cfg.clip_exponent)
                 else:
                     position = ratios.positions(mask) if position is None else position
@@ -913,9 +924,11 @@ def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, a
                     # A = 0 rows: no bound (never counted as clipped), unless the cap was dropped (inert_cap):
                     # then they keep the upper bound, which keeps their (zero) loss finite, and are not counted
                     hi_a = base if inert_cap else base + torch.where(neg | pos, zero, pinf)
-                z = lw.clamp(lo_a, hi_a)
-                v = z.exp()
+                # lo_a is a fresh [B, T] tensor: the clamp writes into it (a fresh output costs page faults here)
+                z = torch.clamp(lw, lo_a, hi_a, out=lo_a) if lo_a.shape == lw.shape else lw.clamp(lo_a, hi_a)
                 keep = z == lw
+                above = z < lw if row_counts else None  # the upper or dual bound binds
+                v = z.exp_()  # z is not needed any more
                 pre = lw
             else:  # ppo / none: the clamp in ratio space
                 if cfg.clip == "ppo":
@@ -930,25 +943,44 @@ def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, a
                 w = lw.exp()
                 v = w.clamp(lo_a, hi_a)
                 keep = v == w
+                above = v < w if row_counts else None
                 pre = w
             ptl = neg_adv * v
             grad_value = v  # where the clamp does not bind, v = w
             # counts: the clamp binds on pg2 > pg1 (A > 0 above the window, A < 0 below) or on the dual clip
-            if cfg.dual_clip is None:
-                dual_tok = None
-                num_dual = torch.zeros((), dtype=torch.int64, device=lp.device)
-            else:
-                dual_tok = neg & (pre > top)
-                num_dual = (dual_tok & mask).count_nonzero()
             keep_m = keep & mask
-            if inert_cap:  # only rows with A != 0 count (A = 0 rows were bounded too)
-                if row_adv:
-                    signed = neg | pos  # [B, 1]
-                    num_term = (row_count * signed[:, 0]).sum() - (keep_m & signed).count_nonzero() - num_dual
+            if row_counts:
+                # Per-row counts weighted by the [B] sign masks, as sums of 0/1 floats (exact: T < 2^24): on the
+                # CPU a [B, T] & [B, 1] broadcast costs several same-shape ops, and a per-row count_nonzero
+                # casts to a [B, T] int64.  On A < 0 rows the clamp's output is below its input exactly where
+                # the input exceeds the dual bound (the lower bound never exceeds the dual bound).
+                dual_tok = None
+                keep_float = keep_m.view(torch.uint8).to(dtype)  # also the backward's 0/1 gradient mask
+                if cfg.dual_clip is None:
+                    num_dual = torch.zeros((), dtype=torch.int64, device=lp.device)
                 else:
-                    num_term = (mask & ~keep & (neg | pos)).count_nonzero() - num_dual
+                    num_dual = (above & mask)[neg[:, 0]].count_nonzero()  # the A < 0 rows only
+                if inert_cap:
+                    signed = (neg | pos)[:, 0]
+                    num_term = (row_count[signed].sum() - keep_float.sum(-1)[signed].sum().to(torch.int64)
+                                - num_dual)
+                else:
+                    num_term = n - keep_float.sum().to(torch.int64) - num_dual
             else:
-                num_term = n - keep_m.count_nonzero() - num_dual
+                if cfg.dual_clip is None:
+                    dual_tok = None
+                    num_dual = torch.zeros((), dtype=torch.int64, device=lp.device)
+                else:
+                    dual_tok = neg & (pre > top)
+                    num_dual = (dual_tok & mask).count_nonzero()
+                if inert_cap:  # only rows with A != 0 count (A = 0 rows were bounded too)
+                    if row_adv:
+                        signed = neg | pos  # [B, 1]
+                        num_term = (row_count * signed[:, 0]).sum() - (keep_m & signed).count_nonzero() - num_dual
+                    else:
+                        num_term = (mask & ~keep & (neg | pos)).count_nonzero() - num_dual
+                else:
+                    num_term = n - keep_m.count_nonzero() - num_dual
             if full:
                 changed = (~keep & (neg | pos)) if inert_cap else ~keep
                 high, low = pos & (lw > upper), neg & (lw < lower)
@@ -977,6 +1009,8 @@ def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, a
                 if c.shape != (B, T):
                     return torch.where(keep_all, c, 0.0)
                 if float_zero and bool(torch.isfinite(g).all()):  # c is finite wherever keep_all is False
+                    if keep_float is not None and not cap_keep:  # keep_float is keep_all as 0/1
+                        return c.mul_(keep_float)
                     return c.mul_(keep_all.view(torch.uint8).to(c.dtype))
                 return c.masked_fill_(~keep_all, 0.0)
         if x.shape != (B, T):

@@ -410,6 +410,32 @@ def test_lean_basic_guards_its_float_zeroing(name, case):
         assert math.isfinite(lo.loss.item()) and bool(torch.isfinite(lg).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("T", [300, 6000])  # 6000: past the float32 exactness bound of the prefix test
+@pytest.mark.parametrize("layout", ["prefix", "left_pad", "hole", "late_start"])
+def test_lean_basic_sqrt_t_positions_on_prefix_and_other_masks(dtype, T, layout):
+    """"basic" takes s_t = (column + 1)^p when every row's valid tokens are its first columns; a left-padded
+    row, a hole or a row starting late (same row counts as a prefix) must not be taken for one."""
+    g = torch.Generator().manual_seed(7)
+    B = 5
+    old = (-torch.rand(B, T, generator=g) * 3).to(dtype)
+    lp = old + (torch.randn(B, T, generator=g) * 0.1).to(dtype)
+    adv = torch.tensor([1.0, -1.0, 0.5, -2.0, 0.0], dtype=dtype)
+    lengths = torch.tensor([T, T // 2, T // 4, 0, T - 3])
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    if layout == "left_pad":
+        mask[1] = mask[1].flip(0)
+    elif layout == "hole":
+        mask[0, T // 3] = False
+    elif layout == "late_start":  # row 2's valid block one column later (the same row count as a prefix)
+        mask[2] = mask[2].roll(1)
+    for name in ("ctpo", "sqrt_t_window"):
+        (ro, rg, rm), (lo, lg, lm) = _both_paths(name, lp, old, adv, mask, "basic")
+        torch.testing.assert_close(lo.loss, ro.loss, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
+        torch.testing.assert_close(lg, rg, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=1e-12)
+        assert lm == pytest.approx(rm, rel=1e-6, abs=1e-9)
+
+
 def test_bad_diagnostics_and_path():
     lp, old, adv, mask = _batch()
     with pytest.raises(ValueError, match="diagnostics"):
