@@ -927,7 +927,8 @@ def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, a
                 # lo_a is a fresh [B, T] tensor: the clamp writes into it (a fresh output costs page faults here)
                 z = torch.clamp(lw, lo_a, hi_a, out=lo_a) if lo_a.shape == lw.shape else lw.clamp(lo_a, hi_a)
                 keep = z == lw
-                above = z < lw if row_counts else None  # the upper or dual bound binds
+                # on A < 0 rows, z < lw where the dual bound binds
+                above = z < lw if row_counts and cfg.dual_clip is not None else None
                 v = z.exp_()  # z is not needed any more
                 pre = lw
             else:  # ppo / none: the clamp in ratio space
@@ -943,7 +944,7 @@ def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, a
                 w = lw.exp()
                 v = w.clamp(lo_a, hi_a)
                 keep = v == w
-                above = v < w if row_counts else None
+                above = v < w if row_counts and cfg.dual_clip is not None else None
                 pre = w
             ptl = neg_adv * v
             grad_value = v  # where the clamp does not bind, v = w
