@@ -950,38 +950,34 @@ def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, a
             grad_value = v  # where the clamp does not bind, v = w
             # counts: the clamp binds on pg2 > pg1 (A > 0 above the window, A < 0 below) or on the dual clip
             keep_m = keep & mask
-            if row_counts:
-                # Per-row counts weighted by the [B] sign masks, as sums of 0/1 floats (exact: T < 2^24): on the
-                # CPU a [B, T] & [B, 1] broadcast costs several same-shape ops, and a per-row count_nonzero
-                # casts to a [B, T] int64.  On A < 0 rows the clamp's output is below its input exactly where
-                # the input exceeds the dual bound (the lower bound never exceeds the dual bound).
-                dual_tok = None
-                keep_float = keep_m.view(torch.uint8).to(dtype)  # also the backward's 0/1 gradient mask
-                if cfg.dual_clip is None:
-                    num_dual = torch.zeros((), dtype=torch.int64, device=lp.device)
-                else:
-                    num_dual = (above & mask)[neg[:, 0]].count_nonzero()  # the A < 0 rows only
-                if inert_cap:
-                    signed = (neg | pos)[:, 0]
-                    num_term = (row_count[signed].sum() - keep_float.sum(-1)[signed].sum().to(torch.int64)
-                                - num_dual)
-                else:
-                    num_term = n - keep_float.sum().to(torch.int64) - num_dual
+            # Basic counts on per-row advantages come from the [B] sign masks by row selection and per-row sums
+            # of 0/1 floats (exact: T < 2^24): on the CPU a [B, T] & [B, 1] broadcast costs several same-shape
+            # ops, and a per-row count_nonzero casts to a [B, T] int64.  On A < 0 rows the clamp's output is below
+            # its input exactly where the input exceeds the dual bound (the lower bound never exceeds it).
+            dual_tok = None
+            if cfg.dual_clip is None:
+                num_dual = torch.zeros((), dtype=torch.int64, device=lp.device)
+            elif row_counts:
+                num_dual = (above & mask)[neg[:, 0]].count_nonzero()
             else:
-                if cfg.dual_clip is None:
-                    dual_tok = None
-                    num_dual = torch.zeros((), dtype=torch.int64, device=lp.device)
-                else:
-                    dual_tok = neg & (pre > top)
-                    num_dual = (dual_tok & mask).count_nonzero()
+                dual_tok = neg & (pre > top)
+                num_dual = (dual_tok & mask).count_nonzero()
+            if row_counts:
+                keep_float = keep_m.view(torch.uint8).to(dtype)  # also the backward's 0/1 gradient mask
+                kept_per_row = keep_float.sum(-1).to(torch.int64)
                 if inert_cap:  # only rows with A != 0 count (A = 0 rows were bounded too)
-                    if row_adv:
-                        signed = neg | pos  # [B, 1]
-                        num_term = (row_count * signed[:, 0]).sum() - (keep_m & signed).count_nonzero() - num_dual
-                    else:
-                        num_term = (mask & ~keep & (neg | pos)).count_nonzero() - num_dual
+                    signed = (neg | pos)[:, 0]
+                    num_term = (row_count[signed] - kept_per_row[signed]).sum() - num_dual
                 else:
-                    num_term = n - keep_m.count_nonzero() - num_dual
+                    num_term = n - kept_per_row.sum() - num_dual
+            elif inert_cap:
+                if row_adv:
+                    signed = neg | pos  # [B, 1]
+                    num_term = (row_count * signed[:, 0]).sum() - (keep_m & signed).count_nonzero() - num_dual
+                else:
+                    num_term = (mask & ~keep & (neg | pos)).count_nonzero() - num_dual
+            else:
+                num_term = n - keep_m.count_nonzero() - num_dual
             if full:
                 changed = (~keep & (neg | pos)) if inert_cap else ~keep
                 high, low = pos & (lw > upper), neg & (lw < lower)
