@@ -858,8 +858,10 @@ def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, a
             x = dm
         elif cfg.ratio == "cumulative":
             x = dm.cumsum(-1)
-            # a partial sum that overflowed stays non-finite up to the row's last column
-            if fmask is not None and T > 0 and bool(torch.isfinite(x[:, -1].sum())):
+            # a partial sum that overflowed stays non-finite up to the row's last column; none can overflow when
+            # the log-ratios are clamped to ±c and T·c is finite
+            bounded = cfg.log_ratio_clamp is not None and cfg.log_ratio_clamp * T < torch.finfo(dtype).max / 2
+            if fmask is not None and T > 0 and (bounded or bool(torch.isfinite(x[:, -1].sum()))):
                 x = x.mul_(fmask)
             else:
                 fmask = None
