@@ -893,8 +893,9 @@ def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, a
         ninf, pinf = -inf * one, inf * one
         keep = keep_float = None
         dual = term = high = low = None
-        # "basic", per-row advantages, a [B, T] log weight: the clip counts from per-row counts
-        row_counts = not full and row_adv and lw.shape == (B, T)
+        # "basic" on the CPU, per-row advantages, a [B, T] log weight: the clip counts from per-row counts (their
+        # row selection would synchronise a GPU; there the broadcasts are cheap)
+        row_counts = not full and row_adv and lw.shape == (B, T) and lp.device.type == "cpu"
         if cfg.clip == "detached_clip":
             lower, upper = clip_window("detached_clip", one, cfg.eps_low, cfg.eps_high, 0.0, dtype)
             w = lw.exp()
