@@ -785,20 +785,34 @@ def _aggregate_grad(grad: Tensor, mode: str, n: Tensor, row_count: Tensor, norm_
     return grad / rows
 
 
-def _is_prefix(mask: Tensor, fmask: Tensor | None = None, row_count: Tensor | None = None) -> bool:
+def _is_prefix(mask: Tensor, fmask: Tensor | None = None, row_count: Tensor | None = None,
+               positions: Tensor | None = None) -> bool:
     """Every row's valid tokens are its first columns (no invalid → valid step), so t = column + 1 on them.
 
-    With the mask as 0/1 floats ``fmask`` [B, T] and its row counts r_b: r distinct columns sum to at least
-    0 + 1 + … + (r − 1), with equality only for the first r, so a row is a prefix iff Σ_t fmask_bt·t = r_b(r_b − 1)/2
-    (one matrix-vector product; exact while every partial sum is an integer below 2^24 in float32)."""
+    With the mask as 0/1 floats ``fmask`` [B, T], its row counts r_b and ``positions`` = (1, …, T) in fmask's
+    dtype: r distinct positions sum to at least 1 + … + r, with equality only for the first r, so a row is a
+    prefix iff Σ_t fmask_bt·t = r_b(r_b + 1)/2 (one matrix-vector product; exact while every partial sum is an
+    integer below 2^24 in float32)."""
     T = mask.shape[-1]
     if T < 2:
         return True
-    if fmask is not None and row_count is not None and (fmask.dtype == torch.float64 or T * (T - 1) < 2**25):
-        column_sum = fmask @ torch.arange(T, dtype=fmask.dtype, device=fmask.device)
-        return bool(torch.equal(column_sum.to(torch.int64), row_count * (row_count - 1) // 2))
+    if (fmask is not None and row_count is not None and positions is not None
+            and (fmask.dtype == torch.float64 or T * (T + 1) < 2**25)):
+        return bool(torch.equal((fmask @ positions).to(torch.int64), row_count * (row_count + 1) // 2))
     # an int8 first difference of 1 is an invalid → valid step; 3–4× faster than comparing bool slices
     return int(torch.diff(mask.view(torch.int8), dim=-1).max()) <= 0
+
+
+def _keep_and_above(clamped: Tensor, unclamped: Tensor, as_float: bool, want_above: bool
+                    ) -> tuple[Tensor, Tensor | None]:
+    """``keep`` = (clamped == unclamped): the clamp did not bind; ``above`` = (clamped < unclamped): its upper bound
+    did.  As 0/1 floats of ``unclamped``'s shape and dtype when ``as_float`` (on the CPU a comparison into a float
+    tensor takes about a third of one into bool), else ``keep`` as bool and ``above`` None."""
+    if not as_float:
+        return clamped == unclamped, None
+    keep = torch.eq(clamped, unclamped, out=torch.empty_like(unclamped))
+    above = torch.lt(clamped, unclamped, out=torch.empty_like(unclamped)) if want_above else None
+    return keep, above
 
 
 def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor,
@@ -896,6 +910,9 @@ def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, a
         # "basic" on the CPU, per-row advantages, a [B, T] log weight: the clip counts from per-row counts (their
         # row selection would synchronise a GPU; there the broadcasts are cheap)
         row_counts = not full and row_adv and lw.shape == (B, T) and lp.device.type == "cpu"
+        # ... and with the mask as floats: the keep and dual masks as 0/1 floats too (see _keep_and_above)
+        float_counts = row_counts and mask_float is not None and cfg.clip != "detached_clip"
+        keep_all_float = None
         if cfg.clip == "detached_clip":
             lower, upper = clip_window("detached_clip", one, cfg.eps_low, cfg.eps_high, 0.0, dtype)
             w = lw.exp()
@@ -908,15 +925,23 @@ def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, a
             num_term, num_dual = (term & mask).count_nonzero(), torch.zeros((), dtype=torch.int64)
         else:
             if cfg.clip == "log_window":
+                prefix_positions = None  # t = 1..T on every row: s_t is one [T] row
+                if cfg.clip_exponent != 0.0 and position is None and mask.device.type == "cpu":
+                    prefix_positions = torch.arange(1, T + 1, device=lp.device).to(dtype)
+                    if not _is_prefix(mask, mask_float, row_count, prefix_positions):
+                        prefix_positions = None
                 if cfg.clip_exponent == 0.0:
                     s = one
-                elif position is None and mask.device.type == "cpu" and _is_prefix(mask, mask_float, row_count):
-                    s = torch.arange(1, T + 1, device=lp.device).to(dtype).pow(cfg.clip_exponent)
+                elif prefix_positions is not None:
+                    s = prefix_positions.pow_(cfg.clip_exponent)
                 else:
                     position = ratios.positions(mask) if position is None else position
                     s = position.clamp(min=1).to(dtype).pow(cfg.clip_exponent)
                 lower, upper = -cfg.eps_low * s, cfg.eps_high * s
-                top = pinf if cfg.dual_clip is None else cfg.dual_clip * s
+                if cfg.dual_clip is None:
+                    top = pinf
+                else:
+                    top = upper if cfg.dual_clip == cfg.eps_high else cfg.dual_clip * s
                 # per-sign bounds as bound + offset (0 or ±inf per row): one broadcast add, no [B, T] where
                 zero = torch.zeros((), dtype=dtype, device=lp.device)
                 lo_a = lower + torch.where(neg, zero, ninf)
@@ -929,9 +954,9 @@ def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, a
                     hi_a = base if inert_cap else base + torch.where(neg | pos, zero, pinf)
                 # lo_a is a fresh [B, T] tensor: the clamp writes into it (a fresh output costs page faults here)
                 z = torch.clamp(lw, lo_a, hi_a, out=lo_a) if lo_a.shape == lw.shape else lw.clamp(lo_a, hi_a)
-                keep = z == lw
+                keep, above_float = _keep_and_above(z, lw, float_counts, cfg.dual_clip is not None)
                 # on A < 0 rows, z < lw where the dual bound binds
-                above = z < lw if row_counts and cfg.dual_clip is not None else None
+                above = z < lw if row_counts and not float_counts and cfg.dual_clip is not None else None
                 v = z.exp_()  # z is not needed any more
                 pre = lw
             else:  # ppo / none: the clamp in ratio space
@@ -945,14 +970,17 @@ def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, a
                 lo_a = torch.where(neg, lo * one, ninf)
                 hi_a = torch.where(neg, top, torch.where(pos, hi * one, pinf))
                 w = lw.exp()
-                v = w.clamp(lo_a, hi_a)
-                keep = v == w
-                above = v < w if row_counts and cfg.dual_clip is not None else None
+                if lp.device.type == "cpu":  # a clamp with [B, 1] bounds is ≈ 4× a maximum and a minimum here
+                    v = torch.maximum(w, lo_a)
+                    v = torch.minimum(v, hi_a, out=v)
+                else:
+                    v = w.clamp(lo_a, hi_a)
+                keep, above_float = _keep_and_above(v, w, float_counts, cfg.dual_clip is not None)
+                above = v < w if row_counts and not float_counts and cfg.dual_clip is not None else None
                 pre = w
-            ptl = neg_adv * v
             grad_value = v  # where the clamp does not bind, v = w
             # counts: the clamp binds on pg2 > pg1 (A > 0 above the window, A < 0 below) or on the dual clip
-            keep_m = keep & mask
+            keep_m = None if float_counts else keep & mask
             # Basic counts on per-row advantages come from the [B] sign masks by row selection and per-row sums
             # of 0/1 floats (exact: T < 2^24): on the CPU a [B, T] & [B, 1] broadcast costs several same-shape
             # ops, and a per-row count_nonzero casts to a [B, T] int64.  On A < 0 rows the clamp's output is below
@@ -960,13 +988,16 @@ def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, a
             dual_tok = None
             if cfg.dual_clip is None:
                 num_dual = torch.zeros((), dtype=torch.int64, device=lp.device)
+            elif float_counts:
+                num_dual = above_float.mul_(mask_float).sum(-1)[neg[:, 0]].to(torch.int64).sum()
             elif row_counts:
                 num_dual = (above & mask)[neg[:, 0]].count_nonzero()
             else:
                 dual_tok = neg & (pre > top)
                 num_dual = (dual_tok & mask).count_nonzero()
             if row_counts:
-                keep_float = keep_m.view(torch.uint8).to(dtype)  # also the backward's 0/1 gradient mask
+                # also the backward's 0/1 gradient mask
+                keep_float = keep.mul_(mask_float) if float_counts else keep_m.view(torch.uint8).to(dtype)
                 kept_per_row = keep_float.sum(-1).to(torch.int64)
                 if inert_cap:  # only rows with A != 0 count (A = 0 rows were bounded too)
                     signed = (neg | pos)[:, 0]
@@ -986,6 +1017,8 @@ def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, a
                 high, low = pos & (lw > upper), neg & (lw < lower)
                 dual = torch.zeros((B, T), dtype=torch.bool, device=lp.device) if dual_tok is None else dual_tok
                 term = changed if dual_tok is None else changed & ~dual_tok
+            # the dual mask's buffer is dead once counted: the per-token loss is written into it
+            ptl = torch.mul(neg_adv, v, out=above_float) if above_float is not None else neg_adv * v
         full_ptl = ptl.shape == (B, T)
         # finite inputs, token or cumulative X (0 off the mask): ptl is finite off the mask, a multiply zeroes it
         float_zero = fmask is not None and cfg.ratio in ("token", "cumulative")
@@ -994,21 +1027,37 @@ def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, a
         else:  # one value per row (sequence families, per-row advantages)
             ptl = ptl.expand(B, T)
         loss_value = _aggregate(ptl, mask, cfg.aggregation, cfg.norm_horizon, row_count, n, masked=full_ptl)
-        keep_all = mask if keep is None else keep_m
-        if cap_keep:
-            keep_all = keep_all & (x <= cfg.max_log_weight)
+        if float_counts:
+            keep_all = None
+            keep_all_float = keep_float
+            if cap_keep:
+                below_cap = torch.le(x, cfg.max_log_weight, out=torch.empty_like(keep_float))
+                keep_all_float = below_cap.mul_(keep_float)
+        else:
+            keep_all = mask if keep is None else keep_m
+            if cap_keep:
+                keep_all = keep_all & (x <= cfg.max_log_weight)
         aggregation, norm_horizon = cfg.aggregation, cfg.norm_horizon
         if cfg.clip == "detached_clip":
             def backward_fn(grad: Tensor) -> Tensor:
                 g = _aggregate_grad(grad, aggregation, n, row_count, norm_horizon, T)
                 return (g * grad_value).expand(B, T).masked_fill(~keep_all, 0.0)
         else:
+            # the float mask is dead after the forward: the first backward writes the gradient into it (handed
+            # over, so autograd can take it as the leaf's .grad; a fresh [B, T] output is cold in the cache)
+            spare = [mask_float] if float_counts else []
+
             def backward_fn(grad: Tensor) -> Tensor:
                 g = _aggregate_grad(grad, aggregation, n, row_count, norm_horizon, T)
-                c = (g * neg_adv) * grad_value
+                g_adv = g * neg_adv
+                out = spare.pop() if spare and torch.result_type(g_adv, grad_value) == grad_value.dtype else None
+                c = g_adv * grad_value if out is None else torch.mul(g_adv, grad_value, out=out)
                 if c.shape != (B, T):
                     return torch.where(keep_all, c, 0.0)
-                if float_zero and bool(torch.isfinite(g).all()):  # c is finite wherever keep_all is False
+                finite = float_zero and bool(torch.isfinite(g).all())  # c is finite wherever keep_all is False
+                if keep_all_float is not None:  # keep_all as 0/1 floats
+                    return c.mul_(keep_all_float) if finite else c.masked_fill_(keep_all_float == 0, 0.0)
+                if finite:
                     if keep_float is not None and not cap_keep:  # keep_float is keep_all as 0/1
                         return c.mul_(keep_float)
                     return c.mul_(keep_all.view(torch.uint8).to(c.dtype))

@@ -436,6 +436,44 @@ def test_lean_basic_sqrt_t_positions_on_prefix_and_other_masks(dtype, T, layout)
         assert lm == pytest.approx(rm, rel=1e-6, abs=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["prefix", "hole"])
+def test_lean_basic_takes_column_positions_only_on_prefix_masks(monkeypatch, dtype, layout):
+    """On a prefix mask the √t factors come from the columns: no per-token positions are computed; on a mask
+    with a hole they are."""
+    from ctpo_lab import ratios
+
+    calls = []
+    real = ratios.positions
+    monkeypatch.setattr(ratios, "positions", lambda m: calls.append(m.shape) or real(m))
+    lp, old, adv, mask = _batch(seed=3, B=6, T=40)
+    lp, old, adv = lp.to(dtype), old.to(dtype), adv.to(dtype)
+    mask = torch.arange(40)[None, :] < torch.tensor([40, 30, 12, 1, 0, 25])[:, None]
+    if layout == "hole":
+        mask[0, 5] = False
+    out = compute_policy_loss(lp.requires_grad_(), old, adv, mask, preset="ctpo", diagnostics="basic")
+    out.loss.backward()
+    assert bool(torch.isfinite(lp.grad).all())
+    assert len(calls) == (0 if layout == "prefix" else 1)
+
+
+@pytest.mark.parametrize("name", ["ctpo", "grpo", "dapo", "sqrt_t_window"])
+def test_lean_backward_twice_keeps_the_first_gradient(name):
+    """The first backward writes its gradient into a buffer the forward no longer needs (and autograd takes it
+    as .grad); a second backward through a retained graph must neither reuse it nor give other values."""
+    lp, old, adv, mask = _batch(seed=5, B=6, T=40)
+    lp.requires_grad_()
+    out = compute_policy_loss(lp, old, adv, mask, preset=name, diagnostics="basic")
+    out.loss.backward(retain_graph=True)
+    first = lp.grad
+    first_values = first.clone()
+    lp.grad = None
+    out.loss.backward()
+    assert torch.equal(first, first_values)
+    assert torch.equal(lp.grad, first_values)
+    assert lp.grad.data_ptr() != first.data_ptr()
+
+
 def test_bad_diagnostics_and_path():
     lp, old, adv, mask = _batch()
     with pytest.raises(ValueError, match="diagnostics"):
