@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ctpo_lab.diagnostics import masked_quantiles, normalized_ess, position_profile
+from ctpo_lab.diagnostics import loss_diagnostics, masked_quantiles, normalized_ess, position_profile
 from ctpo_lab.losses import compute_policy_loss, policy_loss
 
 
@@ -87,6 +87,45 @@ def test_loss_metrics_match_direct_computation():
     assert m["pg_update/is_ratio/p90"] == pytest.approx(np.quantile(w, 0.9), rel=1e-12)
     assert m["pg_update/is_ratio/max"] == pytest.approx(w.max(), rel=1e-12)
     assert (high.sum() + low.sum()) > 0  # the batch does exercise the window
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cap", [None, 0.05])
+@pytest.mark.parametrize("selected", [True, False])
+def test_weight_statistics_match_numpy_on_both_paths(monkeypatch, dtype, cap, selected):
+    """Every statistic of X_t and e^{X_t} against numpy, from the CPU's one-selection path and from the masked
+    [B, T] path (the one accelerators take), with and without the log-weight cap."""
+    from ctpo_lab import diagnostics
+
+    if not selected:
+        monkeypatch.setattr(diagnostics, "_weight_statistics_of_selected", lambda *a, **k: None)
+    g = torch.Generator().manual_seed(4)
+    B, T = 6, 50
+    lw = (torch.randn(B, T, generator=g, dtype=torch.float64) * 0.1).to(dtype)
+    log_ratio = (torch.randn(B, T, generator=g, dtype=torch.float64) * 0.02).to(dtype)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    mask[4] = False  # a row without a token
+    none = torch.zeros_like(mask)
+    m = loss_diagnostics(log_ratio=log_ratio, log_weight_value=lw, mask=mask, clipped_high=none, clipped_low=none,
+                         clipped_dual=none, clipped_term_active=none, max_log_weight=cap)
+    x = lw.double().numpy()[mask.numpy()]
+    c = x if cap is None else np.minimum(x, cap)
+    w = np.exp(c)
+    rel = 1e-5 if dtype == torch.float32 else 1e-12
+    expected = {
+        "pg_update/is_ratio/mean": w.mean(), "pg_update/is_ratio/min": w.min(), "pg_update/is_ratio/max": w.max(),
+        "pg_update/log_weight/mean": x.mean(), "pg_update/log_weight/min": x.min(),
+        "pg_update/log_weight/max": x.max(), "pg_update/ess/token": w.sum() ** 2 / (len(w) * (w**2).sum()),
+        "pg_update/num_tokens": len(x),
+    }
+    for q in (0.25, 0.5, 0.75, 0.9, 0.95, 0.99):
+        expected[f"pg_update/is_ratio/p{round(q * 100)}"] = np.quantile(w, q)
+    seq = np.exp(np.where(mask.numpy(), log_ratio.double().numpy(), 0).sum(-1)[mask.numpy().any(-1)])
+    expected["pg_update/ess/sequence"] = seq.sum() ** 2 / (len(seq) * (seq**2).sum())
+    for key, value in expected.items():
+        assert m[key].item() == pytest.approx(value, rel=rel, abs=1e-7 if dtype == torch.float32 else 1e-14), key
+    top, p99, p25 = (m[f"pg_update/is_ratio/{k}"].item() for k in ("max", "p99", "p25"))
+    assert top >= p99 >= p25
 
 
 def test_compute_policy_loss_exposes_intermediates():
