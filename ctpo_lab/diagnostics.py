@@ -229,7 +229,10 @@ def _weight_statistics_of_selected(lw: Tensor, mask: Tensor, nf: Tensor, max_log
             or mask.device.type != "cpu"):
         return None
     selected = torch.from_numpy(lw.numpy()[mask.numpy()])  # numpy's boolean selection: ≈ 1/15 of torch's here
-    if selected.numel() == 0 or not bool(torch.isfinite(selected).all()):
+    if selected.numel() == 0:
+        return None
+    lw_min, lw_max = torch.aminmax(selected)  # NaN if any value is: all are finite iff both extremes are
+    if not (math.isfinite(lw_min.item()) and math.isfinite(lw_max.item())):
         return None
     capped = selected if max_log_weight is None else selected.clamp(max=max_log_weight)
     largest = torch.finfo(lw.dtype).max
@@ -237,7 +240,6 @@ def _weight_statistics_of_selected(lw: Tensor, mask: Tensor, nf: Tensor, max_log
     def weight(x: Tensor) -> Tensor:  # saturates instead of inf
         return x.exp().clamp(max=largest)
 
-    lw_min, lw_max = torch.aminmax(selected)
     capped_min, capped_max = torch.aminmax(capped)
     out = {
         "pg_update/is_ratio/mean": (torch.logsumexp(capped, 0) - nf.log()).exp().clamp(max=largest),

@@ -134,3 +134,25 @@ def test_compute_policy_loss_exposes_intermediates():
     torch.testing.assert_close(out.log_weight_value, torch.tensor([[0.1, 0.2, 0.3]] * 2, dtype=torch.float64))
     assert out.position.tolist() == [[1, 2, 3]] * 2
     assert out.num_nonfinite.item() == 0
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_non_finite_log_weight_gives_the_masked_path_values(monkeypatch, bad):
+    """One non-finite X_t among valid tokens: the CPU's default path and the masked path (whose saturation rules
+    define these values) give the same metrics."""
+    from ctpo_lab import diagnostics
+
+    g = torch.Generator().manual_seed(6)
+    lw = torch.randn(4, 30, generator=g) * 0.1
+    lw[2, 7] = bad
+    mask = torch.rand(4, 30, generator=g) > 0.2
+    mask[2, 7] = True
+    none = torch.zeros_like(mask)
+    kw = dict(log_ratio=torch.zeros_like(lw), log_weight_value=lw, mask=mask, clipped_high=none, clipped_low=none,
+              clipped_dual=none, clipped_term_active=none, max_log_weight=None)
+    default = {k: v.item() for k, v in loss_diagnostics(**kw).items()}
+    monkeypatch.setattr(diagnostics, "_weight_statistics_of_selected", lambda *a, **k: None)
+    masked = {k: v.item() for k, v in loss_diagnostics(**kw).items()}
+    assert default == pytest.approx(masked, nan_ok=True)
+    if bad == math.inf:
+        assert default["pg_update/log_weight/max"] == math.inf
