@@ -837,7 +837,6 @@ def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, a
         old = old_log_prob.to(dtype)
         adv = advantages.to(dtype)
         row_adv = adv.ndim == 1
-        outside = ~mask
         dm = lp.detach() - old
         # "basic" on the CPU: one sum tells whether every input is finite.  Then masked-out entries are zeroed by
         # a float 0/1 multiply (exact: x·1 = x, x·0 = ±0), cheaper there than a bool masked_fill (≈ 9% of the
@@ -850,6 +849,7 @@ def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, a
         else:
             row_count = _row_counts(mask)
         mask_float = fmask  # kept when fmask is dropped below (an overflowing cumulative sum)
+        outside = ~mask if fmask is None else None  # for masked_fill; formed below if fmask is dropped
         n = row_count.sum()
         if row_adv:
             adv_bad = ((~torch.isfinite(adv)).to(torch.int64) * row_count).sum()
@@ -878,7 +878,7 @@ def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, a
             if fmask is not None and T > 0 and (bounded or bool(torch.isfinite(x[:, -1].sum()))):
                 x = x.mul_(fmask)
             else:
-                fmask = None
+                fmask, outside = None, ~mask
                 x = x.masked_fill_(outside, 0.0)
         elif cfg.ratio in _ROW_FAMILIES:
             x = dm.sum(-1)
@@ -1023,7 +1023,7 @@ def _lean_policy_loss(cfg: LossConfig, log_prob: Tensor, old_log_prob: Tensor, a
         # finite inputs, token or cumulative X (0 off the mask): ptl is finite off the mask, a multiply zeroes it
         float_zero = fmask is not None and cfg.ratio in ("token", "cumulative")
         if full_ptl:  # a fresh [B, T] tensor: zero it in place (= the reference's values, where A is 0)
-            ptl = ptl.mul_(fmask) if float_zero else ptl.masked_fill_(outside, 0.0)
+            ptl = ptl.mul_(fmask) if float_zero else ptl.masked_fill_(~mask if outside is None else outside, 0.0)
         else:  # one value per row (sequence families, per-row advantages)
             ptl = ptl.expand(B, T)
         loss_value = _aggregate(ptl, mask, cfg.aggregation, cfg.norm_horizon, row_count, n, masked=full_ptl)
