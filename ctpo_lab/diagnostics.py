@@ -28,6 +28,7 @@ largest finite value; the mean weight is computed in log space).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,7 +82,8 @@ def masked_quantiles(values: Tensor, mask: Tensor, quantiles: tuple[float, ...] 
     return torch.where(n > 0, out, math.nan)
 
 
-def _quantiles_of_selected(selected: np.ndarray, quantiles: tuple[float, ...], monotone=None) -> Tensor:
+def _quantiles_of_selected(selected: np.ndarray, quantiles: tuple[float, ...],
+                           monotone: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """numpy's linear quantiles of f(selected) for a non-decreasing f (``monotone``, a tensor function; identity
     when None) [n] → [len(quantiles)], n ≥ 1: f maps order statistics to order statistics, so only the 2·q
     neighbouring ones are selected (one multi-selection) and mapped."""
@@ -99,9 +101,8 @@ def _quantiles_of_selected(selected: np.ndarray, quantiles: tuple[float, ...], m
 
 
 def _ess_of_values(x: Tensor) -> Tensor:
-    """(Σ e^x)² / (n Σ e^{2x}) of a 1-D tensor holding every valid log-weight (−inf for excluded ones), with n
-    passed separately by the caller: here only exp(2·lse(x) − lse(2x)), shifted by the max (exact in exact
-    arithmetic, no float32 loss)."""
+    """(Σ e^x)² / Σ e^{2x} = exp(2·lse(x) − lse(2x)) of a 1-D tensor of log-weights (−inf entries count as
+    absent); the caller divides by n.  Shifted by the max first (exact in exact arithmetic, no float32 loss)."""
     x = x - x.amax().clamp(min=-1e30).detach()
     return (2 * torch.logsumexp(x, 0) - torch.logsumexp(2 * x, 0)).exp()
 

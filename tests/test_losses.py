@@ -460,7 +460,8 @@ def test_lean_basic_takes_column_positions_only_on_prefix_masks(monkeypatch, dty
 @pytest.mark.parametrize("name", ["ctpo", "grpo", "dapo", "sqrt_t_window"])
 def test_lean_backward_twice_keeps_the_first_gradient(name):
     """The first backward writes its gradient into a buffer the forward no longer needs (and autograd takes it
-    as .grad); a second backward through a retained graph must neither reuse it nor give other values."""
+    as .grad); a second backward through a retained graph must leave that gradient as it was and give the same
+    values (nothing the backward reads may have been overwritten by the first one)."""
     lp, old, adv, mask = _batch(seed=5, B=6, T=40)
     lp.requires_grad_()
     out = compute_policy_loss(lp, old, adv, mask, preset=name, diagnostics="basic")
@@ -471,7 +472,6 @@ def test_lean_backward_twice_keeps_the_first_gradient(name):
     out.loss.backward()
     assert torch.equal(first, first_values)
     assert torch.equal(lp.grad, first_values)
-    assert lp.grad.data_ptr() != first.data_ptr()
 
 
 def test_bad_diagnostics_and_path():
