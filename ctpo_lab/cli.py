@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 
 __all__ = ["ArgumentParser", "UsageError", "finite_float", "int_at_least", "error_line", "run", "EXIT_USAGE",
-           "EXIT_INTERRUPTED"]
+           "EXIT_INTERRUPTED", "MAX_INT"]
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -79,16 +79,24 @@ def finite_float(lo: float | None = None, hi: float | None = None, *, lo_open: b
     return parse
 
 
-def int_at_least(lo: int) -> Callable[[str], int]:
-    """An argparse ``type``: an int ≥ ``lo``."""
+#: The largest int any option takes (seeds and counts reach torch and numpy as signed 64-bit ints).
+MAX_INT = 2**63 - 1
+
+
+def int_at_least(lo: int, hi: int = MAX_INT) -> Callable[[str], int]:
+    """An argparse ``type``: an int in [``lo``, ``hi``]."""
 
     def parse(text: str) -> int:
+        expected = f"an int ≥ {lo}" if hi == MAX_INT else f"an int in [{lo}, {hi}]"
         try:
             v = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an int ≥ {lo}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
         if v < lo:
-            raise argparse.ArgumentTypeError(f"expected an int ≥ {lo}, got {v}")
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {v}")
+        if v > hi:
+            raise argparse.ArgumentTypeError(
+                f"expected {expected if hi != MAX_INT else f'an int in [{lo}, 2**63 - 1]'}, got {v}")
         return v
 
     parse.__name__ = "int"

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from ctpo_lab import prefork, stats
-from ctpo_lab.cli import ArgumentParser, int_at_least
+from ctpo_lab.cli import MAX_INT, ArgumentParser, int_at_least
 from ctpo_lab.losses import PRESETS as LOSS_PRESETS
 from ctpo_lab.runsafety import (
     PARENT_ENV,
@@ -97,9 +97,11 @@ class GridSpec:
             raise ValueError(f"seeds: duplicate seeds in {list(self.seeds)}")
         if len(set(self.losses)) != len(self.losses):
             raise ValueError(f"losses: duplicate losses in {list(self.losses)}")
+        if len(self.seeds) > MAX_GRID_SEEDS:
+            raise ValueError(f"seeds: expected at most {MAX_GRID_SEEDS} seeds, got {len(self.seeds)}")
         for s in self.seeds:
-            if not isinstance(s, int) or isinstance(s, bool) or s < 0:
-                raise ValueError(f"seeds: expected ints ≥ 0, got {s!r}")
+            if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s <= MAX_INT:
+                raise ValueError(f"seeds: expected ints in [0, 2**63 - 1], got {s!r}")
         for o in self.overrides:
             if "=" not in o:
                 raise ValueError(f"overrides: expected key=value, got {o!r}")
@@ -148,6 +150,9 @@ def _prepare_warm_start(spec: GridSpec, *, threads: int, progress: bool) -> None
 
 
 #: What a training run imports that takes seconds: preloaded once per worker (:mod:`ctpo_lab.prefork`).
+#: The most seeds one grid takes (a larger grid is a typo, not a study).
+MAX_GRID_SEEDS = 10_000
+
 TRAIN_PRELOAD = ("ctpo_lab.train.launch", "ctpo_lab.train.policy", "transformers",
                  "transformers.models.llama.modeling_llama")
 #: ``0`` turns the pre-imported workers off (every run a fresh ``python -m ctpo_lab.train``).
@@ -202,7 +207,7 @@ def run_grid(spec: GridSpec, out: str | os.PathLike[str], *, jobs: int | None = 
     for loss, seed in spec.cells():  # every run's configuration is valid before any work starts
         _train_config(spec, loss, seed)
     check_writable(out)
-    prepare_output(out, command="python -m ctpo_lab.train compare", resume=True, check_only=True)  # busy?
+    prepare_output(out, command="python -m ctpo_lab.train compare", existing="update", check_only=True)  # busy?
     spec_path = out / "grid.json"
     command = "python -m ctpo_lab.train compare"
     if out.is_dir() and any(e.name != ".ctpo_lab.lock" for e in out.iterdir()):
@@ -507,11 +512,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seeds", nargs="+", type=int_at_least(0), default=None, help="seeds (default 0 1 2)")
     ap.add_argument("--seed", type=int_at_least(0), default=None,
                     help="first seed; with --num-seeds gives seed..seed+n-1")
-    ap.add_argument("--num-seeds", type=int_at_least(1), default=3)
+    ap.add_argument("--num-seeds", type=int_at_least(1, MAX_GRID_SEEDS), default=None,
+                    help="number of seeds from --seed (default 3)")
     ap.add_argument("--steps", type=int_at_least(1), default=None, help="override the preset's number of steps")
     ap.add_argument("--out", default=None, help="grid folder (default runs/compare-<preset>)")
     ap.add_argument("--jobs", type=int_at_least(1), default=None, help="parallel runs (default: number of cores)")
-    ap.add_argument("--reference", default="ctpo", help="loss the others are compared with (paired seeds)")
+    ap.add_argument("--reference", default=None,
+                    help="loss the others are compared with (paired seeds), one of --loss (default ctpo when compared)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing, different grid folder")
     ap.add_argument("--summarize-only", "--aggregate-only", dest="summarize_only", action="store_true",
                     help="only summarize existing runs (no training); --aggregate-only is the old spelling")
@@ -535,11 +542,20 @@ def _main(argv: Sequence[str] | None) -> int:
 
     matplotlib.use("Agg")  # a command-line run writes files only
     args = build_parser().parse_args(argv)
-    seeds = args.seeds if args.seeds is not None else list(range(args.seed or 0, (args.seed or 0) + args.num_seeds))
+    if args.seeds is not None and (args.seed is not None or args.num_seeds is not None):
+        raise ValueError("seeds: give either --seeds or --seed/--num-seeds, not both")
+    if args.seeds is not None and len(args.seeds) > MAX_GRID_SEEDS:
+        raise ValueError(f"seeds: expected at most {MAX_GRID_SEEDS} seeds, got {len(args.seeds)}")
+    first, count = args.seed or 0, 3 if args.num_seeds is None else args.num_seeds
+    if args.seeds is None and first + count - 1 > MAX_INT:
+        raise ValueError(f"seed: the seeds seed..seed+{count - 1} must stay ≤ 2**63 - 1, got seed={first}")
+    seeds = args.seeds if args.seeds is not None else list(range(first, first + count))
+    if args.reference is not None and args.reference not in args.losses:
+        raise ValueError(f"reference: expected one of the compared losses {args.losses}, got {args.reference!r}")
     spec = GridSpec(args.preset, tuple(args.losses), tuple(seeds), tuple(args.overrides), args.steps)
     try:
         result = run_comparison(spec, args.out, jobs=args.jobs, overwrite=args.overwrite,
-                                summarize_only=args.summarize_only, reference=args.reference)
+                                summarize_only=args.summarize_only, reference=args.reference or "ctpo")
     except RuntimeError as e:  # a run of the grid failed: its log says why
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1

@@ -6,8 +6,9 @@ goes through :func:`prepare_output`:
 * **one writer**: an exclusive ``fcntl.flock`` on ``<folder>/.ctpo_lab.lock``, held for the life of the process
   (the kernel releases it on any exit, ``kill -9`` included); a second writer is refused with a ``ValueError``
   naming the holder's PID;
-* **a marker**: ``<folder>/.ctpo_lab`` (JSON: the command, the PID, the time) says ctpo_lab created the folder;
-  ``overwrite`` empties only a marked folder, and never one another process holds;
+* **a marker**: ``<folder>/.ctpo_lab`` (JSON: ``created_by``, the command, the PID, the time) says ctpo_lab created
+  the folder; ``overwrite`` empties only a marked folder, and never one another process holds; ``resume``
+  continues only a marked folder (or an empty or missing one, which starts afresh);
 * **atomic files**: :func:`atomic_write_text` / :func:`atomic_write_bytes` / :func:`atomic_path` write to a
   temporary name in the same folder, then ``os.replace`` it (a reader sees the old file or the new one);
   append-only logs (``metrics.jsonl``) are written one whole line per ``write`` and :func:`read_jsonl`
@@ -131,7 +132,17 @@ def release_folder(path: str | os.PathLike[str]) -> None:
 
 
 def is_marked(path: str | os.PathLike[str]) -> bool:
-    return (Path(path) / MARKER).is_file()
+    """Whether ``path`` carries the marker :func:`write_marker` writes (a JSON object with ``created_by:
+    ctpo_lab``); a file of that name with any other content does not count, so ``overwrite`` never empties a
+    folder on the strength of a stray file."""
+    marker = Path(path) / MARKER
+    try:
+        if not marker.is_file() or marker.stat().st_size > 65536:
+            return False
+        data = json.loads(marker.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("created_by") == "ctpo_lab"
 
 
 def write_marker(path: str | os.PathLike[str], command: str) -> None:
@@ -188,6 +199,9 @@ def prepare_output(
         raise FolderBusyError(f"{name}: {p} is in use by another ctpo_lab process (PID {pid}); wait for it to "
                               "finish or stop it, or choose another folder")
     nonempty = _nonempty(p)
+    if nonempty and resume and not is_marked(p):
+        raise ValueError(f"{name}: {p} was not created by ctpo_lab (no {MARKER} marker); --resume continues only "
+                         "ctpo_lab's own folders: choose another folder")
     if nonempty and not resume:
         if overwrite:
             if not is_marked(p):

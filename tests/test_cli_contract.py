@@ -31,6 +31,9 @@ def d(tmp_path):
     (tmp_path / "file").write_text("not a folder\n")
     (tmp_path / "user").mkdir()
     (tmp_path / "user" / "thesis.tex").write_text("a user's own file\n")
+    (tmp_path / "stray").mkdir()  # a user's folder holding a file named like ctpo_lab's marker, not its content
+    (tmp_path / "stray" / ".ctpo_lab").write_text("garbage marker\n")
+    (tmp_path / "stray" / "thesis.tex").write_text("a user's own file\n")
     (tmp_path / "bad.yaml").write_text("lr: [1, 2\nsteps: : :\n")
     (tmp_path / "badgrid").mkdir()
     (tmp_path / "badgrid" / "grid.json").write_text('{"losses": ["grpo"], "seeds": [0')
@@ -83,6 +86,7 @@ MAIN_CASES = [
     (["--loss", "ppo9"], "--loss"),
     (["--bogus"], "--bogus"),
     (["--batch", "100000", "--length", "100000"], "--batch"),
+    (["--seed", "1000000000000000000000000000000"], "--seed"),
 ]
 
 
@@ -119,6 +123,14 @@ def _train_cases():
         (lambda d: [*run, d / "user"], "--out"),
         (lambda d: [*run, d / "user", "--overwrite"], "--out"),
         (lambda d: [*run, d / "r", "--bogus"], "--bogus"),
+        (lambda d: [*run, d / "r", "--seed", "1000000000000000000000000000000"], "--seed"),
+        (lambda d: [*run, d / "r", "--steps", "1000000000000000000000000000000"], "--steps"),
+        (lambda d: [*run, d / "r", "seed=" + "1000000000000000000000000000000"], "--seed"),
+        (lambda d: [*run, d / "r", "steps=1099511627776"], "--steps"),
+        (lambda d: [*run, d / "r", "preset=bogus"], "--preset"),
+        (lambda d: [*run, d / "user", "--resume"], "--out"),
+        (lambda d: [*run, d / "stray", "--overwrite"], "--out"),
+        (lambda d: [*run, d / "stray", "--resume"], "--out"),
     ]
     if not torch.cuda.is_available():
         cases.append((lambda d: [*run, d / "r", "device=cuda"], "device"))
@@ -159,6 +171,14 @@ def _compare_cases():
         (lambda d: [*grid, d / "badgrid", "--aggregate-only"], "--out"),
         (lambda d: [*grid, d / "badmetrics", "--aggregate-only"], "--out"),
         (lambda d: [*grid, d / "g", "--bogus"], "--bogus"),
+        (lambda d: [*grid, d / "g", "--num-seeds", "1000000000000000000000000000000"], "--num-seeds"),
+        (lambda d: [*grid, d / "g", "--seeds", "1000000000000000000000000000000"], "--seeds"),
+        (lambda d: [*grid, d / "g", "--seed", str(2**63 - 1)], "--seed"),
+        (lambda d: [*grid, d / "g", "--seeds", "0", "--seed", "1"], "--seeds"),
+        (lambda d: [*grid, d / "g", "--seeds", "0", "--num-seeds", "2"], "--seeds"),
+        (lambda d: [*grid, d / "g", "--loss", "grpo", "dapo", "--reference", "ctpo"], "--reference"),
+        (lambda d: [*grid, d / "g", "--jobs", "1000000000000000000000000000000"], "--jobs"),
+        (lambda d: [*grid, d / "stray", "--overwrite"], "--out"),
     ]
 
 
@@ -171,6 +191,21 @@ def test_compare_bad_input(case, capsys, d):
 
     argv, name = COMPARE_CASES[case]
     _usage_error(capsys, lambda a: main(["compare", *a]), argv(d), name, [d])
+
+
+MAIN_JOB_CASES = [
+    (lambda d: ["--out", d / "m", "--seeds", "1000000000000000000000000000000"], "--seeds"),
+    (lambda d: ["--out", d / "m", "--seed", str(2**63 - 2)], "--seed"),
+    (lambda d: ["--out", d / "stray", "--overwrite"], "--out"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(MAIN_JOB_CASES)))
+def test_main_job_bad_input(case, capsys, d):
+    from ctpo_lab.train.__main__ import main
+
+    argv, name = MAIN_JOB_CASES[case]
+    _usage_error(capsys, lambda a: main(["main", *a]), argv(d), name, [d])
 
 
 def test_compare_corrupt_inputs_name_the_file(capsys, d):
@@ -212,6 +247,14 @@ def _llm_cases():
         (lambda d: ["--out", d / "user", *SMALL], "--out"),
         (lambda d: ["--out", d / "user", *SMALL, "--overwrite"], "--out"),
         (lambda d: SMALL, "--out"),
+        (lambda d: r(d, "--k", "1,,2"), "--k"),
+        (lambda d: r(d, "--pad-token", ""), "--pad-token"),
+        (lambda d: r(d, "--cache", d / "file"), "--cache"),
+        (lambda d: r(d, "--cache", "/proc/ctpo_lab_test"), "--cache"),
+        (lambda d: r(d, "--group-size", "1000000000000000000000000000000"), "--group-size"),
+        (lambda d: r(d, "--seed", "1000000000000000000000000000000"), "--seed"),
+        (lambda d: ["--out", d / "user", *SMALL, "--resume"], "--out"),
+        (lambda d: ["--out", d / "stray", *SMALL, "--overwrite"], "--out"),
         (lambda d: ["analyze", d / "nothing"], "dir"),
         (lambda d: ["analyze", d / "user"], "dir"),
         (lambda d: ["analyze", d / "user", "--bin-width", "0"], "--bin-width"),

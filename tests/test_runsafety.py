@@ -244,6 +244,51 @@ def test_corrupt_newest_checkpoint_falls_back_and_bad_config_is_named(tmp_path, 
         Trainer(tiny(steps=3, ckpt_every=1), out, resume=True, progress=False)
 
 
+def test_resume_refuses_a_folder_it_cannot_continue_and_writes_nothing(tmp_path):
+    from ctpo_lab.train.loop import Trainer
+
+    user = tmp_path / "user"  # not a ctpo_lab folder
+    user.mkdir()
+    (user / "mine.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not created by ctpo_lab"):
+        Trainer(tiny(steps=1), user, resume=True, progress=False)
+    assert sorted(p.name for p in user.iterdir()) == ["mine.txt"]
+    stray = tmp_path / "stray"  # a file named like the marker but not written by ctpo_lab
+    stray.mkdir()
+    (stray / rs.MARKER).write_text("garbage marker")
+    (stray / "mine.txt").write_text("keep me")
+    assert not rs.is_marked(stray)
+    with pytest.raises(ValueError, match="not created by ctpo_lab"):
+        Trainer(tiny(steps=1), stray, overwrite=True, progress=False)
+    assert (stray / "mine.txt").read_text() == "keep me"
+
+    out = tmp_path / "run"
+    Trainer(tiny(steps=2, ckpt_every=1), out, progress=False).train()
+    (out / "finished.json").unlink()
+    files = {n: (out / n).read_bytes() for n in ("config.yaml", "metrics.jsonl")}
+
+    def unchanged() -> bool:
+        return all((out / n).read_bytes() == b for n, b in files.items())
+
+    lines = files["metrics.jsonl"].decode().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join([lines[0], "garbage{", *lines[2:]]) + "\n")
+    with pytest.raises(ValueError, match=r"metrics\.jsonl: line 2 is not a JSON record"):
+        Trainer(tiny(steps=3, ckpt_every=1), out, resume=True, progress=False)
+    assert (out / "config.yaml").read_bytes() == files["config.yaml"]  # refused before config.yaml is rewritten
+    (out / "metrics.jsonl").write_bytes(files["metrics.jsonl"])
+    # config.yaml cut short (no lr) while the run asks for another lr: the checkpoint's own config decides
+    kept = [x for x in files["config.yaml"].decode().splitlines() if not x.startswith("lr:")]
+    (out / "config.yaml").write_text("\n".join(kept) + "\n")
+    with pytest.raises(ValueError, match=r"newest checkpoint's config in \['lr'\]"):
+        Trainer(tiny(steps=3, ckpt_every=1, lr=1e-2), out, resume=True, progress=False)
+    (out / "config.yaml").write_bytes(files["config.yaml"])
+    for ck in (out / "ckpt").glob("step_*.pt"):  # logged steps 1..2 but nothing to continue from
+        ck.unlink()
+    with pytest.raises(ValueError, match="no checkpoint to continue from, but metrics.jsonl logs steps up to 2"):
+        Trainer(tiny(steps=3, ckpt_every=1), out, resume=True, progress=False)
+    assert unchanged()
+
+
 def test_resume_of_a_finished_run_changes_nothing(tmp_path, capsys):
     from ctpo_lab.train.__main__ import main
     from ctpo_lab.train.loop import Trainer

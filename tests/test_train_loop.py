@@ -176,8 +176,11 @@ def test_cli_runs_tiny_preset(tmp_path, capsys):
 
 
 def test_resume_without_checkpoint_starts_fresh(tmp_path):
+    from ctpo_lab.runsafety import write_marker
+
     run = tmp_path / "run"
     run.mkdir()
+    write_marker(run, "test")  # a ctpo_lab run stopped after its step-0 evaluation, before any checkpoint
     (run / "metrics.jsonl").write_text('{"step": 0, "eval_accuracy": 0.5}\n')
     Trainer(tiny(steps=1), run, resume=True, progress=False).train()
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]

@@ -44,7 +44,7 @@ SUMMARY_KEYS = ("primary_target", "sigma_hat", "exponent", "exponent_ci", "drift
 
 def _parse_k(text: str) -> list[int]:
     try:
-        ks = sorted({int(v) for v in text.split(",") if v.strip()})
+        ks = sorted({int(v) for v in text.split(",")})  # an empty item ("1,,2") is a typo: int("") fails
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"--k: expected comma-separated ints, got {text!r}") from e
     if not ks or ks[0] < 1:

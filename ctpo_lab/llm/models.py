@@ -37,6 +37,7 @@ __all__ = [
     "LoadedModel",
     "cache_dir",
     "fetch_smollm2_gguf",
+    "check_hub_repo",
     "smollm2_folder",
     "tiny_random",
     "char_tokenizer",
@@ -205,6 +206,29 @@ def _is_pathlike(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.sep in name and not name.count("/") == 1 or Path(name).exists()
 
 
+def check_hub_repo(repo_id: str, *, repo_type: str = "model", argument: str = "model") -> None:
+    """``FileNotFoundError`` naming ``argument`` within seconds when the Hub repository ``repo_id`` is neither in the
+    local Hugging Face cache nor reachable on the Hub (transformers and datasets would otherwise retry their
+    downloads for a minute or more).  Offline (``HF_HUB_OFFLINE``) and without ``huggingface_hub``: no check."""
+    if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE"):
+        return
+    try:
+        from huggingface_hub import HfApi, try_to_load_from_cache
+    except ImportError:
+        return
+    probe = "config.json" if repo_type == "model" else "README.md"
+    if isinstance(try_to_load_from_cache(repo_id, probe, repo_type=repo_type), str):
+        return  # cached: loaded without the network
+    try:
+        HfApi().repo_info(repo_id, repo_type=repo_type, timeout=10)
+    except Exception as e:  # noqa: BLE001  (not found, gated, no network: all mean "cannot load it from here")
+        detail = " ".join(str(e).split()).split(". ")[0][:160]
+        what = "a built-in name (smollm2, tiny-random), a local folder," if repo_type == "model" else \
+            "a saved dataset folder"
+        raise FileNotFoundError(f"{argument}: {repo_id!r} is not {what} or a Hub {repo_type} reachable from here "
+                                f"({type(e).__name__}: {detail})") from None
+
+
 def load_model(
     name: str | os.PathLike[str],
     *,
@@ -235,7 +259,8 @@ def load_model(
     Raises
     ------
     FileNotFoundError
-        A local path that does not exist or holds no ``config.json``; a hub id not in the local cache offline.
+        A local path that does not exist or holds no ``config.json``; a hub id not in the local cache offline, or
+        (online) neither cached nor reachable on the Hub (checked within ≈ 10 s, before transformers' retries).
     ValueError
         A tokenizer without a pad token (and no ``pad_token``).
     """
@@ -263,6 +288,8 @@ def load_model(
         if local_files_only is None:
             local_files_only = bool(os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE"))
         folder, kwargs = key, {"local_files_only": local_files_only}
+        if not local_files_only:
+            check_hub_repo(key)
     try:
         tok = AutoTokenizer.from_pretrained(folder, **kwargs)
     except OSError as e:

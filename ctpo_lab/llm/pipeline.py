@@ -87,8 +87,8 @@ class RunConfig:
         for name in ("train_prompts", "eval_prompts", "group_size", "max_new_tokens", "prompts_per_chunk",
                      "minibatches", "bin_width", "n_boot", "threads"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_COUNT:
+                raise ValueError(f"{name}: expected an int in [1, {MAX_COUNT}], got {v!r}")
         if self.group_size < 2:
             raise ValueError("group_size: GRPO advantages need at least 2 responses per prompt")
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0
@@ -101,13 +101,19 @@ class RunConfig:
         if not (isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool) and math.isfinite(self.lr)
                 and self.lr > 0):
             raise ValueError(f"lr: expected a finite number > 0, got {self.lr!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed: expected an int ≥ 0, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= 2**63 - 1:
+            raise ValueError(f"seed: expected an int in [0, 2**63 - 1], got {self.seed!r}")
+        if any(v > MAX_COUNT for v in self.k):
+            raise ValueError(f"k: expected ints ≤ {MAX_COUNT}, got {self.k!r}")
+        if self.pad_token is not None and not (isinstance(self.pad_token, str) and self.pad_token.strip()):
+            raise ValueError(f"pad_token: expected a token (e.g. 'eos'), got {self.pad_token!r}")
         if not self.out:
             raise ValueError("out: an output directory is required")
         from ctpo_lab.runsafety import check_writable
 
         check_writable(self.out)
+        if self.cache is not None and not Path(self.cache).is_dir():  # an existing (even read-only) cache is read
+            check_writable(self.cache, "cache")
         if self.source == "checkpoints" and not self.target_model:
             raise ValueError("target_model: --source checkpoints needs a target model")
         if self.source == "temperature" and self.temperature == 1.0:
@@ -119,6 +125,9 @@ class RunConfig:
                 raise ValueError(f"loss: unknown preset {self.loss!r}; expected one of {sorted(PRESETS)}")
         return self
 
+
+#: The largest value of a count option (prompts, group size, tokens, replicates, ...): beyond it, a typo.
+MAX_COUNT = 2**31 - 1
 
 #: The sources of off-policyness of ``run``.
 SOURCES: tuple[str, ...] = ("stale", "temperature", "dtype", "checkpoints")

@@ -150,8 +150,16 @@ def load_hf_dataset(
     except ImportError as e:  # pragma: no cover
         raise ImportError("prompts: reading an HF dataset needs the `datasets` package") from e
     p = Path(name).expanduser()
-    ds = datasets.load_from_disk(str(p)) if p.is_dir() and (p / "dataset_info.json").exists() or (
-        p.is_dir() and (p / "dataset_dict.json").exists()) else datasets.load_dataset(name, split=split)
+    if not p.exists():
+        from ctpo_lab.llm.models import check_hub_repo
+
+        check_hub_repo(name, repo_type="dataset", argument="prompts")
+    try:
+        ds = datasets.load_from_disk(str(p)) if p.is_dir() and (p / "dataset_info.json").exists() or (
+            p.is_dir() and (p / "dataset_dict.json").exists()) else datasets.load_dataset(name, split=split)
+    except Exception as e:  # noqa: BLE001  (not found, unreachable, unreadable, no such split: "cannot load it")
+        detail = " ".join(str(e).split()).split(". ")[0][:160]
+        raise ValueError(f"prompts: cannot load the dataset {name!r} ({type(e).__name__}: {detail})") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise ValueError(f"split: {name} has no split {split!r} (splits: {list(ds)})")

@@ -42,6 +42,8 @@ BUILTIN_MODELS: tuple[str, ...] = ("tiny-llama",)
 LLM_MODELS: tuple[str, ...] = ("smollm2", "tiny-random")
 #: Values of ``TrainConfig.sampler``: the kinds of rollout policy (``temperature`` is written ``temperature:<τ>``).
 SAMPLER_MODES: tuple[str, ...] = ("same", "bf16", "temperature")
+#: The largest value of an int config field other than the seeds (steps, batch sizes, intervals, ...).
+MAX_COUNT = 2**31 - 1
 
 
 def parse_sampler(spec: object) -> tuple[str, float | None]:
@@ -229,6 +231,18 @@ class TrainConfig:
                      "staleness"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected ≥ 0, got {getattr(self, name)!r}")
+        # seeds reach torch and numpy as signed 64-bit ints; a count beyond 2**31 - 1 is a typo, not a run
+        for name in ("seed", "warmstart_seed"):
+            if getattr(self, name) > 2**63 - 1:
+                raise ValueError(f"{name}: expected an int in [0, 2**63 - 1], got {getattr(self, name)!r}")
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name not in ("seed", "warmstart_seed") and isinstance(v, int) and not isinstance(v, bool) \
+                    and v > MAX_COUNT:
+                raise ValueError(f"{f.name}: expected an int ≤ {MAX_COUNT}, got {v!r}")
+        if self.preset != "custom" and self.preset not in TRAIN_PRESETS:
+            raise ValueError(f"preset: unknown trainer preset {self.preset!r}; expected one of "
+                             f"{sorted(TRAIN_PRESETS)}")
         for name in ("lr", "temperature", "eval_temperature", "max_grad_norm", "warmstart_lr"):
             v = getattr(self, name)
             if not (v > 0 and math.isfinite(v)):
@@ -561,6 +575,9 @@ def resolve_train_config(
     _merge(values, recipe_values, f"config {str(recipe)!r}")
     if overrides:
         ov = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        if "preset" in ov:  # the preset's values were merged already: a renamed preset would misdescribe the run
+            raise ValueError("preset: choose the trainer preset with --preset (or a recipe's preset key), not with "
+                             "a key=value override")
         _merge(values, ov, "overrides")
     _merge(values, {k: v for k, v in explicit.items() if v is not None}, "arguments")
     cfg = TrainConfig(**_coerce(values))

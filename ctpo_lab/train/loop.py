@@ -48,6 +48,7 @@ from torch import Tensor
 from ctpo_lab.advantages import grpo_advantages
 from ctpo_lab.diagnostics import masked_mean
 from ctpo_lab.losses import LossConfig, compute_policy_loss, metrics_to_host
+from ctpo_lab.runsafety import read_jsonl
 from ctpo_lab.train.config import TrainConfig, parse_sampler
 from ctpo_lab.train.distributed import init_distributed
 from ctpo_lab.train.policy import Policy, evaluate, load_policy, sampler_copy
@@ -144,13 +145,12 @@ class Trainer:
         self.run = RunFolder(
             out, resume=resume, overwrite=overwrite, keep=cfg.keep_checkpoints, writer=d.is_main
         )
-        ckpt_path = self.run.latest_checkpoint() if resume else None  # a corrupt newest one falls back on load
+        # everything a resume reads is checked before anything is built or written: config.yaml, metrics.jsonl and
+        # the newest readable checkpoint (a corrupt newest one falls back to the previous one, saying so)
+        resume_state = self._check_resumable(cfg) if resume else None
         if self.finished is not None and d.is_main:  # extending a finished run: it is not finished any more
             (self.run.path / FINISHED_FILE).unlink(missing_ok=True)
         self.finished = None
-        saved = self.run.read_config() if resume else None
-        if saved is not None:
-            _check_resume_config(saved, cfg)
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         self.task = make_task(cfg.task, **cfg.task_options)
@@ -186,8 +186,8 @@ class Trainer:
         self.start_step = 0
         self.consecutive_nan = 0
         self.wall_offset = 0.0
-        if ckpt_path is not None:
-            state = self.run.load_checkpoint(None, map_location=self.device)
+        if resume_state is not None:
+            state = resume_state
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             set_rng_state(state["rng"])
@@ -214,6 +214,32 @@ class Trainer:
             }
         )
         self._stop = False
+
+    def _check_resumable(self, cfg: TrainConfig) -> dict[str, Any] | None:
+        """The checkpoint state a resume continues from (None: nothing to continue, a fresh start).
+
+        ``ValueError`` naming the file, before any model is built or any file written, when ``config.yaml`` or
+        ``metrics.jsonl`` is corrupt, when the config differs from the one the run was started with (the
+        checkpoint's copy decides where ``config.yaml`` was cut short or edited), when checkpoints exist but none
+        is readable, or when the folder logged training steps but holds no checkpoint (a fresh start would replace
+        them)."""
+        saved = self.run.read_config()
+        if saved is not None:
+            _check_resume_config(saved, cfg)
+        logged = read_jsonl(self.run.metrics_path, name="resume", warn=False) if self.run.metrics_path.is_file() \
+            else []
+        if not self.run.checkpoints():
+            # only the step-0 evaluation logged (stopped during step 1): a fresh start logs it again, identically
+            steps = [r["step"] for r in logged if isinstance(r.get("step"), int) and r["step"] > 0]
+            if steps:
+                raise ValueError(
+                    f"resume: {self.run.path} has no checkpoint to continue from, but metrics.jsonl logs steps up to "
+                    f"{max(steps)}; pass --overwrite to start the run again, or choose another folder")
+            return None
+        state = self.run.load_checkpoint(None, map_location=self.device)
+        if isinstance(state.get("config"), dict):
+            _check_resume_config(state["config"], cfg, source="its newest checkpoint's config")
+        return state
 
     # ------------------------------------------------------------------ pieces
     def describe_batch_structure(self) -> str:
@@ -622,12 +648,12 @@ _RESUME_FREE = {
 }
 
 
-def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig) -> None:
+def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig, source: str = "config.yaml") -> None:
     new = cfg.to_dict()
     diff = sorted(k for k in new if k not in _RESUME_FREE and k in saved and saved[k] != new[k])
     if diff:
         raise ValueError(
-            f"resume: the config differs from the run folder's config.yaml in {diff} "
+            f"resume: the config differs from the run folder's {source} in {diff} "
             f"(saved {[saved[k] for k in diff]}, given {[new[k] for k in diff]}); "
             "use a new --out or --overwrite"
         )

@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from ctpo_lab import compare, stats
-from ctpo_lab.cli import ArgumentParser, int_at_least
+from ctpo_lab.cli import MAX_INT, ArgumentParser, int_at_least
 from ctpo_lab.runsafety import atomic_write_text
 
 __all__ = ["MainJob", "MAIN_JOB", "main_job_spec", "verdict", "grid_verdict", "format_verdict", "run_main_job",
@@ -82,8 +82,12 @@ def main_job_spec(job: MainJob = MAIN_JOB, *, first_seed: int = 0, seeds: int | 
     n = job.seeds if seeds is None else seeds
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ValueError(f"seeds: a paired test needs at least 2 seeds, got {n!r}")
+    if n > compare.MAX_GRID_SEEDS:
+        raise ValueError(f"seeds: expected at most {compare.MAX_GRID_SEEDS} seeds, got {n}")
     if isinstance(first_seed, bool) or not isinstance(first_seed, int) or first_seed < 0:
         raise ValueError(f"seed: expected an int ≥ 0, got {first_seed!r}")
+    if first_seed + n - 1 > MAX_INT:
+        raise ValueError(f"seed: the seeds seed..seed+{n - 1} must stay ≤ 2**63 - 1, got seed={first_seed}")
     return compare.GridSpec(study.train_preset, tuple(job.losses), tuple(range(first_seed, first_seed + n)),
                             (*c.overrides(study), *job.extra_overrides), study.steps)
 
@@ -187,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0],
                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--seed", type=int_at_least(0), default=0, help="first seed (seeds S..S+N-1; default 0)")
-    ap.add_argument("--seeds", type=int_at_least(2), default=MAIN_JOB.seeds,
+    ap.add_argument("--seeds", type=int_at_least(2, compare.MAX_GRID_SEEDS), default=MAIN_JOB.seeds,
                     help=f"number of paired seeds (default {MAIN_JOB.seeds})")
     ap.add_argument("--cell", default=MAIN_JOB.cell,
                     help=f"a cell of the {MAIN_JOB.study} regime study (default {MAIN_JOB.cell}; "

@@ -152,7 +152,8 @@ class RunFolder:
                 if not isinstance(state, dict) or not {"model", "optimizer", "rng", "step"} <= set(state):
                     raise ValueError("not a ctpo_lab checkpoint (model/optimizer/rng/step missing)")
             except Exception as e:  # truncated zip, bad pickle, wrong content: all mean "unreadable"
-                problems.append(f"{p}: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
+                detail = " ".join(str(e).split()).split(". ")[0][:160]  # the first sentence says what is wrong
+                problems.append(f"{p}: {type(e).__name__}: {detail}")
                 if i + 1 < len(candidates):
                     print(f"[ctpo_lab.train] checkpoint {p} is unreadable ({problems[-1].split(': ', 1)[1]}); "
                           f"falling back to {candidates[i + 1]}", file=sys.stderr, flush=True)
