@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 
 __all__ = ["ArgumentParser", "UsageError", "finite_float", "int_at_least", "error_line", "run", "EXIT_USAGE",
-           "EXIT_INTERRUPTED", "MAX_INT"]
+           "EXIT_INTERRUPTED", "MAX_INT", "MAX_COUNT"]
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -81,6 +81,8 @@ def finite_float(lo: float | None = None, hi: float | None = None, *, lo_open: b
 
 #: The largest int any option takes (seeds and counts reach torch and numpy as signed 64-bit ints).
 MAX_INT = 2**63 - 1
+#: The largest count (steps, prompts, batch sizes, tokens, replicates, ...) a config takes: beyond it, a typo.
+MAX_COUNT = 2**31 - 1
 
 
 def int_at_least(lo: int, hi: int = MAX_INT) -> Callable[[str], int]:

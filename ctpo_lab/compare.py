@@ -285,31 +285,32 @@ def run_grid(spec: GridSpec, out: str | os.PathLike[str], *, jobs: int | None = 
     return paths
 
 
-def load_grid(out: str | os.PathLike[str]) -> pd.DataFrame:
-    """Every record of every run's ``metrics.jsonl`` in one long table with ``loss`` and ``seed`` columns."""
+def load_grid(out: str | os.PathLike[str], *, name: str = "out") -> pd.DataFrame:
+    """Every record of every run's ``metrics.jsonl`` in one long table with ``loss`` and ``seed`` columns
+    (``name``: the argument a ``ValueError`` names)."""
     out = Path(out)
     spec_path = out / "grid.json"
     if not spec_path.is_file():
-        raise ValueError(f"out: {out} is not a grid folder (no grid.json)")
-    spec = read_json(spec_path, name="out")
+        raise ValueError(f"{name}: {out} is not a grid folder (no grid.json)")
+    spec = read_json(spec_path, name=name)
     if not (isinstance(spec.get("losses"), list) and isinstance(spec.get("seeds"), list)):
-        raise ValueError(f"out: {spec_path}: expected 'losses' and 'seeds' lists (not a grid.json of ctpo_lab)")
+        raise ValueError(f"{name}: {spec_path}: expected 'losses' and 'seeds' lists (not a grid.json of ctpo_lab)")
     frames = []
     for loss, seed in itertools.product(spec["losses"], spec["seeds"]):
         path = run_dir(out, loss, seed) / "metrics.jsonl"
         if not path.is_file():
             continue
-        records = read_jsonl(path, name="out")
+        records = read_jsonl(path, name=name)
         if not records:
             continue
         df = pd.DataFrame.from_records(records)
         if "step" not in df:
-            raise ValueError(f"out: {path}: records without a 'step' field (not a ctpo_lab metrics log)")
+            raise ValueError(f"{name}: {path}: records without a 'step' field (not a ctpo_lab metrics log)")
         df.insert(0, "seed", seed)
         df.insert(0, "loss", loss)
         frames.append(df)
     if not frames:
-        raise ValueError(f"out: no metrics.jsonl under {out / 'runs'}")
+        raise ValueError(f"{name}: no metrics.jsonl under {out / 'runs'}")
     return pd.concat(frames, ignore_index=True)
 
 

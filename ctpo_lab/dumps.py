@@ -223,6 +223,9 @@ def read_ratio_dump(path: str | os.PathLike[str]) -> RatioDump:
     m = z["response_mask"].astype(bool)
     if w.ndim != 2 or m.shape != w.shape:
         raise ValueError(f"path: {p}: weights {w.shape} and mask {m.shape} must be equal 2-D shapes")
+    for key in ("global_step", "rank"):
+        if key in z.files and (z[key].size == 0 or not np.issubdtype(z[key].dtype, np.integer)):
+            raise ValueError(f"path: {p}: {key!r} must hold one int, got {z[key].dtype} of shape {z[key].shape}")
     step = int(z["global_step"].reshape(-1)[0]) if "global_step" in z.files else -1
     rank = int(z["rank"].reshape(-1)[0]) if "rank" in z.files else -1
     adv = z["advantages"].astype(np.float64) if "advantages" in z.files else None
@@ -230,13 +233,13 @@ def read_ratio_dump(path: str | os.PathLike[str]) -> RatioDump:
     if "cum_log_ratio" in z.files:
         L, lossless = z["cum_log_ratio"].astype(np.float64), True
     else:
-        with np.errstate(divide="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore"):  # a zero or negative weight is refused just below
             L = np.where(m, np.log(np.where(m, w, 1.0)), 0.0)
         lossless = False
     global_ids = gid is not None and "group_ids_global" in z.files and bool(z["group_ids_global"].reshape(-1)[0])
     extra = {k: z[k].astype(np.float64) for k in z.files if k not in _LAYOUT_KEYS and z[k].shape == w.shape}
     if not np.isfinite(L[m]).all():
-        raise ValueError(f"path: {p} holds NaN/inf or zero weights on valid tokens")
+        raise ValueError(f"path: {p} holds NaN/inf, zero or negative weights on valid tokens")
     return RatioDump(w, m, step, rank, adv, L, gid, lossless, global_ids, extra)
 
 

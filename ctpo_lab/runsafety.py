@@ -131,18 +131,25 @@ def release_folder(path: str | os.PathLike[str]) -> None:
         fh.close()
 
 
-def is_marked(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` carries the marker :func:`write_marker` writes (a JSON object with ``created_by:
-    ctpo_lab``); a file of that name with any other content does not count, so ``overwrite`` never empties a
-    folder on the strength of a stray file."""
+def marker_command(path: str | os.PathLike[str]) -> str | None:
+    """The command that created ``path`` according to its marker (:func:`write_marker`: a JSON object with
+    ``created_by: ctpo_lab``), or None when there is no such marker; a file of that name with any other content
+    does not count, so ``overwrite`` never empties a folder on the strength of a stray file."""
     marker = Path(path) / MARKER
     try:
         if not marker.is_file() or marker.stat().st_size > 65536:
-            return False
+            return None
         data = json.loads(marker.read_text())
     except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    return isinstance(data, dict) and data.get("created_by") == "ctpo_lab"
+        return None
+    if not (isinstance(data, dict) and data.get("created_by") == "ctpo_lab"):
+        return None
+    return str(data.get("command") or "")
+
+
+def is_marked(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` carries ctpo_lab's marker (see :func:`marker_command`)."""
+    return marker_command(path) is not None
 
 
 def write_marker(path: str | os.PathLike[str], command: str) -> None:
@@ -181,14 +188,20 @@ def prepare_output(
     existing: str = "refuse",
     name: str = "out",
     check_only: bool = False,
+    owners: tuple[str, ...] | None = None,
+    resumable: bool = True,
 ) -> bool:
     """Make ``path`` this process's output folder: checked, created, locked and marked.
 
     ``existing`` says what a non-empty folder means without ``resume``/``overwrite``: ``"refuse"`` (a
-    ``ValueError``), or ``"update"`` (files are replaced in place, e.g. the figure gallery).  ``resume`` keeps the
-    contents; ``overwrite`` empties the folder first, only if it carries the marker and no other process holds
-    it.  With ``check_only`` nothing is created or locked (the read-only checks of a data-parallel rank > 0 or
-    of a dry run).  Returns whether the folder held files before.
+    ``ValueError``), ``"update"`` (files are replaced in place: the repository's own figure gallery) or
+    ``"update-own"`` (the same, for a folder one of ``owners`` created; any other is refused).  ``resume`` keeps
+    the contents; ``overwrite`` empties the folder first.  Both (and ``"update-own"``) act only on a folder whose
+    marker names one of ``owners`` (default: ``command`` itself), so one command never continues, replaces or
+    writes into another's output, and never on one another process holds.  ``resumable``: whether the
+    command has ``--resume`` (the refusal's hint names it only then).  With ``check_only`` nothing is created or
+    locked (the read-only checks of a data-parallel rank > 0 or of a dry run).  Returns whether the folder held
+    files before.
     """
     if resume and overwrite:
         raise ValueError("overwrite: --resume and --overwrite are mutually exclusive")
@@ -198,18 +211,25 @@ def prepare_output(
     if pid is not None and pid != os.getpid():  # first: a running writer is the one thing to know
         raise FolderBusyError(f"{name}: {p} is in use by another ctpo_lab process (PID {pid}); wait for it to "
                               "finish or stop it, or choose another folder")
+    if existing not in ("refuse", "update", "update-own"):
+        raise ValueError(f"existing: expected 'refuse', 'update' or 'update-own', got {existing!r}")
     nonempty = _nonempty(p)
-    if nonempty and resume and not is_marked(p):
-        raise ValueError(f"{name}: {p} was not created by ctpo_lab (no {MARKER} marker); --resume continues only "
-                         "ctpo_lab's own folders: choose another folder")
-    if nonempty and not resume:
-        if overwrite:
-            if not is_marked(p):
-                raise ValueError(f"{name}: {p} was not created by ctpo_lab (no {MARKER} marker); --overwrite "
-                                 "deletes only ctpo_lab's own folders: remove it yourself or choose another folder")
-        elif existing == "refuse":
-            raise ValueError(f"{name}: {p} already exists and is not empty; pass --resume to continue it or "
-                             "--overwrite to replace it, or choose another folder")
+    acting = "--resume" if resume else "--overwrite" if overwrite else "writing" if existing == "update-own" else None
+    if nonempty and acting is not None:
+        made_by = marker_command(p)
+        if made_by is None:
+            what = {"--resume": "--resume continues", "--overwrite": "--overwrite deletes"}.get(acting,
+                                                                                              "it writes into")
+            raise ValueError(f"{name}: {p} was not created by ctpo_lab (no {MARKER} marker); {what} only "
+                             "ctpo_lab's own folders: choose another folder")
+        accepted = (command,) if owners is None else tuple(owners)
+        if made_by not in accepted:
+            raise ValueError(f"{name}: {p} holds the output of `{made_by}`, not of `{command}`; choose another folder "
+                             "(remove it yourself to reuse the name)")
+    if nonempty and not resume and not overwrite and existing == "refuse":
+        how = "pass --resume to continue it or --overwrite to replace it" if resumable else \
+            "pass --overwrite to replace it"
+        raise ValueError(f"{name}: {p} already exists and is not empty; {how}, or choose another folder")
     if check_only:
         return nonempty
     p.mkdir(parents=True, exist_ok=True)

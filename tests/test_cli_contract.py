@@ -34,6 +34,12 @@ def d(tmp_path):
     (tmp_path / "stray").mkdir()  # a user's folder holding a file named like ctpo_lab's marker, not its content
     (tmp_path / "stray" / ".ctpo_lab").write_text("garbage marker\n")
     (tmp_path / "stray" / "thesis.tex").write_text("a user's own file\n")
+    from ctpo_lab.runsafety import write_marker
+
+    (tmp_path / "trainrun" / "ckpt").mkdir(parents=True)  # another command's output: never replaced by this one
+    write_marker(tmp_path / "trainrun", "python -m ctpo_lab.train")
+    (tmp_path / "trainrun" / "ckpt" / "step_0000010.pt").write_bytes(b"a checkpoint")
+    (tmp_path / "garbage.parquet").write_bytes(b"not a parquet file at all")
     (tmp_path / "bad.yaml").write_text("lr: [1, 2\nsteps: : :\n")
     (tmp_path / "badgrid").mkdir()
     (tmp_path / "badgrid" / "grid.json").write_text('{"losses": ["grpo"], "seeds": [0')
@@ -278,6 +284,17 @@ def _llm_cases():
         (lambda d: ["bias", "--out", d / "user", "--reanalyze"], "--out"),
         (lambda d: ["bias", "--quick"], "--out"),
         (lambda d: ["bias", "--out", d / "b", "--bogus"], "--bogus"),
+        (lambda d: ["bias", "--out", d / "b", "--quick", "--k", "1,,2"], "--k"),
+        (lambda d: ["bias", "--out", d / "b", "--quick", "--k", "1,1"], "--k"),
+        (lambda d: ["bias", "--out", d / "b", "--quick", "--sources", "stale,stale"], "--sources"),
+        (lambda d: ["bias", "--out", d / "b", "--quick", "--pad-token", ""], "--pad-token"),
+        (lambda d: ["bias", "--out", d / "b", "--quick", "--cache", d / "file"], "--cache"),
+        (lambda d: ["bias", "--out", d / "b", "--quick", "--directions", "1" + "0" * 30], "--directions"),
+        (lambda d: ["bias", "--out", d / "b", "--quick", "--threads", "1000000000000000000000000000000"], "--threads"),
+        (lambda d: ["bias", "--out", d / "b", "--quick", "--prompts", d / "garbage.parquet"], "--prompts"),
+        (lambda d: ["bias", "--out", d / "trainrun", "--quick", "--overwrite"], "--out"),
+        (lambda d: r(d, "--prompts", d / "garbage.parquet"), "--prompts"),
+        (lambda d: ["--out", d / "trainrun", *SMALL, "--resume"], "--out"),
     ]
 
 
@@ -311,6 +328,8 @@ MARKOV_CASES = [
     (lambda d: ["--out", d / "user", "--quick"], "--out"),
     (lambda d: ["--out", d / "user", "--quick", "--overwrite"], "--out"),
     (lambda d: ["--out", d / "m", "--bogus"], "--bogus"),
+    (lambda d: ["--out", d / "trainrun", "--quick", "--overwrite"], "--out"),
+    (lambda d: ["--out", d / "stray", "--quick", "--overwrite"], "--out"),
 ]
 
 
@@ -338,6 +357,11 @@ FIGURES_CASES = [
     (lambda d: ["--out", GALLERY, "--only", "llm"], "--llm-run"),
     (lambda d: ["--out", GALLERY, "--only", "llm_bias"], "--llm-bias"),
     (lambda d: ["--out", d / "f", "--bogus"], "--bogus"),
+    (lambda d: ["--out", d / "user", "--quick", "--only", "markov"], "--out"),
+    (lambda d: ["--out", d / "trainrun", "--quick", "--only", "markov"], "--out"),
+    (lambda d: ["--out", "", "--quick", "--only", "markov"], "--out"),
+    (lambda d: ["--out", d / "f", "--quick", "--only", "llm", "--llm-model", ""], "--llm-model"),
+    (lambda d: ["--out", d / "f", "--only", "training", "--grid", d / "badmetrics"], "--grid"),
 ]
 
 

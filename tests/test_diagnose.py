@@ -213,6 +213,9 @@ def _bad(tmp_path):
     df = store.read_parquet(d / "good.parquet")
     df.drop(columns=["advantage"]).to_parquet(d / "nocol.parquet")  # a parquet of another writer
     df.assign(logp_target=[["a"] * len(v) for v in df["logp_target"]]).to_parquet(d / "strcol.parquet")
+    np.savez(d / "emptystep.npz", pg_update_is_weights=np.ones((1, 2)), response_mask=np.ones((1, 2), np.int8),
+             global_step=np.array([], np.int64))
+    np.savez(d / "negative.npz", pg_update_is_weights=-np.ones((1, 2)), response_mask=np.ones((1, 2), np.int8))
     (d / "strdump").mkdir()
     np.savez(d / "strdump" / "step_0000003_rank_0000.npz", pg_update_is_weights=np.array([["a", "b"]]),
              response_mask=np.ones((1, 2), np.int8))
@@ -237,6 +240,9 @@ def _bad(tmp_path):
     (["dumps", "--target-clip-rate", "1.5"], "--target-clip-rate"),
     (["dumps", "--target-clip-rate", "nan"], "--target-clip-rate"),
     (["dumps", "--chain-seeds", "-1"], "--chain-seeds"),
+    (["dumps", "--steps", "0-1000000000000000000000000000000"], "--steps"),
+    (["emptystep.npz"], "path"),
+    (["negative.npz"], "path"),
 ])
 def test_cli_bad_inputs(tmp_path, capsys, argv, name):
     d = _bad(tmp_path)

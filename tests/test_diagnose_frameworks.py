@@ -371,6 +371,11 @@ def _bad(tmp_path: Path) -> Path:
                                                         "response_lengths": [2]}), d / "lists.pt")  # not tensors
     np.savez(d / "step_0000003.npz", rollout_is_weights=np.array([["a", "b"]]), response_mask=np.ones((1, 2), np.int8))
     (d / "genstep_000001").mkdir()
+    one = {"log_probs": [torch.zeros(2)], "rollout_log_probs": [torch.zeros(2)], "loss_masks": [torch.ones(2)]}
+    torch.save(dict(rollout_id=1, rank=0, rollout_data={**one, "response_lengths": [10**12]}),
+               d / "hugelen.pt")  # a length no sample has: refused before a [1, 10^12] array is allocated
+    torch.save(dict(rollout_id=1, rank=0, rollout_data={**one, "response_lengths": [2], "tokens": [torch.arange(6)],
+                                                        "total_lengths": [1]}), d / "badtotal.pt")
     return d
 
 
@@ -385,6 +390,8 @@ def _bad(tmp_path: Path) -> Path:
     (["lists.pt"], "path"),
     (["step_0000003.npz"], "path"),
     (["seq/rollout_is", "--steps", "9"], "path"),
+    (["hugelen.pt"], "path"),
+    (["badtotal.pt"], "path"),
 ])
 def test_cli_bad_framework_inputs(tmp_path, capsys, argv, name):
     d = _bad(tmp_path)

@@ -90,7 +90,7 @@ def test_every_command_refuses_a_busy_folder(held, capsys):
 
 def test_the_lock_is_released_when_the_holder_dies(tmp_path):
     folder = tmp_path / "f"
-    code = f"from ctpo_lab.runsafety import prepare_output; prepare_output({str(folder)!r}, command='t')"
+    code = f"from ctpo_lab.runsafety import prepare_output; prepare_output({str(folder)!r}, command='test')"
     subprocess.run([sys.executable, "-c", code], env=ENV, check=True)  # exits without releasing explicitly
     assert rs.holder_pid(folder) is None
     rs.prepare_output(folder, command="test", overwrite=True)  # a marked folder nobody holds: replaced

@@ -109,7 +109,7 @@ def test_overwrite_replaces_the_folder(tmp_path):
     from ctpo_lab.runsafety import write_marker
 
     (tmp_path / "run").mkdir()
-    write_marker(tmp_path / "run", "test")  # a folder ctpo_lab created (only those are replaced)
+    write_marker(tmp_path / "run", "python -m ctpo_lab.train")  # a folder ctpo_lab created (only those are replaced)
     (tmp_path / "run" / "junk.txt").write_text("x")
     Trainer(tiny(steps=1), tmp_path / "run", overwrite=True, progress=False).train()
     assert not (tmp_path / "run" / "junk.txt").exists()
@@ -180,7 +180,7 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()
-    write_marker(run, "test")  # a ctpo_lab run stopped after its step-0 evaluation, before any checkpoint
+    write_marker(run, "python -m ctpo_lab.train")  # a run stopped after its step-0 evaluation, before a checkpoint
     (run / "metrics.jsonl").write_text('{"step": 0, "eval_accuracy": 0.5}\n')
     Trainer(tiny(steps=1), run, resume=True, progress=False).train()
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]

@@ -18,6 +18,9 @@ from ctpo_lab.diagnose.clip import DEFAULT_TARGET_CLIP_RATE
 from ctpo_lab.diagnose.pipeline import diagnose
 from ctpo_lab.diagnose.readers import DUMP_MODES
 
+#: The longest A-B range ``--steps`` takes (a longer one is a typo; dump folders hold far fewer steps).
+MAX_STEPS_IN_RANGE = 1_000_000
+
 
 def _steps(text: str) -> list[int]:
     """``5`` or ``10-20`` (inclusive)."""
@@ -29,6 +32,8 @@ def _steps(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected a step (an int ≥ 0) or a range A-B, got {text!r}") from None
     if a < 0 or b < a:
         raise argparse.ArgumentTypeError(f"expected a step ≥ 0 or a range A-B with A ≤ B, got {text!r}")
+    if b - a >= MAX_STEPS_IN_RANGE:
+        raise argparse.ArgumentTypeError(f"expected a range of at most {MAX_STEPS_IN_RANGE:,} steps, got {text!r}")
     return list(range(a, b + 1))
 
 

@@ -291,21 +291,25 @@ def read_slime(path: Path) -> Block:
     lengths = [int(x) for x in rd["response_lengths"]]
     if len(rd["rollout_log_probs"]) != n or len(lengths) != n:
         raise ValueError(f"path: {path}: log_probs, rollout_log_probs and response_lengths differ in length")
-    width = max([1, *lengths])
-    ell = np.zeros((n, width))
-    mask = np.zeros((n, width), dtype=bool)
-    adv = np.zeros((n, width)) if rd.get("advantages") is not None else None
-    prompts = []
+    samples = []  # every sample checked before the [n, max length] arrays are allocated
     for i in range(n):
         pi = _np(rd["log_probs"][i], "log_probs", path).reshape(-1).astype(np.float64)
         mu = _np(rd["rollout_log_probs"][i], "rollout_log_probs", path).reshape(-1).astype(np.float64)
         r = lengths[i]
         lm = (_np(rd["loss_masks"][i], "loss_masks", path).reshape(-1).astype(bool) if rd.get("loss_masks") is not None
-              else np.ones(r, dtype=bool))
+              else np.ones(len(pi), dtype=bool))
         if not (len(pi) == len(mu) == len(lm) == r):
             raise ValueError(f"path: {path}: sample {i}: log_probs ({len(pi)}), rollout_log_probs ({len(mu)}) and "
                              f"loss_masks ({len(lm)}) must all have response_length {r} (context parallelism "
                              "slices them: dump with --context-parallel-size 1)")
+        samples.append((pi, mu, lm))
+    width = max([1, *lengths])
+    ell = np.zeros((n, width))
+    mask = np.zeros((n, width), dtype=bool)
+    adv = np.zeros((n, width)) if rd.get("advantages") is not None else None
+    prompts = []
+    for i, (pi, mu, lm) in enumerate(samples):
+        r = lengths[i]
         ell[i, :r] = np.where(lm, pi - mu, 0.0)
         mask[i, :r] = lm
         if adv is not None:
@@ -313,7 +317,11 @@ def read_slime(path: Path) -> Block:
             adv[i, :len(a[:r])] = a[:r]
         if rd.get("tokens") is not None and rd.get("total_lengths") is not None:
             tok = _np(rd["tokens"][i], "tokens", path).reshape(-1)
-            prompts.append(tok[: int(rd["total_lengths"][i]) - r])
+            total = int(rd["total_lengths"][i])
+            if not r <= total <= len(tok):
+                raise ValueError(f"path: {path}: sample {i}: total_lengths {total} must lie between its "
+                                 f"response_length {r} and its number of tokens {len(tok)}")
+            prompts.append(tok[: total - r])
     keys = _groups_from_prompts(prompts) if len(prompts) == n else None
     step = int(obj.get("rollout_id", -1))
     return Block(ell, mask, adv, keys, step)

@@ -357,11 +357,12 @@ def diagnose(path: str | os.PathLike[str], out: str | os.PathLike[str], *, steps
     if isinstance(chain_seeds, bool) or not isinstance(chain_seeds, int) or chain_seeds < 0:
         raise ValueError(f"chain_seeds: expected an int ≥ 0, got {chain_seeds!r}")
     out = Path(out)
-    prepare_output(out, command="diagnose", overwrite=overwrite, check_only=True)  # before any reading
+    prepare_output(out, command="diagnose", overwrite=overwrite, check_only=True,  # before any reading
+                   resumable=False)
     traj = readers.read_trajectories(path, steps=steps, dump_mode=dump_mode)
     summary = summarize(traj, seed=seed, bin_width=bin_width, n_boot=n_boot, source=str(path),
                         target_clip_rate=target_clip_rate, chain_seeds=chain_seeds)
-    prepare_output(out, command="diagnose", overwrite=overwrite)
+    prepare_output(out, command="diagnose", overwrite=overwrite, resumable=False)
     figs = _figures(out, summary)
     summary.pop("_stats")
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")

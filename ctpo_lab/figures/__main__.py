@@ -52,6 +52,12 @@ def check_inputs(args: argparse.Namespace) -> None:
             if f.endswith(".json"):
                 read_json(p / f, name=flag)
 
+    if not str(args.out).strip():
+        raise ValueError("--out: expected a folder path, got ''")
+    if args.llm_model is not None and not args.llm_model.strip():
+        raise ValueError("--llm-model: expected a model name or folder, got ''")
+    if args.llm_model is not None and args.llm_run is not None:
+        raise ValueError("--llm-model: the fig1_llm family uses the model of the --llm-run folder; give one of them")
     if args.llm_run is not None:
         folder("--llm-run", args.llm_run, ("summary.json", "config.json"),
                "a finished `python -m ctpo_lab.llm` folder")
@@ -63,6 +69,9 @@ def check_inputs(args: argparse.Namespace) -> None:
         spec = read_json(Path(args.grid) / "grid.json", name="--grid")
         if not (isinstance(spec.get("losses"), list) and isinstance(spec.get("seeds"), list)):
             raise ValueError(f"--grid: {Path(args.grid) / 'grid.json'}: expected 'losses' and 'seeds' lists")
+        from ctpo_lab import compare
+
+        compare.load_grid(args.grid, name="--grid")  # every run's log readable, before any file is written
     if args.regime is not None:
         from ctpo_lab.train.regime import STUDY_FILE
 
@@ -128,7 +137,10 @@ def _main(argv: list[str] | None) -> int:
 
     apply_style()
     out = Path(args.out)
-    prepare_output(out, command="python -m ctpo_lab.figures", existing="update")  # one writer; files replaced
+    # the repository's own gallery is updated in place; any other folder only when figures created it
+    gallery = _is_gallery(out)
+    prepare_output(out, command="python -m ctpo_lab.figures", existing="update" if gallery else "update-own",
+                   resumable=False)  # one writer; files replaced
     cache = out / ".cache"
     if args.refresh and cache.exists():
         import shutil

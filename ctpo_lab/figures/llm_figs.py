@@ -67,6 +67,10 @@ def make(out: Path, *, quick: bool, seed: int, cache: Path, command: str, model:
         model = "tiny-random"
         summary = _collect(model, True, seed, cache)
     results = {k: v for k, v in summary["targets"].items() if "error" not in v}
+    if not results:  # nothing to plot: say why instead of writing no file
+        errors = "; ".join(f"{k}: {v.get('error')}" for k, v in summary["targets"].items()) or "no targets"
+        where = f"llm_run: {llm_run}" if llm_run is not None else f"llm: the {model} run"
+        raise ValueError(f"{where} has no target with results to plot ({errors})")
     bin_width = int(summary["settings"]["bin_width"])
     common = {"command": command, "seeds": seed, "extra": {"model": model}}
     files: list[Path] = []

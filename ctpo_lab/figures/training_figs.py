@@ -74,7 +74,8 @@ def make(out: Path, *, quick: bool, seed: int, cache: Path, command: str, grid_d
         except TypeError as e:
             raise ValueError(f"grid: {grid / 'grid.json'} is not a grid specification ({e})") from None
         df = compare.load_grid(grid)
-        prepare_output(grid, command="python -m ctpo_lab.figures", resume=True, name="grid")  # aggregate writes
+        prepare_output(grid, command="python -m ctpo_lab.figures", resume=True, name="grid",  # aggregate writes
+                       owners=("python -m ctpo_lab.train compare",))
     else:
         spec = grid_spec(quick, seed)
         from ctpo_lab.train.main_job import MAIN_JOB

@@ -111,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
 
 #: Argument names in library messages that are shown as flags (``max_new_tokens`` → ``--max-new-tokens``).
 _FLAG_NAMES = frozenset(OPTIONS) | {"out", "seed", "source", "threads", "resume", "overwrite", "step", "min_count",
-                                    "bin_width", "n_boot"}
+                                    "bin_width", "n_boot", "params", "directions"}
 
 
 def _error(e: Exception) -> int:

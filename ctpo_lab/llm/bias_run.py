@@ -41,7 +41,7 @@ import pandas as pd
 import torch
 
 from ctpo_lab import advantages
-from ctpo_lab.cli import finite_float, int_at_least
+from ctpo_lab.cli import MAX_COUNT, finite_float, int_at_least
 from ctpo_lab.llm import bias
 from ctpo_lab.stats import format_ci
 
@@ -220,12 +220,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _int_list(text: str, name: str) -> list[int]:
     try:
-        vals = [int(x) for x in text.split(",") if x.strip()]
+        vals = [int(x) for x in text.split(",")]  # an empty item ("1,,2") is a typo: int("") fails
     except ValueError:
         raise ValueError(f"--{name}: expected comma-separated integers, got {text!r}") from None
-    if not vals or any(v < 1 for v in vals):
-        raise ValueError(f"--{name}: expected positive integers, got {text!r}")
-    return sorted(set(vals))
+    if not vals or any(not 1 <= v <= MAX_COUNT for v in vals):
+        raise ValueError(f"--{name}: expected integers in [1, {MAX_COUNT}], got {text!r}")
+    if len(set(vals)) != len(vals):
+        raise ValueError(f"--{name}: expected distinct integers, got {text!r}")
+    return sorted(vals)
 
 
 def resolve(ns: argparse.Namespace) -> BiasConfig:
@@ -247,8 +249,8 @@ def resolve(ns: argparse.Namespace) -> BiasConfig:
     if ns.sources is not None:
         srcs = [s.strip() for s in ns.sources.split(",") if s.strip()]
         bad = [s for s in srcs if s not in SOURCES]
-        if bad or not srcs:
-            raise ValueError(f"--sources: expected a comma list of {SOURCES}, got {ns.sources!r}")
+        if bad or not srcs or len(set(srcs)) != len(srcs):
+            raise ValueError(f"--sources: expected a comma list of distinct names from {SOURCES}, got {ns.sources!r}")
         cfg.sources = srcs
     if ns.k is not None:
         cfg.k = _int_list(ns.k, "k")
@@ -274,14 +276,22 @@ def resolve(ns: argparse.Namespace) -> BiasConfig:
     for name in ("train_prompts", "eval_prompts", "group_size", "max_new_tokens", "prompts_per_chunk", "minibatches",
                  "directions", "directions_per_pass", "batch_size", "chain_seeds", "threads"):
         v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"--{name.replace('_', '-')}: expected a positive int, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_COUNT:
+            raise ValueError(f"--{name.replace('_', '-')}: expected an int in [1, {MAX_COUNT}], got {v!r}")
+    if cfg.threads > 1024:
+        raise ValueError(f"--threads: expected at most 1024 torch threads, got {cfg.threads}")
     if cfg.group_size < 2:
         raise ValueError("--group-size: group baselines need at least 2 responses per prompt")
     if cfg.eval_prompts < 2:
         raise ValueError("--eval-prompts: the bootstrap needs at least 2 prompt groups")
-    if isinstance(cfg.n_boot, bool) or not isinstance(cfg.n_boot, int) or cfg.n_boot < 0:
-        raise ValueError(f"--n-boot: expected an int ≥ 0, got {cfg.n_boot!r}")
+    if isinstance(cfg.n_boot, bool) or not isinstance(cfg.n_boot, int) or not 0 <= cfg.n_boot <= MAX_COUNT:
+        raise ValueError(f"--n-boot: expected an int in [0, {MAX_COUNT}], got {cfg.n_boot!r}")
+    if cfg.pad_token is not None and not cfg.pad_token.strip():
+        raise ValueError(f"--pad-token: expected a token (e.g. 'eos'), got {cfg.pad_token!r}")
+    if cfg.cache is not None and not Path(cfg.cache).is_dir():  # an existing (even read-only) cache is read
+        from ctpo_lab.runsafety import check_writable
+
+        check_writable(cfg.cache, "--cache")
     if not (math.isfinite(cfg.mu_temperature) and cfg.mu_temperature > 0 and cfg.mu_temperature != 1.0):
         raise ValueError(f"--mu-temperature: expected a finite number > 0 and ≠ 1, got {cfg.mu_temperature}")
     from ctpo_lab.losses import PRESETS
@@ -300,7 +310,7 @@ def _prepare_out(out: Path, cfg: BiasConfig, overwrite: bool, *, check_only: boo
     from ctpo_lab.runsafety import atomic_write_text, prepare_output
 
     prepare_output(out, command="python -m ctpo_lab.llm bias", overwrite=overwrite, name="--out",
-                   check_only=check_only)
+                   check_only=check_only, resumable=False)
     if not check_only:
         atomic_write_text(out / "config.json", json.dumps(asdict(cfg), indent=2))
 
@@ -738,7 +748,8 @@ def main_bias(ns: argparse.Namespace) -> int:
         if out.is_dir() and all((out / f).is_file() for f in RAW_FILES):  # derived files replaced: one writer
             from ctpo_lab.runsafety import prepare_output
 
-            prepare_output(out, command="python -m ctpo_lab.llm bias --reanalyze", resume=True, name="--out")
+            prepare_output(out, command="python -m ctpo_lab.llm bias --reanalyze", resume=True, name="--out",
+                           owners=("python -m ctpo_lab.llm bias",))
         try:
             summary = analyze_bias(out, n_boot=ns.n_boot, seed=ns.seed if ns.seed != 0 else None,
                                    batch_size=ns.batch_size, chain_seeds=ns.chain_seeds, progress=not ns.no_progress)

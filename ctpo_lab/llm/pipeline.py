@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ctpo_lab.cli import MAX_COUNT
 from ctpo_lab.runsafety import atomic_write_text
 
 __all__ = [
@@ -125,9 +126,6 @@ class RunConfig:
                 raise ValueError(f"loss: unknown preset {self.loss!r}; expected one of {sorted(PRESETS)}")
         return self
 
-
-#: The largest value of a count option (prompts, group size, tokens, replicates, ...): beyond it, a typo.
-MAX_COUNT = 2**31 - 1
 
 #: The sources of off-policyness of ``run``.
 SOURCES: tuple[str, ...] = ("stale", "temperature", "dtype", "checkpoints")
@@ -500,7 +498,8 @@ def analyze_run(out: str | Path, *, bin_width: int | None = None, n_boot: int | 
         raise ValueError(f"dir: {out}/targets holds no target parquet (run `python -m ctpo_lab.llm run` first)")
     if not overwrite and any((out / f).exists() for f in ("figure1.png", "figure1.pdf", "summary.json")):
         raise ValueError(f"overwrite: {out} already has plots/summary (use --overwrite)")
-    prepare_output(out, command="python -m ctpo_lab.llm analyze", resume=True, name="dir")  # one writer
+    prepare_output(out, command="python -m ctpo_lab.llm analyze", resume=True, name="dir",  # one writer
+                   owners=("python -m ctpo_lab.llm",))
     return analyze(out, bin_width=bin_width or saved.get("bin_width", 50), min_count=saved.get("min_count", 30),
                    min_sequences=saved.get("min_sequences", 10), n_boot=n_boot or saved.get("n_boot", 1000),
                    seed=seed, overwrite=overwrite)

@@ -124,7 +124,11 @@ def load_verl_parquet(path: str | os.PathLike[str], *, limit: int | None = None)
         raise ValueError(f"prompts: no .parquet file in {p}")
     out: list[Prompt] = []
     for f in files:
-        df = pd.read_parquet(f)
+        try:
+            df = pd.read_parquet(f)
+        except Exception as e:  # noqa: BLE001  (not parquet, truncated, unreadable: all mean "cannot read it")
+            detail = " ".join(str(e).split()).split(". ")[0][:160]
+            raise ValueError(f"prompts: {f} is not a readable parquet file ({type(e).__name__}: {detail})") from None
         if "prompt" not in df.columns:
             raise ValueError(f"prompts: {f} has no 'prompt' column (columns: {list(df.columns)})")
         for i, row in enumerate(df.to_dict("records")):

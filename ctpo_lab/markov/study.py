@@ -435,7 +435,7 @@ def run_study(config: StudyConfig, out: str | os.PathLike[str], *, overwrite: bo
     if not isinstance(config.seed, int) or isinstance(config.seed, bool) or config.seed < 0:
         raise ValueError(f"seed: expected an int >= 0, got {config.seed!r}")
     out = Path(out)
-    prepare_output(out, command="python -m ctpo_lab.markov", overwrite=overwrite)
+    prepare_output(out, command="python -m ctpo_lab.markov", overwrite=overwrite, resumable=False)
     t0 = time.time()
     n_sweep = len(config.kls) * sum(1 for T in config.horizons for s in config.signals for e in config.estimators
                                     if sweep_cell_applies(config, e, s, T))

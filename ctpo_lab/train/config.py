@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from ctpo_lab.cli import MAX_COUNT
 from ctpo_lab.losses import LossConfig, resolve_config
 
 __all__ = [
@@ -42,8 +43,6 @@ BUILTIN_MODELS: tuple[str, ...] = ("tiny-llama",)
 LLM_MODELS: tuple[str, ...] = ("smollm2", "tiny-random")
 #: Values of ``TrainConfig.sampler``: the kinds of rollout policy (``temperature`` is written ``temperature:<τ>``).
 SAMPLER_MODES: tuple[str, ...] = ("same", "bf16", "temperature")
-#: The largest value of an int config field other than the seeds (steps, batch sizes, intervals, ...).
-MAX_COUNT = 2**31 - 1
 
 
 def parse_sampler(spec: object) -> tuple[str, float | None]:
