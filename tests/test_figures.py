@@ -42,3 +42,19 @@ def test_second_run_reuses_cached_results(quick_figures, capsys):
     assert main(["--quick", "--out", str(quick_figures), "--only", "markov", "llm"]) == 0
     err = capsys.readouterr().err
     assert "reusing cached result" in err
+
+
+def test_an_llm_run_without_usable_targets_is_refused_saying_why(tmp_path):
+    import json
+
+    from ctpo_lab.figures import llm_figs
+
+    run = tmp_path / "llm"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": "tiny-random"}))
+    (run / "summary.json").write_text(json.dumps({
+        "settings": {"bin_width": 16},
+        "targets": {"temperature_1.5": {"error": "mask: no position ≥ 1 has 8 or more alive sequences"}}}))
+    with pytest.raises(ValueError, match=r"^llm_run: .* has no target with results to plot \(temperature_1\.5: mask"):
+        llm_figs.make(tmp_path / "out", quick=True, seed=0, cache=tmp_path / "cache", command="test", llm_run=run)
+    assert not (tmp_path / "out").exists()

@@ -85,3 +85,31 @@ def test_cache_dir_env(tmp_path, monkeypatch):
     monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "c"))
     assert models.cache_dir() == tmp_path / "c" and (tmp_path / "c").is_dir()
     assert os.fspath(models.cache_dir(tmp_path / "d")) == os.fspath(tmp_path / "d")
+
+
+def test_an_unreachable_hub_id_is_refused_at_once_naming_the_argument(monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def unreachable(repo_id, **kw):
+        calls.append((repo_id, kw.get("repo_type"), kw.get("timeout")))
+        raise ConnectionError("[Errno -2] Name or service not known. More detail that is cut")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", lambda self, repo_id, **kw: unreachable(repo_id, **kw))
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **kw: None)
+    with pytest.raises(FileNotFoundError, match=r"^model: 'someone/missing-model' is not a built-in name .*"
+                       r"\(ConnectionError: \[Errno -2\] Name or service not known\)$"):
+        load_model("someone/missing-model")
+    with pytest.raises(FileNotFoundError, match=r"^prompts: 'someone/ds' is not a saved dataset folder"):
+        models.check_hub_repo("someone/ds", repo_type="dataset", argument="prompts")
+    assert calls == [("someone/missing-model", "model", 10), ("someone/ds", "dataset", 10)]
+    # cached, or offline: no network call, no refusal (transformers reads the cache)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **kw: "/cache/config.json")
+    models.check_hub_repo("someone/missing-model")
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **kw: None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    models.check_hub_repo("someone/missing-model")
+    assert len(calls) == 2
