@@ -40,6 +40,10 @@ def d(tmp_path):
     write_marker(tmp_path / "trainrun", "python -m ctpo_lab.train")
     (tmp_path / "trainrun" / "ckpt" / "step_0000010.pt").write_bytes(b"a checkpoint")
     (tmp_path / "garbage.parquet").write_bytes(b"not a parquet file at all")
+    (tmp_path / "llm_failed").mkdir()  # an llm run whose only target could not be measured
+    (tmp_path / "llm_failed" / "config.json").write_text(json.dumps({"model": "tiny-random"}))
+    (tmp_path / "llm_failed" / "summary.json").write_text(json.dumps(
+        {"settings": {"bin_width": 16}, "targets": {"temperature_1.5": {"error": "too few sequences"}}}))
     (tmp_path / "bad.yaml").write_text("lr: [1, 2\nsteps: : :\n")
     (tmp_path / "badgrid").mkdir()
     (tmp_path / "badgrid" / "grid.json").write_text('{"losses": ["grpo"], "seeds": [0')
@@ -362,6 +366,7 @@ FIGURES_CASES = [
     (lambda d: ["--out", "", "--quick", "--only", "markov"], "--out"),
     (lambda d: ["--out", d / "f", "--quick", "--only", "llm", "--llm-model", ""], "--llm-model"),
     (lambda d: ["--out", d / "f", "--only", "training", "--grid", d / "badmetrics"], "--grid"),
+    (lambda d: ["--out", d / "f", "--only", "llm", "--llm-run", d / "llm_failed"], "--llm-run"),
 ]
 
 

@@ -282,6 +282,8 @@ def test_resume_refuses_a_folder_it_cannot_continue_and_writes_nothing(tmp_path)
     with pytest.raises(ValueError, match=r"newest checkpoint's config in \['lr'\]"):
         Trainer(tiny(steps=3, ckpt_every=1, lr=1e-2), out, resume=True, progress=False)
     (out / "config.yaml").write_bytes(files["config.yaml"])
+    with pytest.raises(ValueError, match=r"^steps: the run in .* is at step 2 already; pass --steps 2 or more"):
+        Trainer(tiny(steps=1, ckpt_every=1), out, resume=True, progress=False)
     for ck in (out / "ckpt").glob("step_*.pt"):  # logged steps 1..2 but nothing to continue from
         ck.unlink()
     with pytest.raises(ValueError, match="no checkpoint to continue from, but metrics.jsonl logs steps up to 2"):

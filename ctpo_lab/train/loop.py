@@ -239,6 +239,9 @@ class Trainer:
         state = self.run.load_checkpoint(None, map_location=self.device)
         if isinstance(state.get("config"), dict):
             _check_resume_config(state["config"], cfg, source="its newest checkpoint's config")
+        if int(state["step"]) > cfg.steps:
+            raise ValueError(f"steps: the run in {self.run.path} is at step {int(state['step'])} already; pass --steps "
+                             f"{int(state['step'])} or more to continue it")
         return state
 
     # ------------------------------------------------------------------ pieces
@@ -597,7 +600,11 @@ class Trainer:
                     self.checkpoint(step, wall)
             bar.close()
             if not result.interrupted:
-                final = {k: v for k, v in (result.history[-1] if result.history else {}).items()}
+                if result.history:
+                    final = dict(result.history[-1])
+                else:  # resumed at its last step: the final record is the logged one
+                    logged = [r for r in self.run.read_metrics() if r.get("step", 0) <= self.start_step]
+                    final = dict(logged[-1]) if logged else {}
                 result.final = final
                 self.run.mark_finished({"steps": cfg.steps, "wall_time": wall, "final": final})
         finally:
