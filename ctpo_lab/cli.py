@@ -17,7 +17,8 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 
 __all__ = ["ArgumentParser", "UsageError", "finite_float", "int_at_least", "error_line", "run", "EXIT_USAGE",
-           "EXIT_INTERRUPTED", "MAX_INT", "MAX_COUNT"]
+           "EXIT_INTERRUPTED", "MAX_INT", "MAX_COUNT",
+           "exception_summary", "consecutive_seeds"]
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -103,6 +104,19 @@ def int_at_least(lo: int, hi: int = MAX_INT) -> Callable[[str], int]:
 
     parse.__name__ = "int"
     return parse
+
+
+def exception_summary(e: BaseException, limit: int = 160) -> str:
+    """``"<type>: <first sentence of the message>"`` on one line, at most ``limit`` characters of message (library
+    exceptions wrapped into a ``<argument>: ...`` error keep what is wrong, not their advice or internals)."""
+    return f"{type(e).__name__}: {' '.join(str(e).split()).split('. ')[0][:limit]}"
+
+
+def consecutive_seeds(first: int, count: int) -> list[int]:
+    """``[first, first + count)``; ``ValueError`` naming ``seed`` when the last one exceeds :data:`MAX_INT`."""
+    if first + count - 1 > MAX_INT:
+        raise ValueError(f"seed: the seeds seed..seed+{count - 1} must stay ≤ 2**63 - 1, got seed={first}")
+    return list(range(first, first + count))
 
 
 def error_line(e: BaseException, flags: Iterable[str] | Mapping[str, str] = ()) -> str:

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from ctpo_lab import prefork, stats
-from ctpo_lab.cli import MAX_INT, ArgumentParser, int_at_least
+from ctpo_lab.cli import MAX_INT, ArgumentParser, consecutive_seeds, int_at_least
 from ctpo_lab.losses import PRESETS as LOSS_PRESETS
 from ctpo_lab.runsafety import (
     PARENT_ENV,
@@ -548,9 +548,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.seeds is not None and len(args.seeds) > MAX_GRID_SEEDS:
         raise ValueError(f"seeds: expected at most {MAX_GRID_SEEDS} seeds, got {len(args.seeds)}")
     first, count = args.seed or 0, 3 if args.num_seeds is None else args.num_seeds
-    if args.seeds is None and first + count - 1 > MAX_INT:
-        raise ValueError(f"seed: the seeds seed..seed+{count - 1} must stay ≤ 2**63 - 1, got seed={first}")
-    seeds = args.seeds if args.seeds is not None else list(range(first, first + count))
+    seeds = args.seeds if args.seeds is not None else consecutive_seeds(first, count)
     if args.reference is not None and args.reference not in args.losses:
         raise ValueError(f"reference: expected one of the compared losses {args.losses}, got {args.reference!r}")
     spec = GridSpec(args.preset, tuple(args.losses), tuple(seeds), tuple(args.overrides), args.steps)

@@ -61,12 +61,9 @@ def check_inputs(args: argparse.Namespace) -> None:
     if args.llm_run is not None:
         folder("--llm-run", args.llm_run, ("summary.json", "config.json"),
                "a finished `python -m ctpo_lab.llm` folder")
-        targets = read_json(Path(args.llm_run) / "summary.json", name="--llm-run").get("targets")
-        if not isinstance(targets, dict) or not any(isinstance(v, dict) and "error" not in v
-                                                    for v in targets.values()):
-            errors = "; ".join(f"{k}: {v.get('error')}" for k, v in (targets or {}).items()
-                               if isinstance(v, dict)) or "no targets"
-            raise ValueError(f"--llm-run: {args.llm_run} has no target with results to plot ({errors})")
+        from ctpo_lab.figures.llm_figs import usable_targets
+
+        usable_targets(read_json(Path(args.llm_run) / "summary.json", name="--llm-run"), f"--llm-run: {args.llm_run}")
     if args.llm_bias is not None:
         folder("--llm-bias", args.llm_bias, ("table.csv", "config.json", "summary.json"),
                "a finished `python -m ctpo_lab.llm bias` folder")

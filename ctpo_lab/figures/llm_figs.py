@@ -37,6 +37,19 @@ def _collect(model: str, quick: bool, seed: int, cache: Path) -> dict:
     return cached(cache, "llm_run", key, compute)
 
 
+def usable_targets(summary: dict, where: str) -> dict:
+    """The targets of an llm run's summary that have results; ``ValueError`` starting ``where`` (e.g.
+    ``"--llm-run: DIR"``) and listing each target's error when none has (nothing to plot: say why)."""
+    targets = summary.get("targets")
+    results = {k: v for k, v in targets.items() if isinstance(v, dict) and "error" not in v} \
+        if isinstance(targets, dict) else {}
+    if not results:
+        errors = "; ".join(f"{k}: {v.get('error')}" for k, v in (targets or {}).items()
+                           if isinstance(v, dict)) or "no targets"
+        raise ValueError(f"{where} has no target with results to plot ({errors})")
+    return results
+
+
 def _read_run(run_dir: Path) -> tuple[dict, str]:
     """The summary and model of an existing ``python -m ctpo_lab.llm`` output folder."""
     import json
@@ -66,11 +79,7 @@ def make(out: Path, *, quick: bool, seed: int, cache: Path, command: str, model:
         note = f" ({model} could not be loaded here: {e}; this is the tiny random model.)"
         model = "tiny-random"
         summary = _collect(model, True, seed, cache)
-    results = {k: v for k, v in summary["targets"].items() if "error" not in v}
-    if not results:  # nothing to plot: say why instead of writing no file
-        errors = "; ".join(f"{k}: {v.get('error')}" for k, v in summary["targets"].items()) or "no targets"
-        where = f"llm_run: {llm_run}" if llm_run is not None else f"llm: the {model} run"
-        raise ValueError(f"{where} has no target with results to plot ({errors})")
+    results = usable_targets(summary, f"llm_run: {llm_run}" if llm_run is not None else f"llm: the {model} run")
     bin_width = int(summary["settings"]["bin_width"])
     common = {"command": command, "seeds": seed, "extra": {"model": model}}
     files: list[Path] = []

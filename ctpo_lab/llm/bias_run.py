@@ -286,12 +286,9 @@ def resolve(ns: argparse.Namespace) -> BiasConfig:
         raise ValueError("--eval-prompts: the bootstrap needs at least 2 prompt groups")
     if isinstance(cfg.n_boot, bool) or not isinstance(cfg.n_boot, int) or not 0 <= cfg.n_boot <= MAX_COUNT:
         raise ValueError(f"--n-boot: expected an int in [0, {MAX_COUNT}], got {cfg.n_boot!r}")
-    if cfg.pad_token is not None and not cfg.pad_token.strip():
-        raise ValueError(f"--pad-token: expected a token (e.g. 'eos'), got {cfg.pad_token!r}")
-    if cfg.cache is not None and not Path(cfg.cache).is_dir():  # an existing (even read-only) cache is read
-        from ctpo_lab.runsafety import check_writable
+    from ctpo_lab.llm.models import check_load_options
 
-        check_writable(cfg.cache, "--cache")
+    check_load_options(cfg.cache, cfg.pad_token)
     if not (math.isfinite(cfg.mu_temperature) and cfg.mu_temperature > 0 and cfg.mu_temperature != 1.0):
         raise ValueError(f"--mu-temperature: expected a finite number > 0 and ≠ 1, got {cfg.mu_temperature}")
     from ctpo_lab.losses import PRESETS

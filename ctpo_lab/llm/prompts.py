@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ctpo_lab.cli import exception_summary
+
 __all__ = [
     "SYSTEM_PROMPT",
     "Prompt",
@@ -127,8 +129,7 @@ def load_verl_parquet(path: str | os.PathLike[str], *, limit: int | None = None)
         try:
             df = pd.read_parquet(f)
         except Exception as e:  # noqa: BLE001  (not parquet, truncated, unreadable: all mean "cannot read it")
-            detail = " ".join(str(e).split()).split(". ")[0][:160]
-            raise ValueError(f"prompts: {f} is not a readable parquet file ({type(e).__name__}: {detail})") from None
+            raise ValueError(f"prompts: {f} is not a readable parquet file ({exception_summary(e)})") from None
         if "prompt" not in df.columns:
             raise ValueError(f"prompts: {f} has no 'prompt' column (columns: {list(df.columns)})")
         for i, row in enumerate(df.to_dict("records")):
@@ -162,8 +163,7 @@ def load_hf_dataset(
         ds = datasets.load_from_disk(str(p)) if p.is_dir() and (p / "dataset_info.json").exists() or (
             p.is_dir() and (p / "dataset_dict.json").exists()) else datasets.load_dataset(name, split=split)
     except Exception as e:  # noqa: BLE001  (not found, unreachable, unreadable, no such split: "cannot load it")
-        detail = " ".join(str(e).split()).split(". ")[0][:160]
-        raise ValueError(f"prompts: cannot load the dataset {name!r} ({type(e).__name__}: {detail})") from None
+        raise ValueError(f"prompts: cannot load the dataset {name!r} ({exception_summary(e)})") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise ValueError(f"split: {name} has no split {split!r} (splits: {list(ds)})")

@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from ctpo_lab import compare, stats
-from ctpo_lab.cli import MAX_INT, ArgumentParser, int_at_least
+from ctpo_lab.cli import ArgumentParser, consecutive_seeds, int_at_least
 from ctpo_lab.runsafety import atomic_write_text
 
 __all__ = ["MainJob", "MAIN_JOB", "main_job_spec", "verdict", "grid_verdict", "format_verdict", "run_main_job",
@@ -86,9 +86,7 @@ def main_job_spec(job: MainJob = MAIN_JOB, *, first_seed: int = 0, seeds: int | 
         raise ValueError(f"seeds: expected at most {compare.MAX_GRID_SEEDS} seeds, got {n}")
     if isinstance(first_seed, bool) or not isinstance(first_seed, int) or first_seed < 0:
         raise ValueError(f"seed: expected an int ≥ 0, got {first_seed!r}")
-    if first_seed + n - 1 > MAX_INT:
-        raise ValueError(f"seed: the seeds seed..seed+{n - 1} must stay ≤ 2**63 - 1, got seed={first_seed}")
-    return compare.GridSpec(study.train_preset, tuple(job.losses), tuple(range(first_seed, first_seed + n)),
+    return compare.GridSpec(study.train_preset, tuple(job.losses), tuple(consecutive_seeds(first_seed, n)),
                             (*c.overrides(study), *job.extra_overrides), study.steps)
 
 

@@ -49,7 +49,7 @@ import numpy as np
 import pandas as pd
 
 from ctpo_lab import compare, stats
-from ctpo_lab.cli import MAX_INT, ArgumentParser, int_at_least
+from ctpo_lab.cli import ArgumentParser, consecutive_seeds, int_at_least
 from ctpo_lab.runsafety import atomic_path, atomic_write_text, prepare_output, read_json, read_jsonl
 from ctpo_lab.train.config import resolve_train_config
 from ctpo_lab.train.runfolder import FINISHED_FILE
@@ -613,10 +613,8 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.resume and args.overwrite:
         raise ValueError("overwrite: --resume and --overwrite are mutually exclusive")
     n = args.seeds if args.seeds is not None else study.seeds
-    if args.seed + n - 1 > MAX_INT:
-        raise ValueError(f"seed: the seeds seed..seed+{n - 1} must stay ≤ 2**63 - 1, got seed={args.seed}")
     result = run_study(args.out, preset=name, cells=args.cells, losses=args.losses,
-                       seeds=list(range(args.seed, args.seed + n)), resume=args.resume, overwrite=args.overwrite,
+                       seeds=consecutive_seeds(args.seed, n), resume=args.resume, overwrite=args.overwrite,
                        workers=args.workers, summarize_only=args.summarize_only)
     m = result["map"]
     if not m.empty:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import yaml
 
+from ctpo_lab.cli import exception_summary
 from ctpo_lab.runsafety import (
     atomic_write_text,
     prepare_output,
@@ -152,8 +153,7 @@ class RunFolder:
                 if not isinstance(state, dict) or not {"model", "optimizer", "rng", "step"} <= set(state):
                     raise ValueError("not a ctpo_lab checkpoint (model/optimizer/rng/step missing)")
             except Exception as e:  # truncated zip, bad pickle, wrong content: all mean "unreadable"
-                detail = " ".join(str(e).split()).split(". ")[0][:160]  # the first sentence says what is wrong
-                problems.append(f"{p}: {type(e).__name__}: {detail}")
+                problems.append(f"{p}: {exception_summary(e)}")
                 if i + 1 < len(candidates):
                     print(f"[ctpo_lab.train] checkpoint {p} is unreadable ({problems[-1].split(': ', 1)[1]}); "
                           f"falling back to {candidates[i + 1]}", file=sys.stderr, flush=True)
