@@ -32,7 +32,7 @@ def test_every_figure_has_pdf_and_caption_with_provenance(quick_figures):
         stem = png.with_suffix("")
         assert stem.with_suffix(".pdf").is_file(), png.name
         caption = (quick_figures / f"{png.stem}.caption.txt").read_text()
-        for field in ("command: python -m ctpo_lab.figures", "seeds:", "versions:", "torch", "git"):
+        for field in ("command: python -m ctpo_lab.figures", "seeds:", "versions:", "torch", "git", "processor"):
             assert field in caption, (png.name, field)
     for md in quick_figures.glob("table*.md"):
         assert "|" in md.read_text()

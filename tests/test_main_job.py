@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ctpo_lab import stats
+from ctpo_lab import machine, stats
 from ctpo_lab.train import main_job, regime
 
 
@@ -104,8 +104,11 @@ def test_main_job_tiny_end_to_end(tmp_path):
     assert set(table["verdict"]) <= {"not separated"} and len(res["lines"]) == 3
     saved = json.loads((tmp_path / "m" / "verdict.json").read_text())
     assert saved["seeds"] == [0, 1] and len(saved["comparisons"]) == 3
+    # the machine the numbers came from: processor and torch's CPU kernel set
+    assert saved["machine"] == machine.machine_record()
     text = (tmp_path / "m" / "verdict.md").read_text()
     assert "machine-dependent" in text and all(line in text for line in res["lines"])
+    assert f"Machine: {machine.describe_machine()}." in text
     # a second call reuses the finished runs and gives the same verdict
     again = main_job.run_main_job(tmp_path / "m", job=job, progress=False)
     pd.testing.assert_frame_equal(again["verdict"], table)

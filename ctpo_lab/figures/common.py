@@ -24,6 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import ctpo_lab  # noqa: E402
+from ctpo_lab.machine import machine_record  # noqa: E402
 
 __all__ = ["apply_style", "provenance", "caption_text", "save_figure", "save_table", "cached", "source_hash"]
 
@@ -67,6 +68,8 @@ def provenance() -> dict[str, str]:
         pass
     versions["git"] = _git_revision()
     versions["platform"] = platform.platform(terse=True)
+    machine = machine_record()
+    versions["processor"] = f"{machine['processor']} ({machine['cpu_capability']}, {machine['cores']} cores)"
     return versions
 
 

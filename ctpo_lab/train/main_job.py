@@ -41,6 +41,7 @@ import pandas as pd
 
 from ctpo_lab import compare, stats
 from ctpo_lab.cli import ArgumentParser, consecutive_seeds, int_at_least
+from ctpo_lab.machine import describe_machine, machine_record
 from ctpo_lab.runsafety import atomic_write_text
 
 __all__ = ["MainJob", "MAIN_JOB", "main_job_spec", "verdict", "grid_verdict", "format_verdict", "run_main_job",
@@ -169,17 +170,21 @@ def run_main_job(out: str | Path | None = None, *, job: MainJob = MAIN_JOB, firs
     table = grid_verdict(compare.load_grid(out), reference, alpha=alpha)
     lines = format_verdict(table, alpha=alpha) if not table.empty else []
     cell_name = cell or job.cell
+    machine = machine_record()
     header = (f"Main job: {', '.join(spec.losses)} × {len(spec.seeds)} paired seeds (seeds {spec.seeds[0]}–"
               f"{spec.seeds[-1]}) on the regime cell {cell_name} ({job.study} study: {spec.steps} rollout steps, "
               f"overrides {' '.join(spec.overrides)}). Verdict rule: separated = exact paired sign-flip p, "
               f"Holm-adjusted over {len(table)} comparisons, < {alpha} and the 95% bootstrap CI of the mean "
               "paired difference excludes 0. Every number below is machine-dependent (CPU float results differ "
-              "between processors); the separated / not-separated calls are what is meant to hold.")
+              "between processors, from the warm start on): the rule guards against seed noise on this machine, "
+              "and a call near the threshold can differ on a processor with other float kernels. "
+              f"Machine: {describe_machine(machine)}.")
     body = "\n".join(f"- {x}" for x in lines) or "- no comparison (a single loss)"
     atomic_write_text(out / "verdict.md", f"# Verdict\n\n{header}\n\n{body}\n")
     atomic_write_text(out / "verdict.json", json.dumps(
         {"cell": cell_name, "study": job.study, "losses": list(spec.losses), "seeds": list(spec.seeds),
-         "alpha": alpha, "comparisons": json.loads(table.to_json(orient="records")) if not table.empty else []},
+         "alpha": alpha, "machine": machine,
+         "comparisons": json.loads(table.to_json(orient="records")) if not table.empty else []},
         indent=1))
     return {**result, "verdict": table, "lines": lines, "header": header, "out": out,
             "seconds": time.time() - start}
