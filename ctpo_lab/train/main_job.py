@@ -17,11 +17,13 @@ loss and CTPO with CTPO-fixed:
 * **borderline** when only the unadjusted p is below ``alpha`` (such a call can flip on another machine);
 * **not separated** otherwise: the CI says how large a difference the seeds can exclude.
 
-Why this holds across machines: CPU float results differ between processors, so every run's numbers (and a
-3-seed ranking) differ from machine to machine; a difference that is separated at 10 seeds after the
-correction is large against the seed-to-seed spread that such numeric differences produce, and a "not
-separated" verdict says only that the difference is within the CI.  The numbers themselves are
-machine-dependent; the README says on which machine its numbers were measured.
+Across machines: CPU float results differ between processors (torch dispatches its kernels by instruction
+set), so every run's numbers differ from machine to machine from the warm start on, and the verdict guards
+against seed noise on the machine it ran on, not against that.  A call close to the threshold can change with
+the processor: on an Intel Xeon and an AMD EPYC both CTPO and GSPO ended above GRPO, but on each a different
+one of the two cleared the Holm correction (the README gives both tables).  ``verdict.md`` / ``verdict.json``
+name the processor and torch's CPU kernel set; a claim meant to carry over needs a margin far from the
+threshold, or more seeds (``--seeds``).
 """
 
 from __future__ import annotations
