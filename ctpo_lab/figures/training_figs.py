@@ -2,7 +2,7 @@
 (Figure-1 statistics of the trainer's own ratio dumps), all from one grid of runs (:mod:`ctpo_lab.compare`).
 
 The full run uses the grid of the README's main job (``runs/main``, :mod:`ctpo_lab.train.main_job`: GRPO, GSPO,
-CTPO and CTPO-fixed × 10 paired seeds on a cell of the ``cpu`` regime study) and reuses its finished runs;
+CTPO and CTPO-fixed × 20 paired seeds on a cell of the ``cpu`` regime study) and reuses its finished runs;
 ``--quick`` runs a CI-sized grid.  Paired comparisons are against the grid's first loss (GRPO).
 """
 

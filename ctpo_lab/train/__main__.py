@@ -1,5 +1,5 @@
 """``python -m ctpo_lab.train`` (no arguments): the main job (:mod:`ctpo_lab.train.main_job`: the paper's four
-losses × 10 paired seeds on an off-policy cell of the regime map, and a verdict stated only where the paired
+losses × 20 paired seeds on an off-policy cell of the regime map, and a verdict stated only where the paired
 test separates them); ``python -m ctpo_lab.train main [...]``: the same with options;
 ``python -m ctpo_lab.train compare [...]``: a comparison grid with options (:mod:`ctpo_lab.compare`);
 ``python -m ctpo_lab.train regime [...]``: the regime map (:mod:`ctpo_lab.train.regime`);
