@@ -109,6 +109,25 @@ def test_main_job_tiny_end_to_end(tmp_path):
     text = (tmp_path / "m" / "verdict.md").read_text()
     assert "machine-dependent" in text and all(line in text for line in res["lines"])
     assert f"Machine: {machine.describe_machine()}." in text
+    # the secondary comparison: accuracy averaged over training, checked against np.trapezoid on the raw logs
+    auc_table = res["auc_verdict"]
+    assert list(zip(auc_table["loss"], auc_table["reference"])) == list(zip(table["loss"], table["reference"]))
+    assert set(auc_table["verdict"]) <= {"not separated"} and len(res["auc_lines"]) == 3
+
+    def auc(loss, seed):
+        rows = [json.loads(x) for x in (tmp_path / "m" / "runs" / f"{loss}-seed{seed}" / "metrics.jsonl")
+                .read_text().splitlines() if x.strip()]
+        ev = sorted((r["step"], r["eval_accuracy"]) for r in rows if r.get("eval_accuracy") is not None)
+        steps, acc = np.array([e[0] for e in ev], float), np.array([e[1] for e in ev], float)
+        assert len(steps) >= 2
+        return np.trapezoid(acc, steps) / (steps[-1] - steps[0])
+
+    for _, r in auc_table.iterrows():
+        expected = np.mean([auc(r["loss"], s) - auc(r["reference"], s) for s in (0, 1)])
+        assert r["mean difference"] == pytest.approx(expected, abs=1e-12)
+    assert "## Secondary: accuracy averaged over training" in text
+    assert all(line in text for line in res["auc_lines"])
+    assert len(saved["secondary_auc_comparisons"]) == 3
     # a second call reuses the finished runs and gives the same verdict
     again = main_job.run_main_job(tmp_path / "m", job=job, progress=False)
     pd.testing.assert_frame_equal(again["verdict"], table)

@@ -125,27 +125,49 @@ def verdict(paired: pd.DataFrame, *, alpha: float = ALPHA) -> pd.DataFrame:
     return out
 
 
-def grid_verdict(df: pd.DataFrame, reference: str, *, alpha: float = ALPHA) -> pd.DataFrame:
+def grid_verdict(df: pd.DataFrame, reference: str, *, alpha: float = ALPHA,
+                 metric: str = "eval_accuracy") -> pd.DataFrame:
     """:func:`verdict` of a loaded grid (:func:`ctpo_lab.compare.load_grid`): every other loss against
-    ``reference`` and, when both are present, CTPO against CTPO-fixed (empty when nothing can be compared)."""
-    family = [compare.paired_comparison(df, reference)]
+    ``reference`` and, when both are present, CTPO against CTPO-fixed (empty when nothing can be compared), on
+    the last value of ``metric`` per run."""
+    family = [compare.paired_comparison(df, reference, metric=metric)]
     if {"ctpo", "ctpo_fixed"} <= set(df["loss"]):
-        family.append(compare.paired_comparison(df, "ctpo_fixed", ["ctpo"]))
+        family.append(compare.paired_comparison(df, "ctpo_fixed", ["ctpo"], metric=metric))
     family = [f for f in family if not f.empty]
     return verdict(pd.concat(family, ignore_index=True), alpha=alpha) if family else pd.DataFrame()
 
 
-def format_verdict(table: pd.DataFrame, *, alpha: float = ALPHA) -> list[str]:
-    """One sentence per comparison of :func:`verdict`'s table."""
+def auc_frame(out: str | Path, spec: compare.GridSpec) -> pd.DataFrame:
+    """One row per finished run of the grid in ``out``: ``loss``, ``seed``, ``step`` (0) and ``auc_accuracy``
+    (:func:`ctpo_lab.train.regime.run_outcomes`: the trapezoidal area under held-out accuracy vs step over the
+    step range, i.e. the mean accuracy over training), in the long layout :func:`grid_verdict` reads."""
+    from ctpo_lab.train import regime
+
+    rows = []
+    for loss in spec.losses:
+        for seed in spec.seeds:
+            outcome = regime.run_outcomes(compare.run_dir(Path(out), loss, seed))
+            if outcome is not None and math.isfinite(outcome["auc_accuracy"]):
+                rows.append({"loss": loss, "seed": seed, "step": 0, "auc_accuracy": outcome["auc_accuracy"]})
+    return pd.DataFrame(rows, columns=["loss", "seed", "step", "auc_accuracy"])
+
+
+def _format_p(p: float) -> str:
+    """Four decimals, or two significant digits below 1e-4 (20 seeds reach 2/2^20 ≈ 1.9e-6)."""
+    return f"{p:.4f}" if p >= 1e-4 or p == 0 else f"{p:.1e}"
+
+
+def format_verdict(table: pd.DataFrame, *, alpha: float = ALPHA, what: str = "final accuracy") -> list[str]:
+    """One sentence per comparison of :func:`verdict`'s table (``what`` names the compared quantity)."""
     lines = []
     for _, r in table.iterrows():
         d, lo, hi = float(r["mean difference"]), float(r["CI low"]), float(r["CI high"])
         n = int(r.get("paired seeds", 0))
         diff = f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
-        p = f"p = {float(r['sign-flip p']):.4f}, Holm p = {float(r['holm p']):.4f}"
+        p = f"p = {_format_p(float(r['sign-flip p']))}, Holm p = {_format_p(float(r['holm p']))}"
         if r["verdict"] == "separated":
             word = "above" if d > 0 else "below"
-            lines.append(f"{r['loss']} is {word} {r['reference']}: final accuracy difference {diff} over {n} paired "
+            lines.append(f"{r['loss']} is {word} {r['reference']}: {what} difference {diff} over {n} paired "
                          f"seeds ({p}).")
         elif r["verdict"] == "borderline":
             lines.append(f"{r['loss']} vs {r['reference']}: borderline, {diff} ({p}): significant only before the "
@@ -161,7 +183,8 @@ def run_main_job(out: str | Path | None = None, *, job: MainJob = MAIN_JOB, firs
                  overwrite: bool = False, alpha: float = ALPHA, progress: bool = True) -> dict[str, Any]:
     """Run (or reuse) the main job's grid in ``out`` (default ``job.out``), summarize it and write
     ``verdict.md`` / ``verdict.json``; returns the grid's tables plus ``verdict`` (the table), ``lines``,
-    ``out`` and ``seconds``.  Bad input raises ``ValueError`` naming the argument before any work."""
+    ``auc_verdict`` / ``auc_lines`` (the secondary comparison of accuracy averaged over training), ``out`` and
+    ``seconds``.  Bad input raises ``ValueError`` naming the argument before any work."""
     spec = main_job_spec(job, first_seed=first_seed, seeds=seeds, cell=cell)
     if not (isinstance(alpha, float) and 0.0 < alpha < 1.0):
         raise ValueError(f"alpha: expected a float in (0, 1), got {alpha!r}")
@@ -183,14 +206,25 @@ def run_main_job(out: str | Path | None = None, *, job: MainJob = MAIN_JOB, firs
               "and a call near the threshold can differ on a processor with other float kernels. "
               f"Machine: {describe_machine(machine)}.")
     body = "\n".join(f"- {x}" for x in lines) or "- no comparison (a single loss)"
-    atomic_write_text(out / "verdict.md", f"# Verdict\n\n{header}\n\n{body}\n")
+    auc = auc_frame(out, spec)
+    auc_table = grid_verdict(auc, reference, alpha=alpha, metric="auc_accuracy") if not auc.empty else pd.DataFrame()
+    auc_lines = format_verdict(auc_table, alpha=alpha, what="mean accuracy over training") \
+        if not auc_table.empty else []
+    secondary = ("## Secondary: accuracy averaged over training (AUC)\n\nThe same rule on each run's held-out "
+                 "accuracy averaged over its evaluations (trapezoidal area under accuracy vs step over the step "
+                 "range), Holm-adjusted over its own comparisons. It measures how fast a loss learns, not where it "
+                 "ends; the verdict above is on final accuracy.\n\n"
+                 + ("\n".join(f"- {x}" for x in auc_lines) or "- no comparison"))
+    atomic_write_text(out / "verdict.md", f"# Verdict\n\n{header}\n\n{body}\n\n{secondary}\n")
     atomic_write_text(out / "verdict.json", json.dumps(
         {"cell": cell_name, "study": job.study, "losses": list(spec.losses), "seeds": list(spec.seeds),
          "alpha": alpha, "machine": machine,
-         "comparisons": json.loads(table.to_json(orient="records")) if not table.empty else []},
+         "comparisons": json.loads(table.to_json(orient="records")) if not table.empty else [],
+         "secondary_auc_comparisons": json.loads(auc_table.to_json(orient="records")) if not auc_table.empty
+         else []},
         indent=1))
-    return {**result, "verdict": table, "lines": lines, "header": header, "out": out,
-            "seconds": time.time() - start}
+    return {**result, "verdict": table, "lines": lines, "auc_verdict": auc_table, "auc_lines": auc_lines,
+            "header": header, "out": out, "seconds": time.time() - start}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,5 +268,9 @@ def _main(argv: Sequence[str] | None) -> int:
     print("\n" + result["header"] + "\n")
     for line in result["lines"]:
         print(f"- {line}")
+    if result["auc_lines"]:
+        print("\nSecondary, accuracy averaged over training (how fast a loss learns; Holm over its own comparisons):")
+        for line in result["auc_lines"]:
+            print(f"- {line}")
     print(f"\n[main] wrote {result['out']}/verdict.md, table2.md, paired.md, fig2.png in {result['seconds']:.0f} s")
     return 0
