@@ -17,6 +17,10 @@ loss and CTPO with CTPO-fixed:
 * **borderline** when only the unadjusted p is below ``alpha`` (such a call can flip on another machine);
 * **not separated** otherwise: the CI says how large a difference the seeds can exclude.
 
+A secondary section of ``verdict.md`` applies the same rule to each run's held-out accuracy averaged over its
+evaluations (the regime map's area-under-curve metric, Holm-adjusted over its own comparisons): how fast a loss
+learns, where the final accuracy says where it ends.
+
 Across machines: CPU float results differ between processors (torch dispatches its kernels by instruction
 set), so every run's numbers differ from machine to machine from the warm start on, and the verdict guards
 against seed noise on the machine it ran on, not against that.  A call close to the threshold can change with
