@@ -41,6 +41,44 @@ def test_sign_flip_p_value_is_exact():
     assert stats.sign_flip_p_value(np.array([0.1, -0.1])) == pytest.approx(1.0)
 
 
+def _enumerated_p(d: np.ndarray) -> float:
+    """The sign-flip p by direct enumeration: pattern i flips d_j where bit j of i is 0."""
+    n = d.size
+    idx = np.arange(2**n, dtype=np.int64)
+    sums = np.zeros(2**n)
+    for j in range(n):
+        sums += (((idx >> j) & 1) * 2 - 1) * d[j]
+    return float((np.abs(sums / n) >= abs(d.mean()) - 1e-12).mean())
+
+
+@pytest.mark.parametrize("n", [7, 20, 21, 22, 23])
+def test_sign_flip_p_value_equals_enumeration(n):
+    # the meet-in-the-middle count beyond 20 differences equals enumerating all 2^n patterns: continuous
+    # differences, differences on a 1/256 grid (accuracies over 256 samples: many exact ties), all equal, all 0
+    rng = np.random.default_rng(n)
+    cases = [rng.normal(0.03, 0.1, n), rng.integers(-40, 60, n) / 256, np.full(n, 0.05), np.zeros(n)]
+    for d in cases:
+        assert stats.sign_flip_p_value(d) == _enumerated_p(d)
+    assert stats.sign_flip_is_exact(n)
+
+
+def test_sign_flip_p_value_large_n():
+    # 40 seeds, every difference positive: exactly 2/2^40 (Monte Carlo would report ~1/200 001)
+    assert stats.sign_flip_p_value(np.ones(40)) == 2 / 2**40
+    assert stats.sign_flip_is_exact(40) and not stats.sign_flip_is_exact(41)
+    # beyond 40: Monte Carlo (k + 1)/(N + 1), never 0
+    assert stats.sign_flip_p_value(np.ones(41)) == pytest.approx(1 / 200_001)
+    # the Monte Carlo estimator against the exact count at n = 22: within 5 standard errors of N = 200 000
+    d = np.random.default_rng(5).normal(0.02, 0.1, 22)
+    exact = _enumerated_p(d)
+    assert 0.01 < exact < 0.99
+    assert abs(stats.monte_carlo_sign_flip_p_value(d, 200_000) - exact) < 5 * np.sqrt(exact * (1 - exact) / 200_000)
+    # no test on no or non-finite differences: NaN (left out of a Holm family)
+    assert np.isnan(stats.sign_flip_p_value(np.array([])))
+    assert np.isnan(stats.sign_flip_p_value(np.array([0.1, np.nan])))
+    assert np.isnan(stats.holm_adjust(np.array([np.nan, 0.01])))[0]
+
+
 def test_final_table_and_paired_comparison(tmp_path):
     finals = {"ctpo": {0: 0.6, 1: 0.7, 2: 0.8}, "grpo": {0: 0.5, 1: 0.55, 2: 0.6}}
     _fake_grid(tmp_path, finals)

@@ -14,8 +14,10 @@ Modules (everything public is re-exported here, so ``from ctpo_lab import stats;
 * :mod:`~ctpo_lab.stats.bootstrap` — :func:`bootstrap_ci`, :func:`curve_bands`, :func:`iqm`,
   :func:`percentile_interval` (mean with a percentile bootstrap; IQM with a stratified bootstrap, as rliable)
   and :func:`format_ci`, the one ``estimate [low, high]`` formatter.
-* :mod:`~ctpo_lab.stats.permutation` — :func:`sign_flip_p_value`, the exact paired sign-flip permutation test, and
-  :func:`holm_adjust` (Holm's step-down correction for a family of such tests).
+* :mod:`~ctpo_lab.stats.permutation` — :func:`sign_flip_p_value`, the paired sign-flip permutation test (exact up
+  to :data:`EXACT_SIGN_FLIP_MAX` = 40 differences, :func:`sign_flip_is_exact`; Monte Carlo beyond,
+  :func:`monte_carlo_sign_flip_p_value`), and :func:`holm_adjust` (Holm's step-down correction for a family of
+  such tests).
 * :mod:`~ctpo_lab.stats.positions` — :func:`binned_profile`, :func:`profile_table` → :class:`PositionTable`,
   :func:`center_within_groups`, :func:`group_centering`.
 * :mod:`~ctpo_lab.stats.sqrt_t` — :func:`sqrt_t_fit` (the paper's fixed-exponent σ̂: WLS through the origin,
@@ -38,7 +40,13 @@ from ctpo_lab.stats.bootstrap import (
     iqm,
     percentile_interval,
 )
-from ctpo_lab.stats.permutation import holm_adjust, sign_flip_p_value
+from ctpo_lab.stats.permutation import (
+    EXACT_SIGN_FLIP_MAX,
+    holm_adjust,
+    monte_carlo_sign_flip_p_value,
+    sign_flip_is_exact,
+    sign_flip_p_value,
+)
 from ctpo_lab.stats.positions import (
     PositionTable,
     binned_profile,
@@ -61,6 +69,9 @@ __all__ = [
     "curve_bands",
     "format_ci",
     "sign_flip_p_value",
+    "sign_flip_is_exact",
+    "monte_carlo_sign_flip_p_value",
+    "EXACT_SIGN_FLIP_MAX",
     "holm_adjust",
     "center_within_groups",
     "group_centering",

@@ -12,8 +12,8 @@ optimizer updates per batch; the main job adds ratio dumps every 4th step, which
 analogue); on top of it, :func:`verdict` compares GRPO with each other
 loss and CTPO with CTPO-fixed:
 
-* a difference is **separated** when its exact paired sign-flip p-value, Holm-adjusted over the family of
-  comparisons, is below ``alpha`` (0.05) *and* the 95% bootstrap CI of the mean paired difference excludes 0;
+* a difference is **separated** when its paired sign-flip p-value (exact up to 40 seeds), Holm-adjusted over the
+  family of comparisons, is below ``alpha`` (0.05) *and* the 95% bootstrap CI of the mean paired difference excludes 0;
 * **borderline** when only the unadjusted p is below ``alpha`` (such a call can flip on another machine);
 * **not separated** otherwise: the CI says how large a difference the seeds can exclude.
 
@@ -157,7 +157,7 @@ def auc_frame(out: str | Path, spec: compare.GridSpec) -> pd.DataFrame:
 
 
 def _format_p(p: float) -> str:
-    """Four decimals, or two significant digits below 1e-4 (20 seeds reach 2/2^20 ≈ 1.9e-6)."""
+    """Four decimals, or two significant digits below 1e-4 (20 seeds reach 2/2^20 ≈ 1.9e-6, 40 seeds 1.8e-12)."""
     return f"{p:.4f}" if p >= 1e-4 or p == 0 else f"{p:.1e}"
 
 
@@ -201,9 +201,10 @@ def run_main_job(out: str | Path | None = None, *, job: MainJob = MAIN_JOB, firs
     lines = format_verdict(table, alpha=alpha) if not table.empty else []
     cell_name = cell or job.cell
     machine = machine_record()
+    test_kind = "exact" if stats.sign_flip_is_exact(len(spec.seeds)) else "Monte Carlo (200 000 sign patterns)"
     header = (f"Main job: {', '.join(spec.losses)} × {len(spec.seeds)} paired seeds (seeds {spec.seeds[0]}–"
               f"{spec.seeds[-1]}) on the regime cell {cell_name} ({job.study} study: {spec.steps} rollout steps, "
-              f"overrides {' '.join(spec.overrides)}). Verdict rule: separated = exact paired sign-flip p, "
+              f"overrides {' '.join(spec.overrides)}). Verdict rule: separated = {test_kind} paired sign-flip p, "
               f"Holm-adjusted over {len(table)} comparisons, < {alpha} and the 95% bootstrap CI of the mean "
               "paired difference excludes 0. Every number below is machine-dependent (CPU float results differ "
               "between processors, from the warm start on): the rule guards against seed noise on this machine, "

@@ -438,8 +438,9 @@ def summarize_study(out: str | os.PathLike[str], *, cells: Sequence[str] | None 
     columns :data:`MAP_COLUMNS`, one row per (cell, loss)) and ``detail`` (AUC, paired difference vs grpo,
     clip fraction, KL, length and the exact chain's prediction at the cell's measured KL and length).
 
-    ``cells``: the cells to include (default: every cell the study has run).  p_vs_grpo is the exact two-sided
-    sign-flip p-value of the final-accuracy differences paired by seed (:func:`ctpo_lab.stats.sign_flip_p_value`;
+    ``cells``: the cells to include (default: every cell the study has run).  p_vs_grpo is the two-sided
+    sign-flip p-value (exact up to 40 seeds) of the final-accuracy differences paired by seed
+    (:func:`ctpo_lab.stats.sign_flip_p_value`;
     with n seeds the smallest attainable is 2/2^n: 0.0078 for 8).
     """
     out = Path(out)
