@@ -26,9 +26,11 @@ set), so every run's numbers differ from machine to machine from the warm start 
 against seed noise on the machine it ran on, not against that.  A call close to the threshold can change with
 the processor or the seeds: with seeds 0–9, on an Intel Xeon and on an AMD EPYC both CTPO and GSPO ended above
 GRPO, but on each a different one of the two cleared the Holm correction, and on the EPYC seeds 10–19 put CTPO
-below GRPO (the README gives the tables).  Hence 20 seeds by default; ``verdict.md`` / ``verdict.json`` name
-the processor and torch's CPU kernel set, and a claim meant to carry over needs a margin far from the
-threshold, or more seeds (``--seeds``).
+below GRPO.  Hence 20 seeds by default; yet with 20 seeds an AMD EPYC whose kernels run AVX2 separated GSPO and
+not CTPO from GRPO, and one running AVX-512 CTPO and not GSPO (40 seeds there separated both; the README gives
+the tables).  ``verdict.md`` / ``verdict.json`` name the processor and torch's CPU kernel set, and a claim meant
+to carry over needs a margin far from the threshold, or more seeds (``--seeds``; the sign-flip test is exact
+up to 40).
 """
 
 from __future__ import annotations
