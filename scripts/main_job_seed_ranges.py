@@ -17,8 +17,6 @@ import json
 import sys
 from pathlib import Path
 
-import pandas as pd
-
 from ctpo_lab import cli, compare
 from ctpo_lab.train import main_job
 
@@ -30,45 +28,19 @@ def _range(text: str) -> tuple[int, int]:
     return int(head), int(tail)
 
 
-def _comparison_rows(table: pd.DataFrame) -> list[str]:
-    return [f"| {r['loss']} − {r['reference']} | {r['mean difference']:+.3f} [{r['CI low']:+.3f}, "
-            f"{r['CI high']:+.3f}] | {r['sign-flip p']:.2g} | {r['holm p']:.2g} | {r['verdict']} |"
-            for _, r in table.iterrows()]
-
-
 def report(out: Path, ranges: list[tuple[int, int]]) -> str:
     """The markdown report of the grid in ``out`` for each (first, last) seed range."""
     df = compare.load_grid(out, name="grid")
     spec = json.loads((out / "grid.json").read_text())
     auc = main_job.auc_frame(out, compare.GridSpec(losses=tuple(spec["losses"]), seeds=tuple(spec["seeds"])))
-    reference = spec["losses"][0]
     lines = [f"# {out}: seed ranges", ""]
     for first, last in ranges:
         sub = df[(df["seed"] >= first) & (df["seed"] <= last)]
-        sub_auc = auc[(auc["seed"] >= first) & (auc["seed"] <= last)]
         n = sub["seed"].nunique()
         if n < 2:
             raise ValueError(f"ranges: {first}-{last} holds {n} finished seed(s) of {out}; expected at least 2")
-        table = compare.final_table(sub)
-        auc_ci = {loss: compare.final_table(  # the bootstrap CI of the per-run average, with final_table's CI
-            pd.DataFrame({"loss": loss, "seed": g["seed"], "step": 0, "eval_accuracy": g["auc_accuracy"]})
-        )["final accuracy"].iloc[0] for loss, g in sub_auc.groupby("loss", sort=False)}
-        last_acc = sub.sort_values("step").groupby(["loss", "seed"])["eval_accuracy"].last().unstack(0)
-        lines += [f"## seeds {first}–{last} ({n} paired seeds)", "",
-                  "| loss | initial accuracy | final accuracy | accuracy averaged over training | "
-                  f"ends above {reference} |", "|---|---|---|---|---|"]
-        for _, r in table.iterrows():
-            above = ("—" if r["loss"] == reference else
-                     f"{int((last_acc[r['loss']] > last_acc[reference]).sum())} of {len(last_acc)}")
-            lines.append(f"| {r['loss']} | {r['initial accuracy']} | {r['final accuracy']} | "
-                         f"{auc_ci.get(r['loss'], 'n/a')} | {above} |")
-        for what, verdict in (("final accuracy", main_job.grid_verdict(sub, reference)),
-                              ("accuracy averaged over training",
-                               main_job.grid_verdict(sub_auc, reference, metric="auc_accuracy"))):
-            lines += ["", f"{what}: paired difference [95% CI], sign-flip p, Holm p over {len(verdict)}, verdict", "",
-                      "| comparison | difference | p | Holm p | verdict |", "|---|---|---|---|---|",
-                      *_comparison_rows(verdict)]
-        lines.append("")
+        sub_auc = auc[(auc["seed"] >= first) & (auc["seed"] <= last)]
+        lines += main_job.subset_markdown(sub, sub_auc, spec["losses"][0], f"seeds {first}–{last}")
     return "\n".join(lines)
 
 

@@ -53,8 +53,8 @@ from ctpo_lab.cli import ArgumentParser, consecutive_seeds, int_at_least
 from ctpo_lab.machine import describe_machine, machine_record
 from ctpo_lab.runsafety import atomic_write_text
 
-__all__ = ["MainJob", "MAIN_JOB", "main_job_spec", "verdict", "grid_verdict", "format_verdict", "run_main_job",
-           "main"]
+__all__ = ["MainJob", "MAIN_JOB", "main_job_spec", "verdict", "grid_verdict", "format_verdict", "auc_frame",
+           "subset_markdown", "run_main_job", "main"]
 
 COMMAND = "python -m ctpo_lab.train main"
 ALPHA = 0.05
@@ -156,6 +156,42 @@ def auc_frame(out: str | Path, spec: compare.GridSpec) -> pd.DataFrame:
             if outcome is not None and math.isfinite(outcome["auc_accuracy"]):
                 rows.append({"loss": loss, "seed": seed, "step": 0, "auc_accuracy": outcome["auc_accuracy"]})
     return pd.DataFrame(rows, columns=["loss", "seed", "step", "auc_accuracy"])
+
+
+def _comparison_rows(table: pd.DataFrame) -> list[str]:
+    return [f"| {r['loss']} − {r['reference']} | {r['mean difference']:+.3f} [{r['CI low']:+.3f}, "
+            f"{r['CI high']:+.3f}] | {r['sign-flip p']:.2g} | {r['holm p']:.2g} | {r['verdict']} |"
+            for _, r in table.iterrows()]
+
+
+def subset_markdown(df: pd.DataFrame, auc: pd.DataFrame, reference: str, heading: str) -> list[str]:
+    """Markdown lines of the main job's tables and verdicts on the runs of ``df`` (a loaded grid, or part or a
+    concatenation of grids with one ``seed`` per pair of runs) and ``auc`` (:func:`auc_frame` of the same runs).
+
+    A table of each loss's initial and final held-out accuracy, its accuracy averaged over training (mean [95%
+    bootstrap CI] over seeds) and how many seeds it ends above ``reference``; then :func:`grid_verdict` on final
+    accuracy and on the average over training (Holm over this subset's own comparisons)."""
+    n = df["seed"].nunique()
+    table = compare.final_table(df)
+    auc_ci = {loss: compare.final_table(  # the bootstrap CI of the per-run average, with final_table's CI
+        pd.DataFrame({"loss": loss, "seed": g["seed"], "step": 0, "eval_accuracy": g["auc_accuracy"]})
+    )["final accuracy"].iloc[0] for loss, g in auc.groupby("loss", sort=False)}
+    last_acc = df.sort_values("step").groupby(["loss", "seed"])["eval_accuracy"].last().unstack(0)
+    lines = [f"## {heading} ({n} paired seeds)", "",
+             "| loss | initial accuracy | final accuracy | accuracy averaged over training | "
+             f"ends above {reference} |", "|---|---|---|---|---|"]
+    for _, r in table.iterrows():
+        above = ("—" if r["loss"] == reference else
+                 f"{int((last_acc[r['loss']] > last_acc[reference]).sum())} of {len(last_acc)}")
+        lines.append(f"| {r['loss']} | {r['initial accuracy']} | {r['final accuracy']} | "
+                     f"{auc_ci.get(r['loss'], 'n/a')} | {above} |")
+    for what, result in (("final accuracy", grid_verdict(df, reference)),
+                         ("accuracy averaged over training", grid_verdict(auc, reference, metric="auc_accuracy"))):
+        lines += ["", f"{what}: paired difference [95% CI], sign-flip p, Holm p over {len(result)}, verdict", "",
+                  "| comparison | difference | p | Holm p | verdict |", "|---|---|---|---|---|",
+                  *_comparison_rows(result)]
+    lines.append("")
+    return lines
 
 
 def _format_p(p: float) -> str:
