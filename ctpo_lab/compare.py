@@ -54,6 +54,7 @@ from ctpo_lab.train.runfolder import FINISHED_FILE  # written by a run when it c
 
 __all__ = [
     "GridSpec",
+    "extends",
     "METRICS",
     "run_grid",
     "load_grid",
@@ -114,6 +115,21 @@ class GridSpec:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def extends(spec: GridSpec, previous: Any) -> bool:
+    """Whether ``spec`` extends the grid recorded as ``previous`` (a ``grid.json`` dict): the same trainer
+    preset, overrides (in order) and steps, and a superset of its seeds and of its losses.  A run depends only on
+    its loss, its seed and that shared configuration, so the previous grid's finished runs are runs of the new
+    grid and can be reused."""
+    if not isinstance(previous, dict):
+        return False
+    new = spec.to_dict()
+    same = all(previous.get(k) == new[k] for k in ("train_preset", "overrides", "steps"))
+    old_seeds, old_losses = previous.get("seeds"), previous.get("losses")
+    if not same or not isinstance(old_seeds, list) or not isinstance(old_losses, list):
+        return False
+    return set(old_seeds) <= set(new["seeds"]) and set(old_losses) <= set(new["losses"])
 
 
 def run_dir(out: Path, loss: str, seed: int) -> Path:
@@ -201,7 +217,9 @@ def run_grid(spec: GridSpec, out: str | os.PathLike[str], *, jobs: int | None = 
     before the runs start, so parallel runs never train it twice.
     Up to ``jobs`` runs in parallel (default: the number of CPU cores), each pinned to one thread. The grid's
     specification is written to ``OUT/grid.json``; an existing grid folder with a different specification is
-    refused unless ``overwrite`` (which deletes it first).  A failed run raises ``RuntimeError`` naming its log.
+    refused unless ``overwrite`` (which deletes it first), except a grid that the new one extends
+    (:func:`extends`: more seeds or losses, everything else equal), whose finished runs are kept and reused.
+    A failed run raises ``RuntimeError`` naming its log.
     """
     out = Path(out)
     for loss, seed in spec.cells():  # every run's configuration is valid before any work starts
@@ -212,7 +230,7 @@ def run_grid(spec: GridSpec, out: str | os.PathLike[str], *, jobs: int | None = 
     command = "python -m ctpo_lab.train compare"
     if out.is_dir() and any(e.name != ".ctpo_lab.lock" for e in out.iterdir()):
         previous = read_json(spec_path, name="out") if spec_path.is_file() else None
-        if previous != spec.to_dict():
+        if previous != spec.to_dict() and not extends(spec, previous):
             if not overwrite:
                 raise ValueError(
                     f"out: {out} holds another grid or other files (grid.json differs); pass --overwrite to "
@@ -523,7 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--jobs", type=int_at_least(1), default=None, help="parallel runs (default: number of cores)")
     ap.add_argument("--reference", default=None,
                     help="loss the others are compared with (paired seeds), one of --loss (default ctpo when compared)")
-    ap.add_argument("--overwrite", action="store_true", help="replace an existing, different grid folder")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an existing, different grid folder (not needed to add seeds or losses: "
+                    "a grid this one extends keeps its finished runs)")
     ap.add_argument("--summarize-only", "--aggregate-only", dest="summarize_only", action="store_true",
                     help="only summarize existing runs (no training); --aggregate-only is the old spelling")
     ap.add_argument("overrides", nargs="*", help="key=value overrides passed to every run")

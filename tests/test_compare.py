@@ -158,6 +158,28 @@ def test_grid_is_resumable(tmp_path, monkeypatch):
     assert records(paths[("grpo", 1)]) == reference
     with pytest.raises(ValueError, match="overwrite"):  # another grid in the same folder is refused
         compare.run_grid(compare.GridSpec("cpu-tiny", ("ctpo",), (0,), steps=2), out, progress=False)
+    with pytest.raises(ValueError, match="overwrite"):  # so is a grid with fewer seeds
+        compare.run_grid(compare.GridSpec("cpu-tiny", ("grpo",), (0,), steps=2), out, progress=False)
+    # a grid with more seeds extends this one: its finished runs are kept, only the new seed runs
+    more = compare.run_grid(compare.GridSpec("cpu-tiny", ("grpo",), (0, 1, 2), steps=2), out, progress=False)
+    assert (paths[("grpo", 0)] / compare.FINISHED_FILE).stat().st_mtime_ns == finished0
+    assert (more[("grpo", 2)] / compare.FINISHED_FILE).is_file()
+    assert json.loads((out / "grid.json").read_text())["seeds"] == [0, 1, 2]
+    assert records(paths[("grpo", 1)]) == reference
+
+
+def test_extends_only_adds_seeds_or_losses():
+    old = compare.GridSpec("cpu", ("grpo", "ctpo"), (0, 1), ("lr=1e-4",), 4).to_dict()
+    assert compare.extends(compare.GridSpec("cpu", ("grpo", "ctpo"), (0, 1, 2), ("lr=1e-4",), 4), old)
+    assert compare.extends(compare.GridSpec("cpu", ("grpo", "ctpo", "gspo"), (1, 0), ("lr=1e-4",), 4), old)
+    assert compare.extends(compare.GridSpec("cpu", ("grpo", "ctpo"), (0, 1), ("lr=1e-4",), 4), old)
+    assert not compare.extends(compare.GridSpec("cpu", ("grpo",), (0, 1, 2), ("lr=1e-4",), 4), old)  # a loss fewer
+    assert not compare.extends(compare.GridSpec("cpu", ("grpo", "ctpo"), (1, 2), ("lr=1e-4",), 4), old)  # seed 0 gone
+    assert not compare.extends(compare.GridSpec("cpu", ("grpo", "ctpo"), (0, 1, 2), ("lr=2e-4",), 4), old)
+    assert not compare.extends(compare.GridSpec("cpu", ("grpo", "ctpo"), (0, 1, 2), ("lr=1e-4",), 8), old)
+    assert not compare.extends(compare.GridSpec("cpu-tiny", ("grpo", "ctpo"), (0, 1, 2), ("lr=1e-4",), 4), old)
+    assert not compare.extends(compare.GridSpec(), None)
+    assert not compare.extends(compare.GridSpec(), {"train_preset": "cpu", "overrides": [], "steps": None})
 
 
 def test_concurrent_warm_starts_train_once(tmp_path, monkeypatch):

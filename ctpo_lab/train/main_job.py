@@ -281,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "`python -m ctpo_lab.train regime --list` shows them)")
     ap.add_argument("--out", default=MAIN_JOB.out, help=f"grid folder (default {MAIN_JOB.out})")
     ap.add_argument("--jobs", type=int_at_least(1), default=None, help="parallel runs (default: CPU cores)")
-    ap.add_argument("--overwrite", action="store_true", help="replace an existing, different grid folder")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an existing, different grid folder (not needed to add seeds or losses: "
+                    "a grid this one extends keeps its finished runs)")
     return ap
 
 
