@@ -230,7 +230,7 @@ def run_grid(spec: GridSpec, out: str | os.PathLike[str], *, jobs: int | None = 
     command = "python -m ctpo_lab.train compare"
     if out.is_dir() and any(e.name != ".ctpo_lab.lock" for e in out.iterdir()):
         previous = read_json(spec_path, name="out") if spec_path.is_file() else None
-        if previous != spec.to_dict() and not extends(spec, previous):
+        if not extends(spec, previous):  # the same grid also extends itself
             if not overwrite:
                 raise ValueError(
                     f"out: {out} holds another grid or other files (grid.json differs); pass --overwrite to "
