@@ -14,7 +14,10 @@ share of the time.  To see the times without it, run with glibc's allocator told
 ``MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=2000000000 MALLOC_TOP_PAD_=268435456``.
 
 Targets: ``grpo``/``gspo`` with ``diagnostics="basic"`` ≤ 1.0× verl's vanilla / GSPO; ``ctpo``
-"basic" ≤ 1.0× ``grpo`` "basic"; ``"full"`` (every ctpo_lab metric) ≤ 1.5× verl's vanilla.
+"basic" ≤ 1.0× ``grpo`` "basic"; ``"full"`` (every ctpo_lab metric) ≤ 1.5× verl's vanilla.  ``cumsum alone``
+times torch's row-wise cumulative sum of one [B, T] input, the operation ``ctpo`` needs beyond ``grpo``'s, so that
+the run also prints (``grpo`` basic + cumsum) / ``grpo`` basic: the ratio a ``ctpo`` that did nothing else beyond
+``grpo`` would reach.
 """
 
 from __future__ import annotations
@@ -81,6 +84,12 @@ def _run_preset(name, diagnostics="full"):
         return metrics_to_host(out.metrics, out.num_nonfinite)
 
     return run
+
+
+def _run_cumsum(lp, old, adv, mask):
+    """The one [B, T] operation ``ctpo`` needs that ``grpo`` does not: the row-wise cumulative sum of the
+    log-ratios (torch's serial scan per row, accumulating in float64 on the CPU)."""
+    return torch.cumsum(old, -1)
 
 
 def _minor_faults() -> int:
@@ -191,6 +200,8 @@ def main() -> None:
     for name in args.presets:
         for diag in ("basic", "full"):
             fns[f"{name} {diag}"] = _run_preset(name, diag)
+    if "ctpo basic" in fns and "grpo basic" in fns:
+        fns["cumsum alone"] = _run_cumsum
     print(f"device={device} batch=[{B}, {T}] float32, {int(mask.sum())} valid tokens, median of {args.rounds} "
           f"interleaved rounds, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"verl {'installed' if _verl is not None else 'NOT installed (baseline: plain PPO)'}")
@@ -210,6 +221,11 @@ def main() -> None:
     line(f"grpo basic / {base_v}", "grpo basic", base_v, 1.0)
     line(f"gspo basic / {base_g}", "gspo basic", base_g, 1.0)
     line("ctpo basic / grpo basic", "ctpo basic", "grpo basic", 1.0)
+    if "cumsum alone" in t:
+        # a lower bound for any ctpo that does grpo's work plus the scan: how far the target is from it
+        floor = (t["grpo basic"] + t["cumsum alone"]) / t["grpo basic"]
+        print(f"    ctpo basic - grpo basic {(t['ctpo basic'] - t['grpo basic']) * 1e3:.2f} ms; the cumulative sum "
+              f"alone {t['cumsum alone'] * 1e3:.2f} ms: (grpo basic + cumsum) / grpo basic = {floor:.2f}x")
     for name in args.presets:
         line(f"{name} full / {base_v}", f"{name} full", base_v, 1.5)
 
