@@ -16,7 +16,8 @@ import math
 import sys
 from collections.abc import Callable, Iterable, Mapping
 
-__all__ = ["ArgumentParser", "UsageError", "finite_float", "int_at_least", "error_line", "run", "EXIT_USAGE",
+__all__ = ["ArgumentParser", "UsageError", "finite_float", "int_at_least", "folder_path", "error_line", "run",
+           "EXIT_USAGE",
            "EXIT_INTERRUPTED", "MAX_INT", "MAX_COUNT",
            "exception_summary", "consecutive_seeds"]
 
@@ -104,6 +105,17 @@ def int_at_least(lo: int, hi: int = MAX_INT) -> Callable[[str], int]:
 
     parse.__name__ = "int"
     return parse
+
+
+def folder_path(text: str) -> str:
+    """An argparse ``type`` for an output folder: a non-empty path (``''`` would silently mean the current
+    folder, and a run's files would land among the user's)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a folder path, got {text!r}")
+    return text
+
+
+folder_path.__name__ = "path"
 
 
 def exception_summary(e: BaseException, limit: int = 160) -> str:

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from ctpo_lab import prefork, stats
-from ctpo_lab.cli import MAX_INT, ArgumentParser, consecutive_seeds, int_at_least
+from ctpo_lab.cli import MAX_INT, ArgumentParser, consecutive_seeds, folder_path, int_at_least
 from ctpo_lab.losses import PRESETS as LOSS_PRESETS
 from ctpo_lab.runsafety import (
     PARENT_ENV,
@@ -537,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--num-seeds", type=int_at_least(1, MAX_GRID_SEEDS), default=None,
                     help="number of seeds from --seed (default 3)")
     ap.add_argument("--steps", type=int_at_least(1), default=None, help="override the preset's number of steps")
-    ap.add_argument("--out", default=None, help="grid folder (default runs/compare-<preset>)")
+    ap.add_argument("--out", type=folder_path, default=None, help="grid folder (default runs/compare-<preset>)")
     ap.add_argument("--jobs", type=int_at_least(1), default=None, help="parallel runs (default: number of cores)")
     ap.add_argument("--reference", default=None,
                     help="loss the others are compared with (paired seeds), one of --loss (default ctpo when compared)")

@@ -441,3 +441,28 @@ def case_counts() -> dict[str, int]:
     return {"python -m ctpo_lab": len(MAIN_CASES), "ctpo_lab.train": len(TRAIN_CASES),
             "ctpo_lab.train compare": len(COMPARE_CASES), "ctpo_lab.llm (run/analyze/fit/bias)": len(llm),
             "ctpo_lab.markov": len(MARKOV_CASES), "ctpo_lab.figures": len(FIGURES_CASES)}
+
+
+EMPTY_OUT_CASES = [
+    ("ctpo_lab.train.__main__", ["--preset", "cpu-tiny", "--no-progress"]),
+    ("ctpo_lab.train.__main__", ["compare", "--preset", "cpu-tiny"]),
+    ("ctpo_lab.train.__main__", ["main"]),
+    ("ctpo_lab.train.__main__", ["regime", "--preset", "tiny"]),
+    ("ctpo_lab.markov.__main__", ["--quick"]),
+    ("ctpo_lab.diagnose.__main__", ["{d}/npz"]),
+    ("ctpo_lab.figures.__main__", ["--quick"]),
+    ("ctpo_lab.llm.__main__", ["run", "--model", "tiny-random"]),
+    ("ctpo_lab.llm.__main__", ["bias", "--model", "tiny-random"]),
+]
+
+
+@pytest.mark.parametrize("module,argv", EMPTY_OUT_CASES, ids=[" ".join(c[1][:1]) or c[0] for c in EMPTY_OUT_CASES])
+def test_empty_out_is_refused(module, argv, capsys, d, monkeypatch):
+    """``--out ''`` would mean the current folder (here an empty one, which every command would accept as its
+    output folder): refused, and nothing is written there."""
+    import importlib
+
+    (d / "cwd").mkdir()
+    monkeypatch.chdir(d / "cwd")
+    main = importlib.import_module(module).main
+    _usage_error(capsys, main, [a.format(d=d) for a in argv] + ["--out", ""], "--out", [d])

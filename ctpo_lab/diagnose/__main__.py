@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ctpo_lab.cli import ArgumentParser, finite_float, int_at_least, run
+from ctpo_lab.cli import ArgumentParser, finite_float, folder_path, int_at_least, run
 from ctpo_lab.diagnose.clip import DEFAULT_TARGET_CLIP_RATE
 from ctpo_lab.diagnose.pipeline import diagnose
 from ctpo_lab.diagnose.readers import DUMP_MODES
@@ -40,7 +40,8 @@ def _steps(text: str) -> list[int]:
 def build_parser() -> ArgumentParser:
     ap = ArgumentParser(prog="python -m ctpo_lab.diagnose", description=__doc__.splitlines()[0])
     ap.add_argument("path", help="trajectory parquet, dump file or dump directory (any format above)")
-    ap.add_argument("--out", default="outputs/diagnose", help="output folder (default outputs/diagnose)")
+    ap.add_argument("--out", type=folder_path, default="outputs/diagnose",
+                    help="output folder (default outputs/diagnose)")
     ap.add_argument("--steps", nargs="+", type=_steps, default=None, metavar="STEP",
                     help="dump steps to pool (ints or ranges A-B; default every step)")
     ap.add_argument("--dump-mode", choices=DUMP_MODES, default="cumprod",

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from ctpo_lab.cli import ArgumentParser, int_at_least, run
+from ctpo_lab.cli import ArgumentParser, folder_path, int_at_least, run
 
 FAMILIES = ("markov", "llm", "llm_bias", "training", "regime")
 #: The committed gallery (written only on purpose, with the full inputs).
@@ -115,7 +115,8 @@ def _main(argv: list[str] | None) -> int:
     ap = ArgumentParser(prog="python -m ctpo_lab.figures", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--quick", action="store_true", help="CI-sized run (tiny models, small grids)")
-    ap.add_argument("--out", default=None, help=f"output folder (default paper_figures, {QUICK_OUT} with --quick)")
+    ap.add_argument("--out", type=folder_path, default=None,
+                    help=f"output folder (default paper_figures, {QUICK_OUT} with --quick)")
     ap.add_argument("--seed", type=int_at_least(0), default=0)
     ap.add_argument("--only", nargs="+", choices=FAMILIES, default=list(FAMILIES), help="families to make")
     ap.add_argument("--refresh", action="store_true", help="ignore cached results")

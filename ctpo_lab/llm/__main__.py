@@ -31,7 +31,7 @@ import argparse
 import json
 import sys
 
-from ctpo_lab.cli import ArgumentParser, error_line, finite_float, int_at_least
+from ctpo_lab.cli import ArgumentParser, error_line, finite_float, folder_path, int_at_least
 from ctpo_lab.cli import run as run_cli
 from ctpo_lab.llm.pipeline import OPTIONS, QUICK, SOURCES, RunConfig, json_default, run  # noqa: F401
 
@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="collect, perturb, analyse and plot (default)")
     d = RunConfig()
     r.add_argument("--model", default=None, help="smollm2 | tiny-random | local folder | hub id")
-    r.add_argument("--out", required=True, help="output directory")
+    r.add_argument("--out", type=folder_path, required=True, help="output directory")
     r.add_argument("--seed", type=int_at_least(0), default=0)
     r.add_argument("--quick", action="store_true", help="small budget (tiny-random unless --model is given)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing output directory")

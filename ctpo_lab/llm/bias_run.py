@@ -41,7 +41,7 @@ import pandas as pd
 import torch
 
 from ctpo_lab import advantages
-from ctpo_lab.cli import MAX_COUNT, finite_float, int_at_least
+from ctpo_lab.cli import MAX_COUNT, finite_float, folder_path, int_at_least
 from ctpo_lab.llm import bias
 from ctpo_lab.stats import format_ci
 
@@ -171,7 +171,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bias", help="estimator bias/variance against an on-policy reference",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--model", default=None, help="smollm2 | tiny-random | local folder | hub id")
-    b.add_argument("--out", required=True, help="output directory")
+    b.add_argument("--out", type=folder_path, required=True, help="output directory")
     b.add_argument("--seed", type=int_at_least(0), default=0)
     b.add_argument("--quick", action="store_true", help="small budget on tiny-random (≤ 3 min)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing output directory")

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from ctpo_lab.cli import ArgumentParser, int_at_least, run
+from ctpo_lab.cli import ArgumentParser, folder_path, int_at_least, run
 
 
 def build_parser() -> ArgumentParser:
     ap = ArgumentParser(prog="python -m ctpo_lab.markov", description=__doc__)
-    ap.add_argument("--out", default="outputs/markov_study", help="output folder (default outputs/markov_study)")
+    ap.add_argument("--out", type=folder_path, default="outputs/markov_study",
+                    help="output folder (default outputs/markov_study)")
     ap.add_argument("--quick", action="store_true", help="small sweep (< 1 minute)")
     ap.add_argument("--seed", type=int_at_least(0), default=0, help="instance seed, an int >= 0 (default 0)")
     ap.add_argument("--overwrite", action="store_true",

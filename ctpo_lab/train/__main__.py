@@ -27,7 +27,7 @@ import argparse
 import json
 import sys
 
-from ctpo_lab.cli import ArgumentParser, int_at_least, run
+from ctpo_lab.cli import ArgumentParser, folder_path, int_at_least, run
 from ctpo_lab.losses import PRESETS as LOSS_PRESETS
 from ctpo_lab.losses import TRAINING_PRESETS
 from ctpo_lab.train.config import TRAIN_PRESETS
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int_at_least(0), default=None, help="run seed (same seed, same numbers on CPU)")
     p.add_argument("--steps", type=int_at_least(1), default=None, help="number of rollout steps")
-    p.add_argument("--out", default=None, help="run folder (default runs/<preset>-<loss>-s<seed>)")
+    p.add_argument("--out", type=folder_path, default=None, help="run folder (default runs/<preset>-<loss>-s<seed>)")
     p.add_argument("--config", default=None, help="YAML recipe (config keys; may name a preset)")
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its newest checkpoint"

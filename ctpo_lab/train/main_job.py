@@ -51,7 +51,7 @@ import numpy as np
 import pandas as pd
 
 from ctpo_lab import compare, stats
-from ctpo_lab.cli import ArgumentParser, consecutive_seeds, int_at_least
+from ctpo_lab.cli import ArgumentParser, consecutive_seeds, folder_path, int_at_least
 from ctpo_lab.machine import describe_machine, machine_record
 from ctpo_lab.runsafety import atomic_write_text
 
@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cell", default=MAIN_JOB.cell,
                     help=f"a cell of the {MAIN_JOB.study} regime study (default {MAIN_JOB.cell}; "
                     "`python -m ctpo_lab.train regime --list` shows them)")
-    ap.add_argument("--out", default=MAIN_JOB.out, help=f"grid folder (default {MAIN_JOB.out})")
+    ap.add_argument("--out", type=folder_path, default=MAIN_JOB.out, help=f"grid folder (default {MAIN_JOB.out})")
     ap.add_argument("--jobs", type=int_at_least(1), default=None, help="parallel runs (default: CPU cores)")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace an existing, different grid folder (not needed to add seeds or losses: "

@@ -49,7 +49,7 @@ import numpy as np
 import pandas as pd
 
 from ctpo_lab import compare, stats
-from ctpo_lab.cli import ArgumentParser, consecutive_seeds, int_at_least
+from ctpo_lab.cli import ArgumentParser, consecutive_seeds, folder_path, int_at_least
 from ctpo_lab.runsafety import atomic_path, atomic_write_text, prepare_output, read_json, read_jsonl
 from ctpo_lab.train.config import resolve_train_config
 from ctpo_lab.train.runfolder import FINISHED_FILE
@@ -570,7 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0],
                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--preset", default="cpu", help=f"study preset: {', '.join(STUDY_PRESETS)} (default cpu)")
-    ap.add_argument("--out", default=None, help="study folder (default $CTPO_LAB_CACHE/regime/<preset>)")
+    ap.add_argument("--out", type=folder_path, default=None,
+                    help="study folder (default $CTPO_LAB_CACHE/regime/<preset>)")
     ap.add_argument("--seeds", type=int_at_least(2, compare.MAX_GRID_SEEDS), default=None,
                     help="number of paired seeds per cell (default: the preset's, 8 for cpu)")
     ap.add_argument("--seed", type=int_at_least(0), default=0, help="first seed (seeds S..S+N-1)")
