@@ -50,6 +50,7 @@ __all__ = [
     "read_json",
     "read_jsonl",
     "read_yaml",
+    "check_entry",
     "watch_parent",
 ]
 
@@ -300,9 +301,11 @@ def read_json(path: str | os.PathLike[str], *, expect: type | None = dict, name:
     return data
 
 
-def read_jsonl(path: str | os.PathLike[str], *, name: str | None = None, warn: bool = True) -> list[dict[str, Any]]:
+def read_jsonl(path: str | os.PathLike[str], *, name: str | None = None, warn: bool = True,
+               step_key: str | None = None) -> list[dict[str, Any]]:
     """Records of a JSON-lines log. A partial last line (a crash mid-append) is dropped, saying so on stderr; any other
-    bad line is a ``ValueError`` naming the file and the line."""
+    bad line is a ``ValueError`` naming the file and the line.  ``step_key``: every record must hold this key with an
+    int ≥ 0 (a training log's ``step``); a record without one is a bad line too."""
     p = Path(path)
     label = f"{name}: " if name else ""
     try:
@@ -325,12 +328,19 @@ def read_jsonl(path: str | os.PathLike[str], *, name: str | None = None, warn: b
                     print(f"[ctpo_lab] {p}: dropped a partial last line (an interrupted write)", file=sys.stderr)
                 break
             raise ValueError(f"{label}{p}: line {i + 1} is not a JSON record ({e}); the file is corrupt") from None
+        if step_key is not None:
+            v = rec.get(step_key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                got = repr(v) if step_key in rec else "a record without it"
+                raise ValueError(f"{label}{p}: line {i + 1}: expected {step_key!r} to be an int ≥ 0, got {got}; the "
+                                 "file is corrupt") from None
         records.append(rec)
     return records
 
 
-def read_yaml(path: str | os.PathLike[str], *, name: str | None = None) -> dict[str, Any]:
-    """A YAML mapping (empty file: ``{}``); ``ValueError`` naming the file when it is not one."""
+def read_yaml(path: str | os.PathLike[str], *, name: str | None = None, allow_empty: bool = True) -> dict[str, Any]:
+    """A YAML mapping (empty file: ``{}``, or with ``allow_empty=False`` a ``ValueError``: a file ctpo_lab wrote is
+    never empty); ``ValueError`` naming the file when it is not one."""
     import yaml
 
     p = Path(path)
@@ -344,10 +354,38 @@ def read_yaml(path: str | os.PathLike[str], *, name: str | None = None) -> dict[
     except yaml.YAMLError as e:
         raise ValueError(f"{label}{p}: not valid YAML ({' '.join(str(e).split())})") from None
     if data is None:
+        if not allow_empty:
+            raise ValueError(f"{label}{p}: expected a YAML mapping of config keys, got an empty file; the file is "
+                             "corrupt or truncated")
         return {}
     if not isinstance(data, dict):
         raise ValueError(f"{label}{p}: expected a YAML mapping of config keys, got {type(data).__name__}")
     return data
+
+
+def check_entry(path: str | os.PathLike[str], kind: str, *, name: str | None = None) -> None:
+    """``ValueError`` naming ``path`` when it exists but is not a ``kind`` (``"file"``: a regular file, ``"dir"``: a
+    folder; symbolic links followed, a broken one refused). A missing ``path`` is fine."""
+    import stat
+
+    if kind not in ("file", "dir"):
+        raise ValueError(f"kind: expected 'file' or 'dir', got {kind!r}")
+    p = Path(path)
+    label = f"{name}: " if name else ""
+    try:
+        mode = p.stat().st_mode
+    except FileNotFoundError:
+        if p.is_symlink():
+            raise ValueError(f"{label}{p}: expected a {'regular file' if kind == 'file' else 'folder'}, found a broken "
+                             "symbolic link") from None
+        return
+    except OSError as e:
+        raise ValueError(f"{label}{p}: cannot read it ({e.strerror or e})") from None
+    if (stat.S_ISREG(mode) if kind == "file" else stat.S_ISDIR(mode)):
+        return
+    found = ("a folder" if stat.S_ISDIR(mode) else "a regular file" if stat.S_ISREG(mode) else
+             "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device file")
+    raise ValueError(f"{label}{p}: expected a {'regular file' if kind == 'file' else 'folder'}, found {found}")
 
 
 # ---------------------------------------------------------------------------------------------- child processes

@@ -131,6 +131,8 @@ class Trainer:
         printer = log or (lambda s: print(s, file=sys.stderr, flush=True))
         self._print = printer if d.is_main else (lambda s: None)
         RunFolder.check(out, resume=resume, overwrite=overwrite)  # every rank, before anyone writes
+        if resume:  # a folder named metrics.jsonl, a file named tb or ckpt, ...: refused before anything is touched
+            RunFolder.check_entries(out)
         #: the finished.json of a run completed to ≥ cfg.steps given ``resume``: :meth:`train` then reports it and
         #: changes nothing (a larger ``steps`` extends the run)
         self.finished = RunFolder.finished_summary(out) if resume else None
@@ -138,7 +140,7 @@ class Trainer:
             saved = RunFolder(out, writer=False).read_config()
             if saved is not None:
                 _check_resume_config(saved, cfg)
-            if int(self.finished.get("steps") or 0) >= cfg.steps:
+            if self.finished["steps"] >= cfg.steps:  # validated: an int ≥ 1
                 self.run = RunFolder(out, writer=False)
                 return
         d.barrier()
@@ -226,11 +228,11 @@ class Trainer:
         saved = self.run.read_config()
         if saved is not None:
             _check_resume_config(saved, cfg)
-        logged = read_jsonl(self.run.metrics_path, name="resume", warn=False) if self.run.metrics_path.is_file() \
-            else []
+        logged = read_jsonl(self.run.metrics_path, name="resume", warn=False, step_key="step") \
+            if self.run.metrics_path.is_file() else []
         if not self.run.checkpoints():
             # only the step-0 evaluation logged (stopped during step 1): a fresh start logs it again, identically
-            steps = [r["step"] for r in logged if isinstance(r.get("step"), int) and r["step"] > 0]
+            steps = [r["step"] for r in logged if r["step"] > 0]
             if steps:
                 raise ValueError(
                     f"resume: {self.run.path} has no checkpoint to continue from, but metrics.jsonl logs steps up to "

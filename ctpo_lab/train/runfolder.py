@@ -28,9 +28,12 @@ import numpy as np
 import torch
 import yaml
 
-from ctpo_lab.cli import exception_summary
+from ctpo_lab.cli import MAX_COUNT, exception_summary
 from ctpo_lab.runsafety import (
+    LOCK,
+    MARKER,
     atomic_write_text,
+    check_entry,
     prepare_output,
     read_json,
     read_jsonl,
@@ -38,9 +41,23 @@ from ctpo_lab.runsafety import (
     release_folder,
 )
 
-__all__ = ["RunFolder", "rng_state", "set_rng_state", "FINISHED_FILE"]
+__all__ = ["RunFolder", "rng_state", "set_rng_state", "FINISHED_FILE", "ENTRIES"]
 
 FINISHED_FILE = "finished.json"
+
+#: What each entry of a run folder is: ``"file"`` (a regular file) or ``"dir"`` (a folder); the checkpoints
+#: (``ckpt/step_*.pt``) and ratio dumps (``ratios/*.npz``) are regular files.
+ENTRIES = {
+    MARKER: "file",
+    LOCK: "file",
+    "config.yaml": "file",
+    "metrics.jsonl": "file",
+    FINISHED_FILE: "file",
+    "ckpt": "dir",
+    "ratios": "dir",
+    "tb": "dir",
+    "wandb": "dir",
+}
 
 
 def rng_state() -> dict[str, Any]:
@@ -100,10 +117,46 @@ class RunFolder:
                               check_only=True)
 
     @staticmethod
+    def check_entries(path: str | os.PathLike[str]) -> None:
+        """Read-only: ``ValueError`` naming the path when an entry of the run folder ``path`` is not what the trainer
+        reads or writes there (a folder named ``metrics.jsonl``, a file named ``tb`` or ``ckpt``, a folder named
+        like a checkpoint, ...), so a resume is refused before anything is built or written."""
+        p = Path(path)
+        if not p.is_dir():
+            return
+        for entry, kind in ENTRIES.items():
+            check_entry(p / entry, kind, name="resume")
+        for sub, pattern in (("ckpt", "step_*.pt"), ("ratios", "*.npz")):
+            if (p / sub).is_dir():
+                for f in sorted((p / sub).glob(pattern)):
+                    check_entry(f, "file", name="resume")
+
+    @staticmethod
     def finished_summary(path: str | os.PathLike[str]) -> dict[str, Any] | None:
-        """The ``finished.json`` of a completed run (validated), or None."""
+        """The ``finished.json`` of a completed run (validated: ``steps`` an int in [1, 2**31 − 1], ``wall_time`` a
+        finite number ≥ 0, ``final`` a JSON object), or None when there is none.  ``ValueError`` naming the file
+        when it is not a regular file or is corrupt."""
         f = Path(path) / FINISHED_FILE
-        return read_json(f, name="resume") if f.is_file() else None
+        check_entry(f, "file", name="resume")
+        if not f.is_file():
+            return None
+        data = read_json(f, name="resume")
+
+        def bad(what: str) -> ValueError:
+            return ValueError(f"resume: {f}: {what}; the file is corrupt (remove it to continue the run)")
+
+        steps = data.get("steps")
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_COUNT:
+            got = repr(steps) if "steps" in data else "no 'steps'"
+            raise bad(f"expected 'steps' to be an int in [1, {MAX_COUNT}], got {got}"[:300])
+        wall = data.get("wall_time", 0.0)
+        if wall is not None and (isinstance(wall, bool) or not isinstance(wall, (int, float))
+                                 or not math.isfinite(wall) or wall < 0):
+            raise bad(f"expected 'wall_time' to be a finite number ≥ 0, got {wall!r}"[:300])
+        final = data.get("final")
+        if final is not None and not isinstance(final, dict):
+            raise bad(f"expected 'final' to be a JSON object (the last logged record), got {type(final).__name__}")
+        return data
 
     # ------------------------------------------------------------------ config
     @property
@@ -111,7 +164,8 @@ class RunFolder:
         return self.path / "config.yaml"
 
     def read_config(self) -> dict[str, Any] | None:
-        return read_yaml(self.config_path, name="resume") if self.config_path.is_file() else None
+        check_entry(self.config_path, "file", name="resume")
+        return read_yaml(self.config_path, name="resume", allow_empty=False) if self.config_path.is_file() else None
 
     def write_config(self, config: dict[str, Any]) -> None:
         if not self.writer:
@@ -146,20 +200,23 @@ class RunFolder:
         candidates = [path] if path is not None else list(reversed(self.checkpoints()))
         if not candidates:
             raise ValueError(f"resume: no checkpoint in {str(self.ckpt_dir)!r}")
-        problems = []
-        for i, p in enumerate(candidates):
+        problems: list[tuple[Path, str]] = []
+        for p in candidates:
             try:
                 state = torch.load(p, map_location=map_location, weights_only=False)
                 if not isinstance(state, dict) or not {"model", "optimizer", "rng", "step"} <= set(state):
                     raise ValueError("not a ctpo_lab checkpoint (model/optimizer/rng/step missing)")
+                step = state["step"]
+                if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_COUNT:
+                    raise ValueError(f"its step is not an int in [0, {MAX_COUNT}] ({str(step)[:40]!r})")
             except Exception as e:  # truncated zip, bad pickle, wrong content: all mean "unreadable"
-                problems.append(f"{p}: {exception_summary(e)}")
-                if i + 1 < len(candidates):
-                    print(f"[ctpo_lab.train] checkpoint {p} is unreadable ({problems[-1].split(': ', 1)[1]}); "
-                          f"falling back to {candidates[i + 1]}", file=sys.stderr, flush=True)
+                problems.append((p, exception_summary(e)))
                 continue
+            for bad, why in problems:  # said only now that a fallback succeeded (else the error says it all)
+                print(f"[ctpo_lab.train] checkpoint {bad} is unreadable ({why}); falling back to {p}",
+                      file=sys.stderr, flush=True)
             return state
-        raise ValueError("resume: no readable checkpoint: " + "; ".join(problems))
+        raise ValueError("resume: no readable checkpoint: " + "; ".join(f"{p}: {why}" for p, why in problems))
 
     # ------------------------------------------------------------------ logging
     def open_loggers(
@@ -176,8 +233,8 @@ class RunFolder:
         if not self.writer:
             return
         if self.metrics_path.is_file():  # a fresh start (step 0) keeps nothing
-            kept = [r for r in read_jsonl(self.metrics_path, name="resume") if start_step > 0
-                    and r.get("step", 0) <= start_step] if start_step > 0 else []
+            kept = [r for r in read_jsonl(self.metrics_path, name="resume", step_key="step")
+                    if r["step"] <= start_step] if start_step > 0 else []
             atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -216,7 +273,7 @@ class RunFolder:
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.is_file():
             return []
-        return read_jsonl(self.metrics_path)
+        return read_jsonl(self.metrics_path, name="resume", step_key="step")
 
     def mark_finished(self, summary: dict[str, Any]) -> None:
         if not self.writer:
