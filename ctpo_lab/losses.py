@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -140,6 +141,30 @@ class LossConfig:
     global_batch_size: int | None = None
 
     def __post_init__(self) -> None:
+        # the numeric fields' types first, before any check below compares or converts a value: a float field
+        # takes an int or a float (not a bool) that a float can hold (an int of 400 digits cannot), an int field
+        # an int (not a bool) ≤ 2**63 - 1 (it reaches torch as a signed 64-bit scalar)
+        for f in dataclasses.fields(self):
+            v, kind = getattr(self, f.name), str(f.type)
+            optional = kind.endswith("| None")
+            if v is None and optional:
+                continue
+            if kind.startswith("float"):
+                expected = f"a finite number{' or None' if optional else ''}"
+                if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                    raise ValueError(f"{f.name}: expected {expected}, got {v!r}")
+                if isinstance(v, numbers.Integral):
+                    try:
+                        float(v)
+                    except OverflowError:
+                        raise ValueError(f"{f.name}: expected {expected}, got an int too large for a float "
+                                         f"(≈ 10^{int(math.log10(abs(v)))})") from None
+            elif kind.startswith("int"):
+                integral = isinstance(v, numbers.Integral)
+                if isinstance(v, bool) or not integral or abs(v) > 2**63 - 1:
+                    shown = f"≈ 10^{int(math.log10(abs(v)))}" if integral and abs(v) > 2**63 - 1 else repr(v)
+                    raise ValueError(f"{f.name}: expected an int of magnitude ≤ 2**63 - 1"
+                                     f"{' or None' if optional else ''}, got {shown}")
         if self.ratio not in ratios.RATIO_FAMILIES:
             raise ValueError(f"ratio: unknown ratio family {self.ratio!r}; expected one of {ratios.RATIO_FAMILIES}")
         if self.clip not in ALL_RULES:

@@ -35,6 +35,10 @@ __all__ = [
     "loss_from_dict",
     "SAMPLER_MODES",
     "parse_sampler",
+    "THREADS_PER_CORE",
+    "max_threads",
+    "physical_memory_bytes",
+    "tiny_llama_parameters",
 ]
 
 #: Model names the trainer builds itself (LlamaForCausalLM from a config + cached supervised warm start).
@@ -236,8 +240,8 @@ class TrainConfig:
                 raise ValueError(f"{name}: expected an int in [0, 2**63 - 1], got {getattr(self, name)!r}")
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if f.name not in ("seed", "warmstart_seed") and isinstance(v, int) and not isinstance(v, bool) \
-                    and v > MAX_COUNT:
+            if f.name not in ("seed", "warmstart_seed", "threads") and isinstance(v, int) \
+                    and not isinstance(v, bool) and v > MAX_COUNT:  # threads: its own cap below
                 raise ValueError(f"{f.name}: expected an int ≤ {MAX_COUNT}, got {v!r}")
         if self.preset != "custom" and self.preset not in TRAIN_PRESETS:
             raise ValueError(f"preset: unknown trainer preset {self.preset!r}; expected one of "
@@ -284,8 +288,11 @@ class TrainConfig:
                 )
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: expected ≥ 1 or None, got {self.max_new_tokens!r}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads: expected ≥ 1 or None, got {self.threads!r}")
+        if self.threads is not None and not 1 <= self.threads <= max_threads():
+            shown = f"≈ 10^{int(math.log10(self.threads))}" if self.threads > 10**12 else repr(self.threads)
+            raise ValueError(f"threads: expected None or an int in [1, {max_threads()}] (at most "
+                             f"{THREADS_PER_CORE} × the {os.cpu_count() or 1} CPU cores of this machine), "
+                             f"got {shown}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"device: expected 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.device.startswith("cuda"):
@@ -322,8 +329,72 @@ class TrainConfig:
             raise ValueError(f"task: HF model {self.model!r} needs task=parquet, got {self.task!r}")
         from ctpo_lab.train.policy import TinyLlamaSpec
 
-        TinyLlamaSpec.from_options(self.model_options)
+        _check_model_sizes(self.model_options)  # before from_options' own checks (an even head size, ...)
+        spec = TinyLlamaSpec.from_options(self.model_options)
+        if self.model in BUILTIN_MODELS:
+            _check_model_memory(spec)
         return self
+
+
+#: ``threads`` takes at most this many torch threads per CPU core (more only oversubscribes the cores, and
+#: billions of them make libgomp abort mid-run).
+THREADS_PER_CORE = 4
+
+
+def max_threads() -> int:
+    """The largest ``threads`` a config takes on this machine: :data:`THREADS_PER_CORE` × ``os.cpu_count()``."""
+    return THREADS_PER_CORE * (os.cpu_count() or 1)
+
+
+def physical_memory_bytes() -> int | None:
+    """This machine's physical memory (``SC_PAGE_SIZE`` × ``SC_PHYS_PAGES``), or ``None`` where unknown."""
+    try:
+        n = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+    return n if n > 0 else None
+
+
+def tiny_llama_parameters(spec: Any, vocab_size: int | None = None) -> int:
+    """An upper estimate of the built-in policy's parameter count (:func:`ctpo_lab.train.policy.build_tiny_llama`):
+    embedding and an untied lm_head (the model ties them: an over-count), per layer the q/k/v/o projections
+    (as many key/value heads as heads: 4·h²), the gated MLP (3·h·I) and two RMSNorms, the final norm.  RoPE has
+    no parameters and ``max_position_embeddings`` no buffer of its size.  ``vocab_size`` defaults to the
+    character tokenizer's."""
+    if vocab_size is None:
+        from ctpo_lab.train.tokenizer import CharTokenizer
+
+        vocab_size = CharTokenizer().vocab_size
+    h, inter = spec.hidden_size, spec.intermediate_size
+    return 2 * vocab_size * h + spec.num_layers * (4 * h * h + 3 * h * inter + 2 * h) + h
+
+
+def _check_model_sizes(options: dict[str, Any]) -> None:
+    """Every int size of ``model_options`` (the fields of :class:`~ctpo_lab.train.policy.TinyLlamaSpec`) is
+    ≤ :data:`~ctpo_lab.cli.MAX_COUNT`; unknown keys and other types are left to ``TinyLlamaSpec.from_options``.
+    Raises ``ValueError`` naming the option."""
+    from ctpo_lab.train.policy import TinyLlamaSpec
+
+    sizes = {f.name for f in dataclasses.fields(TinyLlamaSpec)}
+    for k, v in options.items():
+        if k in sizes and isinstance(v, int) and not isinstance(v, bool) and v > MAX_COUNT:
+            shown = f"≈ 10^{int(math.log10(v))}" if v > 10**12 else repr(v)
+            raise ValueError(f"model_options.{k}: expected an int in [1, {MAX_COUNT}], got {shown}")
+
+
+def _check_model_memory(spec: Any) -> None:
+    """The built-in policy's float32 weights alone (:func:`tiny_llama_parameters` × 4 bytes) fit in this machine's
+    physical memory (:func:`physical_memory_bytes`; not checked where unknown).  Raises ``ValueError`` naming
+    ``model_options``."""
+    memory = physical_memory_bytes()
+    if memory is None:
+        return
+    n = tiny_llama_parameters(spec)
+    if 4 * n > memory:
+        raise ValueError(
+            f"model_options: expected a model whose float32 weights fit in this machine's {memory / 2**30:.1f} GiB "
+            f"of physical memory, got ≈ {n:.3g} parameters (≈ {4 * n / 2**30:.3g} GiB of weights; hidden_size="
+            f"{spec.hidden_size}, num_layers={spec.num_layers}, intermediate_size={spec.intermediate_size})")
 
 
 def _check_type(name: str, value: Any, annotation: Any) -> None:
@@ -503,6 +574,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             raise ValueError(f"overrides: {key.strip()}: cannot parse the value {raw!r}") from None
+        except ValueError as e:  # a well-formed scalar YAML cannot build: an int of > 4300 digits, a bad date
+            shown = raw if len(raw) <= 40 else f"{raw[:20]}...({len(raw)} characters)"
+            raise ValueError(f"{key}: expected a value of the key's type, got {shown!r} "
+                             f"({' '.join(str(e).split()).split(';')[0]})") from None
         if isinstance(value, str) and raw.strip():
             value = _number(raw.strip(), value)
         parts = key.split(".")
@@ -543,10 +618,16 @@ def _merge(base: dict[str, Any], update: dict[str, Any], source: str) -> None:
 
 
 def _coerce(values: dict[str, Any]) -> dict[str, Any]:
+    """Ints of float fields become floats, integral floats of int fields ints; an int too large for a float
+    (``lr=<400 digits>``) raises ``ValueError`` naming the key."""
     types = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
     for k, v in values.items():
         if types.get(k) == "float" and isinstance(v, int) and not isinstance(v, bool):
-            values[k] = float(v)
+            try:
+                values[k] = float(v)
+            except OverflowError:
+                raise ValueError(f"{k}: expected a finite number, got an int too large for a float "
+                                 f"(≈ 10^{int(math.log10(abs(v)))})") from None
         if types.get(k) == "int" and isinstance(v, float) and v.is_integer():
             values[k] = int(v)
     return values

@@ -90,7 +90,8 @@ def main_job_spec(job: MainJob = MAIN_JOB, *, first_seed: int = 0, seeds: int | 
     if job.study not in regime.STUDY_PRESETS:
         raise ValueError(f"study: unknown study preset {job.study!r}; expected one of {sorted(regime.STUDY_PRESETS)}")
     study = regime.STUDY_PRESETS[job.study]
-    c = study.cell(cell or job.cell)
+    # None is the job's cell; any other value, '' included, must name a cell of the study
+    c = study.cell(job.cell if cell is None else cell)
     n = job.seeds if seeds is None else seeds
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ValueError(f"seeds: a paired test needs at least 2 seeds, got {n!r}")
@@ -239,7 +240,7 @@ def run_main_job(out: str | Path | None = None, *, job: MainJob = MAIN_JOB, firs
                                     progress=progress)
     table = grid_verdict(compare.load_grid(out), reference, alpha=alpha)
     lines = format_verdict(table, alpha=alpha) if not table.empty else []
-    cell_name = cell or job.cell
+    cell_name = job.cell if cell is None else cell
     machine = machine_record()
     test_kind = "exact" if stats.sign_flip_is_exact(len(spec.seeds)) else "Monte Carlo (200 000 sign patterns)"
     header = (f"Main job: {', '.join(spec.losses)} × {len(spec.seeds)} paired seeds (seeds {spec.seeds[0]}–"
