@@ -17,6 +17,7 @@ from ctpo_lab.cli import ArgumentParser, finite_float, folder_path, int_at_least
 from ctpo_lab.diagnose.clip import DEFAULT_TARGET_CLIP_RATE
 from ctpo_lab.diagnose.pipeline import diagnose
 from ctpo_lab.diagnose.readers import DUMP_MODES
+from ctpo_lab.llm.limits import MAX_BOOT, MAX_CHAIN_SEEDS, MIN_BOOT
 
 #: The longest A-B range ``--steps`` takes (a longer one is a typo; dump folders hold far fewer steps).
 MAX_STEPS_IN_RANGE = 1_000_000
@@ -47,13 +48,16 @@ def build_parser() -> ArgumentParser:
     ap.add_argument("--dump-mode", choices=DUMP_MODES, default="cumprod",
                     help="loss mode that wrote weights-only dumps (default cumprod; ctpo_lab's dumps store L_t "
                          "and ignore it; gspo is refused)")
-    ap.add_argument("--bin-width", type=int_at_least(1), default=50, help="position bin width (default 50)")
-    ap.add_argument("--n-boot", type=int_at_least(10), default=1000, help="bootstrap resamples (default 1000)")
+    ap.add_argument("--bin-width", type=int_at_least(1), default=50,
+                    help="position bin width (default 50; at most the longest response)")
+    ap.add_argument("--n-boot", type=int_at_least(MIN_BOOT, MAX_BOOT), default=1000,
+                    help=f"bootstrap resamples (default 1000; {MIN_BOOT} to {MAX_BOOT:,})")
     ap.add_argument("--target-clip-rate", type=finite_float(0, 1, lo_open=True, hi_open=True),
                     default=DEFAULT_TARGET_CLIP_RATE,
                     help=f"clip rate the recommended thresholds are calibrated to (default {DEFAULT_TARGET_CLIP_RATE})")
-    ap.add_argument("--chain-seeds", type=int_at_least(0), default=1,
-                    help="random chains of the exact bias/variance prediction per preset (default 1; 0: none)")
+    ap.add_argument("--chain-seeds", type=int_at_least(0, MAX_CHAIN_SEEDS), default=1,
+                    help="random chains of the exact bias/variance prediction per preset (default 1; 0: none; "
+                         f"at most {MAX_CHAIN_SEEDS:,})")
     ap.add_argument("--seed", type=int_at_least(0), default=0)
     ap.add_argument("--overwrite", action="store_true", help="replace DIR if ctpo_lab created it")
     return ap
@@ -74,7 +78,8 @@ def _main(argv: list[str] | None) -> int:
                  target_clip_rate=args.target_clip_rate, chain_seeds=args.chain_seeds)
     lo, hi = s["exponent_ci"]
     print(f"{s['format']}: {s['num_sequences']} sequences, {s['num_tokens']} tokens; KL/token (k3) "
-          f"{s['kl_per_token']:.3g}, σ̂ {s['sigma_hat']:.4g}, exponent {s['exponent']:.3f} [{lo:.3f}, {hi:.3f}]"
+          f"{_num(s['kl_per_token'], '.3g')}, σ̂ {_num(s['sigma_hat'], '.4g')}, exponent "
+          f"{_num(s['exponent'], '.3f')} [{_num(lo, '.3f')}, {_num(hi, '.3f')}]"
           + (f"; LOSSY input (weights at the cap {s['cap']})" if s["lossy"] else ""))
     rec = s["recommendation"]
     th = rec["thresholds"]
@@ -83,6 +88,11 @@ def _main(argv: list[str] | None) -> int:
              + (f" dual_clip={th['dual_clip']:.4g}" if "dual_clip" in th else "")))
     print(f"report: {args.out}/report.html")
     return 0
+
+
+def _num(x: float | None, spec: str) -> str:
+    """A summary number (None where it is undefined) as text."""
+    return "n/a" if x is None else format(x, spec)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import numpy as np
 from ctpo_lab import analysis, losses, stats
 from ctpo_lab.analysis import finite_or_none
 from ctpo_lab.diagnose import clip, readers
+from ctpo_lab.llm.limits import MAX_CHAIN_SEEDS, check_bin_width, check_boot, finite_json, longest_response
 from ctpo_lab.losses import FIGURE1_WINDOWS
 from ctpo_lab.runsafety import atomic_path, atomic_write_text, prepare_output
 
@@ -53,6 +54,10 @@ def summarize(traj: readers.Trajectories, *, seed: int = 0, bin_width: int = 50,
             windows=FIGURE1_WINDOWS)
     except ValueError as e:
         raise ValueError(f"path: too little data for the √t fit ({e})") from None
+    if st["sigma_hat"] is None or not math.isfinite(st["sigma_hat"]):
+        raise ValueError(f"bin_width: σ̂ is undefined with bins of {bin_width} positions (no bin holds "
+                         f"{min_count} or more tokens with its centre at a position ≤ 5000); use a smaller "
+                         "bin width")
     aware = traj.advantages is not None
     rates = clip.clip_rates(ell, m, traj.advantages, list(losses.PRESETS), bin_width=bin_width,
                             min_count=min_count)
@@ -113,7 +118,7 @@ def recommend(traj: readers.Trajectories, summary: dict[str, Any], *,
     """
     beta, (lo, hi) = summary["exponent"], summary["exponent_ci"]
     reasons, overrides = [], {}
-    known = beta is not None and lo is not None and hi is not None
+    known = all(v is not None and math.isfinite(v) for v in (beta, lo, hi))
     if known and (lo <= 0.5 <= hi or abs(beta - 0.5) <= _EXPONENT_TOLERANCE):
         preset = "ctpo"
         reasons.append(f"sd(L_t) grows like √t (exponent {beta:.2f}, CI [{lo:.2f}, {hi:.2f}], within "
@@ -230,7 +235,7 @@ def _fmt(x: Any, digits: int = 4) -> str:
 
 def _rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     s = summary
-    lo, hi = s["exponent_ci"]
+    lo, hi = (math.nan if v is None else v for v in s["exponent_ci"])
     rows = [
         ("format", s["format"]),
         ("steps", ", ".join(map(str, s["steps"])) if s["steps"] else "—"),
@@ -239,7 +244,8 @@ def _rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("−mean ℓ per token (k1)", _fmt(s["kl_per_token_k1"])),
         ("drift per token (mean ℓ)", _fmt(s["drift_per_token"])),
         ("σ̂ (sd L_t ≈ σ̂√t)", f"{_fmt(s['sigma_hat'])} [{_fmt(s['sigma_hat_ci'][0])}, {_fmt(s['sigma_hat_ci'][1])}]"),
-        ("free exponent β (sd L_t ∝ t^β)", stats.format_ci(s["exponent"], lo, hi, 2, style="f")),
+        ("free exponent β (sd L_t ∝ t^β)", stats.format_ci(math.nan if s["exponent"] is None else s["exponent"],
+                                                           lo, hi, 2, style="f")),
     ]
     if s["kl_per_token_exact"] is not None:
         rows.insert(4, ("exact KL per token", _fmt(s["kl_per_token_exact"])))
@@ -322,6 +328,18 @@ def _html(summary: dict[str, Any], figs: list[tuple[str, str]], out: Path) -> st
     return "\n".join(parts)
 
 
+def json_ready(summary: dict[str, Any]) -> dict[str, Any]:
+    """``summary`` with every non-finite number written as null, the quantities so replaced listed under
+    ``undefined`` and named in ``notes`` (never a NaN in summary.json, never one dropped silently)."""
+    clean, undefined = finite_json(summary)
+    clean["undefined"] = undefined
+    if undefined:
+        shown = ", ".join(undefined[:8]) + (f" and {len(undefined) - 8} more" if len(undefined) > 8 else "")
+        clean["notes"] = [*clean.get("notes", []), f"undefined on this input (not a finite number; null in "
+                                                    f"summary.json): {shown}"]
+    return clean
+
+
 def diagnose(path: str | os.PathLike[str], out: str | os.PathLike[str], *, steps: Sequence[int] | None = None,
              seed: int = 0, dump_mode: str = "cumprod", overwrite: bool = False, bin_width: int = 50,
              n_boot: int = 1000, target_clip_rate: float = clip.DEFAULT_TARGET_CLIP_RATE,
@@ -350,22 +368,24 @@ def diagnose(path: str | os.PathLike[str], out: str | os.PathLike[str], *, steps
     """
     if isinstance(bin_width, bool) or not isinstance(bin_width, int) or bin_width < 1:
         raise ValueError(f"bin_width: expected an int ≥ 1, got {bin_width!r}")
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 10:
-        raise ValueError(f"n_boot: expected an int ≥ 10, got {n_boot!r}")
+    check_boot(n_boot)
     if not (isinstance(target_clip_rate, (int, float)) and 0 < target_clip_rate < 1):
         raise ValueError(f"target_clip_rate: expected a number in (0, 1), got {target_clip_rate!r}")
-    if isinstance(chain_seeds, bool) or not isinstance(chain_seeds, int) or chain_seeds < 0:
-        raise ValueError(f"chain_seeds: expected an int ≥ 0, got {chain_seeds!r}")
+    if isinstance(chain_seeds, bool) or not isinstance(chain_seeds, int) or not 0 <= chain_seeds <= MAX_CHAIN_SEEDS:
+        raise ValueError(f"chain_seeds: expected an int in [0, {MAX_CHAIN_SEEDS}], got {chain_seeds!r}")
     out = Path(out)
     prepare_output(out, command="diagnose", overwrite=overwrite, check_only=True,  # before any reading
                    resumable=False)
     traj = readers.read_trajectories(path, steps=steps, dump_mode=dump_mode)
+    check_bin_width(bin_width, longest_response(traj.mask))  # the input is known, nothing written yet
     summary = summarize(traj, seed=seed, bin_width=bin_width, n_boot=n_boot, source=str(path),
                         target_clip_rate=target_clip_rate, chain_seeds=chain_seeds)
+    st = summary.pop("_stats")
+    summary = json_ready(summary)
+    text = json.dumps(summary, indent=2, allow_nan=False) + "\n"  # before any file is written
     prepare_output(out, command="diagnose", overwrite=overwrite, resumable=False)
-    figs = _figures(out, summary)
-    summary.pop("_stats")
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    figs = _figures(out, {**summary, "_stats": st})
+    atomic_write_text(out / "summary.json", text)
     atomic_write_text(out / "report.md", _markdown(summary, figs))
     atomic_write_text(out / "report.html", _html(summary, figs, out))
     return summary

@@ -33,6 +33,7 @@ import sys
 
 from ctpo_lab.cli import ArgumentParser, error_line, finite_float, folder_path, int_at_least
 from ctpo_lab.cli import run as run_cli
+from ctpo_lab.llm.limits import MAX_BOOT, MIN_BOOT
 from ctpo_lab.llm.pipeline import OPTIONS, QUICK, SOURCES, RunConfig, json_default, run  # noqa: F401
 
 # (QUICK, RunConfig and run are re-exported for the callers of the former module layout)
@@ -50,6 +51,11 @@ def _parse_k(text: str) -> list[int]:
     if not ks or ks[0] < 1:
         raise argparse.ArgumentTypeError(f"--k: expected positive ints, got {text!r}")
     return ks
+
+
+#: ``--n-boot`` of every subcommand (:mod:`ctpo_lab.llm.limits`).
+_BOOT = int_at_least(MIN_BOOT, MAX_BOOT)
+_BOOT_RANGE = f"{MIN_BOOT} to {MAX_BOOT:,}"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -83,24 +89,27 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"AdamW learning rate of the stale update ({d.lr})")
     r.add_argument("--minibatches", type=int, default=None, help="minibatches per rollout batch (16)")
     r.add_argument("--target-model", default=None, help="π for --source checkpoints")
-    r.add_argument("--bin-width", type=int, default=None, help=f"positions per bin ({d.bin_width}; the paper: 50)")
-    r.add_argument("--n-boot", type=int, default=None, help="bootstrap replicates (1000)")
+    r.add_argument("--bin-width", type=int_at_least(1), default=None,
+                   help=f"positions per bin ({d.bin_width}; the paper: 50; at most --max-new-tokens)")
+    r.add_argument("--n-boot", type=_BOOT, default=None, help=f"bootstrap replicates (1000; {_BOOT_RANGE})")
     r.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: best on a shared CPU)")
     r.add_argument("--cache", default=None, help="model cache directory ($CTPO_LAB_CACHE)")
     r.add_argument("--pad-token", default=None, help="pad token for tokenizers without one ('eos')")
     r.add_argument("--no-progress", action="store_true")
     a = sub.add_parser("analyze", help="statistics and plots from an existing run directory")
     a.add_argument("dir")
-    a.add_argument("--bin-width", type=int, default=None)
-    a.add_argument("--n-boot", type=int, default=None)
+    a.add_argument("--bin-width", type=int_at_least(1), default=None,
+                   help="positions per bin (the run's; at most the longest response)")
+    a.add_argument("--n-boot", type=_BOOT, default=None, help=f"bootstrap replicates (the run's; {_BOOT_RANGE})")
     a.add_argument("--seed", type=int_at_least(0), default=0)
     a.add_argument("--overwrite", action="store_true", help="replace existing plots/summary")
     f = sub.add_parser("fit", help="√t fit of a trajectory parquet or a directory of authors' npz dumps")
     f.add_argument("path")
     f.add_argument("--step", type=int_at_least(0), default=None, help="dump step (default: the last one)")
-    f.add_argument("--bin-width", type=int_at_least(1), default=50)
+    f.add_argument("--bin-width", type=int_at_least(1), default=50,
+                   help="positions per bin (50; at most the longest response)")
     f.add_argument("--min-count", type=int_at_least(1), default=30)
-    f.add_argument("--n-boot", type=int_at_least(1), default=1000)
+    f.add_argument("--n-boot", type=_BOOT, default=1000, help=f"bootstrap replicates (1000; {_BOOT_RANGE})")
     f.add_argument("--seed", type=int_at_least(0), default=0)
     f.add_argument("--center", action="store_true", help="centre L_t within prompt groups")
     from ctpo_lab.llm.bias_run import add_parser
@@ -130,10 +139,10 @@ def _main(argv: list[str] | None) -> int:
     if argv and argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help"):
         argv = ["run", *argv]
     parser = _parser()
+    if not argv:  # no subcommand and none of run's options (run needs at least --out)
+        raise ValueError(f"command: required (one of {', '.join(SUBCOMMANDS)}, or run's options: --out DIR [...]; "
+                         "--help lists them)")
     ns = parser.parse_args(argv)
-    if ns.command is None:
-        parser.print_help()
-        return 2
     if ns.command == "bias":
         from ctpo_lab.llm.bias_run import main_bias
 

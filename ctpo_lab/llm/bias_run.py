@@ -43,6 +43,7 @@ import torch
 from ctpo_lab import advantages
 from ctpo_lab.cli import MAX_COUNT, finite_float, folder_path, int_at_least
 from ctpo_lab.llm import bias
+from ctpo_lab.llm.limits import MAX_BOOT, MAX_CHAIN_SEEDS, MIN_BOOT, check_boot
 from ctpo_lab.stats import format_ci
 
 SOURCES: tuple[str, ...] = ("temperature", "dtype", "stale", "bf16_sampler")
@@ -166,6 +167,19 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _params_type(text: str) -> str:
+    """argparse ``type`` of ``--params``: well formed (:func:`ctpo_lab.llm.directions.check_params_spec`)."""
+    from ctpo_lab.llm.directions import check_params_spec
+
+    try:
+        return check_params_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("params: ")) from None
+
+
+_params_type.__name__ = "params"
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     d = BiasConfig()
     b = sub.add_parser("bias", help="estimator bias/variance against an on-policy reference",
@@ -203,12 +217,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--mu-temperature", type=finite_float(0.0, lo_open=True), default=None,
                    help=f"sampling temperature of μ for the temperature source ({d.mu_temperature})")
     b.add_argument("--directions", type=int, default=None, help=f"random parameter directions K ({d.directions})")
-    b.add_argument("--params", default=None, help="parameters of the directions: all | last | last:N | name "
-                   f"patterns ({d.params}; --quick: all)")
+    b.add_argument("--params", type=_params_type, default=None,
+                   help=f"parameters of the directions: all | last | last:N | name patterns ({d.params}; --quick: all)")
     b.add_argument("--directions-per-pass", type=int, default=None, help="tangents per forward pass (16)")
     b.add_argument("--batch-size", type=int, default=None, help=f"N prompt groups of the MSE ({d.batch_size})")
-    b.add_argument("--n-boot", type=int, default=None, help=f"bootstrap replicates ({d.n_boot})")
-    b.add_argument("--chain-seeds", type=int, default=None, help=f"Markov instances per prediction ({d.chain_seeds})")
+    b.add_argument("--n-boot", type=int_at_least(MIN_BOOT, MAX_BOOT), default=None,
+                   help=f"bootstrap replicates ({d.n_boot}; {MIN_BOOT} to {MAX_BOOT:,})")
+    b.add_argument("--chain-seeds", type=int_at_least(1, MAX_CHAIN_SEEDS), default=None,
+                   help=f"Markov instances per prediction ({d.chain_seeds}; at most {MAX_CHAIN_SEEDS:,})")
     b.add_argument("--threads", type=int, default=None, help=f"torch CPU threads ({d.threads})")
     b.add_argument("--cache", default=None, help="model cache directory ($CTPO_LAB_CACHE)")
     b.add_argument("--pad-token", default=None, help="pad token for tokenizers without one ('eos')")
@@ -284,8 +300,15 @@ def resolve(ns: argparse.Namespace) -> BiasConfig:
         raise ValueError("--group-size: group baselines need at least 2 responses per prompt")
     if cfg.eval_prompts < 2:
         raise ValueError("--eval-prompts: the bootstrap needs at least 2 prompt groups")
-    if isinstance(cfg.n_boot, bool) or not isinstance(cfg.n_boot, int) or not 0 <= cfg.n_boot <= MAX_COUNT:
-        raise ValueError(f"--n-boot: expected an int in [0, {MAX_COUNT}], got {cfg.n_boot!r}")
+    check_boot(cfg.n_boot, "--n-boot")
+    if cfg.chain_seeds > MAX_CHAIN_SEEDS:
+        raise ValueError(f"--chain-seeds: expected an int in [1, {MAX_CHAIN_SEEDS}], got {cfg.chain_seeds}")
+    from ctpo_lab.llm.directions import check_params_spec
+
+    try:
+        cfg.params = check_params_spec(cfg.params)
+    except ValueError as e:
+        raise ValueError(f"--{e}") from None
     from ctpo_lab.llm.models import check_load_options
 
     check_load_options(cfg.cache, cfg.pad_token)
@@ -367,8 +390,8 @@ def markdown_table(table: pd.DataFrame, prediction: pd.DataFrame | None) -> str:
 def run_bias(cfg: BiasConfig, *, overwrite: bool = False) -> dict[str, Any]:
     """Run the study; returns the summary (also written to DIR/summary.json)."""
     from ctpo_lab.llm import offpolicy
-    from ctpo_lab.llm.directions import ParameterDirections, token_directional_derivatives
-    from ctpo_lab.llm.models import load_model
+    from ctpo_lab.llm.directions import ParameterDirections, select_parameter_names, token_directional_derivatives
+    from ctpo_lab.llm.models import check_model, load_model, parameter_names
     from ctpo_lab.llm.prompts import load_prompts, render_prompts, reward
     from ctpo_lab.llm.rollout import plain_head, reference_cache, sample, score
 
@@ -381,13 +404,19 @@ def run_bias(cfg: BiasConfig, *, overwrite: bool = False) -> dict[str, Any]:
     for corr in cfg.rollout_corrections:  # unknown names before any work
         bias.correction_name(corr)
 
-    lm = load_model(cfg.model, seed=cfg.seed, cache=cfg.cache, pad_token=cfg.pad_token)
-    tok, mu_model = lm.tokenizer, lm.model
+    # the model spec, the prompts and the parameter selection before loading the model (seconds to a minute)
+    check_model(cfg.model, "model")
     n_train = cfg.train_prompts  # loaded even without the stale source: the held-out prompts stay the same
     prompts = load_prompts(cfg.prompts, n=n_train + cfg.eval_prompts, seed=cfg.seed)
     if len(prompts) < n_train + cfg.eval_prompts:
         raise ValueError(f"--prompts: {cfg.prompts} has {len(prompts)} prompts, "
                          f"{n_train + cfg.eval_prompts} needed")
+    names = parameter_names(cfg.model, seed=cfg.seed, cache=cfg.cache)
+    if names is not None:  # known from the config alone; else checked once the model is loaded
+        select_parameter_names(names, cfg.params)
+
+    lm = load_model(cfg.model, seed=cfg.seed, cache=cfg.cache, pad_token=cfg.pad_token)
+    tok, mu_model = lm.tokenizer, lm.model
     max_prompt = lm.context_length - cfg.max_new_tokens
     if max_prompt < 1:
         raise ValueError(f"--max-new-tokens: {cfg.max_new_tokens} ≥ the model context {lm.context_length}")

@@ -39,34 +39,38 @@ from torch import Tensor
 
 from ctpo_lab.llm.rollout import iter_slices, left_pad, plain_head, token_log_probs
 
-__all__ = ["ParameterDirections", "select_parameters", "token_directional_derivatives"]
+__all__ = ["ParameterDirections", "check_params_spec", "select_parameter_names", "select_parameters",
+           "token_directional_derivatives"]
 
 
-def select_parameters(model: torch.nn.Module, spec: str = "all") -> tuple[str, ...]:
-    """Names of the trainable parameters selected by ``spec``.
-
-    ``"all"``; ``"last"`` / ``"last:N"`` (the last N decoder layers and the final norm: names containing
-    ``layers.{i}.`` for the N largest i, and ``norm.weight`` outside the layers); or comma-separated
-    ``fnmatch`` patterns over ``model.named_parameters()`` names (e.g. ``"*layers.29.mlp.*,*lm_head*"``).
-
-    Raises
-    ------
-    ValueError
-        ``spec`` matches no parameter, or ``last:N`` on a model without numbered ``layers.{i}.`` blocks.
-    """
+def check_params_spec(spec: object) -> str:
+    """``spec`` stripped when it is a well-formed parameter selection of :func:`select_parameters` (``all``,
+    ``last``, ``last:N`` with an int N ≥ 1, or comma-separated name patterns); else ``ValueError`` naming
+    ``params``.  Needs no model: whether the patterns match a parameter is :func:`select_parameter_names`'s."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"params: expected 'all', 'last', 'last:N' or name patterns, got {spec!r}")
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
     spec = spec.strip()
-    if spec == "all":
-        chosen = names
-    elif spec == "last" or spec.startswith("last:"):
+    if spec.startswith("last:"):
         try:
-            n_last = 1 if spec == "last" else int(spec.split(":", 1)[1])
+            n_last = int(spec.split(":", 1)[1])
         except ValueError:
             raise ValueError(f"params: expected 'last:N' with an integer N, got {spec!r}") from None
         if n_last < 1:
             raise ValueError(f"params: 'last:N' needs N ≥ 1, got {spec!r}")
+    elif spec not in ("all", "last") and not [p for p in spec.split(",") if p.strip()]:
+        raise ValueError(f"params: expected 'all', 'last', 'last:N' or name patterns, got {spec!r}")
+    return spec
+
+
+def select_parameter_names(names: list[str] | tuple[str, ...], spec: str = "all") -> tuple[str, ...]:
+    """The names among ``names`` (a model's trainable parameter names, in order) selected by ``spec`` (see
+    :func:`select_parameters`)."""
+    spec = check_params_spec(spec)
+    names = list(names)
+    if spec == "all":
+        chosen = names
+    elif spec == "last" or spec.startswith("last:"):
+        n_last = 1 if spec == "last" else int(spec.split(":", 1)[1])
         layer_ids = sorted({int(n.split("layers.", 1)[1].split(".", 1)[0]) for n in names if "layers." in n
                             and n.split("layers.", 1)[1].split(".", 1)[0].isdigit()})
         if not layer_ids:
@@ -79,6 +83,23 @@ def select_parameters(model: torch.nn.Module, spec: str = "all") -> tuple[str, .
     if not chosen:
         raise ValueError(f"params: {spec!r} matches no trainable parameter (names look like {names[:3]})")
     return tuple(chosen)
+
+
+def select_parameters(model: torch.nn.Module, spec: str = "all") -> tuple[str, ...]:
+    """Names of the trainable parameters selected by ``spec``.
+
+    ``"all"``; ``"last"`` / ``"last:N"`` (the last N decoder layers and the final norm: names containing
+    ``layers.{i}.`` for the N largest i, and ``norm.weight`` outside the layers); or comma-separated
+    ``fnmatch`` patterns over ``model.named_parameters()`` names (e.g. ``"*layers.29.mlp.*,*lm_head*"``).
+
+    Raises
+    ------
+    ValueError
+        A malformed ``spec`` (:func:`check_params_spec`), ``spec`` matches no parameter, or ``last:N`` on a model
+        without numbered ``layers.{i}.`` blocks.
+    """
+    check_params_spec(spec)
+    return select_parameter_names([n for n, p in model.named_parameters() if p.requires_grad], spec)
 
 
 def _direction_seed(seed: int, k: int, name: str) -> int:

@@ -41,6 +41,9 @@ __all__ = [
     "fetch_smollm2_gguf",
     "check_hub_repo",
     "check_load_options",
+    "check_model",
+    "parameter_names",
+    "relabel_model_error",
     "smollm2_folder",
     "tiny_random",
     "char_tokenizer",
@@ -218,6 +221,65 @@ def check_load_options(cache: str | os.PathLike[str] | None, pad_token: str | No
         from ctpo_lab.runsafety import check_writable
 
         check_writable(cache, "cache")
+
+
+def check_model(name: str | os.PathLike[str], argument: str = "model") -> None:
+    """Check a model spec of :func:`load_model` without loading it: ``FileNotFoundError`` naming ``argument`` for
+    a local path that is not a transformers model folder (a folder with ``config.json``), or a Hub id neither
+    cached nor reachable (:func:`check_hub_repo`); ``TypeError`` for a spec that is not a name or path.  The
+    built-in names (``smollm2``, ``tiny-random``) pass."""
+    if not isinstance(name, (str, os.PathLike)) or not str(name).strip():
+        raise TypeError(f"{argument}: expected a model name or path, got {name!r}")
+    key = str(name)
+    if key in ("tiny-random", "smollm2"):
+        return
+    if _is_pathlike(key) or isinstance(name, os.PathLike):
+        p = Path(key).expanduser()
+        if not p.is_dir():
+            raise FileNotFoundError(f"{argument}: no model folder at {p}")
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"{argument}: {p} has no config.json (not a transformers model folder)")
+        return
+    if not (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")):
+        check_hub_repo(key, argument=argument)
+
+
+def relabel_model_error(e: BaseException, argument: str) -> BaseException:
+    """A :func:`load_model` error whose message names ``model`` (or ``pad_token``, which it names for this
+    model's tokenizer) as the same error type naming ``argument`` instead; other errors unchanged."""
+    msg = str(e.args[0]) if len(e.args) == 1 and isinstance(e.args[0], str) else str(e)
+    head, sep, rest = msg.partition(": ")
+    if sep and head == "model":
+        return type(e)(f"{argument}: {rest}") if isinstance(e, (FileNotFoundError, ValueError, TypeError)) \
+            else ValueError(f"{argument}: {rest}")
+    return e
+
+
+def parameter_names(name: str | os.PathLike[str], *, seed: int = 0,
+                    cache: str | os.PathLike[str] | None = None) -> list[str] | None:
+    """The trainable parameter names of the model :func:`load_model` would load, from its config alone (the
+    architecture built on the meta device: no weights read), or None when they cannot be known without loading
+    it (a model not yet converted or downloaded, an architecture that cannot be built so)."""
+    key = str(name)
+    try:
+        if key == "tiny-random":
+            model, _ = tiny_random(seed)
+            return [n for n, p in model.named_parameters() if p.requires_grad]
+        if key == "smollm2":
+            folder = Path(cache) if cache is not None else Path(os.environ.get(CACHE_ENV, Path.home() / ".cache"
+                                                                               / "ctpo_lab"))
+            folder = folder.expanduser() / SMOLLM2_FOLDER
+            if not (folder / "config.json").is_file():
+                return None
+            key = str(folder)
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(key, local_files_only=True)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        return [n for n, p in model.named_parameters() if p.requires_grad]
+    except Exception:  # noqa: BLE001  (not cached, unknown architecture, ...: only loading the model can tell)
+        return None
 
 
 def check_hub_repo(repo_id: str, *, repo_type: str = "model", argument: str = "model") -> None:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ctpo_lab.cli import MAX_COUNT
+from ctpo_lab.llm.limits import check_bin_width, check_boot, finite_json, longest_response
 from ctpo_lab.runsafety import atomic_write_text
 
 __all__ = [
@@ -86,10 +87,14 @@ class RunConfig:
     def validate(self) -> RunConfig:
         """Check the fields that need no model; returns ``self``. Raises ``ValueError`` naming the field."""
         for name in ("train_prompts", "eval_prompts", "group_size", "max_new_tokens", "prompts_per_chunk",
-                     "minibatches", "bin_width", "n_boot", "threads"):
+                     "minibatches", "bin_width", "threads"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_COUNT:
                 raise ValueError(f"{name}: expected an int in [1, {MAX_COUNT}], got {v!r}")
+        check_boot(self.n_boot)
+        if self.bin_width > self.max_new_tokens:  # no response is longer than max_new_tokens
+            raise ValueError(f"bin_width: expected at most --max-new-tokens ({self.max_new_tokens}), the longest "
+                             f"possible response, got {self.bin_width}")
         if self.group_size < 2:
             raise ValueError("group_size: GRPO advantages need at least 2 responses per prompt")
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0
@@ -206,7 +211,7 @@ def run_trajectories(cfg: RunConfig, *, overwrite: bool = False, resume: bool = 
     cfg.validate()
     from ctpo_lab.advantages import grpo_advantages
     from ctpo_lab.llm import offpolicy, store
-    from ctpo_lab.llm.models import load_model
+    from ctpo_lab.llm.models import check_model, load_model, relabel_model_error
     from ctpo_lab.llm.prompts import load_prompts, render_prompts, reward
     from ctpo_lab.llm.rollout import reference_cache, sample
 
@@ -218,19 +223,27 @@ def run_trajectories(cfg: RunConfig, *, overwrite: bool = False, resume: bool = 
 
     # --- everything that can fail on bad input, before any work
     _prepare_out(out, cfg, overwrite, resume, check_only=True)
-    lm = load_model(cfg.model, seed=cfg.seed, cache=cfg.cache, pad_token=cfg.pad_token)
-    tok = lm.tokenizer
+    # the model specs and the prompts before loading any model (seconds to a minute)
+    check_model(cfg.model, "model")
+    if cfg.source == "checkpoints":
+        check_model(cfg.target_model, "target_model")  # type: ignore[arg-type]
     n_prompts = cfg.train_prompts + cfg.eval_prompts
     prompts = load_prompts(cfg.prompts, n=n_prompts, seed=cfg.seed)
     if len(prompts) < n_prompts:
         raise ValueError(f"prompts: {cfg.prompts} has {len(prompts)} prompts, {n_prompts} needed")
+    lm = load_model(cfg.model, seed=cfg.seed, cache=cfg.cache, pad_token=cfg.pad_token)
+    tok = lm.tokenizer
     max_prompt = lm.context_length - cfg.max_new_tokens
     if max_prompt < 1:
         raise ValueError(f"max_new_tokens: {cfg.max_new_tokens} ≥ the model context {lm.context_length}")
     prompt_ids = render_prompts(tok, prompts, max_prompt_tokens=max_prompt)
     target_lm = None
     if cfg.source == "checkpoints":
-        target_lm = load_model(cfg.target_model, cache=cfg.cache, pad_token=cfg.pad_token)  # type: ignore[arg-type]
+        try:
+            target_lm = load_model(cfg.target_model, cache=cfg.cache,  # type: ignore[arg-type]
+                                   pad_token=cfg.pad_token)
+        except (OSError, ValueError) as e:  # its errors name "model": this one is --target-model
+            raise relabel_model_error(e, "target_model") from None
         if len(target_lm.tokenizer) != len(tok):
             raise ValueError("target_model: its tokenizer differs from the behaviour model's")
     _prepare_out(out, cfg, overwrite, resume)
@@ -434,9 +447,29 @@ def analyze_target(
     from ctpo_lab.analysis import trajectory_statistics
 
     m = _matrices(df)
-    return trajectory_statistics(m["log_ratio"], m["mask"], m["advantage"], m["group"], m.get("kl"),
-                                 bin_width=bin_width, min_count=min_count, min_sequences=min_sequences,
-                                 n_boot=n_boot, seed=seed)
+    st = trajectory_statistics(m["log_ratio"], m["mask"], m["advantage"], m["group"], m.get("kl"),
+                               bin_width=bin_width, min_count=min_count, min_sequences=min_sequences,
+                               n_boot=n_boot, seed=seed)
+    if not _finite(st["sigma_hat"]):
+        raise ValueError(_undefined_sigma(bin_width, min_count))
+    return st
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float, np.number)) and not isinstance(x, bool) and math.isfinite(float(x))
+
+
+def _undefined_sigma(bin_width: int, min_count: int) -> str:
+    return (f"bin_width: σ̂ is undefined with bins of {bin_width} positions (no bin holds {min_count} or more "
+            "tokens with its centre at a position ≤ 5000); use a smaller --bin-width (or --min-count)")
+
+
+def _json_ready(result: dict[str, Any]) -> dict[str, Any]:
+    """``result`` with every non-finite number as null and the paths of those listed under ``undefined``
+    (never a NaN in a JSON file, never one dropped silently)."""
+    clean, undefined = finite_json(result)
+    clean["undefined"] = undefined
+    return clean
 
 
 def analyze(
@@ -474,8 +507,10 @@ def analyze(
         **(meta or {}),
         "targets": results,
     }
+    summary = _json_ready(summary)
+    text = json.dumps(summary, indent=2, allow_nan=False)
     _plot(out, results, bin_width)
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=json_default))
+    atomic_write_text(out / "summary.json", text)
     return summary
 
 
@@ -488,13 +523,20 @@ def analyze_run(out: str | Path, *, bin_width: int | None = None, n_boot: int | 
     out = Path(out)
     if not out.is_dir():
         raise ValueError(f"dir: {out} is not a directory")
-    for name, v in (("bin_width", bin_width), ("n_boot", n_boot)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    if bin_width is not None and (isinstance(bin_width, bool) or not isinstance(bin_width, int) or bin_width < 1):
+        raise ValueError(f"bin_width: expected a positive int, got {bin_width!r}")
+    if n_boot is not None:
+        check_boot(n_boot)
     cfg_file = out / "config.json"
     saved = read_json(cfg_file, name="dir") if cfg_file.is_file() else {}
-    if not any((out / "targets").glob("*.parquet")):
+    files = sorted((out / "targets").glob("*.parquet"))
+    if not files:
         raise ValueError(f"dir: {out}/targets holds no target parquet (run `python -m ctpo_lab.llm run` first)")
+    if bin_width is not None:  # the responses are known: a bin wider than all of them is refused before writing
+        from ctpo_lab.llm import store
+
+        longest = max(longest_response(store.padded(store.read_parquet(f)["mask"], 0, np.int8)) for f in files)
+        check_bin_width(bin_width, longest)
     if not overwrite and any((out / f).exists() for f in ("figure1.png", "figure1.pdf", "summary.json")):
         raise ValueError(f"overwrite: {out} already has plots/summary (use --overwrite)")
     prepare_output(out, command="python -m ctpo_lab.llm analyze", resume=True, name="dir",  # one writer
@@ -557,6 +599,7 @@ def fit_dumps(path: str | Path, *, step: int | None = None, bin_width: int = 50,
     from ctpo_lab import dumps, stats
     from ctpo_lab.llm import store
 
+    check_boot(n_boot)
     p = Path(path)
     if p.is_dir() and dumps.list_steps(p):
         steps = dumps.list_steps(p)
@@ -571,9 +614,12 @@ def fit_dumps(path: str | Path, *, step: int | None = None, bin_width: int = 50,
         m = _matrices(df)
         L, mask, groups = m["cum"], m["mask"], m["group"]
         source = str(p)
+    check_bin_width(bin_width, longest_response(mask))
     fit = stats.sqrt_t_fit(L, mask, groups, center=center and groups is not None, bin_width=bin_width,
                            min_count=min_count, min_sequences=min(min_count, 10), n_boot=n_boot, seed=seed)
     res = {"source": source, "sigma_hat": fit.sigma_hat, "sigma_hat_ci": list(fit.sigma_hat_ci),
            "exponent": fit.exponent, "exponent_ci": list(fit.exponent_ci), "n_sequences": fit.n_sequences,
            "cluster": fit.cluster, "centered": fit.centered}
-    return res
+    if not _finite(fit.sigma_hat):
+        raise ValueError(_undefined_sigma(bin_width, min_count))
+    return _json_ready(res)

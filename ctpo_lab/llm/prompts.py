@@ -197,6 +197,8 @@ def load_prompts(spec: str, *, n: int | None = None, seed: int = 0) -> list[Prom
         return arithmetic_prompts(n or 64, seed=seed)
     if spec.startswith("hf:"):
         rest = spec[3:]
+        if not rest.strip() or rest.startswith(":"):
+            raise ValueError(f"prompts: expected hf:NAME[:split] with a dataset name or folder, got {spec!r}")
         name, _, split = rest.partition(":") if not Path(rest).exists() else (rest, "", "")
         prompts = load_hf_dataset(name, split=split or "train")
     else:
