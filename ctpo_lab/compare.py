@@ -41,14 +41,18 @@ from ctpo_lab import prefork, stats
 from ctpo_lab.cli import MAX_INT, ArgumentParser, consecutive_seeds, folder_path, int_at_least
 from ctpo_lab.losses import PRESETS as LOSS_PRESETS
 from ctpo_lab.runsafety import (
+    LOCK,
+    MARKER,
     PARENT_ENV,
     atomic_path,
     atomic_write_text,
     check_writable,
     holder_pid,
+    marker_command,
     prepare_output,
     read_json,
     read_jsonl,
+    read_yaml,
 )
 from ctpo_lab.train.runfolder import FINISHED_FILE  # written by a run when it completes
 
@@ -58,6 +62,9 @@ __all__ = [
     "METRICS",
     "run_grid",
     "load_grid",
+    "read_grid_spec",
+    "check_metric_records",
+    "check_run_folder",
     "metric_curves",
     "final_table",
     "paired_comparison",
@@ -76,6 +83,11 @@ METRICS: dict[str, str] = {
     "offpolicy/kl_k3": "KL(μ‖π after the last update), k3 estimate (nats/token)",
     "actor/ppo_kl": "ppo_kl",
 }
+#: Keys of a run's ``metrics.jsonl`` that the summaries (here and in :mod:`ctpo_lab.train.regime`) read as
+#: numbers: a record's value must be a number or ``null`` (a non-finite value as the trainer logs it).
+NUMERIC_KEYS: tuple[str, ...] = (*METRICS, "train/nan_updates", "actor/pg_clipfrac")
+#: ``key=value`` overrides a grid refuses: the grid sets them itself for every run (use the flag instead).
+GRID_KEYS = {"seed": "--seeds (or --seed/--num-seeds)", "loss": "--loss", "steps": "--steps"}
 
 
 @dataclass(frozen=True)
@@ -104,7 +116,7 @@ class GridSpec:
             if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s <= MAX_INT:
                 raise ValueError(f"seeds: expected ints in [0, 2**63 - 1], got {s!r}")
         for o in self.overrides:
-            if "=" not in o:
+            if not isinstance(o, str) or "=" not in o:
                 raise ValueError(f"overrides: expected key=value, got {o!r}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps: expected ≥ 1, got {self.steps}")
@@ -134,6 +146,132 @@ def extends(spec: GridSpec, previous: Any) -> bool:
 
 def run_dir(out: Path, loss: str, seed: int) -> Path:
     return Path(out) / "runs" / f"{loss}-seed{seed}"
+
+
+def check_override_keys(overrides: Sequence[str], *, steps: int | None = None) -> None:
+    """``ValueError`` for a ``key=value`` override the grid would silently replace: ``seed`` and ``loss`` (every
+    run gets its own from the grid) and ``steps`` together with ``--steps``."""
+    for o in overrides:
+        key = str(o).split("=", 1)[0].strip().split(".")[0]
+        if key in ("seed", "loss") or (key == "steps" and steps is not None):
+            raise ValueError(f"overrides: {o!r}: the grid sets {key!r} of every run itself; use {GRID_KEYS[key]} "
+                             "instead of a key=value override")
+
+
+def _bad_type(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_metric_records(records: Sequence[dict[str, Any]], path: Path, *, name: str = "out") -> None:
+    """``ValueError`` naming ``path`` (a run's ``metrics.jsonl``) unless every record has an int ``step`` ≥ 0 and
+    a number (or ``null``) under each of :data:`NUMERIC_KEYS` it holds."""
+    for i, rec in enumerate(records, 1):
+        step = rec.get("step")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            got = _bad_type(step) if "step" in rec else "a record without it"
+            raise ValueError(f"{name}: {path}: record {i}: expected 'step' to be an int ≥ 0, got {got}; the file is "
+                             "corrupt (not a ctpo_lab metrics log)")
+        for key in NUMERIC_KEYS:
+            v = rec.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise ValueError(f"{name}: {path}: record {i} (step {step}): expected {key!r} to be a number, got "
+                                 f"{_bad_type(v)}; the file is corrupt")
+
+
+def _finished(run: Path, *, name: str, strict: bool) -> dict[str, Any] | None:
+    """The run's ``finished.json`` (validated), or None when it has none.  ``strict``: also its fields, as the
+    trainer writes them (``steps`` an int ≥ 1, ``wall_time`` a number ≥ 0, ``final`` an object)."""
+    f = run / FINISHED_FILE
+    if not f.exists() and not f.is_symlink():
+        return None
+    if not f.is_file():
+        raise ValueError(f"{name}: {f}: expected a file (the run's completion record)")
+    data = read_json(f, name=name)
+    wall = data.get("wall_time")
+    if wall is not None and (isinstance(wall, bool) or not isinstance(wall, (int, float)) or wall < 0):
+        raise ValueError(f"{name}: {f}: expected 'wall_time' to be a number ≥ 0, got {_bad_type(wall)}; the file is "
+                         "corrupt")
+    if strict:
+        steps = data.get("steps")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            got = _bad_type(steps) if "steps" in data else "no 'steps'"
+            raise ValueError(f"{name}: {f}: expected 'steps' to be an int ≥ 1, got {got}; the file is corrupt "
+                             f"(remove it, or the run folder {run}, to run the run again)")
+        if data.get("final") is not None and not isinstance(data["final"], dict):
+            raise ValueError(f"{name}: {f}: expected 'final' to be a JSON object, got "
+                             f"{type(data['final']).__name__}; the file is corrupt")
+    return data
+
+
+def _run_records(run: Path, *, name: str, strict: bool = False, warn: bool = True
+                 ) -> tuple[list[dict[str, Any]], bool]:
+    """The validated records of one run's ``metrics.jsonl`` and whether the run is finished.  A finished run
+    (``finished.json``) must have a non-empty log; an unfinished one may have none yet (``[]``)."""
+    if run.exists() and not run.is_dir():
+        raise ValueError(f"{name}: {run}: expected a run folder, found a file")
+    finished = _finished(run, name=name, strict=strict) is not None
+    path = run / "metrics.jsonl"
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{name}: {path}: expected a file (the run's metrics log)")
+    if not path.is_file():
+        if finished:
+            raise ValueError(f"{name}: {path}: no such file, but the run is finished ({FINISHED_FILE}); the run "
+                             f"folder is damaged (remove {run} to run it again)")
+        return [], False
+    records = read_jsonl(path, name=name, warn=warn)
+    if finished and not records:
+        raise ValueError(f"{name}: {path}: the metrics log of a finished run is empty; the file is corrupt (remove "
+                         f"{run} to run it again)")
+    check_metric_records(records, path, name=name)
+    return records, finished
+
+
+def _looks_like_checkpoint(p: Path) -> bool:
+    import zipfile
+
+    try:
+        return p.is_file() and p.stat().st_size > 0 and zipfile.is_zipfile(p)  # torch.save writes a zip archive
+    except OSError:
+        return False
+
+
+def check_run_folder(run: str | os.PathLike[str], *, name: str = "out") -> None:
+    """What a grid will reuse or resume in the existing run folder ``run`` is readable, before any work: the
+    folder was made by the trainer (its marker), no other process holds it, its ``finished.json`` is well-formed
+    (a finished run is reused: its ``metrics.jsonl`` must then be readable and non-empty), and an interrupted run
+    that will be resumed has a readable ``metrics.jsonl``, ``config.yaml`` and at least one checkpoint that is a
+    torch archive.  ``ValueError`` naming the folder or the file."""
+    run = Path(run)
+    if not run.exists() and not run.is_symlink():
+        return
+    if not run.is_dir():
+        raise ValueError(f"{name}: {run}: expected a run folder of the grid, found a file; move it away or choose "
+                         "another --out")
+    if not any(e.name != LOCK for e in run.iterdir()):
+        return  # created and never written: started afresh
+    made_by = marker_command(run)
+    if made_by != "python -m ctpo_lab.train":
+        what = f"no {MARKER} marker" if made_by is None else f"it holds the output of `{made_by}`"
+        raise ValueError(f"{name}: {run} is not a run folder of `python -m ctpo_lab.train` ({what}); the grid would "
+                         "reuse or replace it: move it away, or choose another --out")
+    pid = holder_pid(run)
+    if pid is not None and pid != os.getpid():
+        raise ValueError(f"{name}: {run} is in use by another ctpo_lab process (PID {pid}); wait for it to finish or "
+                         "stop it, or choose another --out")
+    _, finished = _run_records(run, name=name, strict=True)
+    if finished:
+        return
+    ckpt = run / "ckpt"
+    if not (ckpt.is_dir() and any(ckpt.iterdir())):
+        return  # never checkpointed: the grid starts it afresh
+    if (run / "config.yaml").exists():
+        read_yaml(run / "config.yaml", name=name)
+    checkpoints = sorted(ckpt.glob("step_*.pt"))
+    if not any(_looks_like_checkpoint(p) for p in checkpoints):
+        found = ", ".join(p.name for p in checkpoints[-3:]) or "no step_*.pt file"
+        raise ValueError(f"{name}: {ckpt}: no readable checkpoint to resume the interrupted run from ({found}: not a "
+                         f"torch checkpoint); remove {run} to run it again from the start")
 
 
 def _train_args(spec: GridSpec, loss: str, seed: int, path: Path, resume: bool) -> list[str]:
@@ -222,13 +360,14 @@ def run_grid(spec: GridSpec, out: str | os.PathLike[str], *, jobs: int | None = 
     A failed run raises ``RuntimeError`` naming its log.
     """
     out = Path(out)
+    check_override_keys(spec.overrides, steps=spec.steps)
     for loss, seed in spec.cells():  # every run's configuration is valid before any work starts
         _train_config(spec, loss, seed)
     check_writable(out)
     prepare_output(out, command="python -m ctpo_lab.train compare", existing="update", check_only=True)  # busy?
     spec_path = out / "grid.json"
     command = "python -m ctpo_lab.train compare"
-    if out.is_dir() and any(e.name != ".ctpo_lab.lock" for e in out.iterdir()):
+    if out.is_dir() and any(e.name != LOCK for e in out.iterdir()):
         previous = read_json(spec_path, name="out") if spec_path.is_file() else None
         if not extends(spec, previous):  # the same grid also extends itself
             if not overwrite:
@@ -238,7 +377,15 @@ def run_grid(spec: GridSpec, out: str | os.PathLike[str], *, jobs: int | None = 
                 )
             prepare_output(out, command=command, overwrite=True)  # only a ctpo_lab folder nobody else holds
         else:
-            prepare_output(out, command=command, resume=True)  # the same grid: finished runs are reused
+            # the same grid: finished runs are reused and interrupted ones resumed, so everything they hold is
+            # checked before the folder is touched, the warm start trained or any run launched
+            prepare_output(out, command=command, resume=True, check_only=True)
+            for sub in ("runs", "logs"):
+                if (out / sub).exists() and not (out / sub).is_dir():
+                    raise ValueError(f"out: {out / sub}: expected a folder (the grid's {sub}), found a file")
+            for loss, seed in spec.cells():
+                check_run_folder(run_dir(out, loss, seed), name="out")
+            prepare_output(out, command=command, resume=True)
     else:
         prepare_output(out, command=command)
     atomic_write_text(spec_path, json.dumps(spec.to_dict(), indent=1))
@@ -303,32 +450,72 @@ def run_grid(spec: GridSpec, out: str | os.PathLike[str], *, jobs: int | None = 
     return paths
 
 
-def load_grid(out: str | os.PathLike[str], *, name: str = "out") -> pd.DataFrame:
-    """Every record of every run's ``metrics.jsonl`` in one long table with ``loss`` and ``seed`` columns
-    (``name``: the argument a ``ValueError`` names)."""
+def read_grid_spec(out: str | os.PathLike[str], *, name: str = "out") -> GridSpec:
+    """The validated :class:`GridSpec` of the grid folder ``out`` (its ``grid.json``); ``ValueError`` naming the
+    file when it is missing or is not a grid specification."""
     out = Path(out)
     spec_path = out / "grid.json"
     if not spec_path.is_file():
         raise ValueError(f"{name}: {out} is not a grid folder (no grid.json)")
-    spec = read_json(spec_path, name=name)
-    if not (isinstance(spec.get("losses"), list) and isinstance(spec.get("seeds"), list)):
-        raise ValueError(f"{name}: {spec_path}: expected 'losses' and 'seeds' lists (not a grid.json of ctpo_lab)")
+    saved = read_json(spec_path, name=name)
+
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{name}: {spec_path}: {what} (not a grid.json of ctpo_lab, or a corrupt one)")
+
+    if not (isinstance(saved.get("losses"), list) and isinstance(saved.get("seeds"), list)):
+        raise bad("expected 'losses' and 'seeds' lists")
+    fields = {f.name for f in dataclasses.fields(GridSpec)}
+    unknown = sorted(set(saved) - fields)
+    if unknown:
+        raise bad(f"unknown key(s) {unknown}; expected keys from {sorted(fields)}")
+    if not all(isinstance(x, str) for x in saved["losses"]):
+        raise bad(f"expected 'losses' to be a list of loss preset names, got {_bad_type(saved['losses'])}")
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in saved["seeds"]):
+        raise bad(f"expected 'seeds' to be a list of ints, got {_bad_type(saved['seeds'])}")
+    if "train_preset" in saved and not isinstance(saved["train_preset"], str):
+        raise bad(f"expected 'train_preset' to be a preset name, got {_bad_type(saved['train_preset'])}")
+    overrides = saved.get("overrides", [])
+    if not (isinstance(overrides, list) and all(isinstance(x, str) for x in overrides)):
+        raise bad(f"expected 'overrides' to be a list of key=value strings, got {_bad_type(overrides)}")
+    steps = saved.get("steps")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)):
+        raise bad(f"expected 'steps' to be an int or null, got {_bad_type(steps)}")
+    try:
+        return GridSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+    except ValueError as e:
+        raise bad(" ".join(str(e).split())) from None
+
+
+def load_grid(out: str | os.PathLike[str], *, name: str = "out", warn: bool = True) -> pd.DataFrame:
+    """Every record of every run's ``metrics.jsonl`` in one long table with ``loss`` and ``seed`` columns
+    (``name``: the argument a ``ValueError`` names).
+
+    Every file is validated first (:func:`read_grid_spec`, :func:`check_metric_records`): a finished run whose
+    log is missing or empty is corrupt input.  An unfinished run contributes what it has logged so far (nothing
+    when it has not started); ``warn`` says so on stderr, naming the runs."""
+    out = Path(out)
+    spec = read_grid_spec(out, name=name)
+    if (out / "runs").exists() and not (out / "runs").is_dir():
+        raise ValueError(f"{name}: {out / 'runs'}: expected a folder (the grid's run folders), found a file")
     frames = []
-    for loss, seed in itertools.product(spec["losses"], spec["seeds"]):
-        path = run_dir(out, loss, seed) / "metrics.jsonl"
-        if not path.is_file():
-            continue
-        records = read_jsonl(path, name=name)
+    unfinished = []
+    for loss, seed in spec.cells():
+        run = run_dir(out, loss, seed)
+        records, finished = _run_records(run, name=name, warn=warn)
+        if not finished:
+            unfinished.append(f"{run / 'metrics.jsonl'}" + ("" if records else " (none yet: left out)"))
         if not records:
             continue
         df = pd.DataFrame.from_records(records)
-        if "step" not in df:
-            raise ValueError(f"{name}: {path}: records without a 'step' field (not a ctpo_lab metrics log)")
         df.insert(0, "seed", seed)
         df.insert(0, "loss", loss)
         frames.append(df)
     if not frames:
         raise ValueError(f"{name}: no metrics.jsonl under {out / 'runs'}")
+    if warn and unfinished:
+        shown = "; ".join(unfinished[:4]) + (f"; and {len(unfinished) - 4} more" if len(unfinished) > 4 else "")
+        print(f"[compare] warning: {len(unfinished)} unfinished run(s) (no {FINISHED_FILE}) summarized as far as "
+              f"they got: {shown}", file=sys.stderr)
     return pd.concat(frames, ignore_index=True)
 
 
@@ -460,10 +647,12 @@ def _csv(df: pd.DataFrame, path: Path) -> None:
         df.to_csv(tmp, index=False)
 
 
-def summarize_grid(out: str | os.PathLike[str], *, reference: str = "ctpo", seed: int = 0) -> dict[str, Any]:
-    """Write curves.csv, table2.*, paired.*, table3.* and fig2.* into ``out``; return the tables."""
+def summarize_grid(out: str | os.PathLike[str], *, reference: str = "ctpo", seed: int = 0,
+                   warn: bool = True) -> dict[str, Any]:
+    """Write curves.csv, table2.*, paired.*, table3.* and fig2.* into ``out``; return the tables (``warn``: of
+    unfinished runs, :func:`load_grid`)."""
     out = Path(out)
-    df = load_grid(out)
+    df = load_grid(out, warn=warn)
     curve_rows = []
     for metric in METRICS:
         if metric not in df:
@@ -522,7 +711,7 @@ def run_comparison(spec: GridSpec, out: str | os.PathLike[str] | None = None, *,
         prepare_output(out, command="python -m ctpo_lab.train compare", resume=True)
     else:
         run_grid(spec, out, jobs=jobs, overwrite=overwrite, progress=progress)
-    result = summarize_grid(out, reference=reference)
+    result = summarize_grid(out, reference=reference, warn=not summarize_only)  # (load_grid has warned)
     return {**result, "out": out, "seconds": time.time() - start}
 
 
@@ -572,6 +761,7 @@ def _main(argv: Sequence[str] | None) -> int:
         raise ValueError(f"seeds: expected at most {MAX_GRID_SEEDS} seeds, got {len(args.seeds)}")
     first, count = args.seed or 0, 3 if args.num_seeds is None else args.num_seeds
     seeds = args.seeds if args.seeds is not None else consecutive_seeds(first, count)
+    check_override_keys(args.overrides, steps=args.steps)
     if args.reference is not None and args.reference not in args.losses:
         raise ValueError(f"reference: expected one of the compared losses {args.losses}, got {args.reference!r}")
     spec = GridSpec(args.preset, tuple(args.losses), tuple(seeds), tuple(args.overrides), args.steps)

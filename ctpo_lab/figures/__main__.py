@@ -69,16 +69,28 @@ def check_inputs(args: argparse.Namespace) -> None:
                "a finished `python -m ctpo_lab.llm bias` folder")
     if args.grid is not None:
         folder("--grid", args.grid, ("grid.json",), "a grid folder of `python -m ctpo_lab.train compare`")
-        spec = read_json(Path(args.grid) / "grid.json", name="--grid")
-        if not (isinstance(spec.get("losses"), list) and isinstance(spec.get("seeds"), list)):
-            raise ValueError(f"--grid: {Path(args.grid) / 'grid.json'}: expected 'losses' and 'seeds' lists")
         from ctpo_lab import compare
 
-        compare.load_grid(args.grid, name="--grid")  # every run's log readable, before any file is written
-    if args.regime is not None:
-        from ctpo_lab.train.regime import STUDY_FILE
+        # grid.json a grid specification, every run's log readable with numbers where numbers belong (a finished
+        # run's log present and non-empty), before --out or any file is written
+        compare.load_grid(args.grid, name="--grid")
+        if "training" in args.only:  # the training family writes its aggregates into a grid folder ctpo_lab made
+            from ctpo_lab.runsafety import prepare_output
 
-        folder("--regime", args.regime, (STUDY_FILE,), "a study folder of `python -m ctpo_lab.train regime`")
+            prepare_output(args.grid, command="python -m ctpo_lab.figures", resume=True, name="--grid",
+                           owners=("python -m ctpo_lab.train compare",), check_only=True)
+    if "regime" in args.only and (args.regime is not None or not args.quick):
+        from ctpo_lab.train import regime
+
+        if args.regime is not None:
+            folder("--regime", args.regime, (regime.STUDY_FILE,), "a study folder of `python -m ctpo_lab.train regime`")
+        study = Path(args.regime) if args.regime is not None else regime.default_out("cpu")
+        if not (study / regime.STUDY_FILE).is_file():
+            raise ValueError(f"--regime: {study} holds no regime study (no {regime.STUDY_FILE}); run "
+                             "`python -m ctpo_lab.train regime` first, pass --regime, or leave the family out with "
+                             "--only")
+        # regime.json well-formed and every finished run readable (the map is drawn from them), before any work
+        regime.check_study(study, name="--regime")
     out = Path(args.out)
     if _is_gallery(out):
         if args.quick:

@@ -30,7 +30,8 @@ def make(out: Path, *, quick: bool, seed: int, cache: Path, command: str, study_
     if not (study_dir / regime.STUDY_FILE).is_file():
         raise ValueError(f"regime: {study_dir} holds no regime study (no {regime.STUDY_FILE}); run "
                          "`python -m ctpo_lab.train regime` first, or pass --regime")
-    result = regime.summarize_study(study_dir, prediction_cache=cache / "regime-prediction")
+    result = regime.summarize_study(study_dir, prediction_cache=cache / "regime-prediction", name="regime",
+                                    warn=quick)  # (the command line has named unfinished runs in its checks)
     m, detail = result["map"], result["detail"]
     if m.empty:
         raise ValueError(f"regime: {study_dir} has no finished runs yet (continue it with "

@@ -65,15 +65,11 @@ def make(out: Path, *, quick: bool, seed: int, cache: Path, command: str, grid_d
     from ctpo_lab.figures.position import figure1
 
     if grid_dir is not None:  # a given grid is aggregated as it is: nothing is trained because of a path
-        from ctpo_lab.runsafety import prepare_output, read_json
+        from ctpo_lab.runsafety import prepare_output
 
         grid = Path(grid_dir)
-        saved = read_json(grid / "grid.json", name="grid")
-        try:
-            spec = compare.GridSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
-        except TypeError as e:
-            raise ValueError(f"grid: {grid / 'grid.json'} is not a grid specification ({e})") from None
-        df = compare.load_grid(grid)
+        spec = compare.read_grid_spec(grid, name="grid")
+        df = compare.load_grid(grid, name="grid", warn=False)  # (the command line's checks named unfinished runs)
         prepare_output(grid, command="python -m ctpo_lab.figures", resume=True, name="grid",  # aggregate writes
                        owners=("python -m ctpo_lab.train compare",))
     else:
@@ -84,7 +80,7 @@ def make(out: Path, *, quick: bool, seed: int, cache: Path, command: str, grid_d
         compare.run_grid(spec, grid)
         df = compare.load_grid(grid)
     reference = spec.losses[0]
-    result = compare.summarize_grid(grid, reference=reference)
+    result = compare.summarize_grid(grid, reference=reference, warn=False)
     seeds = list(spec.seeds)
     common = {"command": command, "seeds": seeds, "extra": {"grid": f"{grid} (preset {spec.train_preset})"}}
     files: list[Path] = []

@@ -50,7 +50,7 @@ import pandas as pd
 
 from ctpo_lab import compare, stats
 from ctpo_lab.cli import ArgumentParser, consecutive_seeds, folder_path, int_at_least
-from ctpo_lab.runsafety import atomic_path, atomic_write_text, prepare_output, read_json, read_jsonl
+from ctpo_lab.runsafety import atomic_path, atomic_write_text, prepare_output, read_json
 from ctpo_lab.train.config import resolve_train_config
 from ctpo_lab.train.runfolder import FINISHED_FILE
 
@@ -63,6 +63,8 @@ __all__ = [
     "missing_fields",
     "run_study",
     "run_outcomes",
+    "read_study",
+    "check_study",
     "summarize_study",
     "plot_regime_map",
     "main",
@@ -291,13 +293,16 @@ def run_study(
             resolve_train_config(study.train_preset, overrides=list(cell.overrides(study)), loss=loss,
                                  seed=seeds[0], steps=study.steps)
     if summarize_only:
-        saved = _read_study(out)
+        saved = read_study(out)
         if saved["preset"] != spec["preset"] or saved["study"] != spec["study"]:
             raise ValueError(f"out: {out} holds a study of another preset or run settings; pass its --preset")
+        # every finished run's files are read (and refused when corrupt) before a summary is written
+        check_study(out, cells=[c.name for c in runnable], warn=False)
+        prepare_output(out, command=COMMAND, resume=True)  # one writer; a study folder ctpo_lab made
     else:
         spec_path = out / STUDY_FILE
         if resume and spec_path.is_file():
-            saved = _read_study(out)
+            saved = read_study(out)
             diff = [k for k in ("preset", "study", "losses", "seeds") if saved.get(k) != spec[k]]
             if diff:
                 raise ValueError(f"resume: {out} holds a study with other {diff} (saved "
@@ -331,13 +336,53 @@ def run_study(
     return {**result, "out": out, "skipped": skipped, "failed": failed, "seconds": time.time() - start}
 
 
-def _read_study(out: Path) -> dict[str, Any]:
+def _is_int(v: Any, lo: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def read_study(out: str | os.PathLike[str], *, name: str = "out") -> dict[str, Any]:
+    """The validated ``regime.json`` of the study folder ``out``: ``preset`` (a name), ``study`` (an object),
+    ``losses`` (distinct loss preset names), ``seeds`` (distinct ints ≥ 0) and ``cells`` (cell name → an object
+    with ``updates_per_rollout`` an int ≥ 1, ``staleness`` an int ≥ 0, ``length`` and ``sampler`` strings).
+    ``ValueError`` naming the file (``name``: the argument it belongs to) when it is anything else."""
+    from ctpo_lab.losses import PRESETS as LOSS_PRESETS
+
+    out = Path(out)
     path = out / STUDY_FILE
     if not path.is_file():
-        raise ValueError(f"out: {out} is not a regime study folder (no {STUDY_FILE})")
-    saved = read_json(path, name="out")
-    if not all(k in saved for k in ("preset", "study", "losses", "seeds")):
-        raise ValueError(f"out: {path}: expected 'preset', 'study', 'losses' and 'seeds' (not a regime study)")
+        raise ValueError(f"{name}: {out} is not a regime study folder (no {STUDY_FILE})")
+    saved = read_json(path, name=name)
+
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{name}: {path}: {what} (not a regime study of ctpo_lab, or a corrupt one)")
+
+    missing = [k for k in ("preset", "study", "losses", "seeds") if k not in saved]
+    if missing:
+        raise bad(f"expected 'preset', 'study', 'losses' and 'seeds'; {missing} missing")
+    if not isinstance(saved["preset"], str):
+        raise bad(f"expected 'preset' to be a preset name, got {compare._bad_type(saved['preset'])}")
+    if not isinstance(saved["study"], dict):
+        raise bad(f"expected 'study' to be an object of run settings, got {type(saved['study']).__name__}")
+    losses, seeds = saved["losses"], saved["seeds"]
+    if not (isinstance(losses, list) and losses and all(isinstance(x, str) and x in LOSS_PRESETS for x in losses)
+            and len(set(losses)) == len(losses)):
+        raise bad(f"expected 'losses' to be a list of distinct loss preset names, got {compare._bad_type(losses)}")
+    if not (isinstance(seeds, list) and seeds and all(_is_int(x) for x in seeds) and len(set(seeds)) == len(seeds)):
+        raise bad(f"expected 'seeds' to be a list of distinct ints ≥ 0, got {compare._bad_type(seeds)}")
+    cells = saved.get("cells", {})
+    if not isinstance(cells, dict):
+        raise bad(f"expected 'cells' to be an object (cell name → its settings), got {type(cells).__name__}")
+    for cell, info in cells.items():
+        if not cell or cell in (".", "..") or "/" in cell or "\0" in cell:
+            raise bad(f"expected 'cells' names that are folder names, got {cell!r}")
+        if not isinstance(info, dict):
+            raise bad(f"'cells': {cell}: expected an object of cell settings, got {type(info).__name__}")
+        for key, ok, what in (("updates_per_rollout", lambda v: _is_int(v, 1), "an int ≥ 1"),
+                              ("staleness", _is_int, "an int ≥ 0"), ("length", lambda v: isinstance(v, str), "a name"),
+                              ("sampler", lambda v: isinstance(v, str), "a name")):
+            if not ok(info.get(key)):
+                got = compare._bad_type(info[key]) if key in info else "nothing"
+                raise bad(f"'cells': {cell}: expected {key!r} to be {what}, got {got}")
     return saved
 
 
@@ -347,21 +392,26 @@ def _finite_mean(values: list[float]) -> float:
     return float(x.mean()) if x.size else math.nan
 
 
-def run_outcomes(run: str | os.PathLike[str]) -> dict[str, Any] | None:
+def run_outcomes(run: str | os.PathLike[str], *, name: str = "out", warn: bool = True) -> dict[str, Any] | None:
     """Outcomes of one finished run folder (``None`` while it is unfinished): ``final_accuracy``,
     ``auc_accuracy`` (trapezoidal area under the held-out accuracy vs step, divided by the step range: the mean
     accuracy over training), ``best_accuracy``, ``collapsed`` (final ≤ best − 0.2, or any non-finite update),
     ``nonfinite_updates``, ``clip_fraction`` (mean over steps of the advantage-aware clip rate, else
     ``actor/pg_clipfrac``), ``kl`` (mean over steps of KL(μ‖π after the last update), k3), ``response_tokens``
-    (mean response length), ``wall_time`` (s)."""
+    (mean response length), ``wall_time`` (s).
+
+    A finished run's files are validated (:func:`ctpo_lab.compare.check_metric_records`): a missing or empty
+    ``metrics.jsonl``, one without any held-out accuracy, or a corrupt ``finished.json`` is a ``ValueError``
+    naming the file (``name``: the argument it belongs to)."""
     run = Path(run)
-    if not (run / FINISHED_FILE).is_file() or not (run / "metrics.jsonl").is_file():
+    records, finished = compare._run_records(run, name=name, warn=warn)
+    if not finished:
         return None
-    records = read_jsonl(run / "metrics.jsonl", name="out")
     evals = sorted((int(r["step"]), float(r["eval_accuracy"])) for r in records
-                   if r.get("eval_accuracy") is not None and "step" in r)
+                   if r.get("eval_accuracy") is not None)
     if not evals:
-        return None
+        raise ValueError(f"{name}: {run / 'metrics.jsonl'}: the finished run logged no held-out accuracy "
+                         "('eval_accuracy'); the file is corrupt or the run evaluated nothing")
     steps = np.array([s for s, _ in evals], dtype=np.float64)
     acc = np.array([a for _, a in evals], dtype=np.float64)
     span = steps[-1] - steps[0]
@@ -372,7 +422,7 @@ def run_outcomes(run: str | os.PathLike[str]) -> dict[str, Any] | None:
     final = float(acc[-1])
     clip_key = "pg_update/clip/total/rate" if any("pg_update/clip/total/rate" in r for r in records) \
         else "actor/pg_clipfrac"
-    finished = read_json(run / FINISHED_FILE, name="out")
+    finished_info = read_json(run / FINISHED_FILE, name=name)
     return {
         "final_accuracy": final,
         "auc_accuracy": auc,
@@ -382,7 +432,7 @@ def run_outcomes(run: str | os.PathLike[str]) -> dict[str, Any] | None:
         "clip_fraction": _finite_mean([r.get(clip_key) for r in records]),
         "kl": _finite_mean([r.get("offpolicy/kl_k3") for r in records]),
         "response_tokens": _finite_mean([r.get("response_length/mean") for r in records]),
-        "wall_time": float(finished.get("wall_time") or math.nan) if isinstance(finished, dict) else math.nan,
+        "wall_time": float(finished_info.get("wall_time") or math.nan),
     }
 
 
@@ -432,8 +482,44 @@ def _prediction(kl: float, horizon: int, losses: Sequence[str], cache: Path | No
     return out
 
 
+def check_study(out: str | os.PathLike[str], *, cells: Sequence[str] | None = None, name: str = "out",
+                warn: bool = True) -> pd.DataFrame:
+    """Read every run of the study in ``out`` (:func:`read_study`, :func:`run_outcomes`; ``ValueError`` naming
+    the file of a corrupt one) and return one row per finished run; writes nothing.  Unfinished runs are left
+    out of the summaries (they have no final accuracy yet); ``warn`` names them on stderr, one line per cell."""
+    out = Path(out)
+    saved = read_study(out, name=name)
+    losses, seeds = list(saved["losses"]), list(saved["seeds"])
+    known = saved.get("cells", {})
+    rows = []
+    for cell in (list(cells) if cells is not None else list(known)):
+        info = known.get(cell)
+        if info is None:
+            continue
+        grid = _cell_dir(out, cell)
+        if grid.exists() and not grid.is_dir():
+            raise ValueError(f"{name}: {grid}: expected the cell's grid folder, found a file")
+        unfinished = []
+        for loss in losses:
+            for seed in seeds:
+                run = compare.run_dir(grid, loss, seed)
+                o = run_outcomes(run, name=name, warn=warn)
+                if o is None:
+                    unfinished.append(run.name)
+                    continue
+                rows.append({"cell": cell, "staleness": info["staleness"],
+                             "updates_per_rollout": info["updates_per_rollout"], "length": info["length"],
+                             "sampler": info["sampler"], "loss": loss, "seed": seed, **o})
+        if warn and unfinished:
+            print(f"[regime] warning: cell {cell}: {len(unfinished)} of {len(losses) * len(seeds)} run(s) unfinished "
+                  f"(no {FINISHED_FILE}), left out of the summary: {', '.join(unfinished[:6])}"
+                  f"{', ...' if len(unfinished) > 6 else ''} in {grid / 'runs'}", file=sys.stderr)
+    return pd.DataFrame(rows)
+
+
 def summarize_study(out: str | os.PathLike[str], *, cells: Sequence[str] | None = None,
-                    prediction: bool = True, prediction_cache: Path | None = None) -> dict[str, pd.DataFrame]:
+                    prediction: bool = True, prediction_cache: Path | None = None, name: str = "out",
+                    warn: bool = True) -> dict[str, pd.DataFrame]:
     """Read every finished run of the study in ``out``; returns ``runs`` (one row per run), ``map`` (the
     columns :data:`MAP_COLUMNS`, one row per (cell, loss)) and ``detail`` (AUC, paired difference vs grpo,
     clip fraction, KL, length and the exact chain's prediction at the cell's measured KL and length).
@@ -441,26 +527,16 @@ def summarize_study(out: str | os.PathLike[str], *, cells: Sequence[str] | None 
     ``cells``: the cells to include (default: every cell the study has run).  p_vs_grpo is the two-sided
     sign-flip p-value (exact up to 40 seeds) of the final-accuracy differences paired by seed
     (:func:`ctpo_lab.stats.sign_flip_p_value`;
-    with n seeds the smallest attainable is 2/2^n: 0.0078 for 8).
+    with n seeds the smallest attainable is 2/2^n: 0.0078 for 8).  Every file is read and validated
+    (:func:`check_study`) before anything (the prediction cache) is written; ``name``: the argument a
+    ``ValueError`` names; ``warn``: name the unfinished runs left out on stderr.
     """
     out = Path(out)
-    saved = _read_study(out)
-    losses, seeds = list(saved["losses"]), list(saved["seeds"])
+    saved = read_study(out, name=name)
+    losses = list(saved["losses"])
     known = saved.get("cells", {})
     names = list(cells) if cells is not None else list(known)
-    rows = []
-    for cell in names:
-        info = known.get(cell)
-        if info is None:
-            continue
-        for loss in losses:
-            for seed in seeds:
-                o = run_outcomes(compare.run_dir(_cell_dir(out, cell), loss, seed))
-                if o is not None:
-                    rows.append({"cell": cell, "staleness": info["staleness"],
-                                 "updates_per_rollout": info["updates_per_rollout"], "length": info["length"],
-                                 "sampler": info["sampler"], "loss": loss, "seed": seed, **o})
-    runs = pd.DataFrame(rows)
+    runs = check_study(out, cells=names, name=name, warn=warn)
     map_rows, detail_rows = [], []
     for cell in names:
         sub = runs[runs["cell"] == cell] if not runs.empty else runs
