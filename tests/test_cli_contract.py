@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_contract_checks import usage_error
 
 ROOT = Path(__file__).resolve().parents[1]
 GALLERY = ROOT / "paper_figures"
@@ -58,31 +59,9 @@ def d(tmp_path):
     return tmp_path
 
 
-def _tree(*roots: Path) -> dict[str, tuple[int, int]]:
-    out = {}
-    for root in roots:
-        for dirpath, _, files in os.walk(root):
-            for f in files:
-                p = Path(dirpath) / f
-                st = p.stat()
-                out[str(p)] = (st.st_size, st.st_mtime_ns)
-            out[dirpath] = (0, 0)
-    return out
-
-
 def _usage_error(capsys, main, argv, names, roots):
     """Exit 2, one line ``error: <name>: ...`` naming the argument, no traceback, nothing written."""
-    before = _tree(*roots)
-    capsys.readouterr()
-    rc = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.strip().splitlines() if ln.strip() and not ln.startswith("Loading weights")]
-    assert rc == 2, (argv, rc, err[-800:])
-    assert "Traceback" not in err, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    names = (names,) if isinstance(names, str) else names
-    assert any(lines[0].startswith(f"error: {n}") or f" {n}" in lines[0] for n in names), (names, lines[0])
-    assert _tree(*roots) == before, f"{argv} wrote files"
+    usage_error(capsys, main, argv, names, roots)
 
 
 # ------------------------------------------------------------------------------------------- python -m ctpo_lab

@@ -9,10 +9,10 @@ training); run in-process like tests/test_cli_contract.py.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
+from cli_contract_checks import usage_error
 
 from ctpo_lab import compare
 from ctpo_lab.runsafety import write_marker
@@ -82,31 +82,9 @@ def study(tmp_path) -> Path:
     return s
 
 
-def _tree(*roots: Path) -> dict[str, tuple[int, int]]:
-    out = {}
-    for root in roots:
-        for dirpath, _, files in os.walk(root):
-            for f in files:
-                st = (Path(dirpath) / f).stat()
-                out[str(Path(dirpath) / f)] = (st.st_size, st.st_mtime_ns)
-            out[dirpath] = (0, 0)
-    return out
-
-
 def _usage_error(capsys, main, argv, names, roots) -> str:
     """Exit 2, one line ``error: ...`` naming each of ``names``, no traceback, nothing written or changed."""
-    before = _tree(*roots)
-    capsys.readouterr()
-    rc = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert rc == 2, (argv, rc, err[-800:])
-    assert "Traceback" not in err, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    for n in (names,) if isinstance(names, str) else names:
-        assert n in lines[0], (n, lines[0])
-    assert _tree(*roots) == before, f"{argv} wrote or changed files"
-    return lines[0]
+    return usage_error(capsys, main, argv, names, roots, every_name=True)
 
 
 def _compare(argv):

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_contract_checks import usage_error
 
 from ctpo_lab import dumps
 from ctpo_lab.diagnose.__main__ import main as diagnose_main
@@ -56,31 +55,9 @@ def no_model(monkeypatch):
     monkeypatch.setattr(models, "load_model", refuse)
 
 
-def _tree(*roots: Path) -> dict[str, tuple[int, int]]:
-    out = {}
-    for root in roots:
-        for dirpath, _, files in os.walk(root):
-            for f in files:
-                st = (Path(dirpath) / f).stat()
-                out[str(Path(dirpath) / f)] = (st.st_size, st.st_mtime_ns)
-            out[dirpath] = (0, 0)
-    return out
-
-
-def _usage_error(capsys, main, argv, names, roots):
+def _usage_error(capsys, main, argv, names, roots) -> str:
     """Exit 2, one line ``error: <name>: ...`` naming the argument, no traceback, nothing written."""
-    before = _tree(*roots)
-    capsys.readouterr()
-    rc = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert rc == 2, (argv, rc, err[-800:])
-    assert "Traceback" not in err, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    names = (names,) if isinstance(names, str) else names
-    assert any(lines[0].startswith(f"error: {n}") for n in names), (names, lines[0])
-    assert _tree(*roots) == before, f"{argv} wrote files"
-    return lines[0]
+    return usage_error(capsys, main, argv, names, roots)
 
 
 # ------------------------------------------------------------------------------------------- budgets and bins

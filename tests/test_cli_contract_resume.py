@@ -7,11 +7,11 @@ with the model loader replaced by one that fails the test, so "before the model 
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import pytest
+from cli_contract_checks import usage_error
 
 from ctpo_lab.runsafety import LOCK
 
@@ -58,35 +58,13 @@ def _no_model(monkeypatch):
     monkeypatch.setattr(loop, "load_policy", built)
 
 
-def _tree(root: Path) -> dict[str, tuple[int, int]]:
-    """Every entry under ``root`` with its size and mtime (the lock file, rewritten by whoever takes it, excluded)."""
-    out = {}
-    for dirpath, dirs, files in os.walk(root):
-        for f in files + [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]:
-            if f == LOCK:
-                continue
-            p = Path(dirpath) / f
-            st = p.lstat()
-            out[str(p)] = (st.st_size, st.st_mtime_ns)
-        out[dirpath] = (0, 0)
-    return out
-
-
 def _usage_error(capsys, run: Path, extra: list[str], name: str) -> str:
-    """Exit 2, exactly one stderr line ``error: ...`` naming ``name``, no traceback, the folder unchanged."""
+    """Exit 2, exactly one stderr line ``error: ...`` naming ``name``, no traceback, the folder unchanged (its lock
+    file, rewritten by whoever takes it, aside)."""
     from ctpo_lab.train.__main__ import main
 
-    before = _tree(run)
-    capsys.readouterr()
-    rc = main([*RUN, "--out", str(run), "--resume", *extra])
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert rc == 2, (extra, rc, err[-800:])
-    assert "Traceback" not in err, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    assert name in lines[0], (name, lines[0])
-    assert _tree(run) == before, "the refused resume changed the run folder"
-    return lines[0]
+    return usage_error(capsys, main, [*RUN, "--out", run, "--resume", *extra], name, [run], every_name=True,
+                       skip=(LOCK,))
 
 
 # ------------------------------------------------------------------------------------------- finished.json

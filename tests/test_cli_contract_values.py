@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
+from cli_contract_checks import usage_error
 
 from ctpo_lab import losses
 from ctpo_lab.train import config as train_config
@@ -27,32 +28,11 @@ def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("CTPO_LAB_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
-def _tree(root: Path) -> dict[str, tuple[int, int]]:
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        out[dirpath] = (0, 0)
-        for f in files:
-            st = (Path(dirpath) / f).stat()
-            out[str(Path(dirpath) / f)] = (st.st_size, st.st_mtime_ns)
-    return out
-
-
 def _usage_error(capsys, argv, names, root: Path) -> str:
     """Exit 2, one line ``error: <name>...`` naming the argument, no traceback, nothing written under ``root``."""
     from ctpo_lab.train.__main__ import main
 
-    before = _tree(root)
-    capsys.readouterr()
-    rc = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert rc == 2, (argv, rc, err[-800:])
-    assert "Traceback" not in err, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    names = (names,) if isinstance(names, str) else names
-    assert any(lines[0].startswith(f"error: {n}") for n in names), (names, lines[0])
-    assert _tree(root) == before, f"{argv} wrote files"
-    return lines[0]
+    return usage_error(capsys, main, argv, names, [root])
 
 
 def _ok(capsys, argv) -> None:
