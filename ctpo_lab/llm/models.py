@@ -223,6 +223,16 @@ def check_load_options(cache: str | os.PathLike[str] | None, pad_token: str | No
         check_writable(cache, "cache")
 
 
+def _model_folder(path: str, argument: str = "model") -> Path:
+    """A local transformers model folder (one with ``config.json``); ``FileNotFoundError`` naming ``argument``."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise FileNotFoundError(f"{argument}: no model folder at {p}")
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{argument}: {p} has no config.json (not a transformers model folder)")
+    return p
+
+
 def check_model(name: str | os.PathLike[str], argument: str = "model") -> None:
     """Check a model spec of :func:`load_model` without loading it: ``FileNotFoundError`` naming ``argument`` for
     a local path that is not a transformers model folder (a folder with ``config.json``), or a Hub id neither
@@ -234,11 +244,7 @@ def check_model(name: str | os.PathLike[str], argument: str = "model") -> None:
     if key in ("tiny-random", "smollm2"):
         return
     if _is_pathlike(key) or isinstance(name, os.PathLike):
-        p = Path(key).expanduser()
-        if not p.is_dir():
-            raise FileNotFoundError(f"{argument}: no model folder at {p}")
-        if not (p / "config.json").is_file():
-            raise FileNotFoundError(f"{argument}: {p} has no config.json (not a transformers model folder)")
+        _model_folder(key, argument)
         return
     if not (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")):
         check_hub_repo(key, argument=argument)
@@ -353,12 +359,7 @@ def load_model(
         folder: str = str(smollm2_folder(cache, allow_download=allow_download))
         kwargs: dict[str, object] = {"local_files_only": True}
     elif _is_pathlike(key) or isinstance(name, os.PathLike):
-        p = Path(key).expanduser()
-        if not p.is_dir():
-            raise FileNotFoundError(f"model: no model folder at {p}")
-        if not (p / "config.json").is_file():
-            raise FileNotFoundError(f"model: {p} has no config.json (not a transformers model folder)")
-        folder, kwargs = str(p), {"local_files_only": True}
+        folder, kwargs = str(_model_folder(key)), {"local_files_only": True}
     else:
         if local_files_only is None:
             local_files_only = bool(os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE"))
