@@ -65,6 +65,8 @@ __all__ = [
     "read_grid_spec",
     "check_metric_records",
     "check_run_folder",
+    "read_run_records",
+    "shown_value",
     "metric_curves",
     "final_table",
     "paired_comparison",
@@ -158,7 +160,8 @@ def check_override_keys(overrides: Sequence[str], *, steps: int | None = None) -
                              "instead of a key=value override")
 
 
-def _bad_type(v: Any) -> str:
+def shown_value(v: Any) -> str:
+    """``repr(v)``, cut to 60 characters: a bad value as an error message shows it."""
     text = repr(v)
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -169,14 +172,14 @@ def check_metric_records(records: Sequence[dict[str, Any]], path: Path, *, name:
     for i, rec in enumerate(records, 1):
         step = rec.get("step")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            got = _bad_type(step) if "step" in rec else "a record without it"
+            got = shown_value(step) if "step" in rec else "a record without it"
             raise ValueError(f"{name}: {path}: record {i}: expected 'step' to be an int ≥ 0, got {got}; the file is "
                              "corrupt (not a ctpo_lab metrics log)")
         for key in NUMERIC_KEYS:
             v = rec.get(key)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
                 raise ValueError(f"{name}: {path}: record {i} (step {step}): expected {key!r} to be a number, got "
-                                 f"{_bad_type(v)}; the file is corrupt")
+                                 f"{shown_value(v)}; the file is corrupt")
 
 
 def _finished(run: Path, *, name: str, strict: bool) -> dict[str, Any] | None:
@@ -190,12 +193,12 @@ def _finished(run: Path, *, name: str, strict: bool) -> dict[str, Any] | None:
     data = read_json(f, name=name)
     wall = data.get("wall_time")
     if wall is not None and (isinstance(wall, bool) or not isinstance(wall, (int, float)) or wall < 0):
-        raise ValueError(f"{name}: {f}: expected 'wall_time' to be a number ≥ 0, got {_bad_type(wall)}; the file is "
+        raise ValueError(f"{name}: {f}: expected 'wall_time' to be a number ≥ 0, got {shown_value(wall)}; the file is "
                          "corrupt")
     if strict:
         steps = data.get("steps")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            got = _bad_type(steps) if "steps" in data else "no 'steps'"
+            got = shown_value(steps) if "steps" in data else "no 'steps'"
             raise ValueError(f"{name}: {f}: expected 'steps' to be an int ≥ 1, got {got}; the file is corrupt "
                              f"(remove it, or the run folder {run}, to run the run again)")
         if data.get("final") is not None and not isinstance(data["final"], dict):
@@ -204,8 +207,8 @@ def _finished(run: Path, *, name: str, strict: bool) -> dict[str, Any] | None:
     return data
 
 
-def _run_records(run: Path, *, name: str, strict: bool = False, warn: bool = True
-                 ) -> tuple[list[dict[str, Any]], bool]:
+def read_run_records(run: Path, *, name: str, strict: bool = False, warn: bool = True
+                     ) -> tuple[list[dict[str, Any]], bool]:
     """The validated records of one run's ``metrics.jsonl`` and whether the run is finished.  A finished run
     (``finished.json``) must have a non-empty log; an unfinished one may have none yet (``[]``)."""
     if run.exists() and not run.is_dir():
@@ -259,7 +262,7 @@ def check_run_folder(run: str | os.PathLike[str], *, name: str = "out") -> None:
     if pid is not None and pid != os.getpid():
         raise ValueError(f"{name}: {run} is in use by another ctpo_lab process (PID {pid}); wait for it to finish or "
                          "stop it, or choose another --out")
-    _, finished = _run_records(run, name=name, strict=True)
+    _, finished = read_run_records(run, name=name, strict=True)
     if finished:
         return
     ckpt = run / "ckpt"
@@ -469,17 +472,17 @@ def read_grid_spec(out: str | os.PathLike[str], *, name: str = "out") -> GridSpe
     if unknown:
         raise bad(f"unknown key(s) {unknown}; expected keys from {sorted(fields)}")
     if not all(isinstance(x, str) for x in saved["losses"]):
-        raise bad(f"expected 'losses' to be a list of loss preset names, got {_bad_type(saved['losses'])}")
+        raise bad(f"expected 'losses' to be a list of loss preset names, got {shown_value(saved['losses'])}")
     if not all(isinstance(x, int) and not isinstance(x, bool) for x in saved["seeds"]):
-        raise bad(f"expected 'seeds' to be a list of ints, got {_bad_type(saved['seeds'])}")
+        raise bad(f"expected 'seeds' to be a list of ints, got {shown_value(saved['seeds'])}")
     if "train_preset" in saved and not isinstance(saved["train_preset"], str):
-        raise bad(f"expected 'train_preset' to be a preset name, got {_bad_type(saved['train_preset'])}")
+        raise bad(f"expected 'train_preset' to be a preset name, got {shown_value(saved['train_preset'])}")
     overrides = saved.get("overrides", [])
     if not (isinstance(overrides, list) and all(isinstance(x, str) for x in overrides)):
-        raise bad(f"expected 'overrides' to be a list of key=value strings, got {_bad_type(overrides)}")
+        raise bad(f"expected 'overrides' to be a list of key=value strings, got {shown_value(overrides)}")
     steps = saved.get("steps")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)):
-        raise bad(f"expected 'steps' to be an int or null, got {_bad_type(steps)}")
+        raise bad(f"expected 'steps' to be an int or null, got {shown_value(steps)}")
     try:
         return GridSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
     except ValueError as e:
@@ -501,7 +504,7 @@ def load_grid(out: str | os.PathLike[str], *, name: str = "out", warn: bool = Tr
     unfinished = []
     for loss, seed in spec.cells():
         run = run_dir(out, loss, seed)
-        records, finished = _run_records(run, name=name, warn=warn)
+        records, finished = read_run_records(run, name=name, warn=warn)
         if not finished:
             unfinished.append(f"{run / 'metrics.jsonl'}" + ("" if records else " (none yet: left out)"))
         if not records:

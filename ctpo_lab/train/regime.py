@@ -360,15 +360,15 @@ def read_study(out: str | os.PathLike[str], *, name: str = "out") -> dict[str, A
     if missing:
         raise bad(f"expected 'preset', 'study', 'losses' and 'seeds'; {missing} missing")
     if not isinstance(saved["preset"], str):
-        raise bad(f"expected 'preset' to be a preset name, got {compare._bad_type(saved['preset'])}")
+        raise bad(f"expected 'preset' to be a preset name, got {compare.shown_value(saved['preset'])}")
     if not isinstance(saved["study"], dict):
         raise bad(f"expected 'study' to be an object of run settings, got {type(saved['study']).__name__}")
     losses, seeds = saved["losses"], saved["seeds"]
     if not (isinstance(losses, list) and losses and all(isinstance(x, str) and x in LOSS_PRESETS for x in losses)
             and len(set(losses)) == len(losses)):
-        raise bad(f"expected 'losses' to be a list of distinct loss preset names, got {compare._bad_type(losses)}")
+        raise bad(f"expected 'losses' to be a list of distinct loss preset names, got {compare.shown_value(losses)}")
     if not (isinstance(seeds, list) and seeds and all(_is_int(x) for x in seeds) and len(set(seeds)) == len(seeds)):
-        raise bad(f"expected 'seeds' to be a list of distinct ints ≥ 0, got {compare._bad_type(seeds)}")
+        raise bad(f"expected 'seeds' to be a list of distinct ints ≥ 0, got {compare.shown_value(seeds)}")
     cells = saved.get("cells", {})
     if not isinstance(cells, dict):
         raise bad(f"expected 'cells' to be an object (cell name → its settings), got {type(cells).__name__}")
@@ -381,7 +381,7 @@ def read_study(out: str | os.PathLike[str], *, name: str = "out") -> dict[str, A
                               ("staleness", _is_int, "an int ≥ 0"), ("length", lambda v: isinstance(v, str), "a name"),
                               ("sampler", lambda v: isinstance(v, str), "a name")):
             if not ok(info.get(key)):
-                got = compare._bad_type(info[key]) if key in info else "nothing"
+                got = compare.shown_value(info[key]) if key in info else "nothing"
                 raise bad(f"'cells': {cell}: expected {key!r} to be {what}, got {got}")
     return saved
 
@@ -404,7 +404,7 @@ def run_outcomes(run: str | os.PathLike[str], *, name: str = "out", warn: bool =
     ``metrics.jsonl``, one without any held-out accuracy, or a corrupt ``finished.json`` is a ``ValueError``
     naming the file (``name``: the argument it belongs to)."""
     run = Path(run)
-    records, finished = compare._run_records(run, name=name, warn=warn)
+    records, finished = compare.read_run_records(run, name=name, warn=warn)
     if not finished:
         return None
     evals = sorted((int(r["step"]), float(r["eval_accuracy"])) for r in records
