@@ -54,7 +54,7 @@ from ctpo_lab.runsafety import (
     read_jsonl,
     read_yaml,
 )
-from ctpo_lab.train.runfolder import FINISHED_FILE  # written by a run when it completes
+from ctpo_lab.train.runfolder import FINISHED_FILE, RunFolder  # FINISHED_FILE: written by a run when it completes
 
 __all__ = [
     "GridSpec",
@@ -167,14 +167,11 @@ def shown_value(v: Any) -> str:
 
 
 def check_metric_records(records: Sequence[dict[str, Any]], path: Path, *, name: str = "out") -> None:
-    """``ValueError`` naming ``path`` (a run's ``metrics.jsonl``) unless every record has an int ``step`` ≥ 0 and
-    a number (or ``null``) under each of :data:`NUMERIC_KEYS` it holds."""
+    """``ValueError`` naming ``path`` (a run's ``metrics.jsonl``, its steps checked when read:
+    ``read_jsonl(step_key="step")``) unless every record holds a number (or ``null``) under each of
+    :data:`NUMERIC_KEYS` it holds."""
     for i, rec in enumerate(records, 1):
         step = rec.get("step")
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            got = shown_value(step) if "step" in rec else "a record without it"
-            raise ValueError(f"{name}: {path}: record {i}: expected 'step' to be an int ≥ 0, got {got}; the file is "
-                             "corrupt (not a ctpo_lab metrics log)")
         for key in NUMERIC_KEYS:
             v = rec.get(key)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
@@ -182,38 +179,13 @@ def check_metric_records(records: Sequence[dict[str, Any]], path: Path, *, name:
                                  f"{shown_value(v)}; the file is corrupt")
 
 
-def _finished(run: Path, *, name: str, strict: bool) -> dict[str, Any] | None:
-    """The run's ``finished.json`` (validated), or None when it has none.  ``strict``: also its fields, as the
-    trainer writes them (``steps`` an int ≥ 1, ``wall_time`` a number ≥ 0, ``final`` an object)."""
-    f = run / FINISHED_FILE
-    if not f.exists() and not f.is_symlink():
-        return None
-    if not f.is_file():
-        raise ValueError(f"{name}: {f}: expected a file (the run's completion record)")
-    data = read_json(f, name=name)
-    wall = data.get("wall_time")
-    if wall is not None and (isinstance(wall, bool) or not isinstance(wall, (int, float)) or wall < 0):
-        raise ValueError(f"{name}: {f}: expected 'wall_time' to be a number ≥ 0, got {shown_value(wall)}; the file is "
-                         "corrupt")
-    if strict:
-        steps = data.get("steps")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            got = shown_value(steps) if "steps" in data else "no 'steps'"
-            raise ValueError(f"{name}: {f}: expected 'steps' to be an int ≥ 1, got {got}; the file is corrupt "
-                             f"(remove it, or the run folder {run}, to run the run again)")
-        if data.get("final") is not None and not isinstance(data["final"], dict):
-            raise ValueError(f"{name}: {f}: expected 'final' to be a JSON object, got "
-                             f"{type(data['final']).__name__}; the file is corrupt")
-    return data
-
-
-def read_run_records(run: Path, *, name: str, strict: bool = False, warn: bool = True
+def read_run_records(run: Path, *, name: str, warn: bool = True
                      ) -> tuple[list[dict[str, Any]], bool]:
     """The validated records of one run's ``metrics.jsonl`` and whether the run is finished.  A finished run
     (``finished.json``) must have a non-empty log; an unfinished one may have none yet (``[]``)."""
     if run.exists() and not run.is_dir():
         raise ValueError(f"{name}: {run}: expected a run folder, found a file")
-    finished = _finished(run, name=name, strict=strict) is not None
+    finished = RunFolder.finished_summary(run, name=name) is not None  # validated as the trainer reads it
     path = run / "metrics.jsonl"
     if path.exists() and not path.is_file():
         raise ValueError(f"{name}: {path}: expected a file (the run's metrics log)")
@@ -222,7 +194,7 @@ def read_run_records(run: Path, *, name: str, strict: bool = False, warn: bool =
             raise ValueError(f"{name}: {path}: no such file, but the run is finished ({FINISHED_FILE}); the run "
                              f"folder is damaged (remove {run} to run it again)")
         return [], False
-    records = read_jsonl(path, name=name, warn=warn)
+    records = read_jsonl(path, name=name, warn=warn, step_key="step")
     if finished and not records:
         raise ValueError(f"{name}: {path}: the metrics log of a finished run is empty; the file is corrupt (remove "
                          f"{run} to run it again)")
@@ -262,7 +234,7 @@ def check_run_folder(run: str | os.PathLike[str], *, name: str = "out") -> None:
     if pid is not None and pid != os.getpid():
         raise ValueError(f"{name}: {run} is in use by another ctpo_lab process (PID {pid}); wait for it to finish or "
                          "stop it, or choose another --out")
-    _, finished = read_run_records(run, name=name, strict=True)
+    _, finished = read_run_records(run, name=name)
     if finished:
         return
     ckpt = run / "ckpt"

@@ -28,7 +28,8 @@ def _fake_grid(tmp_path, finals):
                  "pg_update/clip/total/rate": 0.1, "offpolicy/kl_k3": 0.02},
             ]
             (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
-            (path / compare.FINISHED_FILE).write_text("{}")
+            # what the trainer writes on completion (steps, wall time, the last record)
+            (path / compare.FINISHED_FILE).write_text(json.dumps({"steps": 10, "wall_time": 1.0, "final": recs[-1]}))
     return spec
 
 

@@ -98,7 +98,7 @@ def _synthetic_study(root, finals: dict[str, list[float]], cell: str = "short-u1
                     {"step": 10, "eval_accuracy": final, "pg_update/clip/total/rate": 0.3,
                      "offpolicy/kl_k3": 0.006, "response_length/mean": 10.0, "train/nan_updates": 0}]
             (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
-            (path / compare.FINISHED_FILE).write_text(json.dumps({"wall_time": 1.0}))
+            (path / compare.FINISHED_FILE).write_text(json.dumps({"steps": 10, "wall_time": 1.0}))
     return root
 
 

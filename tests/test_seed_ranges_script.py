@@ -30,7 +30,8 @@ def _grid(tmp_path: Path, n_seeds: int) -> Path:
             path.mkdir(parents=True)
             recs = [{"step": s, "eval_accuracy": a, "reward_mean": a} for s, a in zip((0, 4, 8), accs)]
             (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
-            (path / compare.FINISHED_FILE).write_text("{}")
+            # what the trainer writes on completion (steps, wall time, the last record)
+            (path / compare.FINISHED_FILE).write_text(json.dumps({"steps": 8, "wall_time": 1.0, "final": recs[-1]}))
     return tmp_path
 
 

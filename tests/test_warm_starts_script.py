@@ -38,7 +38,8 @@ def _grid(root: Path, key: str, ws_seed: int, lead: float, n_seeds: int = 6, rng
                 "warmstart_seed": ws_seed, "warmstart_steps": 2000,
                 "policy": {"warmstart_key": key, "warmstart_loss": 0.05, "initial_eval_accuracy": 0.2,
                            "initial_eval_prompts": 64}}))
-            (path / compare.FINISHED_FILE).write_text("{}")
+            # what the trainer writes on completion (steps, wall time, the last record)
+            (path / compare.FINISHED_FILE).write_text(json.dumps({"steps": 8, "wall_time": 1.0, "final": recs[-1]}))
     return root
 
 

@@ -132,18 +132,18 @@ class RunFolder:
                     check_entry(f, "file", name="resume")
 
     @staticmethod
-    def finished_summary(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    def finished_summary(path: str | os.PathLike[str], *, name: str = "resume") -> dict[str, Any] | None:
         """The ``finished.json`` of a completed run (validated: ``steps`` an int in [1, 2**31 − 1], ``wall_time`` a
         finite number ≥ 0, ``final`` a JSON object), or None when there is none.  ``ValueError`` naming the file
         when it is not a regular file or is corrupt."""
         f = Path(path) / FINISHED_FILE
-        check_entry(f, "file", name="resume")
+        check_entry(f, "file", name=name)
         if not f.is_file():
             return None
-        data = read_json(f, name="resume")
+        data = read_json(f, name=name)
 
         def bad(what: str) -> ValueError:
-            return ValueError(f"resume: {f}: {what}; the file is corrupt (remove it to continue the run)")
+            return ValueError(f"{name}: {f}: {what}; the file is corrupt (remove it to continue the run)")
 
         steps = data.get("steps")
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_COUNT:
