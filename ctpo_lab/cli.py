@@ -16,6 +16,8 @@ import math
 import sys
 from collections.abc import Callable, Iterable, Mapping
 
+from ctpo_lab.allocator import retain_freed_memory
+
 __all__ = ["ArgumentParser", "UsageError", "finite_float", "int_at_least", "folder_path", "error_line", "run",
            "EXIT_USAGE",
            "EXIT_INTERRUPTED", "MAX_INT", "MAX_COUNT",
@@ -152,7 +154,11 @@ def error_line(e: BaseException, flags: Iterable[str] | Mapping[str, str] = ()) 
 
 def run(body: Callable[[], int | None], *, flags: Iterable[str] | Mapping[str, str] = (), prog: str = "ctpo_lab",
         errors: tuple[type[BaseException], ...] = (ValueError, TypeError, OSError)) -> int:
-    """Run a command's ``body`` under the contract; returns its exit status (``None`` → 0)."""
+    """Run a command's ``body`` under the contract; returns its exit status (``None`` → 0).
+
+    A command owns its process: freed memory is kept for reuse first (:func:`ctpo_lab.allocator.retain_freed_memory`;
+    the same numbers, fewer page faults)."""
+    retain_freed_memory()
     _IN_RUN.append(True)
     try:
         rc = body()
