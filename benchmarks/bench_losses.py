@@ -10,8 +10,10 @@ host transfer of its metrics (``metrics_to_host``).  Timing: ``--rounds`` interl
 per round, the order rotated by one each round), the median per function; the ratios are ratios of medians.
 ``faults`` is the mean number of minor page faults per call: glibc hands large freed blocks back to the OS, so
 a fresh [B, T] tensor may be faulted in page by page, and on a small CPU that is a large and state-dependent
-share of the time.  To see the times without it, run with glibc's allocator told to keep its memory, e.g.
-``MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=2000000000 MALLOC_TOP_PAD_=268435456``.
+share of the time.  ``--retain-freed-memory`` times them with freed memory kept in the heap
+(:func:`ctpo_lab.allocator.retain_freed_memory`, what every ``python -m ctpo_lab...`` command does; verl's
+functions then run under the same allocator); by default the process keeps glibc's own policy, as a trainer
+that calls these losses (TRL's, verl's) does.
 
 Targets: ``grpo``/``gspo`` with ``diagnostics="basic"`` ≤ 1.0× verl's vanilla / GSPO; ``ctpo``
 "basic" ≤ 1.0× ``grpo`` "basic"; ``"full"`` (every ctpo_lab metric) ≤ 1.5× verl's vanilla.  ``cumsum alone``
@@ -33,6 +35,7 @@ import time
 
 import torch
 
+from ctpo_lab.allocator import retain_freed_memory, retaining_freed_memory
 from ctpo_lab.losses import PRESETS, compute_policy_loss, metrics_to_host
 
 try:  # verl is optional: the comparison falls back to the plain baseline
@@ -179,7 +182,11 @@ def main() -> None:
     ap.add_argument("--presets", nargs="*", default=["grpo", "gspo", "ctpo"],
                     help="presets timed with both diagnostics sets (any key of PRESETS)")
     ap.add_argument("--memory", action="store_true", help="also report the peak memory of each function")
+    ap.add_argument("--retain-freed-memory", action="store_true",
+                    help="keep freed memory in the heap, as the ctpo_lab commands do (default: glibc's policy)")
     args = ap.parse_args()
+    if args.retain_freed_memory:
+        retain_freed_memory()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     g = torch.Generator().manual_seed(args.seed)
@@ -204,6 +211,7 @@ def main() -> None:
         fns["cumsum alone"] = _run_cumsum
     print(f"device={device} batch=[{B}, {T}] float32, {int(mask.sum())} valid tokens, median of {args.rounds} "
           f"interleaved rounds, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"freed memory retained: {retaining_freed_memory()}, "
           f"verl {'installed' if _verl is not None else 'NOT installed (baseline: plain PPO)'}")
     t, faults = time_interleaved(fns, inputs, args.rounds, device)
     mem = {k: peak_memory(fn, inputs, device) for k, fn in fns.items()} if args.memory else {}

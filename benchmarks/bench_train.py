@@ -22,6 +22,11 @@ interleaved in the same run, with the ratio of the per-run time (80 steps + 9 ev
 the same model on 4× the rows (generation of 512 vs 128 responses, a teacher-forced forward, an update's
 forward + backward on 32 vs 8 responses); a batched-weights model does the same arithmetic with the same
 total rows, so it cannot be faster per row than this.
+``--allocator`` (part 4) measures the ``cpu`` preset with freed memory kept in the heap (what every
+``python -m ctpo_lab...`` command does, :mod:`ctpo_lab.allocator`) against glibc's default, each run in a fresh
+process (the allocator's settings are process-wide), alternating, with page faults per step, the maximum resident
+memory, and whether every logged number came out bit-identical. This process itself retains freed memory as the
+commands do (TRL's trainer in part 1 runs under the same allocator) unless ``--system-allocator`` is given.
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 import argparse
 import copy
 import dataclasses
+import json
+import os
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -41,6 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ctpo_lab.allocator import RETAIN_ENV, retain_freed_memory, retaining_freed_memory
 from ctpo_lab.train.config import resolve_train_config
 from ctpo_lab.train.loop import Trainer
 from ctpo_lab.train.policy import load_policy
@@ -222,6 +231,66 @@ def bench_cpu_preset(steps: int, rounds: int, seed: int, threads: int) -> None:
     ) + f"; sampler vs recomputed log μ: mean |Δ| {np.mean(diff):.1e} per token (reuse-μ changes the numbers by this)")
 
 
+def _allocator_child(steps: int, seed: int, threads: int) -> None:
+    """One ``cpu``-preset run in this (fresh) process under the allocator its environment chose: one JSON line."""
+    import hashlib
+    import resource
+
+    cfg = resolve_train_config("cpu", seed=seed, steps=steps, overrides=[
+        "dump_every=0", "ckpt_every=0", "tensorboard=false", f"threads={threads}", "eval_every=0"])
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(cfg, Path(tmp) / "run", progress=False, log=lambda s: None)
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        hist = trainer.train().history
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+        t_eval = trainer.evaluate(steps)["time/eval"]
+    recs = [h for h in hist if h["step"] >= 2]  # step 1 is the warm-up
+    keys = ("time/gen", "time/old_log_prob", "time/update", "time/kl", "time/step")
+    out = {k: float(np.median([h[k] for h in recs])) for k in keys}
+    # every logged number but the clock's: equal digests mean the same run, bit for bit
+    clock = ("time/", "perf/", "wall_time")
+    digest = hashlib.sha256(repr([{k: v for k, v in h.items() if not k.startswith(clock)} for h in hist]).encode())
+    out.update({"time/eval": t_eval, "faults/step": faults / len(hist), "retaining": retaining_freed_memory(),
+                "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "digest": digest.hexdigest()[:16]})
+    print(json.dumps(out), flush=True)
+
+
+def bench_allocator(steps: int, rounds: int, seed: int, threads: int) -> None:
+    """Part 4: the ``cpu`` preset with freed memory kept in the heap (what every ``python -m ctpo_lab...``
+    command does) vs glibc's default, each run in a fresh process, alternating, ``rounds`` pairs."""
+    per: dict[str, list[dict]] = {"retained": [], "glibc default": []}
+    for r in range(rounds):
+        for name in (list(per) if r % 2 == 0 else list(per)[::-1]):
+            env = dict(os.environ, **{RETAIN_ENV: "1" if name == "retained" else "0"})
+            proc = subprocess.run([sys.executable, __file__, "--allocator-child", "--cpu-steps", str(steps),
+                                   "--seed", str(seed), "--threads", str(threads)],
+                                  env=env, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                raise SystemExit(f"error: allocator child ({name}) failed:\n{proc.stderr[-2000:]}")
+            per[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(f"[bench_train] allocator round {r + 1}/{rounds}: " + ", ".join(
+            f"{n} {per[n][-1]['time/step']:.3f} s/step" for n in per), flush=True)
+    full = resolve_train_config("cpu")
+    n_evals = full.steps // full.eval_every + 1
+    print(f"\ncpu preset, {threads} thread(s), {rounds} alternating pair(s) of fresh processes, {steps - 1} timed "
+          f"steps each; per run = {full.steps} steps + {n_evals} evaluations")
+    print(f"{'allocator':<16}{'s/step':>8}{'gen':>7}{'old_lp':>8}{'update':>8}{'kl':>7}{'eval':>7}{'s/run':>8}"
+          f"{'faults/step':>13}{'max RSS MB':>12}")
+    runs = {}
+    for name, rows in per.items():
+        m = {k: float(np.median([x[k] for x in rows])) for k in rows[0] if k.startswith("time/") or
+             k in ("faults/step", "max_rss_mb")}
+        runs[name] = full.steps * m["time/step"] + n_evals * m["time/eval"]
+        print(f"{name:<16}{m['time/step']:8.3f}{m['time/gen']:7.3f}{m['time/old_log_prob']:8.3f}"
+              f"{m['time/update']:8.3f}{m['time/kl']:7.3f}{m['time/eval']:7.2f}{runs[name]:8.1f}"
+              f"{m['faults/step']:13.0f}{m['max_rss_mb']:12.0f}")
+    digests = {x["digest"] for rows in per.values() for x in rows}
+    print(f"per run: glibc default / retained = {runs['glibc default'] / runs['retained']:.2f}x; logged numbers "
+          f"{'bit-identical in every run' if len(digests) == 1 else f'DIFFER ({len(digests)} digests)'}; "
+          f"retention in effect: {all(x['retaining'] for x in per['retained'])}")
+
+
 def bench_batching_ceiling(seed: int, threads: int, repeats: int = 3) -> None:
     """Part 3: per-row cost of the same model on 4× the rows (see the module docstring)."""
     from ctpo_lab.train.rollout import response_log_probs, sample
@@ -273,12 +342,27 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cpu-steps", type=int, default=5, help="steps per cpu-preset run (first is warm-up)")
     ap.add_argument("--batching-ceiling", action="store_true", help="part 3: what batching seeds could gain")
     ap.add_argument("--skip-trl", action="store_true", help="skip part 1 (ctpo_lab vs TRL on cpu-smoke)")
+    ap.add_argument("--allocator", action="store_true",
+                    help="part 4: freed memory retained vs glibc's default, in fresh processes")
+    ap.add_argument("--system-allocator", action="store_true",
+                    help="this process keeps glibc's default (the commands retain freed memory)")
+    ap.add_argument("--allocator-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.batches < 2:
         raise SystemExit("error: --batches must be ≥ 2 (the first is a warm-up)")
     if args.rounds < 1:
         raise SystemExit("error: --rounds must be ≥ 1")
+    if args.allocator_child:  # a fresh process of part 4: its environment decides the allocator
+        retain_freed_memory()
+        torch.set_num_threads(args.threads)
+        _allocator_child(args.cpu_steps, args.seed, args.threads)
+        return
+    if not args.system_allocator:
+        retain_freed_memory()  # as every python -m ctpo_lab... command does
+    print(f"[bench_train] freed memory retained: {retaining_freed_memory()}", flush=True)
     torch.set_num_threads(args.threads)
+    if args.allocator:
+        bench_allocator(args.cpu_steps, args.rounds, args.seed, args.threads)
     if args.cpu_preset:
         bench_cpu_preset(args.cpu_steps, args.rounds, args.seed, args.threads)
     if args.batching_ceiling:
