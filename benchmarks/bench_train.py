@@ -183,14 +183,20 @@ CPU_VARIANTS = {
 }
 
 
+#: the per-step timings a ``cpu``-preset benchmark reports (medians over the steps after the warm-up)
+STEP_KEYS = ("time/gen", "time/old_log_prob", "time/update", "time/kl", "time/step")
+
+
+def _cpu_preset_config(steps: int, seed: int, threads: int, extra: tuple[str, ...] | list[str] = ()):
+    """The ``cpu`` preset with nothing written but the metrics and no evaluations during the run."""
+    return resolve_train_config("cpu", seed=seed, steps=steps, overrides=[
+        "dump_every=0", "ckpt_every=0", "tensorboard=false", f"threads={threads}", "eval_every=0", *extra])
+
+
 def bench_cpu_preset(steps: int, rounds: int, seed: int, threads: int) -> None:
     """Part 2: the ``cpu`` preset per step and per run, its variants interleaved (see the module docstring)."""
-    base = ["dump_every=0", "ckpt_every=0", "tensorboard=false", f"threads={threads}"]
-    cfgs = {
-        name: resolve_train_config("cpu", seed=seed, steps=steps, overrides=base + ["eval_every=0"] + extra)
-        for name, extra in CPU_VARIANTS.items()
-    }
-    keys = ("time/gen", "time/old_log_prob", "time/update", "time/kl", "time/step")
+    cfgs = {name: _cpu_preset_config(steps, seed, threads, extra) for name, extra in CPU_VARIANTS.items()}
+    keys = STEP_KEYS
     per: dict[str, list[dict[str, float]]] = {n: [] for n in cfgs}
     evals: list[float] = []
     diff: list[float] = []
@@ -236,8 +242,7 @@ def _allocator_child(steps: int, seed: int, threads: int) -> None:
     import hashlib
     import resource
 
-    cfg = resolve_train_config("cpu", seed=seed, steps=steps, overrides=[
-        "dump_every=0", "ckpt_every=0", "tensorboard=false", f"threads={threads}", "eval_every=0"])
+    cfg = _cpu_preset_config(steps, seed, threads)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, Path(tmp) / "run", progress=False, log=lambda s: None)
         f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -245,8 +250,7 @@ def _allocator_child(steps: int, seed: int, threads: int) -> None:
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
         t_eval = trainer.evaluate(steps)["time/eval"]
     recs = [h for h in hist if h["step"] >= 2]  # step 1 is the warm-up
-    keys = ("time/gen", "time/old_log_prob", "time/update", "time/kl", "time/step")
-    out = {k: float(np.median([h[k] for h in recs])) for k in keys}
+    out = {k: float(np.median([h[k] for h in recs])) for k in STEP_KEYS}
     # every logged number but the clock's: equal digests mean the same run, bit for bit
     clock = ("time/", "perf/", "wall_time")
     digest = hashlib.sha256(repr([{k: v for k, v in h.items() if not k.startswith(clock)} for h in hist]).encode())

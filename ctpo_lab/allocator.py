@@ -1,16 +1,15 @@
 """How the C allocator treats freed memory in ctpo_lab's own processes (glibc only).
 
-On the CPU every torch tensor (and every NumPy array) is a ``malloc`` call. glibc serves a request above its
-mmap threshold with a fresh mapping and unmaps it on ``free``; smaller blocks come from the heap, whose top is
-handed back to the OS whenever more than the trim threshold lies free there. At start the thresholds are 128 KiB
-and 256 KiB; glibc raises them as mapped blocks are freed, but a process whose working set goes up and down by
-hundreds of MB per step keeps returning memory and asking for it again. Each page obtained again is zero-filled
-by the kernel on first touch (a minor page fault), which costs about as much as the arithmetic done on it by an
-element-wise pass. Measured on a 2-core AMD EPYC (AVX-512), torch 2.13, one thread: a ``cpu``-preset training
-step paid ≈ 50,000–75,000 faults (≈ 0.2–0.3 GB of pages zeroed) and took ≈ 1.0 s; with freed memory retained,
-≈ 6,000 faults and ≈ 0.88 s, the forwards without gradient 1.4× faster, and the same maximum resident memory;
-one forward + backward of a policy loss on [64, 4096] float32 paid ≈ 1,000 faults and took 2.5 ms, 0.9 ms without
-them.
+On the CPU every torch tensor (and every NumPy array) is a ``malloc`` call. glibc serves a request above its mmap
+threshold with a fresh mapping and unmaps it on ``free``; smaller blocks come from the heap, whose top is handed
+back to the OS whenever more than the trim threshold lies free there. At start both thresholds are 128 KiB; glibc
+raises them (the trim threshold to twice the mmap one, at most 32 MiB for the latter) as mapped blocks are freed,
+but a process whose working set goes up and down by hundreds of MB per step keeps returning memory and asking for it
+again. Each page obtained again is zero-filled by the kernel on first touch (a minor page fault). Measured on a
+2-core AMD EPYC (AVX-512), torch 2.13, one thread: a ``cpu``-preset training step paid ≈ 52,000–77,000 faults (≈
+0.2–0.3 GB of pages zeroed) and took ≈ 1.0 s; with freed memory retained, ≈ 6,000 faults and ≈ 0.9 s, the forwards
+without gradient 1.46× faster, and a maximum resident memory 4% higher; one forward + backward of a policy loss on
+[64, 4096] float32 paid ≈ 1,000 faults and took 2.5 ms, 0.9 ms without them.
 
 :func:`retain_freed_memory` sets both thresholds high, so freed blocks stay in the heap and the next step reuses
 them. It changes where memory comes from, not what is computed: every number is bit-identical. The process's
