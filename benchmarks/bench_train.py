@@ -27,6 +27,10 @@ total rows, so it cannot be faster per row than this.
 process (the allocator's settings are process-wide), alternating, with page faults per step, the maximum resident
 memory, and whether every logged number came out bit-identical. This process itself retains freed memory as the
 commands do (TRL's trainer in part 1 runs under the same allocator) unless ``--system-allocator`` is given.
+``--against REV`` (part 5) measures the ``cpu`` preset of this checkout, as its commands run it, against the
+trainer of an earlier git revision (its ``ctpo_lab`` package extracted with ``git archive``; its warm start in a
+cache folder of its own), each run in a fresh process, alternating, with the per-run ratio and how far the two
+runs' logged numbers lie apart at the last step. Parts 4 and 5 run ``train_run_child.py``.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from train_run_child import STEP_KEYS  # this folder: the fresh-process child of parts 4 and 5
 
 from ctpo_lab.allocator import RETAIN_ENV, retain_freed_memory, retaining_freed_memory
 from ctpo_lab.train.config import resolve_train_config
@@ -183,8 +188,6 @@ CPU_VARIANTS = {
 }
 
 
-#: the per-step timings a ``cpu``-preset benchmark reports (medians over the steps after the warm-up)
-STEP_KEYS = ("time/gen", "time/old_log_prob", "time/update", "time/kl", "time/step")
 
 
 def _cpu_preset_config(steps: int, seed: int, threads: int, extra: tuple[str, ...] | list[str] = ()):
@@ -237,27 +240,38 @@ def bench_cpu_preset(steps: int, rounds: int, seed: int, threads: int) -> None:
     ) + f"; sampler vs recomputed log μ: mean |Δ| {np.mean(diff):.1e} per token (reuse-μ changes the numbers by this)")
 
 
-def _allocator_child(steps: int, seed: int, threads: int) -> None:
-    """One ``cpu``-preset run in this (fresh) process under the allocator its environment chose: one JSON line."""
-    import hashlib
-    import resource
+#: the fresh-process child of parts 4 and 5 (one cpu-preset run of a given ctpo_lab tree, one JSON line)
+RUN_CHILD = Path(__file__).resolve().parent / "train_run_child.py"
+ROOT = Path(__file__).resolve().parents[1]
 
-    cfg = _cpu_preset_config(steps, seed, threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(cfg, Path(tmp) / "run", progress=False, log=lambda s: None)
-        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        hist = trainer.train().history
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-        t_eval = trainer.evaluate(steps)["time/eval"]
-    recs = [h for h in hist if h["step"] >= 2]  # step 1 is the warm-up
-    out = {k: float(np.median([h[k] for h in recs])) for k in STEP_KEYS}
-    # every logged number but the clock's: equal digests mean the same run, bit for bit
-    clock = ("time/", "perf/", "wall_time")
-    digest = hashlib.sha256(repr([{k: v for k, v in h.items() if not k.startswith(clock)} for h in hist]).encode())
-    out.update({"time/eval": t_eval, "faults/step": faults / len(hist), "retaining": retaining_freed_memory(),
-                "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                "digest": digest.hexdigest()[:16]})
-    print(json.dumps(out), flush=True)
+
+def _run_child(root: Path, steps: int, seed: int, threads: int, env: dict[str, str], name: str) -> dict:
+    """One ``cpu``-preset run of the ``ctpo_lab`` under ``root`` in a fresh process (see ``train_run_child.py``)."""
+    proc = subprocess.run([sys.executable, str(RUN_CHILD), str(root), str(steps), str(seed), str(threads)],
+                          env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: {name} run failed:\n{proc.stderr[-2000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    if Path(out["package"]) != (root / "ctpo_lab").resolve():
+        raise SystemExit(f"error: {name} run imported {out['package']}, not {root / 'ctpo_lab'}")
+    return out
+
+
+def _child_table(per: dict[str, list[dict]], label: str) -> dict[str, float]:
+    """Print the medians of each arm's child runs; returns each arm's time per run (80 steps + 9 evaluations)."""
+    full = resolve_train_config("cpu")
+    n_evals = full.steps // full.eval_every + 1
+    print(f"{label:<18}{'s/step':>8}{'gen':>7}{'old_lp':>8}{'update':>8}{'kl':>7}{'eval':>7}{'s/run':>8}"
+          f"{'faults/step':>13}{'max RSS MB':>12}")
+    runs = {}
+    for name, rows in per.items():
+        m = {k: float(np.median([x[k] for x in rows])) for k in (*STEP_KEYS, "time/eval", "faults/step",
+                                                                   "max_rss_mb")}
+        runs[name] = full.steps * m["time/step"] + n_evals * m["time/eval"]
+        print(f"{name:<18}{m['time/step']:8.3f}{m['time/gen']:7.3f}{m['time/old_log_prob']:8.3f}"
+              f"{m['time/update']:8.3f}{m['time/kl']:7.3f}{m['time/eval']:7.2f}{runs[name]:8.1f}"
+              f"{m['faults/step']:13.0f}{m['max_rss_mb']:12.0f}")
+    return runs
 
 
 def bench_allocator(steps: int, rounds: int, seed: int, threads: int) -> None:
@@ -267,32 +281,72 @@ def bench_allocator(steps: int, rounds: int, seed: int, threads: int) -> None:
     for r in range(rounds):
         for name in (list(per) if r % 2 == 0 else list(per)[::-1]):
             env = dict(os.environ, **{RETAIN_ENV: "1" if name == "retained" else "0"})
-            proc = subprocess.run([sys.executable, __file__, "--allocator-child", "--cpu-steps", str(steps),
-                                   "--seed", str(seed), "--threads", str(threads)],
-                                  env=env, capture_output=True, text=True, check=False)
-            if proc.returncode != 0:
-                raise SystemExit(f"error: allocator child ({name}) failed:\n{proc.stderr[-2000:]}")
-            per[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            per[name].append(_run_child(ROOT, steps, seed, threads, env, name))
         print(f"[bench_train] allocator round {r + 1}/{rounds}: " + ", ".join(
             f"{n} {per[n][-1]['time/step']:.3f} s/step" for n in per), flush=True)
     full = resolve_train_config("cpu")
-    n_evals = full.steps // full.eval_every + 1
     print(f"\ncpu preset, {threads} thread(s), {rounds} alternating pair(s) of fresh processes, {steps - 1} timed "
-          f"steps each; per run = {full.steps} steps + {n_evals} evaluations")
-    print(f"{'allocator':<16}{'s/step':>8}{'gen':>7}{'old_lp':>8}{'update':>8}{'kl':>7}{'eval':>7}{'s/run':>8}"
-          f"{'faults/step':>13}{'max RSS MB':>12}")
-    runs = {}
-    for name, rows in per.items():
-        m = {k: float(np.median([x[k] for x in rows])) for k in rows[0] if k.startswith("time/") or
-             k in ("faults/step", "max_rss_mb")}
-        runs[name] = full.steps * m["time/step"] + n_evals * m["time/eval"]
-        print(f"{name:<16}{m['time/step']:8.3f}{m['time/gen']:7.3f}{m['time/old_log_prob']:8.3f}"
-              f"{m['time/update']:8.3f}{m['time/kl']:7.3f}{m['time/eval']:7.2f}{runs[name]:8.1f}"
-              f"{m['faults/step']:13.0f}{m['max_rss_mb']:12.0f}")
+          f"steps each; per run = {full.steps} steps + {full.steps // full.eval_every + 1} evaluations")
+    runs = _child_table(per, "allocator")
     digests = {x["digest"] for rows in per.values() for x in rows}
     print(f"per run: glibc default / retained = {runs['glibc default'] / runs['retained']:.2f}x; logged numbers "
           f"{'bit-identical in every run' if len(digests) == 1 else f'DIFFER ({len(digests)} digests)'}; "
           f"retention in effect: {all(x['retaining'] for x in per['retained'])}")
+
+
+def _largest_relative_difference(a: dict[str, float], b: dict[str, float]) -> tuple[float, str, int]:
+    """max over the numeric fields both logged of |a − b| / max(|a|, |b|, 1e-12), the field, the fields compared."""
+    shared = sorted(set(a) & set(b))
+    worst, where = 0.0, ""
+    for k in shared:
+        x, y = float(a[k]), float(b[k])
+        if x != y:
+            d = abs(x - y) / max(abs(x), abs(y), 1e-12) if np.isfinite(x) and np.isfinite(y) else float("inf")
+            if d > worst:
+                worst, where = d, k
+    return worst, where, len(shared)
+
+
+def bench_against(rev: str, steps: int, rounds: int, seed: int, threads: int) -> None:
+    """Part 5: the ``cpu`` preset of this checkout (as its commands run it) vs the trainer of revision ``rev``
+    (its ``ctpo_lab`` package extracted with ``git archive``), each run in a fresh process, alternating."""
+    sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+                         capture_output=True, text=True, check=False).stdout.strip()
+    if not sha:
+        raise SystemExit(f"error: --against: expected a revision of this repository, got {rev!r}")
+    cache = Path(os.environ.get("CTPO_LAB_CACHE", Path.home() / ".cache" / "ctpo_lab"))
+    # the old tree's warm start in a cache of its own: an older cache layout never meets this checkout's
+    old_env = dict(os.environ, CTPO_LAB_CACHE=str(cache / "bench" / f"against-{sha[:12]}"))
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", sha, "ctpo_lab"], capture_output=True,
+                                 check=False)
+        if archive.returncode != 0:
+            raise SystemExit(f"error: --against: git archive {sha[:12]} failed: {archive.stderr.decode()[-300:]}")
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
+        label = f"at {sha[:10]}"
+        per: dict[str, list[dict]] = {"this checkout": [], label: []}
+        print(f"[bench_train] against {sha[:12]}: the first run of the old tree may build its warm start "
+              f"({old_env['CTPO_LAB_CACHE']}), outside the timed steps", flush=True)
+        for r in range(rounds):
+            for name in (list(per) if r % 2 == 0 else list(per)[::-1]):
+                if name == label:
+                    per[name].append(_run_child(Path(tmp), steps, seed, threads, old_env, name))
+                else:
+                    per[name].append(_run_child(ROOT, steps, seed, threads, dict(os.environ), name))
+            print(f"[bench_train] against round {r + 1}/{rounds}: " + ", ".join(
+                f"{n} {per[n][-1]['time/step']:.3f} s/step" for n in per), flush=True)
+    full = resolve_train_config("cpu")
+    print(f"\ncpu preset, {threads} thread(s), {rounds} alternating pair(s) of fresh processes, {steps - 1} timed "
+          f"steps each; per run = {full.steps} steps + {full.steps // full.eval_every + 1} evaluations; "
+          f"freed memory retained: this checkout {per['this checkout'][0]['retaining']}, "
+          f"{label} {per[label][0]['retaining']}")
+    runs = _child_table(per, "trainer")
+    diff, field, n = _largest_relative_difference(per["this checkout"][0]["last"], per[label][0]["last"])
+    same = per["this checkout"][0]["digest"] == per[label][0]["digest"]
+    print(f"per run: {label} / this checkout = {runs[label] / runs['this checkout']:.2f}x (target ≥ 2x); "
+          f"logged numbers {'bit-identical' if same else 'not bit-identical'}; at step {steps} the largest "
+          f"relative difference over the {n} numeric fields both log is {diff:.1e}"
+          + (f" ({field})" if field else ""))
 
 
 def bench_batching_ceiling(seed: int, threads: int, repeats: int = 3) -> None:
@@ -350,23 +404,21 @@ def main(argv: list[str] | None = None) -> None:
                     help="part 4: freed memory retained vs glibc's default, in fresh processes")
     ap.add_argument("--system-allocator", action="store_true",
                     help="this process keeps glibc's default (the commands retain freed memory)")
-    ap.add_argument("--allocator-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--against", metavar="REV", default=None,
+                    help="part 5: the cpu preset of this checkout vs the trainer of git revision REV")
     args = ap.parse_args(argv)
     if args.batches < 2:
         raise SystemExit("error: --batches must be ≥ 2 (the first is a warm-up)")
     if args.rounds < 1:
         raise SystemExit("error: --rounds must be ≥ 1")
-    if args.allocator_child:  # a fresh process of part 4: its environment decides the allocator
-        retain_freed_memory()
-        torch.set_num_threads(args.threads)
-        _allocator_child(args.cpu_steps, args.seed, args.threads)
-        return
     if not args.system_allocator:
         retain_freed_memory()  # as every python -m ctpo_lab... command does
     print(f"[bench_train] freed memory retained: {retaining_freed_memory()}", flush=True)
     torch.set_num_threads(args.threads)
     if args.allocator:
         bench_allocator(args.cpu_steps, args.rounds, args.seed, args.threads)
+    if args.against is not None:
+        bench_against(args.against, args.cpu_steps, args.rounds, args.seed, args.threads)
     if args.cpu_preset:
         bench_cpu_preset(args.cpu_steps, args.rounds, args.seed, args.threads)
     if args.batching_ceiling:
