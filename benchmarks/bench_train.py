@@ -30,7 +30,8 @@ commands do (TRL's trainer in part 1 runs under the same allocator) unless ``--s
 ``--against REV`` (part 5) measures the ``cpu`` preset of this checkout, as its commands run it, against the
 trainer of an earlier git revision (its ``ctpo_lab`` package extracted with ``git archive``; its warm start in a
 cache folder of its own), each run in a fresh process, alternating, with the per-run ratio and how far the two
-runs' logged numbers lie apart at the last step. Parts 4 and 5 run ``train_run_child.py``.
+runs' logged numbers lie apart at the last step. Parts 4 and 5 run ``train_run_child.py``; ``--parallel N`` runs
+N of them at once per arm (seeds seed … seed + N − 1), as a comparison grid with ``--jobs N`` does.
 """
 
 from __future__ import annotations
@@ -245,16 +246,23 @@ RUN_CHILD = Path(__file__).resolve().parent / "train_run_child.py"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run_child(root: Path, steps: int, seed: int, threads: int, env: dict[str, str], name: str) -> dict:
-    """One ``cpu``-preset run of the ``ctpo_lab`` under ``root`` in a fresh process (see ``train_run_child.py``)."""
-    proc = subprocess.run([sys.executable, str(RUN_CHILD), str(root), str(steps), str(seed), str(threads)],
-                          env=env, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"error: {name} run failed:\n{proc.stderr[-2000:]}")
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    if Path(out["package"]) != (root / "ctpo_lab").resolve():
-        raise SystemExit(f"error: {name} run imported {out['package']}, not {root / 'ctpo_lab'}")
-    return out
+def _run_children(root: Path, steps: int, seed: int, threads: int, env: dict[str, str], name: str,
+                  parallel: int) -> list[dict]:
+    """``parallel`` concurrent ``cpu``-preset runs (seeds ``seed``, ``seed`` + 1, …) of the ``ctpo_lab`` under
+    ``root``, each in a fresh process (see ``train_run_child.py``), as a grid with ``--jobs parallel`` runs them."""
+    procs = [subprocess.Popen([sys.executable, str(RUN_CHILD), str(root), str(steps), str(seed + i), str(threads)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(parallel)]
+    outs = []
+    for i, proc in enumerate(procs):
+        stdout, stderr = proc.communicate()
+        if proc.returncode != 0:
+            raise SystemExit(f"error: {name} run (seed {seed + i}) failed:\n{stderr[-2000:]}")
+        out = json.loads(stdout.strip().splitlines()[-1])
+        if Path(out["package"]) != (root / "ctpo_lab").resolve():
+            raise SystemExit(f"error: {name} run imported {out['package']}, not {root / 'ctpo_lab'}")
+        outs.append(dict(out, seed=seed + i))
+    return outs
 
 
 def _child_table(per: dict[str, list[dict]], label: str) -> dict[str, float]:
@@ -274,23 +282,32 @@ def _child_table(per: dict[str, list[dict]], label: str) -> dict[str, float]:
     return runs
 
 
-def bench_allocator(steps: int, rounds: int, seed: int, threads: int) -> None:
+def _child_setup(threads: int, rounds: int, parallel: int, steps: int) -> str:
+    full = resolve_train_config("cpu")
+    return (f"{threads} thread(s), {rounds} alternating pair(s) of {parallel} concurrent fresh process(es), "
+            f"{steps - 1} timed steps each; per run = {full.steps} steps + {full.steps // full.eval_every + 1} "
+            "evaluations")
+
+
+def bench_allocator(steps: int, rounds: int, seed: int, threads: int, parallel: int) -> None:
     """Part 4: the ``cpu`` preset with freed memory kept in the heap (what every ``python -m ctpo_lab...``
-    command does) vs glibc's default, each run in a fresh process, alternating, ``rounds`` pairs."""
+    command does) vs glibc's default, each run in a fresh process, alternating, ``rounds`` pairs of ``parallel``
+    concurrent runs each."""
     per: dict[str, list[dict]] = {"retained": [], "glibc default": []}
     for r in range(rounds):
         for name in (list(per) if r % 2 == 0 else list(per)[::-1]):
             env = dict(os.environ, **{RETAIN_ENV: "1" if name == "retained" else "0"})
-            per[name].append(_run_child(ROOT, steps, seed, threads, env, name))
+            per[name] += _run_children(ROOT, steps, seed, threads, env, name, parallel)
         print(f"[bench_train] allocator round {r + 1}/{rounds}: " + ", ".join(
             f"{n} {per[n][-1]['time/step']:.3f} s/step" for n in per), flush=True)
-    full = resolve_train_config("cpu")
-    print(f"\ncpu preset, {threads} thread(s), {rounds} alternating pair(s) of fresh processes, {steps - 1} timed "
-          f"steps each; per run = {full.steps} steps + {full.steps // full.eval_every + 1} evaluations")
+    print(f"\ncpu preset, {_child_setup(threads, rounds, parallel, steps)}")
     runs = _child_table(per, "allocator")
-    digests = {x["digest"] for rows in per.values() for x in rows}
+    # one seed's runs: the same digest under either allocator, in every round
+    digests = {x["seed"]: {y["digest"] for rows in per.values() for y in rows if y["seed"] == x["seed"]}
+               for rows in per.values() for x in rows}
+    split = sum(len(d) > 1 for d in digests.values())
     print(f"per run: glibc default / retained = {runs['glibc default'] / runs['retained']:.2f}x; logged numbers "
-          f"{'bit-identical in every run' if len(digests) == 1 else f'DIFFER ({len(digests)} digests)'}; "
+          f"{'bit-identical in every run' if not split else f'DIFFER ({split} of {len(digests)} seeds)'}; "
           f"retention in effect: {all(x['retaining'] for x in per['retained'])}")
 
 
@@ -307,9 +324,10 @@ def _largest_relative_difference(a: dict[str, float], b: dict[str, float]) -> tu
     return worst, where, len(shared)
 
 
-def bench_against(rev: str, steps: int, rounds: int, seed: int, threads: int) -> None:
+def bench_against(rev: str, steps: int, rounds: int, seed: int, threads: int, parallel: int) -> None:
     """Part 5: the ``cpu`` preset of this checkout (as its commands run it) vs the trainer of revision ``rev``
-    (its ``ctpo_lab`` package extracted with ``git archive``), each run in a fresh process, alternating."""
+    (its ``ctpo_lab`` package extracted with ``git archive``), each run in a fresh process, alternating,
+    ``rounds`` pairs of ``parallel`` concurrent runs each."""
     sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
                          capture_output=True, text=True, check=False).stdout.strip()
     if not sha:
@@ -330,15 +348,13 @@ def bench_against(rev: str, steps: int, rounds: int, seed: int, threads: int) ->
         for r in range(rounds):
             for name in (list(per) if r % 2 == 0 else list(per)[::-1]):
                 if name == label:
-                    per[name].append(_run_child(Path(tmp), steps, seed, threads, old_env, name))
+                    per[name] += _run_children(Path(tmp), steps, seed, threads, old_env, name, parallel)
                 else:
-                    per[name].append(_run_child(ROOT, steps, seed, threads, dict(os.environ), name))
+                    per[name] += _run_children(ROOT, steps, seed, threads, dict(os.environ), name, parallel)
             print(f"[bench_train] against round {r + 1}/{rounds}: " + ", ".join(
                 f"{n} {per[n][-1]['time/step']:.3f} s/step" for n in per), flush=True)
-    full = resolve_train_config("cpu")
-    print(f"\ncpu preset, {threads} thread(s), {rounds} alternating pair(s) of fresh processes, {steps - 1} timed "
-          f"steps each; per run = {full.steps} steps + {full.steps // full.eval_every + 1} evaluations; "
-          f"freed memory retained: this checkout {per['this checkout'][0]['retaining']}, "
+    print(f"\ncpu preset, {_child_setup(threads, rounds, parallel, steps)}; freed memory retained: "
+          f"this checkout {per['this checkout'][0]['retaining']}, "
           f"{label} {per[label][0]['retaining']}")
     runs = _child_table(per, "trainer")
     diff, field, n = _largest_relative_difference(per["this checkout"][0]["last"], per[label][0]["last"])
@@ -404,6 +420,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="part 4: freed memory retained vs glibc's default, in fresh processes")
     ap.add_argument("--system-allocator", action="store_true",
                     help="this process keeps glibc's default (the commands retain freed memory)")
+    ap.add_argument("--parallel", type=int, default=1,
+                    help="parts 4 and 5: concurrent runs per arm (seeds seed, seed+1, ...), as a grid's --jobs")
     ap.add_argument("--against", metavar="REV", default=None,
                     help="part 5: the cpu preset of this checkout vs the trainer of git revision REV")
     args = ap.parse_args(argv)
@@ -411,14 +429,16 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("error: --batches must be ≥ 2 (the first is a warm-up)")
     if args.rounds < 1:
         raise SystemExit("error: --rounds must be ≥ 1")
+    if not 1 <= args.parallel <= 64:
+        raise SystemExit("error: --parallel must be in [1, 64]")
     if not args.system_allocator:
         retain_freed_memory()  # as every python -m ctpo_lab... command does
     print(f"[bench_train] freed memory retained: {retaining_freed_memory()}", flush=True)
     torch.set_num_threads(args.threads)
     if args.allocator:
-        bench_allocator(args.cpu_steps, args.rounds, args.seed, args.threads)
+        bench_allocator(args.cpu_steps, args.rounds, args.seed, args.threads, args.parallel)
     if args.against is not None:
-        bench_against(args.against, args.cpu_steps, args.rounds, args.seed, args.threads)
+        bench_against(args.against, args.cpu_steps, args.rounds, args.seed, args.threads, args.parallel)
     if args.cpu_preset:
         bench_cpu_preset(args.cpu_steps, args.rounds, args.seed, args.threads)
     if args.batching_ceiling:
