@@ -27,10 +27,11 @@ against seed noise on the machine it ran on, not against that.  A call close to 
 the processor or the seeds: with seeds 0–9, on an Intel Xeon and on an AMD EPYC both CTPO and GSPO ended above
 GRPO, but on each a different one of the two cleared the Holm correction, and on the EPYC seeds 10–19 put CTPO
 below GRPO.  Hence 20 seeds by default; yet with 20 seeds an AMD EPYC whose kernels run AVX2 separated GSPO and
-not CTPO from GRPO, and one running AVX-512 CTPO and not GSPO (40 seeds there separated both; the README gives
-the tables).  The warm start is fixed as well (seed 0, 1,000 supervised steps): over three 2,000-step warm
-starts on the AVX-512 EPYC (``scripts/main_job_warm_starts.py``) nothing separated on final accuracy, while
-CTPO's faster learning (the secondary comparison) held.  ``verdict.md`` / ``verdict.json`` name the processor
+not CTPO from GRPO, and one running AVX-512 CTPO and not GSPO (40 seeds there separated both), while an Intel
+Xeon running AVX-512 separated both at 20 seeds (the README gives the tables).  The warm start is fixed as
+well (seed 0, 1,000 supervised steps): over three 2,000-step warm starts on the AVX-512 EPYC
+(``scripts/main_job_warm_starts.py``) nothing separated on final accuracy, while CTPO's faster learning (the
+secondary comparison) held.  ``verdict.md`` / ``verdict.json`` name the processor
 and torch's CPU kernel set, and a claim meant to carry over needs a margin far from the threshold, or more seeds
 (``--seeds``; the sign-flip test is exact up to 40).
 """
