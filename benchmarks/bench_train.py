@@ -53,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from train_run_child import STEP_KEYS  # this folder: the fresh-process child of parts 4 and 5
+from train_run_child import STEP_KEYS, run_overrides  # this folder: the fresh-process child of parts 4 and 5
 
 from ctpo_lab.allocator import RETAIN_ENV, retain_freed_memory, retaining_freed_memory
 from ctpo_lab.train.config import resolve_train_config
@@ -189,12 +189,9 @@ CPU_VARIANTS = {
 }
 
 
-
-
 def _cpu_preset_config(steps: int, seed: int, threads: int, extra: tuple[str, ...] | list[str] = ()):
     """The ``cpu`` preset with nothing written but the metrics and no evaluations during the run."""
-    return resolve_train_config("cpu", seed=seed, steps=steps, overrides=[
-        "dump_every=0", "ckpt_every=0", "tensorboard=false", f"threads={threads}", "eval_every=0", *extra])
+    return resolve_train_config("cpu", seed=seed, steps=steps, overrides=[*run_overrides(threads), *extra])
 
 
 def bench_cpu_preset(steps: int, rounds: int, seed: int, threads: int) -> None:

@@ -30,6 +30,11 @@ STEP_KEYS = ("time/gen", "time/old_log_prob", "time/update", "time/kl", "time/st
 CLOCK_PREFIXES = ("time/", "perf/", "wall_time")
 
 
+def run_overrides(threads: int) -> list[str]:
+    """The ``cpu`` preset's overrides for a timed run: nothing written but the metrics, no evaluations."""
+    return ["dump_every=0", "ckpt_every=0", "tensorboard=false", f"threads={threads}", "eval_every=0"]
+
+
 def main(argv: list[str]) -> None:
     root, steps, seed, threads = Path(argv[0]).resolve(), int(argv[1]), int(argv[2]), int(argv[3])
     sys.path.insert(0, str(root))
@@ -47,8 +52,7 @@ def main(argv: list[str]) -> None:
     from ctpo_lab.train.loop import Trainer
 
     torch.set_num_threads(threads)
-    cfg = resolve_train_config("cpu", seed=seed, steps=steps, overrides=[
-        "dump_every=0", "ckpt_every=0", "tensorboard=false", f"threads={threads}", "eval_every=0"])
+    cfg = resolve_train_config("cpu", seed=seed, steps=steps, overrides=run_overrides(threads))
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, Path(tmp) / "run", progress=False, log=lambda s: None)
         f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
